@@ -130,10 +130,9 @@ impl Resolver {
             ));
         };
         let joined = base.join(rel);
-        let canonical = joined.canonicalize().map_err(|source| Error::Read {
-            path: joined.clone(),
-            source,
-        })?;
+        let canonical = joined
+            .canonicalize()
+            .map_err(|e| self.err(t, &format!("location '{location}' cannot be opened: {e}")))?;
         let base = base.canonicalize().map_err(|source| Error::Read {
             path: base.clone(),
             source,

@@ -1,0 +1,117 @@
+//! Helpers shared by the integration tests: the zoo, the test Python, temporary folders. Under CI=true a
+//! missing zoo model or Python runtime fails the test; elsewhere the test says what it skipped.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use quench::zoo::Zoo;
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Reports a missing prerequisite: a failure in CI, a note elsewhere. Returns None for the caller to skip.
+pub fn missing<T>(what: &str) -> Option<T> {
+    if in_ci() {
+        panic!("{what} is missing; run `bash scripts/setup.sh` (CI=true never skips)");
+    }
+    eprintln!("skipping: {what} is missing (run `bash scripts/setup.sh`)");
+    None
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn zoo() -> Zoo {
+    Zoo::load(&repo().join("models/zoo.yaml")).expect("models/zoo.yaml loads")
+}
+
+/// Every zoo model, or None (after reporting) when any is not fetched.
+pub fn zoo_models() -> Option<Vec<(String, PathBuf)>> {
+    let zoo = zoo();
+    let mut out = Vec::new();
+    for m in &zoo.file.models {
+        let p = zoo.model_path(&m.name);
+        if !p.is_file() {
+            return missing(&format!("zoo model '{}' ({})", m.name, p.display()));
+        }
+        out.push((m.name.clone(), p));
+    }
+    Some(out)
+}
+
+pub fn zoo_model(name: &str) -> Option<PathBuf> {
+    let p = zoo().model_path(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        missing(&format!("zoo model '{name}' ({})", p.display()))
+    }
+}
+
+/// The folders of the onnx backend test data suite.
+pub fn backend_models() -> Option<Vec<(String, PathBuf, Vec<PathBuf>)>> {
+    let dir = zoo().suite_dir("onnx-backend");
+    if !dir.join(".verified").is_file() {
+        return missing(&format!("the onnx backend test data ({})", dir.display()));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "onnx") {
+                let folder = p.parent().unwrap();
+                let mut sets: Vec<PathBuf> = std::fs::read_dir(folder)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|s| {
+                        s.is_dir()
+                            && s.file_name()
+                                .unwrap()
+                                .to_string_lossy()
+                                .starts_with("test_data_set_")
+                    })
+                    .collect();
+                sets.sort();
+                let name = p.strip_prefix(&dir).unwrap().display().to_string();
+                out.push((name, p, sets));
+            }
+        }
+    }
+    out.sort();
+    Some(out)
+}
+
+/// The Python with onnx and onnxruntime used by test tooling: $QUENCH_PYTHON or .venv/bin/python.
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("QUENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    let ok = p.is_file()
+        && Command::new(&p)
+            .args(["-c", "import onnx, onnxruntime, numpy"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if ok {
+        Some(p)
+    } else {
+        missing(&format!(
+            "the test Python with onnx and onnxruntime ({})",
+            p.display()
+        ))
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary folder")
+}
+
+pub fn quench_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_quench"))
+}

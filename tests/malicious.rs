@@ -1,0 +1,380 @@
+//! Malformed and hostile models: each one is refused with a clear error naming what is wrong and where,
+//! never a panic, a huge allocation or a read outside the model's folder.
+
+mod common;
+
+use std::path::Path;
+
+use bytes::Bytes;
+use prost::Message;
+use quench::Model;
+use quench::onnx::pb::attribute_proto::AttributeType;
+use quench::onnx::pb::tensor_proto::DataLocation;
+use quench::onnx::pb::type_proto;
+use quench::onnx::pb::*;
+
+fn value_info(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: 1,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn model(
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            initializer: inits,
+            input: inputs.iter().map(|n| value_info(n)).collect(),
+            output: outputs.iter().map(|n| value_info(n)).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn external(name: &str, location: &str, offset: u64, length: u64) -> TensorProto {
+    let e = |k: &str, v: String| StringStringEntryProto {
+        key: k.into(),
+        value: v,
+    };
+    TensorProto {
+        name: name.into(),
+        dims: vec![4],
+        data_type: 1,
+        data_location: DataLocation::External as i32,
+        external_data: vec![
+            e("location", location.into()),
+            e("offset", offset.to_string()),
+            e("length", length.to_string()),
+        ],
+        ..Default::default()
+    }
+}
+
+/// An Add of the input with a weight, the weight given by `w`.
+fn with_weight(w: TensorProto) -> ModelProto {
+    model(
+        vec![node("Add", "add", &["x", "w"], &["y"])],
+        vec![w],
+        &["x"],
+        &["y"],
+    )
+}
+
+fn load_error(dir: &Path, m: &ModelProto) -> String {
+    let path = dir.join("model.onnx");
+    std::fs::write(&path, m.encode_to_vec()).unwrap();
+    match Model::load(&path) {
+        Ok(_) => panic!("the model loaded"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("model.onnx"),
+                "the error does not name the file: {msg}"
+            );
+            msg
+        }
+    }
+}
+
+fn assert_contains(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "expected '{p}' in: {msg}");
+    }
+}
+
+#[test]
+fn external_data_outside_the_folder_is_refused() {
+    let root = common::tempdir();
+    let dir = root.path().join("model");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(root.path().join("secret.bin"), [0u8; 16]).unwrap();
+    let e = load_error(&dir, &with_weight(external("w", "../secret.bin", 0, 16)));
+    assert_contains(&e, &["'w'", "../secret.bin", "leaves the model's folder"]);
+    let e = load_error(
+        &dir,
+        &with_weight(external("w", "sub/../../secret.bin", 0, 16)),
+    );
+    assert_contains(&e, &["leaves the model's folder"]);
+    let abs = root.path().join("secret.bin").display().to_string();
+    let e = load_error(&dir, &with_weight(external("w", &abs, 0, 16)));
+    assert_contains(&e, &["'w'", "absolute path"]);
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(root.path().join("secret.bin"), dir.join("link.bin")).unwrap();
+        let e = load_error(&dir, &with_weight(external("w", "link.bin", 0, 16)));
+        assert_contains(&e, &["'w'", "link.bin", "outside the model's folder"]);
+    }
+}
+
+#[test]
+fn external_data_ranges_are_checked() {
+    let dir = common::tempdir();
+    std::fs::write(dir.path().join("w.bin"), [0u8; 16]).unwrap();
+    let e = load_error(dir.path(), &with_weight(external("w", "w.bin", 8, 16)));
+    assert_contains(&e, &["'w'", "offset 8 + length 16", "16 bytes"]);
+    let e = load_error(
+        dir.path(),
+        &with_weight(external("w", "w.bin", u64::MAX, 16)),
+    );
+    assert_contains(&e, &["runs past the end"]);
+    let e = load_error(
+        dir.path(),
+        &with_weight(external("w", "missing.bin", 0, 16)),
+    );
+    assert_contains(&e, &["missing.bin"]);
+    // A valid range loads, mapped from the file.
+    let path = dir.path().join("ok.onnx");
+    std::fs::write(
+        &path,
+        with_weight(external("w", "w.bin", 0, 16)).encode_to_vec(),
+    )
+    .unwrap();
+    let m = Model::load(&path).unwrap();
+    assert_eq!(m.sources().len(), 2);
+}
+
+#[test]
+fn shape_and_data_must_agree() {
+    let dir = common::tempdir();
+    let huge = TensorProto {
+        name: "w".into(),
+        dims: vec![1_000_000, 1_000_000],
+        data_type: 1,
+        raw_data: Bytes::from(vec![0u8; 16]),
+        ..Default::default()
+    };
+    let e = load_error(dir.path(), &with_weight(huge));
+    assert_contains(&e, &["initializer", "'w'", "16 bytes of raw_data"]);
+    let typed = TensorProto {
+        name: "w".into(),
+        dims: vec![3],
+        data_type: 1,
+        float_data: vec![1.0; 5],
+        ..Default::default()
+    };
+    let e = load_error(dir.path(), &with_weight(typed));
+    assert_contains(&e, &["'w'", "5 entries in float_data"]);
+    // Inside a Constant node the error names the node and attribute.
+    let bad = TensorProto {
+        name: "c".into(),
+        dims: vec![8],
+        data_type: 1,
+        raw_data: Bytes::from(vec![0u8; 4]),
+        ..Default::default()
+    };
+    let mut constant = node("Constant", "const0", &[], &["w"]);
+    constant.attribute.push(AttributeProto {
+        name: "value".into(),
+        r#type: Some(AttributeType::Tensor as i32),
+        t: Some(bad),
+        ..Default::default()
+    });
+    let m = model(
+        vec![constant, node("Add", "add", &["x", "w"], &["y"])],
+        vec![],
+        &["x"],
+        &["y"],
+    );
+    let e = load_error(dir.path(), &m);
+    assert_contains(
+        &e,
+        &[
+            "node 'const0' (Constant)",
+            "attribute 'value'",
+            "'c'",
+            "4 bytes",
+        ],
+    );
+}
+
+#[test]
+fn truncated_protobuf_is_refused() {
+    let dir = common::tempdir();
+    let w = TensorProto {
+        name: "w".into(),
+        dims: vec![64],
+        data_type: 1,
+        raw_data: Bytes::from(vec![1u8; 256]),
+        ..Default::default()
+    };
+    let bytes = with_weight(w).encode_to_vec();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = Model::load(&path).unwrap_err().to_string();
+    assert_contains(&e, &["model.onnx", "not a valid ONNX protobuf"]);
+    std::fs::write(&path, b"").unwrap();
+    let e = Model::load(&path).unwrap_err().to_string();
+    assert_contains(&e, &["model.onnx", "no graph"]);
+}
+
+#[test]
+fn cycles_are_refused() {
+    let dir = common::tempdir();
+    let m = model(
+        vec![
+            node("Add", "a", &["x", "q"], &["p"]),
+            node("Relu", "b", &["p"], &["q"]),
+        ],
+        vec![],
+        &["x"],
+        &["q"],
+    );
+    let e = load_error(dir.path(), &m);
+    assert_contains(&e, &["cycle", "'a' (Add)", "'b' (Relu)"]);
+}
+
+#[test]
+fn duplicate_and_undefined_values_are_refused() {
+    let dir = common::tempdir();
+    let m = model(
+        vec![
+            node("Relu", "r1", &["x"], &["y"]),
+            node("Relu", "r2", &["x"], &["y"]),
+        ],
+        vec![],
+        &["x"],
+        &["y"],
+    );
+    let e = load_error(dir.path(), &m);
+    assert_contains(&e, &["'y'", "defined twice", "'r1' (Relu)", "'r2' (Relu)"]);
+    let m = model(
+        vec![node("Relu", "r1", &["nowhere"], &["y"])],
+        vec![],
+        &["x"],
+        &["y"],
+    );
+    let e = load_error(dir.path(), &m);
+    assert_contains(&e, &["'r1' (Relu)", "'nowhere'", "nothing defines"]);
+    let m = model(
+        vec![node("Relu", "r1", &["x"], &["y"])],
+        vec![],
+        &["x"],
+        &["z"],
+    );
+    let e = load_error(dir.path(), &m);
+    assert_contains(&e, &["graph output 'z'"]);
+}
+
+#[test]
+fn attributes_of_the_wrong_type_are_refused() {
+    let dir = common::tempdir();
+    let mut conv = node("Conv", "conv0", &["x", "w"], &["y"]);
+    conv.attribute.push(AttributeProto {
+        name: "kernel_shape".into(),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(3.0),
+        ..Default::default()
+    });
+    let w = TensorProto {
+        name: "w".into(),
+        dims: vec![1, 1, 3, 3],
+        data_type: 1,
+        float_data: vec![0.0; 9],
+        ..Default::default()
+    };
+    let e = load_error(
+        dir.path(),
+        &model(vec![conv.clone()], vec![w.clone()], &["x"], &["y"]),
+    );
+    assert_contains(
+        &e,
+        &["'conv0' (Conv)", "'kernel_shape'", "FLOAT", "expected INTS"],
+    );
+    // A type field that says INTS while the value sits in `f`.
+    conv.attribute[0].r#type = Some(AttributeType::Ints as i32);
+    let e = load_error(dir.path(), &model(vec![conv], vec![w], &["x"], &["y"]));
+    assert_contains(&e, &["'kernel_shape'", "carries a FLOAT value"]);
+}
+
+#[test]
+fn the_cli_reports_one_line_and_fails() {
+    let dir = common::tempdir();
+    let path = dir.path().join("bad.onnx");
+    std::fs::write(&path, b"\x0a\xff\xff\xff\xff\x0f garbage").unwrap();
+    for args in [vec!["inspect"], vec!["convert"]] {
+        let mut cmd = std::process::Command::new(common::quench_bin());
+        cmd.args(&args).arg(&path);
+        if args[0] == "convert" {
+            cmd.arg(dir.path().join("out.onnx"));
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one line expected: {stderr}"
+        );
+        assert!(
+            stderr.starts_with("error: ")
+                && stderr.contains("bad.onnx")
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("out.onnx").exists(),
+        "nothing is written for a bad input"
+    );
+}
+
+#[test]
+fn convert_never_overwrites_its_input() {
+    let dir = common::tempdir();
+    let w = TensorProto {
+        name: "w".into(),
+        dims: vec![4],
+        data_type: 1,
+        float_data: vec![1.0; 4],
+        ..Default::default()
+    };
+    let path = dir.path().join("m.onnx");
+    let bytes = with_weight(w).encode_to_vec();
+    std::fs::write(&path, &bytes).unwrap();
+    #[cfg(unix)]
+    std::fs::hard_link(&path, dir.path().join("alias.onnx")).unwrap();
+    for target in ["m.onnx", "./m.onnx", "alias.onnx"] {
+        let out = std::process::Command::new(common::quench_bin())
+            .current_dir(dir.path())
+            .args(["convert", "m.onnx", target])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if target == "alias.onnx" && !cfg!(unix) {
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{target}: {stderr}");
+        assert!(stderr.contains("refusing to write"), "{stderr}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "the input changed");
+    }
+}
