@@ -22,7 +22,8 @@ fn children_peak_rss_bytes() -> u64 {
 }
 
 fn main() {
-    let zoo = Zoo::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml")).unwrap();
+    let zoo =
+        Zoo::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml")).unwrap();
     let mut fetched = zoo.fetched();
     if fetched.is_empty() {
         eprintln!("no zoo model is fetched: run `bash scripts/setup.sh` first");
@@ -53,8 +54,17 @@ fn main() {
 
     let bin = env!("CARGO_BIN_EXE_quench");
     let t = Instant::now();
-    let st = Command::new(bin).arg("convert").arg(&path).arg(dir.path().join("c.onnx")).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let st = Command::new(bin)
+        .arg("convert")
+        .arg(&path)
+        .arg(dir.path().join("c.onnx"))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let wall = t.elapsed().as_secs_f64();
     let rss = children_peak_rss_bytes();
     println!(

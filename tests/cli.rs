@@ -9,18 +9,34 @@ use std::process::Command;
 use serde_json::Value;
 
 fn inspect(path: &std::path::Path) -> Value {
-    let out = Command::new(common::quench_bin()).arg("inspect").arg(path).arg("--json").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::quench_bin())
+        .arg("inspect")
+        .arg(path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn site<'a>(j: &'a Value, name: &str) -> &'a Value {
-    j["weight_sites"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no site {name}"))
+    j["weight_sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no site {name}"))
 }
 
 #[test]
 fn inspect_json_on_every_zoo_model() {
-    let Some(models) = common::zoo_models() else { return };
+    let Some(models) = common::zoo_models() else {
+        return;
+    };
     for (name, path) in models {
         let j = inspect(&path);
         assert!(j["parameters"].as_u64().unwrap() > 100_000, "{name}");
@@ -31,18 +47,32 @@ fn inspect_json_on_every_zoo_model() {
                 assert!(!s[key].is_null(), "{name}: weight site without {key}");
             }
         }
-        assert!(j["opsets"].as_array().unwrap().iter().any(|o| o["domain"] == "" || o["domain"] == "ai.onnx"));
+        assert!(
+            j["opsets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["domain"] == "" || o["domain"] == "ai.onnx")
+        );
         // The terminal form renders too.
-        let out = Command::new(common::quench_bin()).arg("inspect").arg(&path).output().unwrap();
-        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("weight sites"));
+        let out = Command::new(common::quench_bin())
+            .arg("inspect")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("weight sites")
+        );
     }
 }
 
 #[test]
 fn weight_sites_are_found_where_exporters_put_them() {
-    let (Some(rxn), Some(det), Some(vad)) =
-        (common::zoo_model("rxnmap"), common::zoo_model("ppocr-det"), common::zoo_model("silero-vad"))
-    else {
+    let (Some(rxn), Some(det), Some(vad)) = (
+        common::zoo_model("rxnmap"),
+        common::zoo_model("ppocr-det"),
+        common::zoo_model("silero-vad"),
+    ) else {
         return;
     };
     // rxnmap: 21M parameters; the transformer layers are applied repeatedly, their MatMul weights tied
@@ -53,18 +83,33 @@ fn weight_sites_are_found_where_exporters_put_them() {
     let qkv = site(&j, "onnx::MatMul_1582");
     assert_eq!(qkv["op_type"], "MatMul");
     assert_eq!(qkv["shape"], serde_json::json!([1024, 3072]));
-    assert!(qkv["consumers"].as_u64().unwrap() >= 2, "tied weight: {qkv}");
+    assert!(
+        qkv["consumers"].as_u64().unwrap() >= 2,
+        "tied weight: {qkv}"
+    );
     assert_eq!(qkv["uses"][0]["channel_axis"], 1);
     assert_eq!(site(&j, "atoms_encoder.weight")["op_type"], "Gather");
-    let matmul_bytes: u64 = j["weight_sites"].as_array().unwrap().iter().map(|s| s["bytes"].as_u64().unwrap()).sum();
-    assert!(matmul_bytes > 80_000_000, "almost all of rxnmap's bytes are weight sites: {matmul_bytes}");
+    let matmul_bytes: u64 = j["weight_sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        matmul_bytes > 80_000_000,
+        "almost all of rxnmap's bytes are weight sites: {matmul_bytes}"
+    );
 
     // PP-OCR: every weight is a Constant node.
     let j = inspect(&det);
     let sites = j["weight_sites"].as_array().unwrap();
     assert!(sites.len() >= 60);
     assert!(sites.iter().all(|s| s["source"] == "constant"));
-    assert!(sites.iter().any(|s| s["op_type"] == "ConvTranspose" && s["uses"][0]["channel_axis"] == 1));
+    assert!(
+        sites
+            .iter()
+            .any(|s| s["op_type"] == "ConvTranspose" && s["uses"][0]["channel_axis"] == 1)
+    );
 
     // silero: the weights are read from inside the If subgraphs.
     let j = inspect(&vad);
@@ -77,7 +122,9 @@ fn weight_sites_are_found_where_exporters_put_them() {
 
 #[test]
 fn convert_with_external_data() {
-    let Some(path) = common::zoo_model("ppocr-rec") else { return };
+    let Some(path) = common::zoo_model("ppocr-rec") else {
+        return;
+    };
     let dir = common::tempdir();
     let out = dir.path().join("rec.onnx");
     let st = Command::new(common::quench_bin())
@@ -86,14 +133,25 @@ fn convert_with_external_data() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     // PP-OCR keeps its weights in Constant nodes, which stay inline: nothing crosses the threshold.
     let a = quench::onnx::read_model_file(&path).unwrap().proto;
     let b = quench::onnx::read_model_file(&out).unwrap().proto;
     assert!(a == b);
-    let Some(rxn) = common::zoo_model("magika") else { return };
+    let Some(rxn) = common::zoo_model("magika") else {
+        return;
+    };
     let out = dir.path().join("magika.onnx");
-    let st = Command::new(common::quench_bin()).args(["convert", "--external-data"]).arg(&rxn).arg(&out).output().unwrap();
+    let st = Command::new(common::quench_bin())
+        .args(["convert", "--external-data"])
+        .arg(&rxn)
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(st.status.success());
     assert!(dir.path().join("magika.onnx.data").is_file());
     assert!(std::fs::metadata(&out).unwrap().len() < 100_000);

@@ -4,8 +4,8 @@
 
 mod common;
 
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use quench::Model;
 use quench::ir::{Patch, check_model};
 use quench::onnx::pb::attribute_proto::AttributeType;
@@ -18,7 +18,10 @@ fn vi(name: &str) -> ValueInfoProto {
     ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: 1, shape: None })),
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: 1,
+                shape: None,
+            })),
             ..Default::default()
         }),
         ..Default::default()
@@ -38,7 +41,10 @@ fn node(op: &str, name: &str, inputs: &[String], output: &str) -> NodeProto {
 fn opset_model(graph: GraphProto) -> ModelProto {
     ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -98,7 +104,11 @@ fn edit_strategy() -> impl Strategy<Value = Edit> {
 }
 
 fn apply_edit(m: &mut Model, e: &Edit) {
-    let values: Vec<String> = m.graph.values().map(|(_, v)| v.name().to_string()).collect();
+    let values: Vec<String> = m
+        .graph
+        .values()
+        .map(|(_, v)| v.name().to_string())
+        .collect();
     let nodes: Vec<_> = m.graph.node_ids().to_vec();
     match e {
         Edit::Intercept(k) => {
@@ -116,11 +126,23 @@ fn apply_edit(m: &mut Model, e: &Edit) {
         Edit::AddConstant(k, r) => {
             let v = &values[k % values.len()];
             let readers: Vec<_> = m.graph.value(m.graph.value_id(v).unwrap()).uses().to_vec();
-            let Some(u) = readers.get(r % readers.len().max(1)) else { return };
-            let quench::ir::Slot::Input(slot) = u.slot else { return };
+            let Some(u) = readers.get(r % readers.len().max(1)) else {
+                return;
+            };
+            let quench::ir::Slot::Input(slot) = u.slot else {
+                return;
+            };
             let mut p = Patch::new("test/add");
             let c = p.constant(&mut m.names, "k", from_f32("", &[1], &[0.25]));
-            let out = p.node(&mut m.names, "add", "Add", "", &[Some(v), Some(&c)], 1, vec![]);
+            let out = p.node(
+                &mut m.names,
+                "add",
+                "Add",
+                "",
+                &[Some(v), Some(&c)],
+                1,
+                vec![],
+            );
             p.replace_input(u.node, slot, &out[0]);
             m.graph.apply(p).unwrap();
         }
@@ -130,7 +152,11 @@ fn apply_edit(m: &mut Model, e: &Edit) {
             let mut p = Patch::new("test/remove");
             p.remove_node(id);
             let n = m.graph.node(id);
-            let unread = n.outputs().iter().flatten().all(|&v| m.graph.value(v).uses().is_empty() && !m.graph.is_output(v));
+            let unread = n
+                .outputs()
+                .iter()
+                .flatten()
+                .all(|&v| m.graph.value(v).uses().is_empty() && !m.graph.is_output(v));
             match m.graph.apply(p) {
                 Ok(_) => assert!(unread, "removed a node whose output is read"),
                 Err(err) => {
@@ -140,7 +166,9 @@ fn apply_edit(m: &mut Model, e: &Edit) {
             }
         }
         Edit::Dce => {
-            PassManager::with_checks(true).run(m, &[&DeadNodeElimination, &TopologicalSort]).unwrap();
+            PassManager::with_checks(true)
+                .run(m, &[&DeadNodeElimination, &TopologicalSort])
+                .unwrap();
         }
     }
 }
@@ -170,18 +198,36 @@ proptest! {
 fn if_model() -> Model {
     let branch = |name: &str, op: &str| GraphProto {
         name: Some(name.into()),
-        node: vec![node(op, &format!("{name}_op"), &["h".into()], &format!("{name}_out"))],
+        node: vec![node(
+            op,
+            &format!("{name}_op"),
+            &["h".into()],
+            &format!("{name}_out"),
+        )],
         output: vec![vi(&format!("{name}_out"))],
         ..Default::default()
     };
     let mut iff = node("If", "if0", &["cond".into()], "y");
     iff.attribute = vec![
-        AttributeProto { name: "then_branch".into(), r#type: Some(AttributeType::Graph as i32), g: Some(branch("then", "Relu")), ..Default::default() },
-        AttributeProto { name: "else_branch".into(), r#type: Some(AttributeType::Graph as i32), g: Some(branch("else", "Neg")), ..Default::default() },
+        AttributeProto {
+            name: "then_branch".into(),
+            r#type: Some(AttributeType::Graph as i32),
+            g: Some(branch("then", "Relu")),
+            ..Default::default()
+        },
+        AttributeProto {
+            name: "else_branch".into(),
+            r#type: Some(AttributeType::Graph as i32),
+            g: Some(branch("else", "Neg")),
+            ..Default::default()
+        },
     ];
     let mut cond = vi("cond");
     cond.r#type = Some(TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: 9, shape: None })),
+        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+            elem_type: 9,
+            shape: None,
+        })),
         ..Default::default()
     });
     let g = GraphProto {
@@ -198,7 +244,11 @@ fn if_model() -> Model {
 fn rerouting_a_value_read_by_a_subgraph_renames_the_outer_read() {
     let mut m = if_model();
     let h = m.graph.value_id("h").unwrap();
-    assert_eq!(m.graph.value(h).uses().len(), 1, "the If reads h implicitly");
+    assert_eq!(
+        m.graph.value(h).uses().len(),
+        1,
+        "the If reads h implicitly"
+    );
     let mut p = Patch::new("test/intercept");
     let out = p.node(&mut m.names, "sq", "Sqrt", "", &[Some("h")], 1, vec![]);
     p.replace_all_uses("h", &out[0]);
@@ -224,14 +274,18 @@ fn dead_nodes_and_unused_constants_go_outputs_stay() {
     p.node(&mut m.names, "dead", "Neg", "", &[Some(&c)], 1, vec![]);
     m.graph.apply(p).unwrap();
     let before = m.graph.node_ids().len();
-    let reports = PassManager::with_checks(true).run(&mut m, &[&DeadNodeElimination]).unwrap();
+    let reports = PassManager::with_checks(true)
+        .run(&mut m, &[&DeadNodeElimination])
+        .unwrap();
     assert!(reports[0].changed);
     assert!(m.graph.value_id("unused").is_none());
     assert!(m.graph.node_ids().len() < before);
     // The output's producer survives.
     let out = m.graph.outputs()[0].value;
     assert!(m.graph.value(out).producer().is_some());
-    let again = PassManager::with_checks(true).run(&mut m, &[&DeadNodeElimination]).unwrap();
+    let again = PassManager::with_checks(true)
+        .run(&mut m, &[&DeadNodeElimination])
+        .unwrap();
     assert!(!again[0].changed, "a second run changes nothing");
 }
 
@@ -243,7 +297,13 @@ fn inserted_nodes_record_their_pass_and_names_stay_unique() {
     assert_ne!(a[0], "n0_out", "fresh names avoid taken ones");
     m.graph.apply(p).unwrap();
     let proto = m.to_proto();
-    let inserted = proto.graph.unwrap().node.into_iter().find(|n| n.op_type() == "Neg").unwrap();
+    let inserted = proto
+        .graph
+        .unwrap()
+        .node
+        .into_iter()
+        .find(|n| n.op_type() == "Neg")
+        .unwrap();
     assert_eq!(inserted.name(), "n0_1");
     assert_eq!(inserted.metadata_props[0].key, quench::ir::ORIGIN_KEY);
     assert_eq!(inserted.metadata_props[0].value, "quantize/w8");
@@ -254,7 +314,15 @@ fn patches_that_break_the_graph_are_refused() {
     let mut m = random_model(&[(0, 0, 0), (1, 2, 1)]);
     let before = m.to_proto();
     let mut p = Patch::new("bad");
-    p.node(&mut m.names, "r", "Relu", "", &[Some("no_such_value")], 1, vec![]);
+    p.node(
+        &mut m.names,
+        "r",
+        "Relu",
+        "",
+        &[Some("no_such_value")],
+        1,
+        vec![],
+    );
     let e = m.graph.apply(p).unwrap_err().to_string();
     assert!(e.contains("bad") && e.contains("no_such_value"), "{e}");
     let mut p = Patch::new("bad");
@@ -265,8 +333,14 @@ fn patches_that_break_the_graph_are_refused() {
     assert!(e.contains("graph output"), "{e}");
     assert!(m.to_proto() == before);
     // A model's default-domain opset is never raised.
-    let e = m.require_op("", "DequantizeLinear", 21).unwrap_err().to_string();
-    assert!(e.contains("DequantizeLinear") && e.contains("21") && e.contains("17"), "{e}");
+    let e = m
+        .require_op("", "DequantizeLinear", 21)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("DequantizeLinear") && e.contains("21") && e.contains("17"),
+        "{e}"
+    );
     m.require_op("com.microsoft", "MatMulNBits", 1).unwrap();
     assert_eq!(m.opset("com.microsoft"), Some(1));
 }

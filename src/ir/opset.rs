@@ -207,8 +207,8 @@ mod tests {
         let conv = schema("", "Conv", 11).unwrap();
         let bad = AttributeProto {
             name: "kernel_shape".into(),
-            r#type: AttributeType::Float as i32,
-            f: 3.0,
+            r#type: Some(AttributeType::Float as i32),
+            f: Some(3.0),
             ..Default::default()
         };
         assert!(
@@ -218,7 +218,7 @@ mod tests {
         );
         let unknown = AttributeProto {
             name: "kernel".into(),
-            r#type: AttributeType::Ints as i32,
+            r#type: Some(AttributeType::Ints as i32),
             ints: vec![3],
             ..Default::default()
         };
@@ -229,7 +229,7 @@ mod tests {
         );
         let good = AttributeProto {
             name: "kernel_shape".into(),
-            r#type: AttributeType::Ints as i32,
+            r#type: Some(AttributeType::Ints as i32),
             ints: vec![3, 3],
             ..Default::default()
         };

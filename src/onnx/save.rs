@@ -302,9 +302,9 @@ mod tests {
             ..Default::default()
         };
         let model = ModelProto {
-            ir_version: 9,
+            ir_version: Some(9),
             graph: Some(GraphProto {
-                name: "g".into(),
+                name: Some("g".into()),
                 initializer: vec![t.clone(), t],
                 ..Default::default()
             }),

@@ -92,7 +92,7 @@ def bitwise_equal(a, b):
 def main():
     manifest = json.load(open(sys.argv[1]))
     summary = {"pairs": 0, "equal": 0, "different": 0, "ort_cannot_run": 0, "reference_checked": 0,
-               "reference_mismatch": 0, "failures": []}
+               "reference_mismatch": 0, "checker_passed": 0, "failures": []}
     for item in manifest:
         summary["pairs"] += 1
         name = item["name"]
@@ -107,6 +107,18 @@ def main():
                 print(f"{name}: ORT cannot load the original nor the copy")
             continue
         b = session(item["candidate"])
+        # A copy of a model that passes the full ONNX check must pass it too.
+        try:
+            onnx.checker.check_model(item["original"], full_check=True)
+            original_valid = True
+        except Exception:
+            original_valid = False
+        if original_valid:
+            summary["checker_passed"] += 1
+            try:
+                onnx.checker.check_model(item["candidate"], full_check=True)
+            except Exception as e:
+                summary["failures"].append(f"{name}: the copy fails onnx.checker: {str(e)[:200]}")
         runs = []
         for folder in item.get("data_sets") or []:
             runs.append(data_set_inputs(a, folder))
