@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use quench::Model;
 use quench::inspect::{inspect, render};
-use quench::onnx::{ExternalData, SaveOptions};
+use quench::onnx::SaveOptions;
 use quench::zoo::Zoo;
 
 #[derive(Parser)]
@@ -99,12 +99,12 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
         } => {
             let m = Model::load(&input)?;
-            let external = if external_data {
-                ExternalData::Always { threshold }
+            let opts = if external_data {
+                SaveOptions::external(threshold)
             } else {
-                ExternalData::Auto
+                SaveOptions::default()
             };
-            let data = m.save(&output, &SaveOptions { external })?;
+            let data = m.save(&output, &opts)?;
             match data {
                 Some(d) => println!("wrote {} and {}", output.display(), d.display()),
                 None => println!("wrote {}", output.display()),

@@ -74,12 +74,7 @@ fn external_data_roundtrips_and_is_mapped_back() {
     let model = Model::load(&path).unwrap();
     let out = dir.path().join("rxnmap.onnx");
     let data = model
-        .save(
-            &out,
-            &SaveOptions {
-                external: ExternalData::Always { threshold: 4096 },
-            },
-        )
+        .save(&out, &SaveOptions::external(4096))
         .unwrap()
         .expect("an external data file");
     assert_eq!(data, dir.path().join("rxnmap.onnx.data"));
@@ -156,4 +151,34 @@ fn onnxruntime_outputs_are_bitwise_equal_after_resave() {
     assert_eq!(summary["pairs"].as_u64().unwrap() as usize, manifest.len());
     // Every zoo model must really have run.
     assert!(summary["equal"].as_u64().unwrap() as usize >= zoo_models.len());
+}
+
+#[test]
+fn data_moves_out_automatically_past_the_protobuf_limit() {
+    let Some(path) = common::zoo_model("magika") else {
+        return;
+    };
+    let dir = common::tempdir();
+    let model = Model::load(&path).unwrap();
+    let small = dir.path().join("small.onnx");
+    assert!(
+        model
+            .save(&small, &SaveOptions::default())
+            .unwrap()
+            .is_none(),
+        "3 MB stays inline"
+    );
+    // The same rule with the limit lowered below the model's size: initializers of >= 1 KiB move out.
+    let opts = SaveOptions {
+        external: ExternalData::Auto,
+        protobuf_limit: 1 << 20,
+    };
+    let out = dir.path().join("auto.onnx");
+    let data = model
+        .save(&out, &opts)
+        .unwrap()
+        .expect("external data past the limit");
+    assert!(std::fs::metadata(&out).unwrap().len() < 1 << 20);
+    assert!(read_model_file(&out).unwrap().proto == read_model_file(&path).unwrap().proto);
+    assert!(std::fs::metadata(&data).unwrap().len() > 3_000_000);
 }

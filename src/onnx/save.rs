@@ -32,12 +32,25 @@ pub enum ExternalData {
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
     pub external: ExternalData,
+    /// The size past which `Auto` moves data out: the protobuf limit, lower only in tests.
+    pub protobuf_limit: u64,
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
             external: ExternalData::Auto,
+            protobuf_limit: PROTOBUF_LIMIT,
+        }
+    }
+}
+
+impl SaveOptions {
+    /// Initializers of at least `threshold` bytes go to `<file>.data`.
+    pub fn external(threshold: u64) -> SaveOptions {
+        SaveOptions {
+            external: ExternalData::Always { threshold },
+            ..Default::default()
         }
     }
 }
@@ -68,7 +81,9 @@ pub fn write_model_file(
 
     let threshold = match opts.external {
         ExternalData::Always { threshold } => Some(threshold),
-        ExternalData::Auto if proto.encoded_len() as u64 > PROTOBUF_LIMIT => Some(AUTO_THRESHOLD),
+        ExternalData::Auto if proto.encoded_len() as u64 > opts.protobuf_limit => {
+            Some(AUTO_THRESHOLD)
+        }
         ExternalData::Auto => None,
     };
     let mut data_file = None;
@@ -88,7 +103,7 @@ pub fn write_model_file(
         }
         writer.flush().map_err(wrote)?;
         drop(writer);
-        if proto.encoded_len() as u64 > PROTOBUF_LIMIT {
+        if proto.encoded_len() as u64 > opts.protobuf_limit {
             return Err(Error::Model(format!(
                 "still {} bytes after moving initializers to external data (large Constant nodes?)",
                 proto.encoded_len()
