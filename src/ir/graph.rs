@@ -192,6 +192,9 @@ pub struct Graph {
     pub(crate) explicit: u8,
 }
 
+/// A node ready to be placed, smallest key first.
+type Ready = std::cmp::Reverse<((usize, usize, usize), NodeId)>;
+
 // Presence bits of optional string fields: a field present but empty in the file is written back so.
 const NAME: u8 = 1;
 const OP: u8 = 2;
@@ -687,7 +690,7 @@ impl Graph {
                 consumers.entry(p).or_default().push(n);
             }
         }
-        let mut ready: BinaryHeap<std::cmp::Reverse<((usize, usize, usize), NodeId)>> = live
+        let mut ready: BinaryHeap<Ready> = live
             .iter()
             .filter(|n| pending[n] == 0)
             .map(|&n| std::cmp::Reverse((key(n), n)))
