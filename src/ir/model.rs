@@ -43,9 +43,9 @@ impl Model {
             .take()
             .ok_or_else(|| Error::Model("has no graph".into()))?;
         let opsets = Opsets::from_imports(&proto.opset_import);
-        if opsets.version("").is_none() && proto.ir_version() >= 3 {
+        if opsets.iter().next().is_none() && proto.ir_version() >= 3 {
             return Err(Error::Model(
-                "imports no version of the default ONNX domain".into(),
+                "imports no operator set (opset_import is empty)".into(),
             ));
         }
         let graph = Graph::from_proto(g, &opsets, None, None)?;
