@@ -13,11 +13,20 @@ echo "== quench inspect rxnmap"
 $quench inspect "$model"
 mkdir -p out
 echo
-echo "== quench convert rxnmap (lossless re-save, weights to external data)"
-$quench convert --external-data "$model" out/rxnmap.onnx
-.venv/bin/python - "$model" out/rxnmap.onnx <<'PY'
-import sys, onnx
-a, b = onnx.load(sys.argv[1]), onnx.load(sys.argv[2])
-onnx.checker.check_model(sys.argv[2], full_check=True)
-print("onnx.checker: ok; identical to the original:", a == b)
+echo "== quench convert rxnmap (lossless re-save; then again with the weights in external data)"
+$quench convert "$model" out/rxnmap.onnx
+$quench convert --external-data "$model" out/rxnmap-external.onnx
+.venv/bin/python - "$model" out/rxnmap.onnx out/rxnmap-external.onnx <<'PY'
+import sys
+import numpy as np
+import onnx
+from onnx import numpy_helper
+original, copy, external = (onnx.load(p) for p in sys.argv[1:])
+for p in sys.argv[2:]:
+    onnx.checker.check_model(p, full_check=True)
+print("onnx.checker (full): both copies pass")
+print("the copy is the same message as the original:", original == copy)
+same = all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+           for a, b in zip(original.graph.initializer, external.graph.initializer))
+print("external-data copy: same graph:", original.graph.node == external.graph.node, "/ same weights:", same)
 PY
