@@ -10,22 +10,7 @@ use prost::Message;
 use quench::Model;
 use quench::onnx::pb::attribute_proto::AttributeType;
 use quench::onnx::pb::tensor_proto::DataLocation;
-use quench::onnx::pb::type_proto;
 use quench::onnx::pb::*;
-
-fn value_info(name: &str) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: 1,
-                shape: None,
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
     NodeProto {
@@ -43,22 +28,14 @@ fn model(
     inputs: &[&str],
     outputs: &[&str],
 ) -> ModelProto {
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(GraphProto {
-            name: Some("g".into()),
-            node: nodes,
-            initializer: inits,
-            input: inputs.iter().map(|n| value_info(n)).collect(),
-            output: outputs.iter().map(|n| value_info(n)).collect(),
-            ..Default::default()
-        }),
+    common::model_of(GraphProto {
+        name: Some("g".into()),
+        node: nodes,
+        initializer: inits,
+        input: inputs.iter().map(|n| common::value_info(n, 1)).collect(),
+        output: outputs.iter().map(|n| common::value_info(n, 1)).collect(),
         ..Default::default()
-    }
+    })
 }
 
 fn external(name: &str, location: &str, offset: u64, length: u64) -> TensorProto {

@@ -9,23 +9,12 @@ use prost::Message;
 use quench::Model;
 use quench::ir::{Patch, check_model};
 use quench::onnx::pb::attribute_proto::AttributeType;
-use quench::onnx::pb::type_proto;
 use quench::onnx::pb::*;
 use quench::onnx::tensor::from_f32;
 use quench::passes::{DeadNodeElimination, PassManager, TopologicalSort};
 
 fn vi(name: &str) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: 1,
-                shape: None,
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    common::value_info(name, 1)
 }
 
 fn node(op: &str, name: &str, inputs: &[String], output: &str) -> NodeProto {
@@ -34,18 +23,6 @@ fn node(op: &str, name: &str, inputs: &[String], output: &str) -> NodeProto {
         name: Some(name.into()),
         input: inputs.to_vec(),
         output: vec![output.into()],
-        ..Default::default()
-    }
-}
-
-fn opset_model(graph: GraphProto) -> ModelProto {
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(17),
-        }],
-        graph: Some(graph),
         ..Default::default()
     }
 }
@@ -75,7 +52,7 @@ fn random_model(shape: &[(u8, usize, usize)]) -> Model {
         output: vec![vi(&last)],
         ..Default::default()
     };
-    Model::from_proto(opset_model(g), vec![]).unwrap()
+    Model::from_proto(common::model_of(g), vec![]).unwrap()
 }
 
 fn reload(m: &Model) -> Model {
@@ -222,14 +199,7 @@ fn if_model() -> Model {
             ..Default::default()
         },
     ];
-    let mut cond = vi("cond");
-    cond.r#type = Some(TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-            elem_type: 9,
-            shape: None,
-        })),
-        ..Default::default()
-    });
+    let cond = common::value_info("cond", 9);
     let g = GraphProto {
         name: Some("main".into()),
         node: vec![node("Relu", "r", &["x".into()], "h"), iff],
@@ -237,7 +207,7 @@ fn if_model() -> Model {
         output: vec![vi("y")],
         ..Default::default()
     };
-    Model::from_proto(opset_model(g), vec![]).unwrap()
+    Model::from_proto(common::model_of(g), vec![]).unwrap()
 }
 
 #[test]

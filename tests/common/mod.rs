@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use quench::onnx::pb::{
+    GraphProto, ModelProto, OperatorSetIdProto, TypeProto, ValueInfoProto, type_proto,
+};
 use quench::zoo::Zoo;
 
 pub fn in_ci() -> bool {
@@ -114,4 +117,32 @@ pub fn tempdir() -> tempfile::TempDir {
 
 pub fn quench_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_quench"))
+}
+
+/// A tensor-typed graph input or output of element type `elem_type` (1 = float) and unknown shape.
+pub fn value_info(name: &str, elem_type: i32) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A model of IR version 8 importing opset 17 of the default domain.
+pub fn model_of(graph: GraphProto) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
 }
