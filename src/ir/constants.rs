@@ -47,8 +47,11 @@ impl ConstantRef {
         &self.tensor.dims
     }
     pub fn bytes(&self) -> u64 {
-        match self.source {
-            ConstantSource::SparseInitializer => payload_bytes(&self.tensor),
+        // Sparse constants store only their non-zeros; `tensor.dims` is the dense shape.
+        match (self.source, self.dtype().and_then(|d| d.bits())) {
+            (ConstantSource::SparseInitializer, Some(bits)) => {
+                crate::onnx::dtype::packed_bytes(self.stored_elements, bits).unwrap_or(u64::MAX)
+            }
             _ => payload_bytes(&self.tensor),
         }
     }
