@@ -41,11 +41,15 @@
 //! # Ok::<(), quench::Error>(())
 //! ```
 
+pub mod embed;
 pub mod error;
+pub mod exec;
 pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod report;
+pub mod util;
 pub mod zoo;
 
 pub use error::{Error, Result};

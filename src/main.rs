@@ -1,6 +1,8 @@
 //! The quench command-line tool: parses arguments, calls the library, prints. User errors end with one
 //! line naming the cause chain and a non-zero exit, never a panic or a backtrace.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,6 +13,8 @@ use quench::Model;
 use quench::inspect::{inspect, render};
 use quench::onnx::SaveOptions;
 use quench::zoo::Zoo;
+
+use cli::{BenchArgs, CompareArgs, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +52,13 @@ enum Command {
         )]
         threshold: u64,
     },
+    /// Run a model on an input set and write its outputs to an .npz file.
+    Run(RunArgs),
+    /// Measure how closely a candidate model reproduces a reference: per output, per runtime, across
+    /// runtimes and layer by layer.
+    Compare(CompareArgs),
+    /// Time loading and running models (each model and runtime in a fresh process, for honest peak RSS).
+    Bench(BenchArgs),
     /// The model zoo pinned in models/zoo.yaml.
     Zoo {
         #[command(subcommand)]
@@ -110,6 +121,9 @@ fn run(cli: Cli) -> Result<()> {
                 None => println!("wrote {}", output.display()),
             }
         }
+        Command::Run(args) => cli::run(args)?,
+        Command::Compare(args) => cli::compare(args)?,
+        Command::Bench(args) => cli::bench(args)?,
         Command::Zoo { command } => match command {
             ZooCommand::Fetch {
                 names,

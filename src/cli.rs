@@ -1,0 +1,546 @@
+//! Arguments and drivers of `run`, `compare` and `bench`: raw flags become validated library options
+//! once, here; the work is done by `quench::exec` and `quench::report`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+
+use quench::Model;
+use quench::exec::inputs::{self, InputOptions, InputSet, Source};
+use quench::exec::{self, Named, Numerics, Prepared, RuntimeKind, SessionOptions, Tensor};
+use quench::report::bench::{self, BenchOptions, BenchResult};
+use quench::report::compare::{self, CompareOptions};
+use quench::zoo::{InputSpec, Zoo};
+
+#[derive(Args, Clone, Debug)]
+pub struct InputArgs {
+    /// Input data: an .npz, .npy or .pb file; a folder of those or of test_data_set_* folders; a folder
+    /// of .png/.jpg images; or a text file with --tokenizer.
+    #[arg(long, value_name = "DATA", required_unless_present = "random")]
+    inputs: Option<PathBuf>,
+    /// Generate N batches of random values from the model's declared inputs instead.
+    #[arg(long, value_name = "N", conflicts_with = "inputs")]
+    random: Option<usize>,
+    /// A HuggingFace tokenizer.json that turns the lines of a text file into token inputs.
+    #[arg(long, value_name = "FILE", requires = "inputs")]
+    tokenizer: Option<PathBuf>,
+    /// The value of a symbolic dim, for generated inputs (repeatable).
+    #[arg(long = "dim", value_name = "NAME=VALUE")]
+    dims: Vec<String>,
+    /// The inclusive range of an input's generated values (repeatable), e.g. input_ids=0..30521.
+    #[arg(long = "range", value_name = "INPUT=LO..HI")]
+    ranges: Vec<String>,
+    /// Rows per batch: arrays from files are split along axis 0; text and images are batched.
+    #[arg(long, value_name = "N")]
+    batch_size: Option<usize>,
+    /// Seed of generated inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Longest token sequence for text inputs (longer ones are truncated).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Image height and width, when the model does not fix them.
+    #[arg(long, value_name = "HxW")]
+    image_size: Option<String>,
+    /// Per-channel mean for image normalisation (default: ImageNet's).
+    #[arg(long, value_name = "R,G,B")]
+    mean: Option<String>,
+    /// Per-channel standard deviation for image normalisation (default: ImageNet's).
+    #[arg(long, value_name = "R,G,B")]
+    std: Option<String>,
+    /// Feed image channels in BGR order.
+    #[arg(long)]
+    bgr: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct RuntimeArgs {
+    /// Threads per inference (0: the runtime's default).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Measure onnxruntime with its default session options, which may compute quantized graphs with
+    /// other numerics than ONNX specifies (e.g. int8 activations in fused MatMulNBits).
+    #[arg(long)]
+    ort_fast: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// An ONNX file, or zoo:NAME for a fetched zoo model.
+    model: String,
+    #[command(flatten)]
+    input: InputArgs,
+    #[arg(long, default_value = "tract")]
+    runtime: RuntimeKind,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Where to write the outputs (.npz); batches are concatenated along axis 0.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// The reference model (an ONNX file or zoo:NAME).
+    reference: String,
+    /// The candidate model.
+    candidate: String,
+    #[command(flatten)]
+    input: InputArgs,
+    /// tract, ort or both.
+    #[arg(long, default_value = "both")]
+    runtime: String,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Skip the per-layer attribution.
+    #[arg(long)]
+    no_layers: bool,
+    /// Layers to show in the table (the JSON has all).
+    #[arg(long, default_value_t = 15)]
+    top: usize,
+    /// Write the full report as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Models to measure (ONNX files or zoo:NAME); ratios are against the first.
+    #[arg(required = true)]
+    models: Vec<String>,
+    #[command(flatten)]
+    input: InputArgs,
+    /// tract, ort or both.
+    #[arg(long, default_value = "tract")]
+    runtime: String,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Untimed runs before measuring.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Measure in this process instead of a child per model and runtime (peak RSS then covers all).
+    #[arg(long)]
+    in_process: bool,
+    /// Internal: measure model INDEX in RUNTIME and print JSON (what each child does).
+    #[arg(long, hide = true, value_name = "INDEX:RUNTIME")]
+    child: Option<String>,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// A model argument: a path, or zoo:NAME for a fetched zoo model (which also brings its input spec).
+/// A path that is a zoo model's cached file gets that model's spec too.
+fn resolve_model(arg: &str) -> Result<(PathBuf, Vec<InputSpec>)> {
+    if let Some(name) = arg.strip_prefix("zoo:") {
+        let zoo = Zoo::load(&Zoo::default_manifest())?;
+        let m = zoo.model(name)?;
+        let path = zoo.model_path(name);
+        if !path.is_file() {
+            bail!("zoo model '{name}' is not fetched yet: run `quench zoo fetch {name}`");
+        }
+        return Ok((path, m.inputs.clone()));
+    }
+    let path = PathBuf::from(arg);
+    let spec = Zoo::load(&Zoo::default_manifest())
+        .ok()
+        .and_then(|zoo| {
+            let canon = path.canonicalize().ok()?;
+            zoo.file.models.iter().find_map(|m| {
+                (zoo.model_path(&m.name).canonicalize().ok()? == canon).then(|| m.inputs.clone())
+            })
+        })
+        .unwrap_or_default();
+    Ok((path, spec))
+}
+
+fn parse_triple(s: &str, what: &str) -> Result<[f32; 3]> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| anyhow!("--{what} {s}: {e}"))?;
+    v.try_into()
+        .map_err(|_| anyhow!("--{what} takes three comma-separated values, got '{s}'"))
+}
+
+impl InputArgs {
+    fn source(&self) -> Result<Source> {
+        Ok(match (&self.inputs, self.random, &self.tokenizer) {
+            (_, Some(n), _) => Source::Random { count: n },
+            (Some(p), None, Some(t)) => Source::Text {
+                file: p.clone(),
+                tokenizer: t.clone(),
+            },
+            (Some(p), None, None) => Source::Path(p.clone()),
+            (None, None, _) => bail!("give --inputs DATA or --random N"),
+        })
+    }
+
+    fn options(&self, spec: Vec<InputSpec>) -> Result<InputOptions> {
+        let mut opts = InputOptions {
+            batch_size: self.batch_size,
+            seed: self.seed,
+            spec,
+            ..Default::default()
+        };
+        opts.max_tokens = self.max_tokens;
+        for d in &self.dims {
+            let (k, v) = d
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--dim {d}: expected NAME=VALUE"))?;
+            let v: usize = v.parse().map_err(|e| anyhow!("--dim {d}: {e}"))?;
+            opts.dims.insert(k.to_string(), v);
+        }
+        // Dims given on the command line take precedence over the zoo's fixed shapes.
+        if !opts.dims.is_empty() || self.batch_size.is_some() {
+            opts.spec.iter_mut().for_each(|s| s.dims.clear());
+            opts.spec
+                .retain(|s| s.range.is_some() || s.values.is_some());
+        }
+        for r in &self.ranges {
+            let (k, v) = r
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--range {r}: expected INPUT=LO..HI"))?;
+            let (lo, hi) = v
+                .split_once("..")
+                .ok_or_else(|| anyhow!("--range {r}: expected LO..HI"))?;
+            let lo: f64 = lo.parse().map_err(|e| anyhow!("--range {r}: {e}"))?;
+            let hi: f64 = hi.parse().map_err(|e| anyhow!("--range {r}: {e}"))?;
+            opts.ranges.insert(k.to_string(), (lo, hi));
+        }
+        if let Some(s) = &self.image_size {
+            let (h, w) = s
+                .split_once('x')
+                .ok_or_else(|| anyhow!("--image-size {s}: expected HxW"))?;
+            opts.image.size = Some((h.parse()?, w.parse()?));
+        }
+        if let Some(m) = &self.mean {
+            opts.image.mean = parse_triple(m, "mean")?;
+        }
+        if let Some(s) = &self.std {
+            opts.image.std = parse_triple(s, "std")?;
+        }
+        opts.image.bgr = self.bgr;
+        Ok(opts)
+    }
+
+    /// Opens the input set for a model.
+    fn open(&self, model: &Model, spec: Vec<InputSpec>) -> Result<InputSet> {
+        let info = Prepared::from_model(model, "").inputs;
+        let mut opts = self.options(spec)?;
+        // Generated shapes come from the zoo spec only where it names the input; a symbolic dim the
+        // spec does not cover must be given with --dim.
+        opts.spec.retain(|s| info.iter().any(|i| i.name == s.name));
+        inputs::open(&self.source()?, &info, &opts)
+    }
+
+    fn paths(&self) -> Vec<&Path> {
+        self.inputs
+            .iter()
+            .chain(&self.tokenizer)
+            .map(|p| p.as_path())
+            .collect()
+    }
+}
+
+impl RuntimeArgs {
+    fn session(&self) -> SessionOptions {
+        SessionOptions {
+            threads: self.threads,
+            numerics: if self.ort_fast {
+                Numerics::Fast
+            } else {
+                Numerics::Exact
+            },
+        }
+    }
+}
+
+fn runtimes(arg: &str) -> Result<Vec<RuntimeKind>> {
+    Ok(match arg {
+        "both" => vec![RuntimeKind::Tract, RuntimeKind::Ort],
+        other => vec![other.parse().map_err(|e: String| anyhow!(e))?],
+    })
+}
+
+/// Refuses to write over a file the command reads.
+fn refuse_overwrite(out: &Path, reads: &[&Path]) -> Result<()> {
+    let Ok(out_c) = out.canonicalize() else {
+        return Ok(());
+    };
+    for r in reads {
+        if r.canonicalize()
+            .is_ok_and(|c| c == out_c || out_c.starts_with(&c) && c.is_dir())
+        {
+            bail!(
+                "refusing to write {}: it is an input of this command",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let (path, spec) = resolve_model(&args.model)?;
+    if let Some(out) = &args.output {
+        let mut reads = args.input.paths();
+        reads.push(&path);
+        refuse_overwrite(out, &reads)?;
+    }
+    let model = Model::load(&path)?;
+    let mut set = args.input.open(&model, spec)?;
+    let prepared = Prepared::from_model(&model, &path.display().to_string());
+    drop(model);
+    let mut session = exec::open(&prepared, args.runtime, &args.rt.session())?;
+    let mut outputs: Vec<Vec<Named>> = Vec::new();
+    for (b, batch) in set.by_ref().enumerate() {
+        let batch = batch.with_context(|| format!("input batch {b}"))?;
+        let notes = exec::check_batch(&prepared.inputs, &batch)
+            .with_context(|| format!("input batch {b}"))?;
+        for (name, n) in notes.non_finite {
+            eprintln!("note: batch {b}: input '{name}' holds {n} NaN/Inf values");
+        }
+        outputs.push(session.run(&batch).with_context(|| format!("batch {b}"))?);
+    }
+    let merged = merge_batches(outputs)?;
+    for (name, t) in &merged {
+        let v = t.to_f32();
+        let finite: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        let (lo, hi) = finite
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        let mean = finite.iter().map(|&x| x as f64).sum::<f64>() / finite.len().max(1) as f64;
+        println!(
+            "{name}: {} {:?} min {lo:.6} max {hi:.6} mean {mean:.6}{}",
+            t.dtype_name(),
+            t.shape(),
+            if finite.len() < v.len() {
+                format!(" ({} NaN/Inf)", v.len() - finite.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(out) = &args.output {
+        write_npz(out, &merged)?;
+        println!(
+            "wrote {} ({} batches, {})",
+            out.display(),
+            set.len(),
+            args.runtime
+        );
+    }
+    Ok(())
+}
+
+/// Concatenates each output over the batches along axis 0; outputs whose shapes cannot be concatenated
+/// are kept per batch as `<name>.<batch>`.
+fn merge_batches(batches: Vec<Vec<Named>>) -> Result<Vec<Named>> {
+    if batches.len() == 1 {
+        return Ok(batches.into_iter().next().unwrap_or_default());
+    }
+    let mut out = Vec::new();
+    let names: Vec<String> = batches
+        .first()
+        .map(|b| b.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    for (i, name) in names.iter().enumerate() {
+        let parts: Vec<&Tensor> = batches.iter().map(|b| &b[i].1).collect();
+        match concat(&parts) {
+            Some(t) => out.push((name.clone(), t)),
+            None => out.extend(
+                parts
+                    .iter()
+                    .enumerate()
+                    .map(|(b, t)| (format!("{name}.{b}"), (*t).clone())),
+            ),
+        }
+    }
+    Ok(out)
+}
+
+fn concat(parts: &[&Tensor]) -> Option<Tensor> {
+    macro_rules! cat {
+        ($v:ident) => {{
+            let views: Option<Vec<_>> = parts
+                .iter()
+                .map(|t| {
+                    if let Tensor::$v(a) = t {
+                        Some(a.view())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            ndarray::concatenate(ndarray::Axis(0), &views?)
+                .ok()
+                .map(Tensor::$v)
+        }};
+    }
+    if parts.iter().any(|t| t.shape().is_empty()) {
+        return None;
+    }
+    match parts.first()? {
+        Tensor::F32(_) => cat!(F32),
+        Tensor::F64(_) => cat!(F64),
+        Tensor::F16(_) => cat!(F16),
+        Tensor::I64(_) => cat!(I64),
+        Tensor::I32(_) => cat!(I32),
+        Tensor::I16(_) => cat!(I16),
+        Tensor::I8(_) => cat!(I8),
+        Tensor::U64(_) => cat!(U64),
+        Tensor::U32(_) => cat!(U32),
+        Tensor::U16(_) => cat!(U16),
+        Tensor::U8(_) => cat!(U8),
+        Tensor::Bool(_) => cat!(Bool),
+    }
+}
+
+/// Writes named tensors as an .npz, atomically (a temporary file in the same folder, then a rename).
+fn write_npz(path: &Path, tensors: &[Named]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut npz = ndarray_npy::NpzWriter::new(tmp.reopen()?);
+    for (name, t) in tensors {
+        let r = match t {
+            Tensor::F32(a) => npz.add_array(name.as_str(), a),
+            Tensor::F64(a) => npz.add_array(name.as_str(), a),
+            Tensor::F16(a) => npz.add_array(name.as_str(), &a.mapv(f32::from)),
+            Tensor::I64(a) => npz.add_array(name.as_str(), a),
+            Tensor::I32(a) => npz.add_array(name.as_str(), a),
+            Tensor::I16(a) => npz.add_array(name.as_str(), a),
+            Tensor::I8(a) => npz.add_array(name.as_str(), a),
+            Tensor::U64(a) => npz.add_array(name.as_str(), a),
+            Tensor::U32(a) => npz.add_array(name.as_str(), a),
+            Tensor::U16(a) => npz.add_array(name.as_str(), a),
+            Tensor::U8(a) => npz.add_array(name.as_str(), a),
+            Tensor::Bool(a) => npz.add_array(name.as_str(), a),
+        };
+        r.map_err(|e| anyhow!("writing '{name}' to {}: {e}", path.display()))?;
+    }
+    npz.finish()
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+pub fn compare(args: CompareArgs) -> Result<()> {
+    let (rpath, spec) = resolve_model(&args.reference)?;
+    let (cpath, cspec) = resolve_model(&args.candidate)?;
+    if let Some(out) = &args.json {
+        let mut reads = args.input.paths();
+        reads.extend([rpath.as_path(), cpath.as_path()]);
+        refuse_overwrite(out, &reads)?;
+    }
+    let reference = Model::load(&rpath)?;
+    let candidate = Model::load(&cpath)?;
+    let spec = if spec.is_empty() { cspec } else { spec };
+    let mut set = args.input.open(&reference, spec)?;
+    let rts = runtimes(&args.runtime)?;
+    let opts = CompareOptions {
+        layers: (!args.no_layers).then_some(rts[0]),
+        runtimes: rts,
+        session: args.rt.session(),
+    };
+    let report = compare::compare(
+        &reference,
+        &candidate,
+        (&rpath.display().to_string(), &cpath.display().to_string()),
+        &mut set,
+        &opts,
+    )?;
+    print!("{}", compare::render(&report, args.top));
+    if let Some(out) = &args.json {
+        let json = serde_json::to_vec_pretty(&report)?;
+        quench::util::write_atomic(out, &json)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn child_args(child: &str) -> Result<(usize, RuntimeKind)> {
+    let (i, rt) = child
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--child INDEX:RUNTIME"))?;
+    Ok((i.parse()?, rt.parse().map_err(|e: String| anyhow!(e))?))
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    let rts = runtimes(&args.runtime)?;
+    let opts = |runtime| BenchOptions {
+        runtime,
+        session: args.rt.session(),
+        warmup: args.warmup,
+        runs: args.runs,
+    };
+    let measure = |index: usize, runtime: RuntimeKind| -> Result<BenchResult> {
+        let (path, spec) = resolve_model(&args.models[index])?;
+        // Inputs are made from the first model's declared inputs, so every model runs the same data.
+        let (first, first_spec) = resolve_model(&args.models[0])?;
+        let first_model = Model::load(&first)?;
+        let spec = if first_spec.is_empty() {
+            spec
+        } else {
+            first_spec
+        };
+        let set = args.input.open(&first_model, spec)?;
+        drop(first_model);
+        let batches: Vec<Vec<Named>> = set.collect::<Result<_>>()?;
+        bench::bench(&path, &batches, &opts(runtime))
+            .with_context(|| format!("{} in {runtime}", path.display()))
+    };
+    if let Some(child) = &args.child {
+        let (i, rt) = child_args(child)?;
+        println!("{}", serde_json::to_string(&measure(i, rt)?)?);
+        return Ok(());
+    }
+    let mut results = Vec::new();
+    for rt in &rts {
+        for i in 0..args.models.len() {
+            let r = if args.in_process {
+                measure(i, *rt)?
+            } else {
+                run_child(i, *rt)?
+            };
+            results.push(r);
+        }
+    }
+    print!("{}", bench::render(&results));
+    if let Some(out) = &args.json {
+        quench::util::write_atomic(out, &serde_json::to_vec_pretty(&results)?)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Re-runs this very command line in a child process that measures one model in one runtime.
+fn run_child(index: usize, rt: RuntimeKind) -> Result<BenchResult> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let out = std::process::Command::new(exe)
+        .args(&args)
+        .arg("--child")
+        .arg(format!("{index}:{rt}"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start a benchmark process")?;
+    if !out.status.success() {
+        bail!("benchmark of model {index} in {rt} failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("benchmark process printed: {text}"))
+}

@@ -1,0 +1,788 @@
+//! Input sets: where the batches a model is run on come from.
+//!
+//! Every source yields batches of named tensors, lazily where it can (generated, tokenized and image
+//! batches are made one at a time), so the same loader serves `run`, `compare`, `bench` and calibration
+//! over large sets:
+//! - an `.npz` file, a folder of `.npy` files (one file per input, named after it), or a folder of `.npz`
+//!   files (one batch each);
+//! - ONNX `TensorProto` files in the onnx test-data layout (`test_data_set_*/input_*.pb`, or `.pb` files
+//!   directly in the folder), matched to inputs by their name or, when unnamed, by position;
+//! - random values generated from the model's declared inputs, with dims and valid ranges from the
+//!   options (integer inputs such as token ids need a range; bundled zoo models carry one);
+//! - lines of a text file through a HuggingFace `tokenizer.json`;
+//! - a folder of images, resized and normalised into NCHW (or NHWC) float tensors.
+//!
+//! With `batch_size`, arrays read from files are split along axis 0 into batches of that many rows.
+
+use std::collections::HashMap;
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::ReadNpyExt;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+use super::{Dim, InputInfo, Named, Tensor};
+use crate::onnx::dtype::{DataType, DataTypeExt};
+use crate::onnx::pb::TensorProto;
+use crate::zoo::InputSpec;
+
+/// Where batches come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A file or folder of arrays; the kind is found from what is there.
+    Path(PathBuf),
+    /// `count` batches of generated values.
+    Random { count: usize },
+    /// One input text per line, tokenized.
+    Text { file: PathBuf, tokenizer: PathBuf },
+}
+
+#[derive(Clone, Debug)]
+pub struct InputOptions {
+    /// Rows per batch: arrays from files are split along axis 0; generated, tokenized and image sets are
+    /// made in batches of this size. None keeps files as they are and makes batches of one.
+    pub batch_size: Option<usize>,
+    /// Values of symbolic dims (`--dim NAME=VALUE`).
+    pub dims: HashMap<String, usize>,
+    /// Inclusive value ranges of inputs (`--range INPUT=LO..HI`).
+    pub ranges: HashMap<String, (f64, f64)>,
+    /// Shapes and ranges known for the model (e.g. a zoo model's manifest entry).
+    pub spec: Vec<InputSpec>,
+    pub seed: u64,
+    /// Longest token sequence for text inputs.
+    pub max_tokens: usize,
+    pub image: ImageOptions,
+}
+
+impl Default for InputOptions {
+    fn default() -> Self {
+        InputOptions {
+            batch_size: None,
+            dims: HashMap::new(),
+            ranges: HashMap::new(),
+            spec: Vec::new(),
+            seed: 0,
+            max_tokens: 128,
+            image: ImageOptions::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    /// Height and width; taken from the model's input shape when fixed there.
+    pub size: Option<(usize, usize)>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Channel order BGR instead of RGB.
+    pub bgr: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        // ImageNet statistics, what most vision exports expect.
+        ImageOptions {
+            size: None,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            bgr: false,
+        }
+    }
+}
+
+/// A sequence of batches.
+pub struct InputSet {
+    pub description: String,
+    len: usize,
+    next: usize,
+    make: Box<dyn FnMut(usize) -> Result<Vec<Named>>>,
+}
+
+impl InputSet {
+    /// Number of batches.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Batch `i`, made again on each call (deterministic for every source).
+    pub fn batch(&mut self, i: usize) -> Result<Vec<Named>> {
+        if i >= self.len {
+            bail!("batch {i} out of range ({} batches)", self.len);
+        }
+        (self.make)(i)
+    }
+}
+
+impl Iterator for InputSet {
+    type Item = Result<Vec<Named>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.len {
+            return None;
+        }
+        self.next += 1;
+        Some((self.make)(self.next - 1))
+    }
+}
+
+/// Opens an input set for a model with the given inputs.
+pub fn open(source: &Source, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
+    match source {
+        Source::Random { count } => random_set(*count, inputs, opts),
+        Source::Text { file, tokenizer } => text_set(file, tokenizer, inputs, opts),
+        Source::Path(p) => path_set(p, inputs, opts),
+    }
+}
+
+fn fixed_set(description: String, batches: Vec<Vec<Named>>) -> InputSet {
+    InputSet {
+        description,
+        len: batches.len(),
+        next: 0,
+        make: Box::new(move |i| Ok(batches[i].clone())),
+    }
+}
+
+fn path_set(path: &Path, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read inputs {}", path.display()))?;
+    let shown = path.display().to_string();
+    if meta.is_file() {
+        let ext = extension(path);
+        let batch = match ext.as_str() {
+            "npz" => read_npz(path, inputs)?,
+            "npy" => {
+                let name = single_input(inputs, path)?;
+                vec![(name.clone(), read_npy_file(path, preferred(inputs, &name))?)]
+            }
+            "pb" => {
+                let t = read_pb(path)?;
+                let name = if t.0.is_empty() {
+                    single_input(inputs, path)?
+                } else {
+                    t.0
+                };
+                vec![(name, t.1)]
+            }
+            "txt" => bail!("{shown}: a text file needs --tokenizer tokenizer.json"),
+            _ => bail!("{shown}: unknown input file type (expected .npz, .npy, .pb, or a folder)"),
+        };
+        return split(fixed_set(shown, vec![batch]), opts);
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list {shown}"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    let sets: Vec<&PathBuf> = entries
+        .iter()
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("test_data_set"))
+        })
+        .collect();
+    if !sets.is_empty() {
+        let batches = sets
+            .iter()
+            .map(|d| read_pb_folder(d, inputs))
+            .collect::<Result<Vec<_>>>()?;
+        return split(fixed_set(shown, batches), opts);
+    }
+    let of = |e: &str| {
+        entries
+            .iter()
+            .filter(|p| extension(p) == e)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (npz, npy, pb) = (of("npz"), of("npy"), of("pb"));
+    let images: Vec<PathBuf> = entries
+        .iter()
+        .filter(|p| matches!(extension(p).as_str(), "png" | "jpg" | "jpeg"))
+        .cloned()
+        .collect();
+    if !npz.is_empty() {
+        let batches = npz
+            .iter()
+            .map(|p| read_npz(p, inputs))
+            .collect::<Result<Vec<_>>>()?;
+        split(fixed_set(shown, batches), opts)
+    } else if !npy.is_empty() {
+        let batch = npy
+            .iter()
+            .map(|p| {
+                let name = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let t = read_npy_file(p, preferred(inputs, &name))?;
+                Ok((name, t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        split(fixed_set(shown, vec![batch]), opts)
+    } else if !pb.is_empty() {
+        let batch = read_pb_folder(path, inputs)?;
+        split(fixed_set(shown, vec![batch]), opts)
+    } else if !images.is_empty() {
+        image_set(shown, images, inputs, opts)
+    } else {
+        bail!(
+            "{shown} holds no inputs (.npz, .npy, .pb, test_data_set_* folders or .png/.jpg images)"
+        )
+    }
+}
+
+fn extension(p: &Path) -> String {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn single_input(inputs: &[InputInfo], path: &Path) -> Result<String> {
+    match inputs {
+        [one] => Ok(one.name.clone()),
+        _ => bail!(
+            "{} holds one unnamed array but the model has {} inputs; use an .npz with one array per input",
+            path.display(),
+            inputs.len()
+        ),
+    }
+}
+
+fn preferred(inputs: &[InputInfo], name: &str) -> Option<DataType> {
+    inputs.iter().find(|i| i.name == name).and_then(|i| i.dtype)
+}
+
+/// Splits every batch along axis 0 when a batch size is set.
+fn split(set: InputSet, opts: &InputOptions) -> Result<InputSet> {
+    let Some(size) = opts.batch_size else {
+        return Ok(set);
+    };
+    let description = set.description.clone();
+    let mut out = Vec::new();
+    for batch in set {
+        let batch = batch?;
+        let rows = batch
+            .first()
+            .map(|(_, t)| t.shape().first().copied().unwrap_or(0))
+            .unwrap_or(0);
+        let mut pieces: Vec<Vec<Named>> = Vec::new();
+        for (name, t) in &batch {
+            if t.shape().first() != Some(&rows) {
+                bail!(
+                    "{description}: cannot split into batches of {size}: '{name}' has shape {:?} but '{}' has {rows} rows",
+                    t.shape(),
+                    batch[0].0
+                );
+            }
+            for (i, part) in t.split_rows(size)?.into_iter().enumerate() {
+                if pieces.len() <= i {
+                    pieces.push(Vec::new());
+                }
+                pieces[i].push((name.clone(), part));
+            }
+        }
+        out.extend(pieces);
+    }
+    Ok(fixed_set(description, out))
+}
+
+/// Decodes one `.npy` image of bytes, trying the model's type first, then every supported type.
+fn decode_npy(bytes: &[u8], want: Option<DataType>, what: &str) -> Result<Tensor> {
+    macro_rules! attempt {
+        ($t:ty) => {
+            ArrayD::<$t>::read_npy(Cursor::new(bytes)).map(Tensor::from)
+        };
+    }
+    let order = [
+        DataType::Float,
+        DataType::Double,
+        DataType::Int64,
+        DataType::Int32,
+        DataType::Int16,
+        DataType::Int8,
+        DataType::Uint64,
+        DataType::Uint32,
+        DataType::Uint16,
+        DataType::Uint8,
+        DataType::Bool,
+    ];
+    let mut first_err = None;
+    for dt in want.into_iter().chain(order) {
+        let r = match dt {
+            DataType::Float => attempt!(f32),
+            DataType::Double => attempt!(f64),
+            DataType::Int64 => attempt!(i64),
+            DataType::Int32 => attempt!(i32),
+            DataType::Int16 => attempt!(i16),
+            DataType::Int8 => attempt!(i8),
+            DataType::Uint64 => attempt!(u64),
+            DataType::Uint32 => attempt!(u32),
+            DataType::Uint16 => attempt!(u16),
+            DataType::Uint8 => attempt!(u8),
+            DataType::Bool => attempt!(bool),
+            _ => continue,
+        };
+        match r {
+            Ok(t) => return Ok(t),
+            Err(e) => {
+                if !matches!(e, ndarray_npy::ReadNpyError::WrongDescriptor(_)) {
+                    return Err(anyhow!("{what}: {e}"));
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(anyhow!(
+        "{what}: unsupported array type ({})",
+        first_err.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+fn read_npy_file(path: &Path, want: Option<DataType>) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    decode_npy(&bytes, want, &path.display().to_string())
+}
+
+fn read_npz(path: &Path, inputs: &[InputInfo]) -> Result<Vec<Named>> {
+    let shown = path.display().to_string();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| anyhow!("{shown} is not a readable .npz: {e}"))?;
+    let mut out = Vec::new();
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| anyhow!("{shown}: entry {i}: {e}"))?;
+        let name = entry
+            .name()
+            .strip_suffix(".npy")
+            .unwrap_or(entry.name())
+            .to_string();
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| anyhow!("{shown}: array '{name}': {e}"))?;
+        let t = decode_npy(
+            &bytes,
+            preferred(inputs, &name),
+            &format!("{shown}: array '{name}'"),
+        )?;
+        out.push((name, t));
+    }
+    if out.is_empty() {
+        bail!("{shown} holds no arrays");
+    }
+    Ok(out)
+}
+
+fn read_pb(path: &Path) -> Result<(String, Tensor)> {
+    use prost::Message;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let proto = TensorProto::decode(bytes.as_slice())
+        .map_err(|e| anyhow!("{} is not an ONNX TensorProto: {e}", path.display()))?;
+    let t = Tensor::from_proto(&proto).with_context(|| path.display().to_string())?;
+    Ok((proto.name.clone(), t))
+}
+
+/// The `input_*.pb` files of one folder, in the numeric order of their index.
+fn read_pb_folder(dir: &Path, inputs: &[InputInfo]) -> Result<Vec<Named>> {
+    let mut files: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|p| {
+            let stem = p.file_stem()?.to_str()?.to_string();
+            let idx = stem.strip_prefix("input_")?.parse().ok()?;
+            (extension(&p) == "pb").then_some((idx, p))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{} holds no input_*.pb files", dir.display());
+    }
+    files
+        .iter()
+        .map(|(idx, p)| {
+            let (name, t) = read_pb(p)?;
+            let name = if name.is_empty() {
+                inputs.get(*idx).map(|i| i.name.clone()).ok_or_else(|| {
+                    anyhow!(
+                        "{} is input {idx} but the model has {} inputs",
+                        p.display(),
+                        inputs.len()
+                    )
+                })?
+            } else {
+                name
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// The shape to generate for an input: the spec's dims, else the model's with symbols from options.
+fn generated_shape(
+    info: &InputInfo,
+    spec: Option<&InputSpec>,
+    opts: &InputOptions,
+) -> Result<Vec<usize>> {
+    if let Some(s) = spec {
+        return Ok(s.dims.iter().map(|&d| d as usize).collect());
+    }
+    let dims = info.dims.as_ref().ok_or_else(|| {
+        anyhow!(
+            "input '{}' declares no shape: random inputs need one",
+            info.name
+        )
+    })?;
+    dims.iter()
+        .enumerate()
+        .map(|(axis, d)| match d {
+            Dim::Fixed(v) if *v >= 0 => Ok(*v as usize),
+            Dim::Symbol(s) => opts.dims.get(s).copied().ok_or_else(|| {
+                anyhow!(
+                    "input '{}' has symbolic dim '{s}' at axis {axis}: pass --dim {s}=N",
+                    info.name
+                )
+            }),
+            _ => bail!(
+                "input '{}' has an unknown dim at axis {axis}: it cannot be generated",
+                info.name
+            ),
+        })
+        .collect()
+}
+
+fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
+    struct Plan {
+        name: String,
+        dtype: DataType,
+        shape: Vec<usize>,
+        range: (f64, f64),
+        values: Option<Vec<f64>>,
+    }
+    let mut plans = Vec::new();
+    for info in inputs {
+        let spec = opts.spec.iter().find(|s| s.name == info.name);
+        let dtype = info
+            .dtype
+            .ok_or_else(|| anyhow!("input '{}' declares no element type", info.name))?;
+        let mut shape = generated_shape(info, spec, opts)?;
+        if let (Some(b), Some(first)) = (opts.batch_size, shape.first_mut())
+            && matches!(
+                info.dims.as_ref().and_then(|d| d.first()),
+                Some(Dim::Symbol(_)) | Some(Dim::Unknown)
+            )
+        {
+            *first = b;
+        }
+        let range = match (opts.ranges.get(&info.name), spec.and_then(|s| s.range)) {
+            (Some(r), _) => *r,
+            (None, Some([lo, hi])) => (lo, hi),
+            (None, None) if dtype.is_float() => (-1.0, 1.0),
+            (None, None) if dtype == DataType::Bool => (0.0, 1.0),
+            (None, None) if spec.is_some_and(|s| s.values.is_some()) => (f64::MIN, f64::MAX),
+            (None, None) => bail!(
+                "integer input '{}' needs a valid range: pass --range {}=LO..HI",
+                info.name,
+                info.name
+            ),
+        };
+        if range.0 > range.1 {
+            bail!(
+                "range of input '{}' is empty: {}..{}",
+                info.name,
+                range.0,
+                range.1
+            );
+        }
+        let values = if opts.ranges.contains_key(&info.name) {
+            None
+        } else {
+            spec.and_then(|s| s.values.clone())
+        };
+        plans.push(Plan {
+            name: info.name.clone(),
+            dtype,
+            shape,
+            range,
+            values,
+        });
+    }
+    let seed = opts.seed;
+    let description = format!("{count} random batches (seed {seed})");
+    Ok(InputSet {
+        description,
+        len: count,
+        next: 0,
+        make: Box::new(move |i| {
+            // One generator per batch, so batch i is the same however the set is walked.
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(i as u64),
+            );
+            plans
+                .iter()
+                .map(|p| {
+                    Ok((
+                        p.name.clone(),
+                        generate(&mut rng, p.dtype, &p.shape, p.range, p.values.as_deref())?,
+                    ))
+                })
+                .collect()
+        }),
+    })
+}
+
+fn generate(
+    rng: &mut ChaCha8Rng,
+    dtype: DataType,
+    shape: &[usize],
+    range: (f64, f64),
+    values: Option<&[f64]>,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let (lo, hi) = range;
+    let draw = |rng: &mut ChaCha8Rng| -> f64 {
+        if let Some(v) = values.filter(|v| !v.is_empty()) {
+            return v[(rng.next_u64() % v.len() as u64) as usize];
+        }
+        if dtype.is_float() {
+            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            lo + u * (hi - lo)
+        } else {
+            let (l, h) = (lo.ceil() as i64, hi.floor() as i64);
+            let span = (h - l + 1).max(1) as u64;
+            (l + (rng.next_u64() % span) as i64) as f64
+        }
+    };
+    let vals: Vec<f64> = (0..n).map(|_| draw(rng)).collect();
+    let s = IxDyn(shape);
+    macro_rules! mk {
+        ($t:ty, $v:ident) => {
+            Tensor::$v(ArrayD::from_shape_vec(
+                s,
+                vals.iter().map(|&x| x as $t).collect(),
+            )?)
+        };
+    }
+    Ok(match dtype {
+        DataType::Float => mk!(f32, F32),
+        DataType::Double => mk!(f64, F64),
+        DataType::Float16 => Tensor::F16(ArrayD::from_shape_vec(
+            s,
+            vals.iter().map(|&x| half::f16::from_f64(x)).collect(),
+        )?),
+        DataType::Int64 => mk!(i64, I64),
+        DataType::Int32 => mk!(i32, I32),
+        DataType::Int16 => mk!(i16, I16),
+        DataType::Int8 => mk!(i8, I8),
+        DataType::Uint64 => mk!(u64, U64),
+        DataType::Uint32 => mk!(u32, U32),
+        DataType::Uint16 => mk!(u16, U16),
+        DataType::Uint8 => mk!(u8, U8),
+        DataType::Bool => Tensor::Bool(ArrayD::from_shape_vec(
+            s,
+            vals.iter().map(|&x| x >= 0.5).collect(),
+        )?),
+        other => bail!("cannot generate inputs of type {}", other.name()),
+    })
+}
+
+/// Which tokenizer output feeds an input, judged by the usual names.
+fn token_role(name: &str) -> Option<&'static str> {
+    let n = name.to_ascii_lowercase();
+    if n.contains("mask") {
+        Some("attention_mask")
+    } else if n.contains("type") || n.contains("segment") {
+        Some("token_type_ids")
+    } else if n.contains("ids") || n.contains("input") || n.contains("token") {
+        Some("input_ids")
+    } else {
+        None
+    }
+}
+
+fn text_set(
+    file: &Path,
+    tokenizer: &Path,
+    inputs: &[InputInfo],
+    opts: &InputOptions,
+) -> Result<InputSet> {
+    use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+    let mut tok = Tokenizer::from_file(tokenizer)
+        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tokenizer.display()))?;
+    tok.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::BatchLongest,
+        ..Default::default()
+    }));
+    tok.with_truncation(Some(TruncationParams {
+        max_length: opts.max_tokens,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow!("tokenizer {}: {e}", tokenizer.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if lines.is_empty() {
+        bail!("{} holds no text lines", file.display());
+    }
+    let roles: Vec<(String, &'static str, DataType)> = inputs
+        .iter()
+        .map(|i| {
+            let role = token_role(&i.name).ok_or_else(|| {
+                anyhow!("input '{}' is not one a tokenizer feeds (input_ids, attention_mask, token_type_ids)", i.name)
+            })?;
+            let dtype = i.dtype.unwrap_or(DataType::Int64);
+            if !matches!(dtype, DataType::Int64 | DataType::Int32) {
+                bail!("input '{}' is {} but token inputs must be int64 or int32", i.name, dtype.name());
+            }
+            Ok((i.name.clone(), role, dtype))
+        })
+        .collect::<Result<_>>()?;
+    let size = opts.batch_size.unwrap_or(1).max(1);
+    let chunks: Vec<Vec<String>> = lines.chunks(size).map(|c| c.to_vec()).collect();
+    Ok(InputSet {
+        description: format!("{} ({} lines, tokenized)", file.display(), lines.len()),
+        len: chunks.len(),
+        next: 0,
+        make: Box::new(move |i| {
+            let enc = tok
+                .encode_batch(chunks[i].clone(), true)
+                .map_err(|e| anyhow!("tokenizing batch {i}: {e}"))?;
+            let rows = enc.len();
+            let cols = enc.first().map(|e| e.len()).unwrap_or(0);
+            roles
+                .iter()
+                .map(|(name, role, dtype)| {
+                    let vals: Vec<i64> = enc
+                        .iter()
+                        .flat_map(|e| match *role {
+                            "attention_mask" => e
+                                .get_attention_mask()
+                                .iter()
+                                .map(|&v| v as i64)
+                                .collect::<Vec<_>>(),
+                            "token_type_ids" => {
+                                e.get_type_ids().iter().map(|&v| v as i64).collect()
+                            }
+                            _ => e.get_ids().iter().map(|&v| v as i64).collect(),
+                        })
+                        .collect();
+                    let a = ArrayD::from_shape_vec(IxDyn(&[rows, cols]), vals)?;
+                    let t = if *dtype == DataType::Int32 {
+                        Tensor::I32(a.mapv(|v| v as i32))
+                    } else {
+                        Tensor::I64(a)
+                    };
+                    Ok((name.clone(), t))
+                })
+                .collect()
+        }),
+    })
+}
+
+fn image_set(
+    shown: String,
+    files: Vec<PathBuf>,
+    inputs: &[InputInfo],
+    opts: &InputOptions,
+) -> Result<InputSet> {
+    let [info] = inputs else {
+        bail!(
+            "{shown}: a folder of images feeds models with one input, this one has {}",
+            inputs.len()
+        );
+    };
+    let dims = info.dims.clone().unwrap_or_default();
+    if dims.len() != 4 {
+        bail!(
+            "{shown}: images feed a rank-4 input, '{}' is {}",
+            info.name,
+            info.describe()
+        );
+    }
+    let nhwc = matches!(dims[3], Dim::Fixed(3)) && !matches!(dims[1], Dim::Fixed(3));
+    let fixed = |d: &Dim| {
+        if let Dim::Fixed(v) = d {
+            Some(*v as usize)
+        } else {
+            None
+        }
+    };
+    let (h, w) = if nhwc {
+        (fixed(&dims[1]), fixed(&dims[2]))
+    } else {
+        (fixed(&dims[2]), fixed(&dims[3]))
+    };
+    let (h, w) = match (opts.image.size, h, w) {
+        (Some(s), _, _) => s,
+        (None, Some(h), Some(w)) => (h, w),
+        _ => bail!(
+            "{shown}: input '{}' has no fixed height and width: pass --image-size HxW",
+            info.name
+        ),
+    };
+    if info.dtype.is_some_and(|d| d != DataType::Float) {
+        bail!(
+            "{shown}: images make float32 tensors but '{}' is {}",
+            info.name,
+            info.describe()
+        );
+    }
+    let name = info.name.clone();
+    let size = opts.batch_size.unwrap_or(1).max(1);
+    let chunks: Vec<Vec<PathBuf>> = files.chunks(size).map(|c| c.to_vec()).collect();
+    let img = opts.image.clone();
+    Ok(InputSet {
+        description: format!("{shown} ({} images, {h}x{w})", files.len()),
+        len: chunks.len(),
+        next: 0,
+        make: Box::new(move |i| {
+            let files = &chunks[i];
+            let n = files.len();
+            let shape = if nhwc { [n, h, w, 3] } else { [n, 3, h, w] };
+            let mut a = ArrayD::<f32>::zeros(IxDyn(&shape));
+            for (b, f) in files.iter().enumerate() {
+                let im = image::open(f)
+                    .map_err(|e| anyhow!("cannot read image {}: {e}", f.display()))?
+                    .to_rgb8();
+                let im = image::imageops::resize(
+                    &im,
+                    w as u32,
+                    h as u32,
+                    image::imageops::FilterType::Triangle,
+                );
+                for (x, y, p) in im.enumerate_pixels() {
+                    for c in 0..3 {
+                        let src = if img.bgr { 2 - c } else { c };
+                        let v = (p.0[src] as f32 / 255.0 - img.mean[c]) / img.std[c];
+                        let idx = if nhwc {
+                            [b, y as usize, x as usize, c]
+                        } else {
+                            [b, c, y as usize, x as usize]
+                        };
+                        a[IxDyn(&idx)] = v;
+                    }
+                }
+            }
+            Ok(vec![(name.clone(), Tensor::F32(a))])
+        }),
+    })
+}

@@ -1,0 +1,340 @@
+//! Execution: run a model in tract (pure Rust, always compiled in) or onnxruntime (loaded at run time),
+//! behind one [`Session`] trait, on batches of named [`Tensor`]s from an [`inputs`] source.
+//!
+//! A model reaches a runtime as ONNX bytes encoded from the IR, so what runs is exactly what quench would
+//! write. Before a batch is run it is checked against the model's declared inputs ([`InputInfo`]), so a
+//! wrong name, type, rank or dimension is reported by quench in the user's terms rather than by a runtime.
+
+pub mod inputs;
+#[cfg(feature = "onnxruntime")]
+pub mod ort;
+pub mod tensor;
+pub mod tract;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use anyhow::{Result, bail};
+use prost::Message;
+use serde::Serialize;
+
+use crate::ir::Model;
+use crate::onnx::dtype::{DataType, DataTypeExt};
+use crate::onnx::pb::{ModelProto, ValueInfoProto, tensor_shape_proto, type_proto};
+
+pub use tensor::{Named, Tensor};
+
+/// Which runtime executes a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Tract,
+    Ort,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Tract => "tract",
+            RuntimeKind::Ort => "ort",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tract" => Ok(RuntimeKind::Tract),
+            "ort" | "onnxruntime" => Ok(RuntimeKind::Ort),
+            other => Err(format!("unknown runtime '{other}' (expected tract or ort)")),
+        }
+    }
+}
+
+/// How onnxruntime may change numerics. quench measures retention under the ONNX semantics of the graph
+/// by default; `Fast` measures what the runtime does with its own default session options instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Numerics {
+    #[default]
+    Exact,
+    Fast,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Threads for one inference (intra-op); 0 lets the runtime decide.
+    pub threads: usize,
+    pub numerics: Numerics,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            threads: 1,
+            numerics: Numerics::Exact,
+        }
+    }
+}
+
+/// A model prepared for one runtime.
+pub trait Session {
+    fn runtime(&self) -> RuntimeKind;
+    /// Output names in the order of the model's graph outputs.
+    fn output_names(&self) -> &[String];
+    /// Runs one batch. Inputs are matched by name; the caller has checked them with [`check_batch`].
+    fn run(&mut self, inputs: &[Named]) -> Result<Vec<Named>>;
+    /// The settings that can change numerics or speed, as the runtime was configured (for reports).
+    fn settings(&self) -> Vec<(String, String)>;
+}
+
+/// One dimension of a declared input shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Symbol(String),
+    Unknown,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(v) => write!(f, "{v}"),
+            Dim::Symbol(s) => f.write_str(s),
+            Dim::Unknown => f.write_str("?"),
+        }
+    }
+}
+
+/// A model input that must be fed at run time (graph inputs backed by an initializer are not).
+#[derive(Clone, Debug, Serialize)]
+pub struct InputInfo {
+    pub name: String,
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: Option<DataType>,
+    /// None when the model declares no shape.
+    pub dims: Option<Vec<Dim>>,
+}
+
+fn ser_dtype<S: serde::Serializer>(
+    d: &Option<DataType>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&d.name().to_ascii_lowercase()),
+        None => s.serialize_none(),
+    }
+}
+
+impl InputInfo {
+    fn from_value_info(info: &ValueInfoProto) -> InputInfo {
+        let mut out = InputInfo {
+            name: info.name.clone(),
+            dtype: None,
+            dims: None,
+        };
+        if let Some(type_proto::Value::TensorType(t)) =
+            info.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            out.dtype = DataType::try_from(t.elem_type)
+                .ok()
+                .filter(|d| *d != DataType::Undefined);
+            out.dims = t.shape.as_ref().map(|s| {
+                s.dim
+                    .iter()
+                    .map(|d| match &d.value {
+                        Some(tensor_shape_proto::dimension::Value::DimValue(v)) if *v >= 0 => {
+                            Dim::Fixed(*v)
+                        }
+                        Some(tensor_shape_proto::dimension::Value::DimParam(p))
+                            if !p.is_empty() && p != "?" =>
+                        {
+                            Dim::Symbol(p.clone())
+                        }
+                        _ => Dim::Unknown,
+                    })
+                    .collect()
+            });
+        }
+        out
+    }
+
+    pub fn describe(&self) -> String {
+        let dtype = self
+            .dtype
+            .map(|d| d.name().to_ascii_lowercase())
+            .unwrap_or_else(|| "?".into());
+        match &self.dims {
+            Some(d) => {
+                let dims: Vec<String> = d.iter().map(|d| d.to_string()).collect();
+                format!("{}: {dtype}[{}]", self.name, dims.join(", "))
+            }
+            None => format!("{}: {dtype}[..]", self.name),
+        }
+    }
+}
+
+/// A model ready to be handed to a runtime: its ONNX bytes and what it declares.
+#[derive(Clone)]
+pub struct Prepared {
+    pub label: String,
+    pub bytes: std::sync::Arc<Vec<u8>>,
+    pub inputs: Vec<InputInfo>,
+    pub outputs: Vec<String>,
+}
+
+impl Prepared {
+    pub fn from_model(model: &Model, label: &str) -> Prepared {
+        Prepared::from_proto(model.to_proto(), label)
+    }
+
+    pub fn from_proto(proto: ModelProto, label: &str) -> Prepared {
+        let graph = proto.graph.as_ref();
+        let initializers: std::collections::HashSet<&str> = graph
+            .map(|g| g.initializer.iter().map(|t| t.name.as_str()).collect())
+            .unwrap_or_default();
+        let inputs = graph
+            .map(|g| {
+                g.input
+                    .iter()
+                    .filter(|i| !initializers.contains(i.name.as_str()))
+                    .map(InputInfo::from_value_info)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let outputs = graph
+            .map(|g| g.output.iter().map(|o| o.name.clone()).collect())
+            .unwrap_or_default();
+        Prepared {
+            label: label.to_string(),
+            bytes: std::sync::Arc::new(proto.encode_to_vec()),
+            inputs,
+            outputs,
+        }
+    }
+}
+
+/// Opens a session of the given runtime.
+pub fn open(
+    model: &Prepared,
+    runtime: RuntimeKind,
+    opts: &SessionOptions,
+) -> Result<Box<dyn Session>> {
+    match runtime {
+        RuntimeKind::Tract => Ok(Box::new(tract::TractSession::new(model, opts)?)),
+        #[cfg(feature = "onnxruntime")]
+        RuntimeKind::Ort => Ok(Box::new(ort::OrtSession::new(model, opts)?)),
+        #[cfg(not(feature = "onnxruntime"))]
+        RuntimeKind::Ort => {
+            bail!("this build of quench has no onnxruntime support (feature `onnxruntime`)")
+        }
+    }
+}
+
+/// What checking a batch found that is worth reporting but not an error.
+#[derive(Debug, Default, Clone)]
+pub struct BatchNotes {
+    /// Inputs holding NaN or infinite values, with how many.
+    pub non_finite: Vec<(String, usize)>,
+}
+
+/// Checks a batch against the model's declared inputs: every input present and no other, element type,
+/// rank, fixed dims, and one value per symbolic dim across all inputs.
+pub fn check_batch(inputs: &[InputInfo], batch: &[Named]) -> Result<BatchNotes> {
+    let expected: Vec<String> = inputs.iter().map(|i| i.describe()).collect();
+    for (name, _) in batch {
+        if !inputs.iter().any(|i| &i.name == name) {
+            bail!(
+                "input '{name}' is not an input of the model (it takes {})",
+                expected.join("; ")
+            );
+        }
+    }
+    let mut symbols: HashMap<&str, (usize, &str)> = HashMap::new();
+    let mut notes = BatchNotes::default();
+    for info in inputs {
+        let Some((_, t)) = batch.iter().find(|(n, _)| n == &info.name) else {
+            bail!(
+                "input '{}' is missing (the model takes {})",
+                info.name,
+                expected.join("; ")
+            );
+        };
+        if let Some(dt) = info.dtype
+            && dt != t.data_type()
+        {
+            bail!(
+                "input '{}' is {} but the model declares {}",
+                info.name,
+                t.dtype_name(),
+                dt.name().to_ascii_lowercase()
+            );
+        }
+        if let Some(dims) = &info.dims {
+            if dims.len() != t.shape().len() {
+                bail!(
+                    "input '{}' has rank {} (shape {:?}) but the model declares rank {} ({})",
+                    info.name,
+                    t.shape().len(),
+                    t.shape(),
+                    dims.len(),
+                    info.describe()
+                );
+            }
+            for (axis, (d, &actual)) in dims.iter().zip(t.shape()).enumerate() {
+                match d {
+                    Dim::Fixed(v) if *v != actual as i64 => bail!(
+                        "input '{}' has {actual} at axis {axis} but the model fixes it to {v} ({})",
+                        info.name,
+                        info.describe()
+                    ),
+                    Dim::Symbol(s) => {
+                        if let Some((prev, who)) = symbols.get(s.as_str())
+                            && *prev != actual
+                        {
+                            bail!(
+                                "dim '{s}' is {prev} in input '{who}' but {actual} in input '{}'",
+                                info.name
+                            );
+                        }
+                        symbols.insert(s, (actual, &info.name));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let bad = t.non_finite();
+        if bad > 0 {
+            notes.non_finite.push((info.name.clone(), bad));
+        }
+    }
+    Ok(notes)
+}
+
+/// Builds a copy of the model whose graph outputs also expose the given intermediate values (already
+/// existing outputs are kept first, in order). Runtimes then return them, so per-layer statistics can
+/// be taken without any runtime-specific hook.
+pub fn expose_values(model: &Model, names: &[String], label: &str) -> Prepared {
+    let mut proto = model.to_proto();
+    if let Some(g) = proto.graph.as_mut() {
+        let have: std::collections::HashSet<String> =
+            g.output.iter().map(|o| o.name.clone()).collect();
+        for n in names {
+            if !have.contains(n) {
+                g.output.push(ValueInfoProto {
+                    name: n.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    Prepared::from_proto(proto, label)
+}

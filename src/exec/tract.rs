@@ -1,0 +1,226 @@
+//! tract, the embedded runtime: pure Rust, always compiled in.
+//!
+//! tract optimises a model for concrete input shapes, so a session keeps the parsed (inference) model
+//! and builds one optimised plan per distinct set of input shapes it is fed, fixing every symbolic dim
+//! from the actual data. `value_info` is ignored at parse time: tract would take its shapes as facts,
+//! and a symbolic `batch` there cannot unify with a concrete input.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, TDim, TValue, TVec,
+    Tensor as TTensor, TypedRunnableModel,
+};
+use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+
+use super::{Named, Prepared, RuntimeKind, Session, SessionOptions, Tensor};
+
+/// How many shape-specialised plans a session keeps.
+const PLAN_CACHE: usize = 4;
+
+pub struct TractSession {
+    label: String,
+    model: InferenceModel,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
+    plans: Vec<(Vec<Vec<usize>>, Arc<TypedRunnableModel>)>,
+    threads: usize,
+    executor: Option<Executor>,
+}
+
+fn onnx() -> tract_onnx::Onnx {
+    tract_onnx::onnx().with_ignore_value_info(true)
+}
+
+impl TractSession {
+    pub fn new(model: &Prepared, opts: &SessionOptions) -> Result<TractSession> {
+        let parsed = onnx()
+            .model_for_read(&mut model.bytes.as_slice())
+            .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
+        let input_names = model
+            .inputs
+            .iter()
+            .map(|i| i.name.clone())
+            .collect::<Vec<_>>();
+        let tract_inputs = parsed.input_outlets()?.len();
+        if tract_inputs != input_names.len() {
+            bail!(
+                "tract sees {tract_inputs} inputs in {} but the graph declares {}",
+                model.label,
+                input_names.len()
+            );
+        }
+        let executor = match opts.threads {
+            1 => None,
+            0 => Some(Executor::multithread(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+            )),
+            n => Some(Executor::multithread(n)),
+        };
+        Ok(TractSession {
+            label: model.label.clone(),
+            model: parsed,
+            input_names,
+            output_names: model.outputs.clone(),
+            plans: Vec::new(),
+            threads: opts.threads,
+            executor,
+        })
+    }
+
+    /// The plan for these input shapes: parsed model + concrete input facts, optimised.
+    fn plan(&mut self, inputs: &[&Tensor]) -> Result<Arc<TypedRunnableModel>> {
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        if let Some(pos) = self.plans.iter().position(|(s, _)| *s == shapes) {
+            return Ok(self.plans[pos].1.clone());
+        }
+        let mut model = self.model.clone();
+        for (i, t) in inputs.iter().enumerate() {
+            let fact = InferenceFact::dt_shape(datum_type(t), t.shape());
+            model.set_input_fact(i, fact)?;
+        }
+        let typed = model.into_optimized().map_err(|e| {
+            anyhow!(
+                "tract cannot optimise {} for input shapes {shapes:?}: {e:#}",
+                self.label
+            )
+        })?;
+        let options = RunOptions {
+            executor: self.executor.clone(),
+            ..Default::default()
+        };
+        let plan = typed
+            .into_runnable_with_options(&options)
+            .map_err(|e| anyhow!("tract cannot plan {}: {e:#}", self.label))?;
+        if self.plans.len() == PLAN_CACHE {
+            self.plans.remove(0);
+        }
+        self.plans.push((shapes, plan.clone()));
+        Ok(plan)
+    }
+}
+
+impl Session for TractSession {
+    fn runtime(&self) -> RuntimeKind {
+        RuntimeKind::Tract
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    fn run(&mut self, batch: &[Named]) -> Result<Vec<Named>> {
+        let ordered: Vec<&Tensor> = self
+            .input_names
+            .iter()
+            .map(|n| {
+                batch
+                    .iter()
+                    .find(|(m, _)| m == n)
+                    .map(|(_, t)| t)
+                    .with_context(|| format!("input '{n}' is missing"))
+            })
+            .collect::<Result<_>>()?;
+        let plan = self.plan(&ordered)?;
+        let values: TVec<TValue> = ordered.iter().map(|t| to_tract(t).into()).collect();
+        let outputs = plan
+            .run(values)
+            .map_err(|e| anyhow!("tract failed to run {}: {e:#}", self.label))?;
+        if outputs.len() != self.output_names.len() {
+            bail!(
+                "tract returned {} outputs for {} declared",
+                outputs.len(),
+                self.output_names.len()
+            );
+        }
+        self.output_names
+            .iter()
+            .zip(outputs)
+            .map(|(name, v)| {
+                Ok((
+                    name.clone(),
+                    from_tract(&v).with_context(|| format!("output '{name}'"))?,
+                ))
+            })
+            .collect()
+    }
+
+    fn settings(&self) -> Vec<(String, String)> {
+        vec![
+            ("runtime".into(), format!("tract-onnx {}", TRACT_VERSION)),
+            ("threads".into(), self.threads.to_string()),
+            (
+                "optimisation".into(),
+                "into_optimized, value_info ignored".into(),
+            ),
+        ]
+    }
+}
+
+/// The tract version quench is built against (pinned in Cargo.toml).
+pub const TRACT_VERSION: &str = "0.23.9";
+
+fn datum_type(t: &Tensor) -> DatumType {
+    match t {
+        Tensor::F32(_) => DatumType::F32,
+        Tensor::F64(_) => DatumType::F64,
+        Tensor::F16(_) => DatumType::F16,
+        Tensor::I64(_) => DatumType::I64,
+        Tensor::I32(_) => DatumType::I32,
+        Tensor::I16(_) => DatumType::I16,
+        Tensor::I8(_) => DatumType::I8,
+        Tensor::U64(_) => DatumType::U64,
+        Tensor::U32(_) => DatumType::U32,
+        Tensor::U16(_) => DatumType::U16,
+        Tensor::U8(_) => DatumType::U8,
+        Tensor::Bool(_) => DatumType::Bool,
+    }
+}
+
+fn to_tract(t: &Tensor) -> TTensor {
+    crate::exec::tensor::each_tensor!(t, a => TTensor::from(a.clone()))
+}
+
+fn from_tract(t: &TTensor) -> Result<Tensor> {
+    macro_rules! arr {
+        ($ty:ty) => {
+            t.to_plain_array_view::<$ty>()
+                .map_err(|e| anyhow!("{e:#}"))?
+                .to_owned()
+                .into()
+        };
+    }
+    Ok(match t.datum_type() {
+        DatumType::F32 => arr!(f32),
+        DatumType::F64 => arr!(f64),
+        DatumType::F16 => arr!(half::f16),
+        DatumType::I64 => arr!(i64),
+        DatumType::I32 => arr!(i32),
+        DatumType::I16 => arr!(i16),
+        DatumType::I8 => arr!(i8),
+        DatumType::U64 => arr!(u64),
+        DatumType::U32 => arr!(u32),
+        DatumType::U16 => arr!(u16),
+        DatumType::U8 => arr!(u8),
+        DatumType::Bool => arr!(bool),
+        // Shape values computed symbolically; concrete once the plan has fixed every input dim.
+        DatumType::TDim => {
+            let v = t
+                .to_plain_array_view::<TDim>()
+                .map_err(|e| anyhow!("{e:#}"))?;
+            let mut out = Vec::with_capacity(v.len());
+            for d in v.iter() {
+                out.push(
+                    d.to_i64()
+                        .map_err(|_| anyhow!("tract left the dim '{d}' symbolic"))?,
+                );
+            }
+            ndarray::ArrayD::from_shape_vec(v.raw_dim(), out)?.into()
+        }
+        other => bail!("tract produced a tensor of type {other:?}, which quench cannot read"),
+    })
+}
