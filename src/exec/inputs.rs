@@ -432,35 +432,48 @@ fn read_pb_folder(dir: &Path, inputs: &[InputInfo]) -> Result<Vec<Named>> {
         .collect()
 }
 
-/// The shape to generate for an input: the spec's dims, else the model's with symbols from options.
+/// The shape to generate for an input: the model's fixed dims; symbolic dims from `--dim`, else from the
+/// spec (a zoo model's manifest); a model that declares no shape takes the spec's whole.
 fn generated_shape(
     info: &InputInfo,
     spec: Option<&InputSpec>,
     opts: &InputOptions,
 ) -> Result<Vec<usize>> {
-    if let Some(s) = spec {
-        return Ok(s.dims.iter().map(|&d| d as usize).collect());
-    }
-    let dims = info.dims.as_ref().ok_or_else(|| {
-        anyhow!(
-            "input '{}' declares no shape: random inputs need one",
-            info.name
-        )
-    })?;
+    let from_spec = |axis: usize| -> Option<usize> {
+        spec.filter(|s| info.dims.as_ref().is_some_and(|d| d.len() == s.dims.len()))
+            .and_then(|s| s.dims.get(axis))
+            .map(|&d| d as usize)
+    };
+    let Some(dims) = info.dims.as_ref() else {
+        return match spec {
+            Some(s) => Ok(s.dims.iter().map(|&d| d as usize).collect()),
+            None => bail!(
+                "input '{}' declares no shape: random inputs need one",
+                info.name
+            ),
+        };
+    };
     dims.iter()
         .enumerate()
         .map(|(axis, d)| match d {
-            Dim::Fixed(v) if *v >= 0 => Ok(*v as usize),
-            Dim::Symbol(s) => opts.dims.get(s).copied().ok_or_else(|| {
+            Dim::Fixed(v) => Ok(*v as usize),
+            Dim::Symbol(s) => opts
+                .dims
+                .get(s)
+                .copied()
+                .or_else(|| from_spec(axis))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "input '{}' has symbolic dim '{s}' at axis {axis}: pass --dim {s}=N",
+                        info.name
+                    )
+                }),
+            Dim::Unknown => from_spec(axis).ok_or_else(|| {
                 anyhow!(
-                    "input '{}' has symbolic dim '{s}' at axis {axis}: pass --dim {s}=N",
+                    "input '{}' has an unnamed dim at axis {axis}: it cannot be generated",
                     info.name
                 )
             }),
-            _ => bail!(
-                "input '{}' has an unknown dim at axis {axis}: it cannot be generated",
-                info.name
-            ),
         })
         .collect()
 }

@@ -120,6 +120,8 @@ fn environment() -> Result<&'static (ort::environment::Environment, PathBuf)> {
             .with_telemetry(false)
             .build()
             .map_err(|e| format!("cannot start onnxruntime from {}: {e}", path.display()))?;
+        // quench reports ORT's errors itself, with context; ORT's own log would repeat them.
+        env.set_log_level(ort::logging::LogLevel::Fatal);
         Ok((env, path))
     });
     env.as_ref().map_err(|e| anyhow!("{e}"))

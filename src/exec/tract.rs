@@ -127,9 +127,23 @@ impl Session for TractSession {
             .collect::<Result<_>>()?;
         let plan = self.plan(&ordered)?;
         let values: TVec<TValue> = ordered.iter().map(|t| to_tract(t).into()).collect();
-        let outputs = plan
-            .run(values)
-            .map_err(|e| anyhow!("tract failed to run {}: {e:#}", self.label))?;
+        // Some tract kernels index without checking (e.g. Gather with an out-of-range id): a panic there
+        // is the input's fault and becomes an error, not an abort.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(values)));
+        let outputs = match run {
+            Ok(r) => r.map_err(|e| anyhow!("tract failed to run {}: {e:#}", self.label))?,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                bail!(
+                    "tract failed to run {} (an input value out of the model's range?): {msg}",
+                    self.label
+                )
+            }
+        };
         if outputs.len() != self.output_names.len() {
             bail!(
                 "tract returned {} outputs for {} declared",

@@ -146,3 +146,16 @@ pub fn model_of(graph: GraphProto) -> ModelProto {
         ..Default::default()
     }
 }
+
+/// Whether onnxruntime's shared library can be loaded (a failure under CI when it cannot).
+pub fn ort_ready() -> bool {
+    match quench::exec::ort::library_path() {
+        Ok(_) => true,
+        Err(e) => missing::<()>(&format!("onnxruntime ({e})")).is_some(),
+    }
+}
+
+/// The zoo's input spec of a model.
+pub fn zoo_spec(name: &str) -> Vec<quench::zoo::InputSpec> {
+    zoo().model(name).expect("zoo model").inputs.clone()
+}
