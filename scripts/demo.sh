@@ -30,3 +30,13 @@ same = all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
            for a, b in zip(original.graph.initializer, external.graph.initializer))
 print("external-data copy: same graph:", original.graph.node == external.graph.node, "/ same weights:", same)
 PY
+echo
+echo "== quench run rxnmap in tract and onnxruntime (2 batches of valid random inputs from the zoo's spec)"
+$quench run zoo:rxnmap --random 2 --runtime tract -o out/rxnmap.tract.npz
+$quench run zoo:rxnmap --random 2 --runtime ort -o out/rxnmap.ort.npz
+echo
+echo "== quench compare rxnmap with its external-data copy, in both runtimes, layer by layer"
+$quench compare zoo:rxnmap out/rxnmap-external.onnx --random 2 --runtime both --top 5 --json out/compare.json
+echo
+echo "== quench bench rxnmap, tract vs onnxruntime (fp32, 1 thread, each in a fresh process)"
+$quench bench zoo:rxnmap --random 2 --runs 5 --runtime both

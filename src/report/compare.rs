@@ -207,7 +207,9 @@ pub fn compare(
         .cloned()
         .collect();
 
-    let mut sessions: Vec<(RuntimeKind, Box<dyn Session>, Box<dyn Session>)> = Vec::new();
+    // Per runtime: (runtime, reference session, candidate session).
+    type Pair = (RuntimeKind, Box<dyn Session>, Box<dyn Session>);
+    let mut sessions: Vec<Pair> = Vec::new();
     for &rt in &opts.runtimes {
         let r = exec::open(&ref_prep, rt, &opts.session)?;
         let c = exec::open(&cand_prep, rt, &opts.session)?;
