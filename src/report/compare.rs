@@ -222,40 +222,21 @@ pub fn compare(
     } else {
         Vec::new()
     };
-    let mut layer_sessions = match opts.layers {
-        Some(rt) if !pairs.is_empty() => {
-            let rnames: Vec<String> = pairs.iter().map(|p| p.reference.clone()).collect();
-            let cnames: Vec<String> = pairs.iter().map(|p| p.candidate.clone()).collect();
-            let rp = exec::expose_values(
-                reference,
-                &rnames,
-                &format!("{} (layers exposed)", labels.0),
-            );
-            let cp = exec::expose_values(
-                candidate,
-                &cnames,
-                &format!("{} (layers exposed)", labels.1),
-            );
-            Some((
-                exec::open(&rp, rt, &opts.session)?,
-                exec::open(&cp, rt, &opts.session)?,
-            ))
-        }
-        _ => None,
-    };
-
     let mut per_rt: Vec<BTreeMap<String, Accumulator>> = vec![BTreeMap::new(); sessions.len()];
     let mut cross_ref: BTreeMap<String, Accumulator> = BTreeMap::new();
     let mut cross_cand: BTreeMap<String, Accumulator> = BTreeMap::new();
-    let mut layer_accs: Vec<Accumulator> = vec![Accumulator::default(); pairs.len()];
-    let mut layer_seen = vec![false; pairs.len()];
     let mut notes = Vec::new();
     let total = inputs.len();
-    let progress = Progress::new(total as u64, "comparing");
+    let phases = if opts.layers.is_some() { 2 } else { 1 };
+    let progress = Progress::new((total * phases) as u64, "comparing");
     let model_inputs = reference_inputs(reference);
-    let mut batches = 0;
-    for (b, batch) in inputs.by_ref().enumerate() {
-        let batch = batch.with_context(|| format!("input batch {b}"))?;
+    let batches = total;
+
+    // Phase 1: outputs, every runtime, from plain sessions.
+    for b in 0..total {
+        let batch = inputs
+            .batch(b)
+            .with_context(|| format!("input batch {b}"))?;
         let found =
             exec::check_batch(&model_inputs, &batch).with_context(|| format!("input batch {b}"))?;
         for (name, n) in found.non_finite {
@@ -279,8 +260,44 @@ pub fn compare(
             add_outputs(&mut cross_ref, tr, or, &scores)?;
             add_outputs(&mut cross_cand, tc, oc, &scores)?;
         }
-        drop(results);
-        if let Some((rs, cs)) = layer_sessions.as_mut() {
+        progress.inc(1);
+    }
+    let settings: Vec<(RuntimeKind, Vec<(String, String)>)> = sessions
+        .iter()
+        .map(|(rt, rs, _)| (*rt, rs.settings()))
+        .collect();
+    // The plain sessions go before the exposed ones open: peak memory is one phase's, not both.
+    drop(sessions);
+
+    // Phase 2: per-layer attribution from sessions that expose the shared intermediate tensors.
+    let mut layer_accs: Vec<Accumulator> = vec![Accumulator::default(); pairs.len()];
+    let mut layer_seen = vec![false; pairs.len()];
+    let layers_rt = opts.layers.filter(|_| !pairs.is_empty());
+    if let Some(rt) = layers_rt {
+        let rnames: Vec<String> = pairs.iter().map(|p| p.reference.clone()).collect();
+        let cnames: Vec<String> = pairs.iter().map(|p| p.candidate.clone()).collect();
+        let mut rs = exec::open(
+            &exec::expose_values(
+                reference,
+                &rnames,
+                &format!("{} (layers exposed)", labels.0),
+            ),
+            rt,
+            &opts.session,
+        )?;
+        let mut cs = exec::open(
+            &exec::expose_values(
+                candidate,
+                &cnames,
+                &format!("{} (layers exposed)", labels.1),
+            ),
+            rt,
+            &opts.session,
+        )?;
+        for b in 0..total {
+            let batch = inputs
+                .batch(b)
+                .with_context(|| format!("input batch {b}"))?;
             let r = rs
                 .run(&batch)
                 .with_context(|| format!("layers: reference, batch {b}"))?;
@@ -302,26 +319,20 @@ pub fn compare(
                 layer_accs[i].add(rt, ct, false)?;
                 layer_seen[i] = true;
             }
+            progress.inc(1);
         }
-        batches += 1;
-        progress.inc(1);
     }
     progress.finish();
 
     let mut runtimes = BTreeMap::new();
     let mut first = None;
-    for ((rt, rs, _), accs) in sessions.iter().zip(&per_rt) {
+    for ((rt, settings), accs) in settings.into_iter().zip(&per_rt) {
         let outputs = finish(accs);
         first.get_or_insert_with(|| outputs.clone());
-        runtimes.insert(
-            rt.name().to_string(),
-            RuntimeReport {
-                settings: rs.settings().into_iter().collect(),
-                outputs,
-            },
-        );
+        let settings = settings.into_iter().collect();
+        runtimes.insert(rt.name().to_string(), RuntimeReport { settings, outputs });
     }
-    let cross_runtime = (sessions.len() == 2).then(|| CrossRuntime {
+    let cross_runtime = (per_rt.len() == 2).then(|| CrossRuntime {
         reference: finish(&cross_ref),
         candidate: finish(&cross_cand),
     });
@@ -347,7 +358,7 @@ pub fn compare(
         outputs: first.unwrap_or_default(),
         runtimes,
         cross_runtime,
-        layers_runtime: opts.layers.filter(|_| layer_sessions.is_some()),
+        layers_runtime: layers_rt,
         layers,
         notes,
     })
