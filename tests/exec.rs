@@ -962,3 +962,57 @@ fn ort_exact_numerics_match_onnx_semantics_and_fast_is_reported_different() {
         "ORT's default options no longer change DQ→MatMul numerics ({fast_err}): re-measure FACTS"
     );
 }
+
+/// A pass may rename a value; attribution then pairs the tensors by producing node and output slot.
+#[test]
+fn renamed_tensors_are_paired_by_their_producing_node() {
+    let Some(path) = zoo_model("ppocr-cls") else {
+        return;
+    };
+    let reference = Model::load(&path).unwrap();
+    let mut proto = reference.to_proto();
+    let g = proto.graph.as_mut().unwrap();
+    let conv = g.node.iter().position(|n| n.op_type() == "Conv").unwrap();
+    let old = g.node[conv].output[0].clone();
+    let new = format!("{old}.renamed");
+    for n in &mut g.node {
+        for v in n.input.iter_mut().chain(n.output.iter_mut()) {
+            if *v == old {
+                *v = new.clone();
+            }
+        }
+    }
+    let candidate = Model::from_proto(proto, vec![]).unwrap();
+    let opts = InputOptions {
+        spec: zoo_spec("ppocr-cls"),
+        ..Default::default()
+    };
+    let mut set = inputs::open(
+        &Source::Random { count: 1 },
+        &Prepared::from_model(&reference, "").inputs,
+        &opts,
+    )
+    .unwrap();
+    let copts = quench::report::compare::CompareOptions {
+        runtimes: vec![RuntimeKind::Tract],
+        session: SessionOptions::default(),
+        layers: Some(RuntimeKind::Tract),
+    };
+    let report =
+        quench::report::compare::compare(&reference, &candidate, ("ref", "cand"), &mut set, &copts)
+            .unwrap();
+    let pair = report
+        .layers
+        .iter()
+        .find(|l| l.reference == old)
+        .expect("the renamed tensor is compared");
+    assert_eq!(pair.candidate, new);
+    assert!(pair.metrics.sqnr_db.is_infinite() && pair.metrics.count > 0);
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.metrics.sqnr_db.is_infinite())
+    );
+    assert!(report.cross_runtime.is_none());
+}

@@ -167,94 +167,34 @@ impl Tensor {
                 dt.name()
             )
         })?;
-        fn le<T, const N: usize>(raw: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-            raw.chunks_exact(N)
-                .map(|c| f(c.try_into().unwrap()))
-                .collect()
+        fn decode<T: LeBytes>(raw: &[u8], shape: Vec<usize>, name: &str) -> Result<ArrayD<T>> {
+            let v = raw.chunks_exact(T::SIZE).map(T::from_le).collect();
+            ArrayD::from_shape_vec(IxDyn(&shape), v)
+                .map_err(|e| anyhow::anyhow!("tensor '{name}': {e}"))
         }
-        let make = |shape: &[usize]| IxDyn(shape);
-        let s = make(&shape);
-        let err = |e: ndarray::ShapeError| anyhow::anyhow!("tensor '{}': {e}", t.name);
-        Ok(match dt {
-            DataType::Float => {
-                Tensor::F32(ArrayD::from_shape_vec(s, le(&raw, f32::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Double => {
-                Tensor::F64(ArrayD::from_shape_vec(s, le(&raw, f64::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Float16 => {
-                Tensor::F16(ArrayD::from_shape_vec(s, le(&raw, f16::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Int64 => {
-                Tensor::I64(ArrayD::from_shape_vec(s, le(&raw, i64::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Int32 => {
-                Tensor::I32(ArrayD::from_shape_vec(s, le(&raw, i32::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Int16 => {
-                Tensor::I16(ArrayD::from_shape_vec(s, le(&raw, i16::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Int8 => {
-                Tensor::I8(ArrayD::from_shape_vec(s, le(&raw, i8::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Uint64 => {
-                Tensor::U64(ArrayD::from_shape_vec(s, le(&raw, u64::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Uint32 => {
-                Tensor::U32(ArrayD::from_shape_vec(s, le(&raw, u32::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Uint16 => {
-                Tensor::U16(ArrayD::from_shape_vec(s, le(&raw, u16::from_le_bytes)).map_err(err)?)
-            }
-            DataType::Uint8 => Tensor::U8(ArrayD::from_shape_vec(s, raw.to_vec()).map_err(err)?),
-            DataType::Bool => Tensor::Bool(
-                ArrayD::from_shape_vec(s, raw.iter().map(|&b| b != 0).collect()).map_err(err)?,
-            ),
-            other => bail!(
-                "tensor '{}' has type {}, which quench cannot feed to a runtime",
-                t.name,
-                other.name()
-            ),
-        })
+        macro_rules! by_type {
+            ($($dt:ident => $v:ident),*) => {
+                match dt {
+                    $(DataType::$dt => Tensor::$v(decode(&raw, shape, &t.name)?),)*
+                    other => bail!(
+                        "tensor '{}' has type {}, which quench cannot feed to a runtime",
+                        t.name,
+                        other.name()
+                    ),
+                }
+            };
+        }
+        Ok(
+            by_type!(Float => F32, Double => F64, Float16 => F16, Int64 => I64, Int32 => I32,
+            Int16 => I16, Int8 => I8, Uint64 => U64, Uint32 => U32, Uint16 => U16, Uint8 => U8,
+            Bool => Bool),
+        )
     }
 
     /// Encodes as an ONNX TensorProto with raw_data.
     pub fn to_proto(&self, name: &str) -> TensorProto {
-        let mut raw = Vec::new();
-        match self {
-            Tensor::F32(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::F64(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::F16(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::I64(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::I32(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::I16(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::I8(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::U64(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::U32(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::U16(a) => a
-                .iter()
-                .for_each(|v| raw.extend_from_slice(&v.to_le_bytes())),
-            Tensor::U8(a) => raw.extend(a.iter()),
-            Tensor::Bool(a) => raw.extend(a.iter().map(|&b| b as u8)),
-        }
+        let mut raw = Vec::with_capacity(self.len() * 8);
+        each_tensor!(self, a => a.iter().for_each(|v| v.put_le(&mut raw)));
         TensorProto {
             name: name.to_string(),
             dims: self.shape().iter().map(|&d| d as i64).collect(),
@@ -262,6 +202,38 @@ impl Tensor {
             raw_data: Bytes::from(raw),
             ..Default::default()
         }
+    }
+}
+
+/// Little-endian element encoding, the raw_data layout of TensorProto.
+trait LeBytes: Sized + Copy {
+    const SIZE: usize;
+    fn from_le(b: &[u8]) -> Self;
+    fn put_le(&self, out: &mut Vec<u8>);
+}
+
+macro_rules! le_bytes {
+    ($($t:ty),*) => {$(
+        impl LeBytes for $t {
+            const SIZE: usize = std::mem::size_of::<$t>();
+            fn from_le(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("chunk of the element size"))
+            }
+            fn put_le(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+        }
+    )*};
+}
+le_bytes!(f32, f64, f16, i64, i32, i16, i8, u64, u32, u16, u8);
+
+impl LeBytes for bool {
+    const SIZE: usize = 1;
+    fn from_le(b: &[u8]) -> Self {
+        b[0] != 0
+    }
+    fn put_le(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
     }
 }
 
