@@ -48,6 +48,7 @@ pub mod inspect;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod quant;
 pub mod report;
 pub mod util;
 pub mod zoo;
