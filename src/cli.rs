@@ -17,7 +17,7 @@ use quench::zoo::{InputSpec, Zoo};
 pub struct InputArgs {
     /// Input data: an .npz, .npy or .pb file; a folder of those or of test_data_set_* folders; a folder
     /// of .png/.jpg images; or a text file with --tokenizer.
-    #[arg(long, value_name = "DATA", required_unless_present = "random")]
+    #[arg(long, value_name = "DATA")]
     inputs: Option<PathBuf>,
     /// Generate N batches of random values from the model's declared inputs instead.
     #[arg(long, value_name = "N", conflicts_with = "inputs")]
@@ -52,6 +52,9 @@ pub struct InputArgs {
     /// Feed image channels in BGR order.
     #[arg(long)]
     bgr: bool,
+    /// Batches generated when neither --inputs nor --random is given (0: one of them is required).
+    #[arg(skip)]
+    default_random: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -102,6 +105,29 @@ pub struct CompareArgs {
     /// Write the full report as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The model to quantize (an ONNX file or zoo:NAME).
+    model: String,
+    /// Where to write the quantized model (never over the input).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// A built-in recipe (w8) or a recipe YAML file.
+    #[arg(long, default_value = "w8")]
+    recipe: String,
+    /// Inputs for verifying the result before it is written (default: 2 random batches).
+    #[command(flatten)]
+    input: InputArgs,
+    /// Runtimes that verify the result: tract, ort or both (ort is skipped, and said, when missing).
+    #[arg(long, default_value = "both")]
+    runtime: String,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+    /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +203,9 @@ impl InputArgs {
                 tokenizer: t.clone(),
             },
             (Some(p), None, None) => Source::Path(p.clone()),
+            (None, None, _) if self.default_random > 0 => Source::Random {
+                count: self.default_random,
+            },
             (None, None, _) => bail!("give --inputs DATA or --random N"),
         })
     }
@@ -543,4 +572,97 @@ fn run_child(index: usize, rt: RuntimeKind) -> Result<BenchResult> {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| format!("benchmark process printed: {text}"))
+}
+
+pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
+    use quench::passes::quantize_weights::quantize_weights;
+    use quench::passes::{DeadNodeElimination, Pass};
+    use quench::recipes::Recipe;
+
+    let (path, spec) = resolve_model(&args.model)?;
+    let mut reads = args.input.paths();
+    reads.push(&path);
+    if let Some(r) = &args.report {
+        refuse_overwrite(r, &reads)?;
+    }
+    refuse_overwrite(&args.output, &reads)?;
+    let recipe = Recipe::load(&args.recipe).map_err(|e| anyhow!(e))?;
+    let reference = Model::load(&path)?;
+    let mut candidate = Model::load(&path)?;
+    let start = std::time::Instant::now();
+    let weights = quantize_weights(&mut candidate, &recipe)?;
+    DeadNodeElimination.run(&mut candidate)?;
+    quench::ir::check_model(&candidate)
+        .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
+    let quantize_secs = start.elapsed().as_secs_f64();
+
+    // Verify before writing: both models run on the same inputs, in every runtime asked for.
+    args.input.default_random = 2;
+    let mut set = args.input.open(&reference, spec)?;
+    let mut rts = runtimes(&args.runtime)?;
+    let mut notes = Vec::new();
+    #[cfg(feature = "onnxruntime")]
+    if args.runtime == "both"
+        && let Err(e) = quench::exec::ort::library_path()
+    {
+        rts.retain(|r| *r != RuntimeKind::Ort);
+        notes.push(format!("onnxruntime not verified: {e:#}"));
+    }
+    let opts = CompareOptions {
+        runtimes: rts,
+        session: args.rt.session(),
+        layers: None,
+    };
+    let label = path.display().to_string();
+    let retention = compare::compare(
+        &reference,
+        &candidate,
+        (&label, "quantized"),
+        &mut set,
+        &opts,
+    )
+    .context("the quantized model failed verification; nothing was written")?;
+    drop(reference);
+
+    candidate.save(&args.output, &quench::onnx::SaveOptions::default())?;
+    let before = std::fs::metadata(&path)?.len();
+    let after = std::fs::metadata(&args.output)?.len();
+
+    println!(
+        "recipe {} ({}): {} weight sites quantized, {} left float, in {quantize_secs:.2} s",
+        recipe.name, recipe.description, weights.quantized, weights.skipped
+    );
+    for s in weights.sites.iter().filter(|s| s.form.is_none()).take(10) {
+        println!(
+            "  float  {:<48} {}",
+            s.weight,
+            s.note.as_deref().unwrap_or("")
+        );
+    }
+    println!(
+        "weights {:.1} MB → {:.1} MB; file {:.1} MB → {:.1} MB ({:.3}×)",
+        weights.bytes_before as f64 / 1e6,
+        weights.bytes_after as f64 / 1e6,
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        after as f64 / before as f64
+    );
+    print!("{}", compare::render(&retention, 0));
+    for n in &notes {
+        println!("note: {n}");
+    }
+    println!("wrote {}", args.output.display());
+    if let Some(r) = &args.report {
+        let json = serde_json::json!({
+            "recipe": recipe.name,
+            "quantize_seconds": quantize_secs,
+            "file_bytes": { "before": before, "after": after },
+            "weights": weights,
+            "retention": retention,
+            "notes": notes,
+        });
+        quench::util::write_atomic(r, &serde_json::to_vec_pretty(&json)?)?;
+        println!("wrote {}", r.display());
+    }
+    Ok(())
 }

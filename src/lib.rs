@@ -49,6 +49,7 @@ pub mod ir;
 pub mod onnx;
 pub mod passes;
 pub mod quant;
+pub mod recipes;
 pub mod report;
 pub mod util;
 pub mod zoo;

@@ -14,7 +14,7 @@ use quench::inspect::{inspect, render};
 use quench::onnx::SaveOptions;
 use quench::zoo::Zoo;
 
-use cli::{BenchArgs, CompareArgs, RunArgs};
+use cli::{BenchArgs, CompareArgs, QuantizeArgs, RunArgs};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,9 @@ enum Command {
     /// Measure how closely a candidate model reproduces a reference: per output, per runtime, across
     /// runtimes and layer by layer.
     Compare(CompareArgs),
+    /// Quantize a model's weights with a recipe, verify the result in tract and onnxruntime against the
+    /// original, and write it.
+    Quantize(QuantizeArgs),
     /// Time loading and running models (each model and runtime in a fresh process, for honest peak RSS).
     Bench(BenchArgs),
     /// The model zoo pinned in models/zoo.yaml.
@@ -124,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => cli::run(args)?,
         Command::Compare(args) => cli::compare(args)?,
         Command::Bench(args) => cli::bench(args)?,
+        Command::Quantize(args) => cli::quantize(args)?,
         Command::Zoo { command } => match command {
             ZooCommand::Fetch {
                 names,

@@ -4,9 +4,11 @@
 //! debug and test builds, on request otherwise).
 
 mod dce;
+pub mod quantize_weights;
 mod toposort;
 
 pub use dce::DeadNodeElimination;
+pub use quantize_weights::QuantizeWeights;
 pub use toposort::TopologicalSort;
 
 use serde::Serialize;

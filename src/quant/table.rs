@@ -19,6 +19,7 @@ pub enum TableFormat {
 }
 
 /// Inverse of the standard normal CDF (Acklam's rational approximation; relative error < 1.2e-9).
+#[allow(clippy::excessive_precision)] // published coefficients, kept as printed
 pub fn normal_ppf(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e1,
@@ -252,6 +253,7 @@ mod tests {
     use crate::quant::int::sqnr_db;
 
     /// The NF4 levels as published with bitsandbytes and the QLoRA paper (float32).
+    #[allow(clippy::excessive_precision)]
     const PUBLISHED_NF4: [f32; 16] = [
         -1.0,
         -0.6961928009986877,

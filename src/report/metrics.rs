@@ -47,8 +47,8 @@ pub struct Metrics {
     pub non_finite_candidate: u64,
 }
 
-/// JSON has no infinity: an exact match is written as the string "inf".
-fn ser_db<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+/// JSON has no infinity: an exact match is written as the string "inf" (and −∞ as "-inf").
+pub fn ser_db<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
     if v.is_infinite() {
         s.serialize_str(if *v > 0.0 { "inf" } else { "-inf" })
     } else {

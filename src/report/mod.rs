@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod compare;
 pub mod metrics;
+pub use metrics::ser_db;

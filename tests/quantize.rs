@@ -1,0 +1,237 @@
+//! `quench quantize` with the built-in recipes on every zoo model: valid ONNX (onnx.checker, full check),
+//! smaller, verified in both runtimes before it is written, deterministic, and refusing bad recipes.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn quench(args: &[&str]) -> Output {
+    Command::new(quench_bin())
+        .args(args)
+        .env("CI", "true")
+        .output()
+        .unwrap()
+}
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn checker_passes(py: &std::path::Path, model: &std::path::Path) -> Result<(), String> {
+    let o = Command::new(py)
+        .args([
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
+        ])
+        .arg(model)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(stderr_of(&o))
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| {
+        if v == "inf" {
+            f64::INFINITY
+        } else {
+            panic!("not a number: {v}")
+        }
+    })
+}
+
+#[test]
+fn w8_on_every_zoo_model() {
+    let (Some(py), Some(models)) = (python(), zoo_models()) else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    for (name, path) in models {
+        let out = dir.path().join(format!("{name}.w8.onnx"));
+        let report = dir.path().join(format!("{name}.json"));
+        let o = quench(&[
+            "quantize",
+            &format!("zoo:{name}"),
+            "-o",
+            &out.display().to_string(),
+            "--recipe",
+            "w8",
+            "--report",
+            &report.display().to_string(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr_of(&o));
+        checker_passes(&py, &out).unwrap_or_else(|e| panic!("{name}: onnx.checker: {e}"));
+        let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let ratio = f(&r["file_bytes"]["after"]) / f(&r["file_bytes"]["before"]);
+        let w = &r["weights"];
+        assert!(
+            w["quantized"].as_u64().unwrap() > 0,
+            "{name}: nothing quantized"
+        );
+        for s in w["sites"].as_array().unwrap() {
+            if s["form"].is_string() {
+                assert!(
+                    f(&s["weight_sqnr_db"]) > 25.0,
+                    "{name}: {} at {} dB",
+                    s["weight"],
+                    s["weight_sqnr_db"]
+                );
+                assert!(s["bytes_after"].as_u64() < s["bytes_before"].as_u64());
+            } else {
+                assert!(
+                    s["note"].is_string(),
+                    "{name}: a float site without a reason: {s}"
+                );
+            }
+        }
+        let ret = &r["retention"];
+        assert_eq!(
+            ret["runtimes"].as_object().unwrap().len(),
+            2,
+            "{name}: verified in both runtimes"
+        );
+        let mut cosines = Vec::new();
+        for (out_name, m) in ret["runtimes"]["tract"]["outputs"].as_object().unwrap() {
+            let ort = &ret["runtimes"]["ort"]["outputs"][out_name];
+            assert!(
+                (f(&m["cosine"]) - f(&ort["cosine"])).abs() < 1e-3,
+                "{name}: runtimes disagree on {out_name}"
+            );
+            cosines.push(f(&m["cosine"]));
+            if let Some(t) = m["top1_agreement"].as_f64() {
+                assert!(t >= 0.99, "{name}: {out_name} top-1 {t}");
+            }
+        }
+        let worst = cosines.iter().cloned().fold(1.0, f64::min);
+        eprintln!(
+            "{name}: w8 file {ratio:.3}× fp32, worst output cosine {worst:.6} (random inputs)"
+        );
+        // Random inputs are not real data; these floors catch a broken pass, not a weak recipe.
+        let floor = match name.as_str() {
+            "rxnmap" | "magika" => 0.9999,
+            "ppocr-det" => 0.9,
+            _ => 0.99,
+        };
+        assert!(worst >= floor, "{name}: output cosine {worst} < {floor}");
+        let size_cap = match name.as_str() {
+            "rxnmap" | "magika" => 0.27,
+            _ => 0.45,
+        };
+        assert!(ratio <= size_cap, "{name}: {ratio} of the fp32 size");
+        // The quantized file runs through the embedded API too.
+        quench::embed::Runner::load(&out).unwrap();
+        let _ = path;
+    }
+}
+
+#[test]
+fn quantize_is_deterministic_and_never_overwrites_its_input() {
+    let Some(path) = zoo_model("ppocr-cls") else {
+        return;
+    };
+    let dir = tempdir();
+    let outs: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("q{i}.onnx")))
+        .collect();
+    for out in &outs {
+        let o = quench(&[
+            "quantize",
+            &path.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+            "--runtime",
+            "tract",
+        ]);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+    }
+    assert_eq!(
+        std::fs::read(&outs[0]).unwrap(),
+        std::fs::read(&outs[1]).unwrap()
+    );
+    let copy = dir.path().join("model.onnx");
+    std::fs::copy(&path, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let o = quench(&[
+        "quantize",
+        &copy.display().to_string(),
+        "-o",
+        &copy.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("refusing to write"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
+}
+
+#[test]
+fn bad_recipes_are_refused_with_their_place() {
+    let Some(path) = zoo_model("ppocr-cls") else {
+        return;
+    };
+    let dir = tempdir();
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        "defaults: { bits: 8 }\nrules:\n  - match: { op: [Conv] }\n    shceme: { bits: 8 }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("q.onnx");
+    let o = quench(&[
+        "quantize",
+        &path.display().to_string(),
+        "-o",
+        &out.display().to_string(),
+        "--recipe",
+        &recipe.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr_of(&o);
+    assert!(err.contains("line 4") && err.contains("shceme"), "{err}");
+    assert!(!out.exists(), "nothing is written on error");
+    // A rule that skips every convolution leaves the model's convolutions float, and says why.
+    std::fs::write(
+        &recipe,
+        "defaults: { bits: 8 }\nrules:\n  - match: { op: [Conv] }\n    skip: true\n",
+    )
+    .unwrap();
+    let report = dir.path().join("r.json");
+    let o = quench(&[
+        "quantize",
+        &path.display().to_string(),
+        "-o",
+        &out.display().to_string(),
+        "--recipe",
+        &recipe.display().to_string(),
+        "--runtime",
+        "tract",
+        "--report",
+        &report.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    for s in r["weights"]["sites"].as_array().unwrap() {
+        if s["op_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "Conv")
+        {
+            assert!(
+                s["form"].is_null() && s["note"].as_str().unwrap().contains("rules[0]"),
+                "{s}"
+            );
+        }
+    }
+}
