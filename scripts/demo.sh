@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: fetch the zoo, inspect a model, convert it losslessly and show that
-# the copy is the same model.
+# The main job: fetch the zoo, inspect a model, convert it losslessly and show that the copy is the same
+# model, run and compare it in tract and onnxruntime, quantize it with a built-in recipe, and benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -38,5 +38,8 @@ echo
 echo "== quench compare rxnmap with its external-data copy, in both runtimes, layer by layer"
 $quench compare zoo:rxnmap out/rxnmap-external.onnx --random 2 --runtime both --top 5 --json out/compare.json
 echo
-echo "== quench bench rxnmap, tract vs onnxruntime (fp32, 1 thread, each in a fresh process)"
-$quench bench zoo:rxnmap --random 2 --runs 5 --runtime both
+echo "== quench quantize rxnmap with the w8 recipe (verified in tract and onnxruntime before it is written)"
+$quench quantize zoo:rxnmap -o out/rxnmap.w8.onnx --recipe w8 --report out/rxnmap.w8.json
+echo
+echo "== quench bench rxnmap fp32 vs w8, tract and onnxruntime (1 thread, each in a fresh process)"
+$quench bench zoo:rxnmap out/rxnmap.w8.onnx --random 2 --runs 5 --runtime both
