@@ -114,9 +114,13 @@ pub struct QuantizeArgs {
     /// Where to write the quantized model (never over the input).
     #[arg(short, long)]
     output: PathBuf,
-    /// A built-in recipe (w8) or a recipe YAML file.
+    /// A built-in recipe (w8, w4) or a recipe YAML file.
     #[arg(long, default_value = "w8")]
     recipe: String,
+    /// The runtime family the output is for: portable (standard ONNX at the model's opset), ort or
+    /// tract (which may also use com.microsoft MatMulNBits for 4-bit blocks).
+    #[arg(long, default_value = "portable")]
+    target: quench::passes::quantize_weights::Target,
     /// Inputs for verifying the result before it is written (default: 2 random batches).
     #[command(flatten)]
     input: InputArgs,
@@ -590,7 +594,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let reference = Model::load(&path)?;
     let mut candidate = Model::load(&path)?;
     let start = std::time::Instant::now();
-    let weights = quantize_weights(&mut candidate, &recipe)?;
+    let weights = quantize_weights(&mut candidate, &recipe, args.target)?;
     DeadNodeElimination.run(&mut candidate)?;
     quench::ir::check_model(&candidate)
         .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
@@ -629,12 +633,21 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let after = std::fs::metadata(&args.output)?.len();
 
     println!(
-        "recipe {} ({}): {} weight sites quantized, {} left float, in {quantize_secs:.2} s",
-        recipe.name, recipe.description, weights.quantized, weights.skipped
+        "recipe {} ({}), target {:?}: {} weight sites quantized, {} left float, in {quantize_secs:.2} s",
+        recipe.name, recipe.description, args.target, weights.quantized, weights.skipped
     );
-    for s in weights.sites.iter().filter(|s| s.form.is_none()).take(10) {
+    let mut forms: std::collections::BTreeMap<String, usize> = Default::default();
+    for s in &weights.sites {
+        let form = s.form.clone().unwrap_or_else(|| "float".into());
+        let form = form.split(" × ").next().unwrap_or_default().to_string();
+        *forms.entry(form).or_default() += 1;
+    }
+    for (form, count) in &forms {
+        println!("  {count:>4}  {form}");
+    }
+    for s in weights.sites.iter().filter(|s| s.note.is_some()).take(10) {
         println!(
-            "  float  {:<48} {}",
+            "  note   {:<48} {}",
             s.weight,
             s.note.as_deref().unwrap_or("")
         );
@@ -655,6 +668,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     if let Some(r) = &args.report {
         let json = serde_json::json!({
             "recipe": recipe.name,
+            "target": args.target,
             "quantize_seconds": quantize_secs,
             "file_bytes": { "before": before, "after": after },
             "weights": weights,

@@ -24,6 +24,34 @@ use crate::onnx::pb::{AttributeProto, TensorProto, attribute_proto::AttributeTyp
 use crate::onnx::tensor::to_f32;
 use crate::quant::int::{Granularity, IntScheme, quantize, sqnr_db};
 
+/// The runtime family the output is for: which graph forms may be emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Standard ONNX only, valid at the model's opset.
+    #[default]
+    Portable,
+    /// onnxruntime: also com.microsoft MatMulNBits (4-bit blocks, zero points when asymmetric).
+    Ort,
+    /// tract: also MatMulNBits where it maps to tract's Q4_0 kernel (bits 4, block 32, symmetric,
+    /// K a multiple of 32, scales exact in f16).
+    Tract,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "portable" => Ok(Target::Portable),
+            "ort" => Ok(Target::Ort),
+            "tract" => Ok(Target::Tract),
+            other => Err(format!(
+                "unknown target '{other}' (expected portable, ort or tract)"
+            )),
+        }
+    }
+}
+
 /// What the policy knows about a site when it decides.
 #[derive(Clone, Debug)]
 pub struct SiteInfo<'a> {
@@ -75,6 +103,7 @@ pub struct WeightReport {
 
 pub struct QuantizeWeights<'p> {
     pub policy: &'p dyn WeightPolicy,
+    pub target: Target,
 }
 
 impl Pass for QuantizeWeights<'_> {
@@ -83,7 +112,7 @@ impl Pass for QuantizeWeights<'_> {
     }
 
     fn run(&self, model: &mut Model) -> Result<PassReport> {
-        let detail = quantize_weights(model, self.policy)?;
+        let detail = quantize_weights(model, self.policy, self.target)?;
         let mut report = PassReport::new(self.name());
         for s in &detail.sites {
             match (&s.form, &s.note) {
@@ -127,13 +156,17 @@ fn f32_tensor(dims: &[i64], v: &[f32]) -> TensorProto {
 }
 
 /// Quantizes the model's weights as the policy decides; returns the per-site report.
-pub fn quantize_weights(model: &mut Model, policy: &dyn WeightPolicy) -> Result<WeightReport> {
+pub fn quantize_weights(
+    model: &mut Model,
+    policy: &dyn WeightPolicy,
+    target: Target,
+) -> Result<WeightReport> {
     let opset = model.opset("").unwrap_or(1);
     let sites = weight_sites(model);
     let mut report = WeightReport::default();
     let mut patch = Patch::new("quantize-weights");
     for site in &sites {
-        let r = quantize_site(model, site, policy, opset, &mut patch)?;
+        let r = quantize_site(model, site, policy, opset, target, &mut patch)?;
         report.bytes_before += r.bytes_before;
         report.bytes_after += r.bytes_after;
         if r.form.is_some() {
@@ -152,6 +185,7 @@ fn quantize_site(
     site: &WeightSite,
     policy: &dyn WeightPolicy,
     opset: i64,
+    target: Target,
     patch: &mut Patch,
 ) -> Result<SiteReport> {
     let c = &site.constant;
@@ -204,14 +238,39 @@ fn quantize_site(
     if model.graph.is_output(c.value) {
         return decline(out, "the weight is also a graph output".into());
     }
-    if scheme.bits != 8 || matches!(scheme.granularity, Granularity::Block(_)) {
-        return decline(
-            out,
-            format!(
-                "{}-bit {:?} is not emitted by this pass yet",
-                scheme.bits, scheme.granularity
-            ),
-        );
+    if scheme.bits == 4 && matches!(scheme.granularity, Granularity::Block(_)) {
+        match matmul_nbits(model, site, &scheme, target, patch) {
+            Ok(done) => {
+                out.scheme = Some(scheme);
+                out.form = Some(done.form);
+                out.bytes_after = done.bytes;
+                out.weight_sqnr_db = done.sqnr_db;
+                return Ok(out);
+            }
+            Err(why) => {
+                out.note = Some(format!("{why}; int8 per-channel instead"));
+                scheme = IntScheme {
+                    bits: 8,
+                    granularity: Granularity::PerChannel,
+                    clip_search: false,
+                    ..scheme
+                };
+            }
+        }
+    } else if scheme.bits != 8 {
+        out.note = Some(format!(
+            "{}-bit {:?} has no graph form here yet; int8 per-channel instead",
+            scheme.bits, scheme.granularity
+        ));
+        scheme = IntScheme {
+            bits: 8,
+            granularity: Granularity::PerChannel,
+            clip_search: false,
+            ..scheme
+        };
+    } else if matches!(scheme.granularity, Granularity::Block(_)) {
+        out.note = Some("int8 blocks have no graph form here yet; per-channel instead".into());
+        scheme.granularity = Granularity::PerChannel;
     }
     if shape.is_empty() || c.stored_elements == 0 {
         return decline(out, "scalar or empty".into());
@@ -407,4 +466,190 @@ fn quantize_site(
     patch.replace_all_uses(&c.name, &decoded[0]);
     out.bytes_after = values.len() as u64 + q.scales.len() as u64 * 5;
     Ok(out)
+}
+
+struct NBitsDone {
+    form: String,
+    bytes: u64,
+    sqnr_db: f64,
+}
+
+/// Replaces every MatMul reading the weight by com.microsoft MatMulNBits over shared packed 4-bit
+/// blocks. Errs (changing nothing) with the reason when the site or the target does not allow it.
+fn matmul_nbits(
+    model: &mut Model,
+    site: &WeightSite,
+    scheme: &IntScheme,
+    target: Target,
+    patch: &mut Patch,
+) -> std::result::Result<NBitsDone, String> {
+    let Granularity::Block(block) = scheme.granularity else {
+        unreachable!("checked by the caller")
+    };
+    let c = &site.constant;
+    if target == Target::Portable {
+        return Err("4-bit blocks need --target ort or tract (MatMulNBits)".into());
+    }
+    if site
+        .uses
+        .iter()
+        .any(|u| u.op_type != "MatMul" || u.input != 1 || u.subgraph)
+    {
+        return Err("MatMulNBits replaces MatMul B only, and this weight has other readers".into());
+    }
+    if site.readers != site.uses.len() {
+        return Err("the weight is also read outside a weight slot".into());
+    }
+    let [k, n] = c.shape() else {
+        return Err(format!(
+            "MatMulNBits needs a 2-D B, this is {:?}",
+            c.shape()
+        ));
+    };
+    let (k, n) = (*k as usize, *n as usize);
+    if block < 16 || !block.is_power_of_two() {
+        return Err(format!(
+            "MatMulNBits needs a power-of-two block ≥ 16, got {block}"
+        ));
+    }
+    if target == Target::Tract {
+        if block != 32 || !scheme.symmetric {
+            return Err("tract's Q4_0 kernel takes symmetric blocks of 32 only".into());
+        }
+        if k % 32 != 0 {
+            return Err(format!(
+                "K={k} is not a multiple of 32 (tract's Q4_0 kernel)"
+            ));
+        }
+    }
+    let g = &model.graph;
+    let mut consumers = Vec::new();
+    for u in &site.uses {
+        let found: Vec<_> = g
+            .nodes()
+            .filter(|(_, x)| !u.node.is_empty() && x.name == u.node)
+            .map(|(id, _)| id)
+            .collect();
+        let [id] = found.as_slice() else {
+            return Err(format!("consumer '{}' is not uniquely named", u.node));
+        };
+        let node = g.node(*id);
+        let (Some(a), Some(y)) = (node.input(0), node.outputs().first().copied().flatten()) else {
+            return Err(format!("MatMul '{}' lacks an input or output", u.node));
+        };
+        if g.is_output(y) {
+            return Err(format!(
+                "the output of MatMul '{}' is a graph output",
+                u.node
+            ));
+        }
+        consumers.push((
+            *id,
+            g.value_name(a).to_string(),
+            g.value_name(y).to_string(),
+            node.name.clone(),
+        ));
+    }
+    let values = to_f32(&c.tensor).map_err(|e| format!("weight {e}"))?;
+    // [K, N] → rows of B^T: [N, K].
+    let mut wt = vec![0f32; values.len()];
+    for (i, row) in values.chunks(n).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            wt[j * k + i] = v;
+        }
+    }
+    let mut q = quantize(&wt, n, k, scheme)?;
+    if target == Target::Tract {
+        // tract keeps Q4_0 scales in f16: quantize against the f16 value of each scale.
+        for s in q.scales.iter_mut() {
+            let h = half::f16::from_f32(*s);
+            *s = if h.is_infinite() {
+                half::f16::MAX.to_f32()
+            } else if h.to_f32() > 0.0 {
+                h.to_f32()
+            } else {
+                half::f16::from_bits(1).to_f32()
+            };
+        }
+        q.codes = crate::quant::int::codes_for_scales(&wt, &q);
+    }
+    let sqnr_db = sqnr_db(&wt, &q.dequantize());
+    let blocks = k.div_ceil(block);
+    let offset = if scheme.symmetric { 8 } else { 0 };
+    let packed = crate::quant::pack::matmul_nbits_b(&q.codes, n, k, 4, block, offset);
+    let blob = block / 2;
+    let names = &mut model.names;
+    let b_name = patch.constant(
+        names,
+        &format!("{}_q4", c.name),
+        tensor(
+            DataType::Uint8,
+            &[n as i64, blocks as i64, blob as i64],
+            packed.clone(),
+        ),
+    );
+    let s_name = patch.constant(
+        names,
+        &format!("{}_scales", c.name),
+        f32_tensor(&[(n * blocks) as i64], &q.scales),
+    );
+    let zp_name = match &q.zero_points {
+        Some(z) => {
+            let zp = crate::quant::pack::matmul_nbits_zero_points(z, n, blocks, 4);
+            let len = zp.len() as i64;
+            Some(patch.constant(
+                names,
+                &format!("{}_zero_points", c.name),
+                tensor(DataType::Uint8, &[len], zp),
+            ))
+        }
+        None => None,
+    };
+    for (id, a, y, node_name) in &consumers {
+        let attrs = vec![
+            attr_int("K", k as i64),
+            attr_int("N", n as i64),
+            attr_int("bits", 4),
+            attr_int("block_size", block as i64),
+        ];
+        let inputs: Vec<Option<&str>> = match &zp_name {
+            Some(z) => vec![
+                Some(a.as_str()),
+                Some(&b_name),
+                Some(&s_name),
+                Some(z.as_str()),
+            ],
+            None => vec![Some(a.as_str()), Some(&b_name), Some(&s_name)],
+        };
+        let out = patch.node(
+            names,
+            &format!("{node_name}_nbits"),
+            "MatMulNBits",
+            "com.microsoft",
+            &inputs,
+            1,
+            attrs,
+        );
+        patch.replace_all_uses(y, &out[0]);
+        patch.remove_node(*id);
+    }
+    model
+        .require_op("com.microsoft", "MatMulNBits", 1)
+        .map_err(|e| e.to_string())?;
+    let bytes = packed.len() as u64
+        + q.scales.len() as u64 * 4
+        + q.zero_points.as_ref().map_or(0, |z| z.len() as u64 / 2);
+    Ok(NBitsDone {
+        form: format!(
+            "MatMulNBits(4-bit, block {block}, {}) × {}",
+            if scheme.symmetric {
+                "symmetric"
+            } else {
+                "zero points"
+            },
+            consumers.len()
+        ),
+        bytes,
+        sqnr_db,
+    })
 }

@@ -211,6 +211,20 @@ impl IntQuantized {
     }
 }
 
+/// Codes of `w` against the scales and zero points already in `q` (e.g. after rounding scales to f16).
+pub fn codes_for_scales(w: &[f32], q: &IntQuantized) -> Vec<i32> {
+    let (qmin, qmax) = (q.scheme.qmin(), q.scheme.qmax());
+    let mut out = Vec::with_capacity(w.len());
+    for r in 0..q.channels {
+        for c in 0..q.k {
+            let g = q.group_of(r, c);
+            let z = q.zero_points.as_ref().map_or(0, |z| z[g]);
+            out.push(code(w[r * q.k + c], q.scales[g], z, qmin, qmax));
+        }
+    }
+    out
+}
+
 /// Signal-to-quantization-noise ratio of an approximation, in dB (+∞ when exact).
 pub fn sqnr_db(original: &[f32], approx: &[f32]) -> f64 {
     let (mut s, mut n) = (0f64, 0f64);

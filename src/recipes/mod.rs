@@ -83,7 +83,10 @@ pub struct Recipe {
 }
 
 /// The built-in recipes (the YAML files of the top-level passes/ folder, compiled in).
-pub const BUILTIN: &[(&str, &str)] = &[("w8", include_str!("../../passes/w8.yaml"))];
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("w8", include_str!("../../passes/w8.yaml")),
+    ("w4", include_str!("../../passes/w4.yaml")),
+];
 
 fn scheme(spec: &SchemeSpec, base: Option<&IntScheme>, place: &str) -> Result<IntScheme, String> {
     if let Some(f) = &spec.format
