@@ -238,6 +238,9 @@ fn quantize_site(
     if model.graph.is_output(c.value) {
         return decline(out, "the weight is also a graph output".into());
     }
+    if shape.is_empty() || c.stored_elements == 0 {
+        return decline(out, "scalar or empty".into());
+    }
     if scheme.bits == 4 && matches!(scheme.granularity, Granularity::Block(_)) {
         match matmul_nbits(model, site, &scheme, target, patch) {
             Ok(done) => {
@@ -271,9 +274,6 @@ fn quantize_site(
     } else if matches!(scheme.granularity, Granularity::Block(_)) {
         out.note = Some("int8 blocks have no graph form here yet; per-channel instead".into());
         scheme.granularity = Granularity::PerChannel;
-    }
-    if shape.is_empty() || c.stored_elements == 0 {
-        return decline(out, "scalar or empty".into());
     }
     // One channel axis for all readers, else per tensor.
     let mut axes: Vec<usize> = site.uses.iter().filter_map(|u| u.channel_axis).collect();
