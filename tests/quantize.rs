@@ -55,7 +55,7 @@ fn w8_on_every_zoo_model() {
         return;
     }
     let dir = tempdir();
-    for (name, path) in models {
+    for (name, _) in models {
         let out = dir.path().join(format!("{name}.w8.onnx"));
         let report = dir.path().join(format!("{name}.json"));
         let o = quench(&[
@@ -129,7 +129,6 @@ fn w8_on_every_zoo_model() {
         assert!(ratio <= size_cap, "{name}: {ratio} of the fp32 size");
         // The quantized file runs through the embedded API too.
         quench::embed::Runner::load(&out).unwrap();
-        let _ = path;
     }
 }
 

@@ -369,15 +369,36 @@ fn quantize_site(
     let names = &mut model.names;
     let codes_name = patch.constant(names, &format!("{base}_q"), tensor(code_dt, &shape, raw));
     let n = q.scales.len() as i64;
-    let decoded = match axis {
-        Some(a) if opset >= 13 => {
-            let s = patch.constant(names, &format!("{base}_scale"), f32_tensor(&[n], &q.scales));
+    // DequantizeLinear per axis (opset ≥ 13) or per tensor; Cast·Mul for per-channel below opset 13.
+    let dequantize_linear = match axis {
+        Some(a) if opset >= 13 => Some((
+            vec![n],
+            zp_raw,
+            vec![attr_int("axis", a as i64)],
+            format!("DequantizeLinear(int8 per-channel, axis {a})"),
+        )),
+        None => Some((
+            vec![],
+            zp_raw[..1].to_vec(),
+            vec![],
+            "DequantizeLinear(int8 per-tensor)".to_string(),
+        )),
+        Some(_) => None,
+    };
+    let decoded = match (dequantize_linear, axis) {
+        (Some((dims, zp, attrs, form)), _) => {
+            let scales = if dims.is_empty() {
+                &q.scales[..1]
+            } else {
+                &q.scales[..]
+            };
+            let s = patch.constant(names, &format!("{base}_scale"), f32_tensor(&dims, scales));
             let z = patch.constant(
                 names,
                 &format!("{base}_zero_point"),
-                tensor(code_dt, &[n], zp_raw),
+                tensor(code_dt, &dims, zp),
             );
-            out.form = Some(format!("DequantizeLinear(int8 per-channel, axis {a})"));
+            out.form = Some(form);
             patch.node(
                 names,
                 &format!("{base}_dequantize"),
@@ -385,10 +406,10 @@ fn quantize_site(
                 "",
                 &[Some(&codes_name), Some(&s), Some(&z)],
                 1,
-                vec![attr_int("axis", a as i64)],
+                attrs,
             )
         }
-        Some(a) => {
+        (None, Some(a)) => {
             // (codes − zp) · scale, with scale and zp shaped [1, …, C, …, 1].
             let mut bshape = vec![1i64; shape.len()];
             bshape[a] = n;
@@ -440,28 +461,7 @@ fn quantize_site(
                 vec![],
             )
         }
-        None => {
-            let s = patch.constant(
-                names,
-                &format!("{base}_scale"),
-                f32_tensor(&[], &q.scales[..1]),
-            );
-            let z = patch.constant(
-                names,
-                &format!("{base}_zero_point"),
-                tensor(code_dt, &[], zp_raw[..1].to_vec()),
-            );
-            out.form = Some("DequantizeLinear(int8 per-tensor)".into());
-            patch.node(
-                names,
-                &format!("{base}_dequantize"),
-                "DequantizeLinear",
-                "",
-                &[Some(&codes_name), Some(&s), Some(&z)],
-                1,
-                vec![],
-            )
-        }
+        (None, None) => unreachable!("per-tensor always has a DequantizeLinear form"),
     };
     patch.replace_all_uses(&c.name, &decoded[0]);
     out.bytes_after = values.len() as u64 + q.scales.len() as u64 * 5;
