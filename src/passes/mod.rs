@@ -5,6 +5,7 @@
 
 mod dce;
 pub mod quantize_weights;
+pub mod roles;
 mod toposort;
 
 pub use dce::DeadNodeElimination;

@@ -5,5 +5,6 @@
 
 pub mod int;
 pub mod pack;
+pub mod scheme;
 pub mod sparse;
 pub mod table;

@@ -26,6 +26,12 @@ pub fn threshold_for_sparsity(w: &[f32], target: f64) -> f32 {
 /// Sets to the zero code every value whose magnitude is below `threshold`; returns the fraction of
 /// values that now dequantize to exactly zero.
 pub fn apply_dead_zone(w: &[f32], q: &mut IntQuantized, threshold: f32) -> f64 {
+    apply_dead_zone_by(w, q, |_| threshold)
+}
+
+/// Dead zone whose threshold depends on each group's scale: `threshold(scale)`. With
+/// `|s| width * s` the zone is `width` quantization steps wide on each side of zero.
+pub fn apply_dead_zone_by(w: &[f32], q: &mut IntQuantized, threshold: impl Fn(f32) -> f32) -> f64 {
     let k = q.k;
     let blocks = q.blocks_per_row();
     let block = match q.scheme.granularity {
@@ -41,7 +47,7 @@ pub fn apply_dead_zone(w: &[f32], q: &mut IntQuantized, threshold: f32) -> f64 {
             (i / k) * blocks + (i % k) / block
         };
         let z = q.zero_points.as_ref().map_or(0, |z| z[g]);
-        if x.abs() < threshold {
+        if x.abs() < threshold(q.scales[g]) {
             *c = z;
         }
         zeros += usize::from(*c == z);

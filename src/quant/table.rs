@@ -131,27 +131,66 @@ pub struct TableQuantized {
     pub scales: Vec<f32>,
 }
 
-/// The code of the table entry nearest to x (the first on ties, so −0 and +0 both give 0's code).
-fn nearest(table: &[f32; 16], x: f32) -> u8 {
-    let mut best = 0;
-    let mut dist = f32::INFINITY;
-    for (i, &t) in table.iter().enumerate() {
-        let d = (t - x).abs();
-        if d < dist {
-            dist = d;
-            best = i;
-        }
-    }
-    best as u8
+/// Nearest-entry lookup for a 16-entry table: the entries sorted, the midpoints between neighbours, and
+/// the code of each sorted entry. Ties go to the lower entry, so both zeros of FP4 map to +0's code.
+struct Nearest {
+    mids: [f32; 15],
+    codes: [u8; 16],
 }
 
+impl Nearest {
+    fn new(table: &[f32; 16]) -> Nearest {
+        let mut order: Vec<usize> = (0..16).collect();
+        // Equal values keep code order, so of FP4's ±0 the +0 code (0) comes first.
+        order.sort_by(|&a, &b| {
+            table[a]
+                .partial_cmp(&table[b])
+                .expect("finite table")
+                .then(a.cmp(&b))
+        });
+        order.dedup_by(|a, b| table[*a] == table[*b]);
+        let mut mids = [f32::INFINITY; 15];
+        let mut codes = [order[order.len() - 1] as u8; 16];
+        for (i, w) in order.windows(2).enumerate() {
+            mids[i] = 0.5 * (table[w[0]] + table[w[1]]);
+        }
+        for (i, &c) in order.iter().enumerate() {
+            codes[i] = c as u8;
+        }
+        Nearest { mids, codes }
+    }
+
+    #[inline]
+    fn code(&self, x: f32) -> u8 {
+        // Entries whose midpoint with the next entry is below x are too small.
+        self.codes[self.mids.partition_point(|&m| m < x)]
+    }
+}
+
+/// Codes of one block against its scale, and the block's squared error.
+fn block_codes(table: &[f32; 16], near: &Nearest, x: &[f32], s: f32, out: &mut [u8]) -> f64 {
+    let inv = 1.0 / s;
+    let mut err = 0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = near.code(v * inv);
+        let d = v - table[*o as usize] * s;
+        err += (d * d) as f64;
+    }
+    err
+}
+
+/// Quantizes a row-major `[channels, k]` matrix in blocks of `block` along k. The scale of a block is
+/// its absmax (bitsandbytes), or with `clip_search` the shrunk absmax (factors 1.0 down to 0.5) that
+/// minimises the block's squared error.
 pub fn quantize(
     w: &[f32],
     channels: usize,
     k: usize,
     block: usize,
     format: TableFormat,
+    clip_search: bool,
 ) -> Result<TableQuantized, String> {
+    use rayon::prelude::*;
     if w.len() != channels * k {
         return Err(format!("{} values for a [{channels}, {k}] matrix", w.len()));
     }
@@ -162,23 +201,44 @@ pub fn quantize(
         return Err(format!("value {i} is not finite ({})", w[i]));
     }
     let table = format.table();
-    let mut codes = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(channels * k.div_ceil(block));
-    for r in 0..channels {
-        for chunk in w[r * k..(r + 1) * k].chunks(block) {
-            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = if amax > 0.0 { amax } else { 1.0 };
-            scales.push(s);
-            codes.extend(chunk.iter().map(|&v| nearest(table, v / s)));
-        }
-    }
+    let near = Nearest::new(table);
+    let mut codes = vec![0u8; w.len()];
+    let per_row: Vec<Vec<f32>> = w
+        .par_chunks(k.max(1))
+        .zip(codes.par_chunks_mut(k.max(1)))
+        .map(|(row, out)| {
+            row.chunks(block)
+                .zip(out.chunks_mut(block))
+                .map(|(x, o)| {
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if amax == 0.0 {
+                        block_codes(table, &near, x, 1.0, o);
+                        return 1.0;
+                    }
+                    let mut best = (block_codes(table, &near, x, amax, o), amax);
+                    if clip_search {
+                        let mut trial = vec![0u8; x.len()];
+                        for i in 1..=25 {
+                            let s = amax * (1.0 - 0.02 * i as f32);
+                            let e = block_codes(table, &near, x, s, &mut trial);
+                            if e < best.0 {
+                                best = (e, s);
+                                o.copy_from_slice(&trial);
+                            }
+                        }
+                    }
+                    best.1
+                })
+                .collect()
+        })
+        .collect();
     Ok(TableQuantized {
         format,
         channels,
         k,
         block,
         codes,
-        scales,
+        scales: per_row.into_iter().flatten().collect(),
     })
 }
 
@@ -198,6 +258,24 @@ impl TableQuantized {
 
     pub fn dequantize(&self) -> Vec<f32> {
         self.dequantize_with(&self.scales)
+    }
+
+    /// Re-picks every code against new block scales (e.g. after double quantization of the scales).
+    pub fn requantize_with(&mut self, w: &[f32], scales: Vec<f32>) {
+        let table = self.format.table();
+        let near = Nearest::new(table);
+        let blocks = self.k.div_ceil(self.block);
+        for r in 0..self.channels {
+            let row = r * self.k..(r + 1) * self.k;
+            for (b, (x, o)) in w[row.clone()]
+                .chunks(self.block)
+                .zip(self.codes[row].chunks_mut(self.block))
+                .enumerate()
+            {
+                block_codes(table, &near, x, scales[r * blocks + b], o);
+            }
+        }
+        self.scales = scales;
     }
 }
 
@@ -303,7 +381,7 @@ mod tests {
             .map(|i| ((i * 53 % 128) as f32 - 64.0) / 16.0)
             .collect();
         for format in [TableFormat::Nf4, TableFormat::Fp4] {
-            let q = quantize(&w, 2, 64, 32, format).unwrap();
+            let q = quantize(&w, 2, 64, 32, format, false).unwrap();
             assert_eq!(q.scales.len(), 4);
             // Each block's largest magnitude is represented exactly (±1 · absmax).
             for (b, chunk) in w.chunks(32).enumerate() {
@@ -335,17 +413,43 @@ mod tests {
             .collect();
         let nf4 = sqnr_db(
             &w,
-            &quantize(&w, 64, 64, 64, TableFormat::Nf4)
+            &quantize(&w, 64, 64, 64, TableFormat::Nf4, false)
                 .unwrap()
                 .dequantize(),
         );
         let fp4 = sqnr_db(
             &w,
-            &quantize(&w, 64, 64, 64, TableFormat::Fp4)
+            &quantize(&w, 64, 64, 64, TableFormat::Fp4, false)
                 .unwrap()
                 .dequantize(),
         );
         assert!(nf4 > fp4, "nf4 {nf4} dB, fp4 {fp4} dB");
+    }
+
+    #[test]
+    fn lookup_is_the_nearest_entry_and_clip_search_never_hurts() {
+        let w: Vec<f32> = (0..4096)
+            .map(|i| ((i * 2654435761u64 as usize) % 1000) as f32 / 500.0 - 1.0)
+            .map(|x| x * x * x)
+            .collect();
+        for format in [TableFormat::Nf4, TableFormat::Fp4] {
+            let table = format.table();
+            let plain = quantize(&w, 32, 128, 64, format, false).unwrap();
+            for (i, (&x, &c)) in w.iter().zip(&plain.codes).enumerate() {
+                let s = plain.scales[i / 64];
+                let best = table
+                    .iter()
+                    .map(|t| (x / s - t).abs())
+                    .fold(f32::INFINITY, f32::min);
+                assert!(((x / s) - table[c as usize]).abs() <= best + 1e-6);
+            }
+            let clipped = quantize(&w, 32, 128, 64, format, true).unwrap();
+            let (a, b) = (
+                sqnr_db(&w, &plain.dequantize()),
+                sqnr_db(&w, &clipped.dequantize()),
+            );
+            assert!(b >= a, "{format:?}: clip search {b} dB < absmax {a} dB");
+        }
     }
 
     #[test]

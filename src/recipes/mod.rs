@@ -21,7 +21,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::passes::quantize_weights::{Decision, SiteInfo, WeightPolicy};
-use crate::quant::int::{Granularity, IntScheme};
+use crate::passes::roles::Role;
+use crate::quant::int::Granularity;
+use crate::quant::scheme::{DeadZone, Format, WeightScheme};
+use crate::quant::sparse::OutlierRule;
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +35,27 @@ pub struct SchemeSpec {
     pub block: Option<usize>,
     pub symmetric: Option<bool>,
     pub clip_search: Option<bool>,
+    pub double_quant: Option<bool>,
+    pub dead_zone: Option<DeadZoneSpec>,
+    pub outliers: Option<OutlierSpec>,
+}
+
+/// `dead_zone: { width: W }` (half-width in quantization steps) or `{ sparsity: S }`; `{}` clears an
+/// inherited one.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DeadZoneSpec {
+    pub width: Option<f32>,
+    pub sparsity: Option<f64>,
+}
+
+/// `outliers: { fraction: F }` (largest magnitudes of the tensor) or `{ threshold: T }` (standard
+/// deviations from the channel mean); `{}` clears inherited ones.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSpec {
+    pub fraction: Option<f64>,
+    pub threshold: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -43,6 +67,8 @@ pub struct MatchSpec {
     pub min_elements: Option<u64>,
     pub max_elements: Option<u64>,
     pub subgraph: Option<bool>,
+    /// Roles guessed from names and ops: attention, ffn, embedding, head, conv, other.
+    pub role: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -70,7 +96,8 @@ pub struct RecipeFile {
 struct Rule {
     index: usize,
     matcher: MatchSpec,
-    action: Option<IntScheme>,
+    roles: Option<Vec<Role>>,
+    action: Option<WeightScheme>,
 }
 
 /// A validated recipe: the policy passes apply.
@@ -78,7 +105,7 @@ struct Rule {
 pub struct Recipe {
     pub name: String,
     pub description: String,
-    pub defaults: IntScheme,
+    pub defaults: WeightScheme,
     rules: Vec<Rule>,
 }
 
@@ -86,20 +113,33 @@ pub struct Recipe {
 pub const BUILTIN: &[(&str, &str)] = &[
     ("w8", include_str!("../../passes/w8.yaml")),
     ("w4", include_str!("../../passes/w4.yaml")),
+    ("nf4", include_str!("../../passes/nf4.yaml")),
+    ("fp4", include_str!("../../passes/fp4.yaml")),
 ];
 
-fn scheme(spec: &SchemeSpec, base: Option<&IntScheme>, place: &str) -> Result<IntScheme, String> {
-    if let Some(f) = &spec.format
-        && f != "int"
-    {
-        return Err(format!(
-            "{place}: format '{f}' is not available (this version quantizes format: int)"
-        ));
-    }
-    let bits = spec
-        .bits
-        .or(base.map(|b| b.bits))
-        .ok_or_else(|| format!("{place}: bits is required"))?;
+fn scheme(
+    spec: &SchemeSpec,
+    base: Option<&WeightScheme>,
+    place: &str,
+) -> Result<WeightScheme, String> {
+    let format = match spec.format.as_deref() {
+        None => base.map_or(Format::Int, |b| b.format),
+        Some("int") => Format::Int,
+        Some("nf4") => Format::Nf4,
+        Some("fp4") => Format::Fp4,
+        Some(f) => {
+            return Err(format!("{place}: format '{f}' is not one of int, nf4, fp4"));
+        }
+    };
+    let table = format != Format::Int;
+    let bits = match spec.bits {
+        Some(b) => b,
+        None if table => 4,
+        None => base
+            .map(|b| b.bits)
+            .ok_or_else(|| format!("{place}: bits is required"))?,
+    };
+    let format_changed = spec.format.is_some() && base.is_some_and(|b| b.format != format);
     let granularity = match (spec.granularity.as_deref(), spec.block) {
         (Some("tensor"), None) => Granularity::PerTensor,
         (Some("channel"), None) => Granularity::PerChannel,
@@ -118,18 +158,50 @@ fn scheme(spec: &SchemeSpec, base: Option<&IntScheme>, place: &str) -> Result<In
             ));
         }
         (None, Some(b)) => Granularity::Block(b),
-        (None, None) => base
-            .map(|b| b.granularity)
-            .unwrap_or(Granularity::PerChannel),
+        // NF4/FP4 default to bitsandbytes' blocks of 64.
+        (None, None) if table && (format_changed || base.is_none()) => Granularity::Block(64),
+        (None, None) => base.map_or(Granularity::PerChannel, |b| b.granularity),
     };
-    let s = IntScheme {
+    let inherit = |f: fn(&WeightScheme) -> bool, default: bool| base.map_or(default, f);
+    let s = WeightScheme {
+        format,
         bits,
-        symmetric: spec.symmetric.or(base.map(|b| b.symmetric)).unwrap_or(true),
+        symmetric: spec
+            .symmetric
+            .unwrap_or(table || inherit(|b| b.symmetric, true)),
         granularity,
         clip_search: spec
             .clip_search
-            .or(base.map(|b| b.clip_search))
-            .unwrap_or(false),
+            .unwrap_or(inherit(|b| b.clip_search, false)),
+        double_quant: spec
+            .double_quant
+            .unwrap_or(inherit(|b| b.double_quant, false)),
+        dead_zone: match &spec.dead_zone {
+            None => base.and_then(|b| b.dead_zone).filter(|_| !table),
+            Some(d) => match (d.width, d.sparsity) {
+                (None, None) => None,
+                (Some(w), None) => Some(DeadZone::Width(w)),
+                (None, Some(f)) => Some(DeadZone::Sparsity(f)),
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{place}: dead_zone takes width or sparsity, not both"
+                    ));
+                }
+            },
+        },
+        outliers: match &spec.outliers {
+            None => base.and_then(|b| b.outliers),
+            Some(o) => match (o.fraction, o.threshold) {
+                (None, None) => None,
+                (Some(f), None) => Some(OutlierRule::TopFraction(f)),
+                (None, Some(t)) => Some(OutlierRule::StdThreshold(t)),
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{place}: outliers takes fraction or threshold, not both"
+                    ));
+                }
+            },
+        },
     };
     s.validate().map_err(|e| format!("{place}: {e}"))?;
     Ok(s)
@@ -190,9 +262,21 @@ impl Recipe {
                 {
                     return Err(format!("{place}: min_elements {lo} > max_elements {hi}"));
                 }
+                let roles = r
+                    .matcher
+                    .role
+                    .as_ref()
+                    .map(|rs| {
+                        rs.iter()
+                            .map(|x| x.parse::<Role>())
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()
+                    .map_err(|e| format!("{place}: {e}"))?;
                 Ok(Rule {
                     index: i,
                     matcher: r.matcher.clone(),
+                    roles,
                     action,
                 })
             })
@@ -223,15 +307,17 @@ impl Recipe {
         Recipe::parse(&path.display().to_string(), &text)
     }
 
-    fn matches(m: &MatchSpec, site: &SiteInfo) -> bool {
-        m.op.as_ref().is_none_or(|ops| {
-            site.consumers
-                .iter()
-                .any(|(_, op)| ops.iter().any(|o| o == op))
-        }) && m
-            .node
-            .as_ref()
-            .is_none_or(|p| site.consumers.iter().any(|(n, _)| glob(p, n)))
+    fn matches(r: &Rule, site: &SiteInfo) -> bool {
+        let m = &r.matcher;
+        r.roles.as_ref().is_none_or(|rs| rs.contains(&site.role))
+            && m.op.as_ref().is_none_or(|ops| {
+                site.consumers
+                    .iter()
+                    .any(|(_, op)| ops.iter().any(|o| o == op))
+            })
+            && m.node
+                .as_ref()
+                .is_none_or(|p| site.consumers.iter().any(|(n, _)| glob(p, n)))
             && m.weight.as_ref().is_none_or(|p| glob(p, site.weight))
             && m.min_elements.is_none_or(|lo| site.elements >= lo)
             && m.max_elements.is_none_or(|hi| site.elements <= hi)
@@ -242,7 +328,7 @@ impl Recipe {
 impl WeightPolicy for Recipe {
     fn decide(&self, site: &SiteInfo) -> Decision {
         for r in &self.rules {
-            if Recipe::matches(&r.matcher, site) {
+            if Recipe::matches(r, site) {
                 return match r.action {
                     Some(s) => Decision::Quantize(s),
                     None => {
@@ -269,6 +355,7 @@ mod tests {
             consumers,
             elements,
             in_subgraph: false,
+            role: crate::passes::roles::classify(weight, &[]),
         }
     }
 
@@ -282,12 +369,7 @@ mod tests {
         let emb = r.decide(&site("emb", vec![("g", "Gather")], 1000));
         assert_eq!(
             emb,
-            Decision::Quantize(IntScheme {
-                bits: 8,
-                symmetric: false,
-                granularity: Granularity::PerTensor,
-                clip_search: false
-            })
+            Decision::Quantize(WeightScheme::int(8, false, Granularity::PerTensor, false))
         );
         assert!(
             matches!(r.decide(&site("lm_head.w", vec![("m", "MatMul")], 1000)), Decision::Skip(s) if s.contains("rules[1]"))
@@ -317,6 +399,46 @@ mod tests {
         let e = Recipe::parse("t", "defaults: { bits: 8, granularity: blok }\n").unwrap_err();
         assert!(e.contains("blok"), "{e}");
         assert!(Recipe::load("no-such-recipe").unwrap_err().contains("w8"));
+    }
+
+    #[test]
+    fn table_formats_roles_and_side_paths() {
+        let r = Recipe::parse(
+            "t",
+            "defaults: { bits: 8, granularity: channel }\nrules:\n  - match: { role: [ffn] }\n    scheme: { format: nf4, double_quant: true }\n  - match: { role: [attention] }\n    scheme: { bits: 4, block: 32, outliers: { threshold: 6.0 }, dead_zone: { width: 0.8 } }\n",
+        )
+        .unwrap();
+        let ffn = SiteInfo {
+            role: Role::Ffn,
+            ..site("w", vec![("/mlp/fc1/MatMul", "MatMul")], 1000)
+        };
+        let Decision::Quantize(s) = r.decide(&ffn) else {
+            panic!()
+        };
+        assert_eq!(
+            (s.format, s.bits, s.granularity, s.double_quant, s.symmetric),
+            (Format::Nf4, 4, Granularity::Block(64), true, true)
+        );
+        let attn = SiteInfo {
+            role: Role::Attention,
+            ..ffn.clone()
+        };
+        let Decision::Quantize(s) = r.decide(&attn) else {
+            panic!()
+        };
+        assert_eq!(s.outliers, Some(OutlierRule::StdThreshold(6.0)));
+        assert_eq!(s.dead_zone, Some(DeadZone::Width(0.8)));
+        assert_eq!(s.granularity, Granularity::Block(32));
+        let e = Recipe::parse("t", "defaults: { format: nf4, bits: 3 }\n").unwrap_err();
+        assert!(e.contains("4-bit"), "{e}");
+        let e = Recipe::parse(
+            "t",
+            "defaults: { bits: 8 }\nrules:\n  - match: { role: [mlp] }\n    skip: true\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("rules[0]") && e.contains("mlp"), "{e}");
+        let e = Recipe::parse("t", "defaults: { bits: 4, dead_zone: { wdth: 1 } }\n").unwrap_err();
+        assert!(e.contains("wdth"), "{e}");
     }
 
     #[test]

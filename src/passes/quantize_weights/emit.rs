@@ -1,0 +1,329 @@
+//! Graph forms that decode a quantized weight back to float, in standard ONNX ops. Each function adds
+//! constants and nodes to a [`Patch`] and returns the name of the decoded value; the numbers it computes
+//! are exactly [`Encoded::decode`] (tests run every form in both runtimes against it).
+
+use std::collections::HashMap;
+
+use crate::ir::{Names, Patch};
+use crate::onnx::dtype::DataType;
+use crate::onnx::pb::{AttributeProto, TensorProto, attribute_proto::AttributeType};
+use crate::quant::scheme::Encoded;
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn tensor(dt: DataType, dims: &[i64], raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        data_type: dt as i32,
+        dims: dims.to_vec(),
+        raw_data: raw.into(),
+        ..Default::default()
+    }
+}
+
+pub fn f32_tensor(dims: &[i64], v: &[f32]) -> TensorProto {
+    tensor(
+        DataType::Float,
+        dims,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
+}
+
+fn i64_tensor(dims: &[i64], v: &[i64]) -> TensorProto {
+    tensor(
+        DataType::Int64,
+        dims,
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
+}
+
+/// The code slot width a `bits`-wide code is stored in: codes never straddle bytes.
+pub fn slot_bits(bits: u32) -> u32 {
+    match bits {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// Everything one pass run shares between sites: the byte-to-levels tables already emitted.
+#[derive(Default)]
+pub struct Shared {
+    tables: HashMap<(Vec<u32>, u32), String>,
+}
+
+/// Where an emission happens: the patch, the model's names and opset, a base name for new values.
+pub struct Emit<'a> {
+    pub patch: &'a mut Patch,
+    pub names: &'a mut Names,
+    pub opset: i64,
+    pub base: String,
+}
+
+impl Emit<'_> {
+    fn constant(&mut self, suffix: &str, t: TensorProto) -> String {
+        self.patch
+            .constant(self.names, &format!("{}_{suffix}", self.base), t)
+    }
+
+    fn node(
+        &mut self,
+        suffix: &str,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        let inputs: Vec<Option<&str>> = inputs.iter().map(|s| Some(*s)).collect();
+        self.patch
+            .node(
+                self.names,
+                &format!("{}_{suffix}", self.base),
+                op,
+                "",
+                &inputs,
+                1,
+                attrs,
+            )
+            .remove(0)
+    }
+
+    fn reshape(&mut self, x: &str, dims: &[i64]) -> String {
+        let shape = self.constant("shape", i64_tensor(&[dims.len() as i64], dims));
+        self.node("reshape", "Reshape", &[x, &shape], vec![])
+    }
+
+    /// `x[.., 0..end, ..]` along `axis`, in the Slice form of the model's opset.
+    fn slice(&mut self, x: &str, axis: i64, end: i64) -> String {
+        if self.opset >= 10 {
+            let s = self.constant("starts", i64_tensor(&[1], &[0]));
+            let e = self.constant("ends", i64_tensor(&[1], &[end]));
+            let a = self.constant("axes", i64_tensor(&[1], &[axis]));
+            self.node("slice", "Slice", &[x, &s, &e, &a], vec![])
+        } else {
+            self.node(
+                "slice",
+                "Slice",
+                &[x],
+                vec![
+                    attr_ints("starts", &[0]),
+                    attr_ints("ends", &[end]),
+                    attr_ints("axes", &[axis]),
+                ],
+            )
+        }
+    }
+
+    fn cast(&mut self, x: &str, to: DataType) -> String {
+        self.node("cast", "Cast", &[x], vec![attr_int("to", to as i64)])
+    }
+
+    /// `DequantizeLinear(codes, scale, zero_point[, axis])`: int8 codes in the weight's own layout.
+    pub fn dequantize_linear(
+        &mut self,
+        codes: TensorProto,
+        scales: &[f32],
+        zero_points: TensorProto,
+        axis: Option<usize>,
+    ) -> String {
+        let dims: Vec<i64> = if axis.is_some() {
+            vec![scales.len() as i64]
+        } else {
+            vec![]
+        };
+        let q = self.constant("q", codes);
+        let s = self.constant("scale", f32_tensor(&dims, scales));
+        let z = self.constant("zero_point", zero_points);
+        let attrs = axis
+            .map(|a| vec![attr_int("axis", a as i64)])
+            .unwrap_or_default();
+        self.node("dequantize", "DequantizeLinear", &[&q, &s, &z], attrs)
+    }
+
+    /// `Mul(Cast(codes) [− zero_point], scale)` with scale and zero point shaped to broadcast along
+    /// `axis` (or scalars): the same numbers as DequantizeLinear, in ops every runtime folds at load.
+    pub fn cast_mul(
+        &mut self,
+        codes: TensorProto,
+        rank: usize,
+        scales: &[f32],
+        zero_points: Option<&[f32]>,
+        axis: Option<usize>,
+    ) -> String {
+        let mut bshape = vec![1i64; rank];
+        if let Some(a) = axis {
+            bshape[a] = scales.len() as i64;
+        }
+        let q = self.constant("q", codes);
+        let s = self.constant("scale", f32_tensor(&bshape, scales));
+        let mut x = self.cast(&q, DataType::Float);
+        if let Some(z) = zero_points {
+            let z = self.constant("zero_point", f32_tensor(&bshape, z));
+            x = self.node("centre", "Sub", &[&x, &z], vec![]);
+        }
+        self.node("dequantize", "Mul", &[&x, &s], vec![])
+    }
+
+    /// The level-table form for any [`Encoded`]: packed codes → Cast(int32) → Gather(table) → Reshape
+    /// [groups, slots] (→ Sub zero points) → Mul(scales) → Slice/Reshape to `[channels, k]` → Reshape to
+    /// `moved_dims` (→ Transpose by `perm`). The table maps each byte to the levels of the codes it
+    /// packs (low bits first), so one Gather unpacks and looks up at once; tables are shared between
+    /// sites. Needs opset ≥ 7. Returns the decoded value and the bytes of new constants.
+    pub fn level_table(
+        &mut self,
+        shared: &mut Shared,
+        e: &Encoded,
+        moved_dims: &[i64],
+        perm: Option<&[i64]>,
+    ) -> Result<(String, u64), String> {
+        if self.opset < 7 {
+            return Err(format!(
+                "the level-table form needs opset 7, the model has {}",
+                self.opset
+            ));
+        }
+        let slot = slot_bits(e.bits);
+        let per_byte = (8 / slot) as usize;
+        let gpr = e.groups_per_row();
+        let rows = e.channels * gpr;
+        let width = e.group.div_ceil(per_byte) * per_byte;
+        // Codes laid out [rows, width]: each group padded to a whole number of bytes.
+        let mut slots = Vec::with_capacity(rows * width);
+        for r in 0..e.channels {
+            let row = &e.codes[r * e.k..(r + 1) * e.k];
+            for g in row.chunks(e.group) {
+                slots.extend_from_slice(g);
+                slots.resize(slots.len() + width - g.len(), 0);
+            }
+        }
+        let packed: Vec<u8> = slots
+            .chunks(per_byte)
+            .map(|c| {
+                c.iter()
+                    .enumerate()
+                    .fold(0u8, |b, (i, &v)| b | (v << (i as u32 * slot)))
+            })
+            .collect();
+        let mut bytes = packed.len() as u64;
+        let nbytes = packed.len() as i64;
+        let key = (
+            e.levels.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
+            slot,
+        );
+        let table = match shared.tables.get(&key) {
+            Some(name) => name.clone(),
+            None => {
+                let mask = (1usize << slot) - 1;
+                let mut t = Vec::with_capacity(256 * per_byte);
+                for b in 0..256usize {
+                    for i in 0..per_byte {
+                        let code = (b >> (i * slot as usize)) & mask;
+                        t.push(e.levels.get(code).copied().unwrap_or(0.0));
+                    }
+                }
+                bytes += 4 * t.len() as u64;
+                let name = self.constant("levels", f32_tensor(&[256, per_byte as i64], &t));
+                shared.tables.insert(key, name.clone());
+                name
+            }
+        };
+        let codes = self.constant("codes", tensor(DataType::Uint8, &[nbytes], packed));
+        let idx = self.cast(&codes, DataType::Int32);
+        let looked_up = self.node(
+            "lookup",
+            "Gather",
+            &[&table, &idx],
+            vec![attr_int("axis", 0)],
+        );
+        let mut x = self.reshape(&looked_up, &[rows as i64, width as i64]);
+        if let Some(z) = &e.zero_points {
+            bytes += z.len() as u64;
+            let zc = self.constant(
+                "zero_point",
+                tensor(DataType::Uint8, &[rows as i64, 1], z.clone()),
+            );
+            let zf = self.cast(&zc, DataType::Float);
+            x = self.node("centre", "Sub", &[&x, &zf], vec![]);
+        }
+        let (scales, scale_bytes) = self.scales(e, rows)?;
+        bytes += scale_bytes;
+        x = self.node("scale", "Mul", &[&x, &scales], vec![]);
+        if width != e.group {
+            x = self.slice(&x, 1, e.group as i64);
+        }
+        if gpr * e.group != e.k {
+            x = self.reshape(&x, &[e.channels as i64, (gpr * e.group) as i64]);
+            x = self.slice(&x, 1, e.k as i64);
+        }
+        x = self.reshape(&x, moved_dims);
+        if let Some(p) = perm {
+            x = self.node("transpose", "Transpose", &[&x], vec![attr_ints("perm", p)]);
+        }
+        Ok((x, bytes))
+    }
+
+    /// The `[rows, 1]` scales: a constant, or decoded from their 8-bit double quantization
+    /// (`min + code · step` per group of scales).
+    fn scales(&mut self, e: &Encoded, rows: usize) -> Result<(String, u64), String> {
+        let Some(d) = &e.double else {
+            let s = self.constant("scales", f32_tensor(&[rows as i64, 1], &e.scales));
+            return Ok((s, 4 * rows as u64));
+        };
+        let groups = d.mins.len();
+        let mut codes = d.codes.clone();
+        codes.resize(groups * d.group, 0);
+        let c = self.constant(
+            "scale_codes",
+            tensor(DataType::Uint8, &[groups as i64, d.group as i64], codes),
+        );
+        let steps = self.constant("scale_steps", f32_tensor(&[groups as i64, 1], &d.steps));
+        let mins = self.constant("scale_mins", f32_tensor(&[groups as i64, 1], &d.mins));
+        let mut s = self.cast(&c, DataType::Float);
+        s = self.node("scale_step", "Mul", &[&s, &steps], vec![]);
+        s = self.node("scale_min", "Add", &[&s, &mins], vec![]);
+        s = self.reshape(&s, &[(groups * d.group) as i64, 1]);
+        if groups * d.group != rows {
+            s = self.slice(&s, 0, rows as i64);
+        }
+        Ok((s, (groups * d.group + 8 * groups) as u64))
+    }
+
+    /// Writes the kept outliers over the decoded weight: `ScatterND(x, indices, values)` (opset ≥ 11).
+    /// `index` maps a flat index of the encoded matrix to the weight's own coordinates.
+    pub fn outliers(
+        &mut self,
+        x: &str,
+        outliers: &[(usize, f32)],
+        rank: usize,
+        index: impl Fn(usize) -> Vec<i64>,
+    ) -> Result<(String, u64), String> {
+        if self.opset < 11 {
+            return Err(format!(
+                "the outlier path (ScatterND) needs opset 11, the model has {}",
+                self.opset
+            ));
+        }
+        let n = outliers.len() as i64;
+        let idx: Vec<i64> = outliers.iter().flat_map(|&(i, _)| index(i)).collect();
+        let vals: Vec<f32> = outliers.iter().map(|&(_, v)| v).collect();
+        let i = self.constant("outlier_idx", i64_tensor(&[n, rank as i64], &idx));
+        let v = self.constant("outlier_val", f32_tensor(&[n], &vals));
+        let y = self.node("outliers", "ScatterND", &[x, &i, &v], vec![]);
+        Ok((y, (idx.len() * 8 + vals.len() * 4) as u64))
+    }
+}

@@ -1,0 +1,759 @@
+//! Weight quantization: every weight site the policy gives a scheme is encoded once
+//! ([`crate::quant::scheme::encode`]) — a tied weight stays one quantized tensor shared by all its
+//! readers — and every read of the float tensor becomes a read of a decode in the graph. The form of
+//! the decode depends on the scheme and the target:
+//!
+//! - int8 per channel or per tensor: `DequantizeLinear` (axis at opset ≥ 13) for `portable`; for `ort`
+//!   and `tract` (and per channel below opset 13) `Mul(Cast(codes) [− zero point], scale)` — the same
+//!   numbers, and both runtimes fold it to float at load, where stock onnxruntime runs a weight-only
+//!   DequantizeLinear on every inference (3.1× slower than fp32 on the zoo's rxnmap, measured);
+//! - 4-bit integer blocks read only by MatMul, for `ort` and `tract`: com.microsoft `MatMulNBits`
+//!   (tract: symmetric blocks of 32, K a multiple of 32, f16-exact scales — its Q4_0 kernel);
+//! - everything else (2–7 bits, NF4/FP4, double-quantized scales, other ops' weights, any target): the
+//!   level-table form of [`emit::Emit::level_table`], standard ONNX from opset 7;
+//! - kept outliers: `ScatterND` over the decoded weight (opset ≥ 11).
+//!
+//! Where a form cannot be emitted the site falls back (4-bit MatMulNBits → level table → int8 per
+//! channel) or stays float, and the report says why. Constants inside subgraphs, sparse initializers,
+//! graph outputs and non-finite weights stay float.
+
+pub mod emit;
+
+use serde::Serialize;
+
+use self::emit::{Emit, Shared, attr_int, f32_tensor, tensor};
+use super::roles::{Role, classify};
+use super::{Declined, Pass, PassReport};
+use crate::error::{Error, Result};
+use crate::ir::{ConstantSource, Model, Patch, WeightSite, weight_sites};
+use crate::onnx::dtype::DataType;
+use crate::onnx::tensor::to_f32;
+use crate::quant::int::{Granularity, quantize, sqnr_db};
+use crate::quant::scheme::{Encoded, Format, WeightScheme, encode};
+
+/// The runtime family the output is for: which graph forms may be emitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Standard ONNX only, valid at the model's opset.
+    #[default]
+    Portable,
+    /// onnxruntime: also com.microsoft MatMulNBits (4-bit blocks, zero points when asymmetric).
+    Ort,
+    /// tract: also MatMulNBits where it maps to tract's Q4_0 kernel (bits 4, block 32, symmetric,
+    /// K a multiple of 32, scales exact in f16).
+    Tract,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "portable" => Ok(Target::Portable),
+            "ort" => Ok(Target::Ort),
+            "tract" => Ok(Target::Tract),
+            other => Err(format!(
+                "unknown target '{other}' (expected portable, ort or tract)"
+            )),
+        }
+    }
+}
+
+/// What the policy knows about a site when it decides.
+#[derive(Clone, Debug)]
+pub struct SiteInfo<'a> {
+    pub weight: &'a str,
+    /// Consumer node names and op types.
+    pub consumers: Vec<(&'a str, &'a str)>,
+    pub elements: u64,
+    pub in_subgraph: bool,
+    pub role: Role,
+}
+
+/// A scheme for a site, or a reason to leave it in float.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    Quantize(WeightScheme),
+    Skip(String),
+}
+
+/// Decides per site; recipes compile into one.
+pub trait WeightPolicy {
+    fn decide(&self, site: &SiteInfo) -> Decision;
+}
+
+/// What happened to one weight site.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteReport {
+    pub weight: String,
+    pub op_types: Vec<String>,
+    pub role: Role,
+    pub shape: Vec<i64>,
+    pub scheme: Option<WeightScheme>,
+    /// The scheme in short (`int4 block 32 clip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The graph form emitted.
+    pub form: Option<String>,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    #[serde(serialize_with = "crate::report::ser_db")]
+    pub weight_sqnr_db: f64,
+    /// Fraction of the decoded weight that is exactly zero.
+    pub sparsity: f64,
+    /// Weights kept exactly in the outlier path.
+    pub outliers: usize,
+    /// Why the site stayed float, or a note on a fallback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct WeightReport {
+    pub sites: Vec<SiteReport>,
+    pub quantized: usize,
+    pub skipped: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Values in the quantized sites.
+    pub params_quantized: u64,
+    /// Bits per weight spent on the quantized sites (codes, scales, zero points, outliers, tables).
+    pub bits_per_weight: f64,
+}
+
+pub struct QuantizeWeights<'p> {
+    pub policy: &'p dyn WeightPolicy,
+    pub target: Target,
+}
+
+impl Pass for QuantizeWeights<'_> {
+    fn name(&self) -> &'static str {
+        "quantize-weights"
+    }
+
+    fn run(&self, model: &mut Model) -> Result<PassReport> {
+        let detail = quantize_weights(model, self.policy, self.target)?;
+        let mut report = PassReport::new(self.name());
+        for s in &detail.sites {
+            match (&s.form, &s.note) {
+                (Some(form), _) => report.changes.push(format!("{}: {form}", s.weight)),
+                (None, Some(reason)) => report.declined.push(Declined {
+                    site: s.weight.clone(),
+                    reason: reason.clone(),
+                }),
+                _ => {}
+            }
+        }
+        report.changed = detail.quantized > 0;
+        Ok(report)
+    }
+}
+
+/// Quantizes the model's weights as the policy decides; returns the per-site report.
+pub fn quantize_weights(
+    model: &mut Model,
+    policy: &dyn WeightPolicy,
+    target: Target,
+) -> Result<WeightReport> {
+    let opset = model.opset("").unwrap_or(1);
+    let sites = weight_sites(model);
+    let mut report = WeightReport::default();
+    let mut patch = Patch::new("quantize-weights");
+    let mut shared = Shared::default();
+    let mut nbits = false;
+    for site in &sites {
+        let r = quantize_site(model, site, policy, opset, target, &mut patch, &mut shared)?;
+        report.bytes_before += r.bytes_before;
+        report.bytes_after += r.bytes_after;
+        if r.form.is_some() {
+            report.quantized += 1;
+            report.params_quantized += site.constant.stored_elements;
+            nbits |= r
+                .form
+                .as_deref()
+                .is_some_and(|f| f.starts_with("MatMulNBits"));
+        } else {
+            report.skipped += 1;
+        }
+        report.sites.push(r);
+    }
+    let quantized_bytes: u64 = report
+        .sites
+        .iter()
+        .filter(|s| s.form.is_some())
+        .map(|s| s.bytes_after)
+        .sum();
+    report.bits_per_weight = if report.params_quantized > 0 {
+        quantized_bytes as f64 * 8.0 / report.params_quantized as f64
+    } else {
+        0.0
+    };
+    model.graph.apply(patch)?;
+    if nbits {
+        model.require_op("com.microsoft", "MatMulNBits", 1)?;
+    }
+    Ok(report)
+}
+
+/// The weight as a row-major `[channels, k]` matrix with the channel axis moved first.
+struct Rows {
+    channels: usize,
+    k: usize,
+    values: Vec<f32>,
+    /// The shape of the moved tensor, and the Transpose perm back to the weight's layout.
+    moved_dims: Vec<i64>,
+    perm: Option<Vec<i64>>,
+}
+
+fn to_rows(values: &[f32], dims: &[usize], axis: Option<usize>) -> Rows {
+    let Some(a) = axis else {
+        return Rows {
+            channels: 1,
+            k: values.len(),
+            values: values.to_vec(),
+            moved_dims: dims.iter().map(|&d| d as i64).collect(),
+            perm: None,
+        };
+    };
+    let (ch, outer, inner) = split_at_axis(dims, a);
+    let mut m = Vec::with_capacity(values.len());
+    for c in 0..ch {
+        for o in 0..outer {
+            let base = (o * ch + c) * inner;
+            m.extend_from_slice(&values[base..base + inner]);
+        }
+    }
+    let mut moved_dims = vec![dims[a] as i64];
+    moved_dims.extend(
+        dims.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != a)
+            .map(|(_, &d)| d as i64),
+    );
+    let perm = (a != 0).then(|| {
+        (0..dims.len())
+            .map(|j| match j.cmp(&a) {
+                std::cmp::Ordering::Less => j as i64 + 1,
+                std::cmp::Ordering::Equal => 0,
+                std::cmp::Ordering::Greater => j as i64,
+            })
+            .collect()
+    });
+    Rows {
+        channels: ch,
+        k: outer * inner,
+        values: m,
+        moved_dims,
+        perm,
+    }
+}
+
+fn split_at_axis(dims: &[usize], a: usize) -> (usize, usize, usize) {
+    (
+        dims[a],
+        dims[..a].iter().product(),
+        dims[a + 1..].iter().product(),
+    )
+}
+
+/// Row-major moved `[channels, k]` data back in the weight's own layout.
+fn from_rows<T: Copy + Default>(moved: &[T], dims: &[usize], axis: Option<usize>) -> Vec<T> {
+    let Some(a) = axis else {
+        return moved.to_vec();
+    };
+    let (ch, outer, inner) = split_at_axis(dims, a);
+    let k = outer * inner;
+    let mut out = vec![T::default(); moved.len()];
+    for c in 0..ch {
+        for o in 0..outer {
+            let src = c * k + o * inner;
+            let dst = (o * ch + c) * inner;
+            out[dst..dst + inner].copy_from_slice(&moved[src..src + inner]);
+        }
+    }
+    out
+}
+
+/// Coordinates in the weight's own layout of flat index `i` of the moved `[channels, k]` matrix.
+fn original_index(i: usize, dims: &[usize], axis: Option<usize>) -> Vec<i64> {
+    let flat = match axis {
+        None => i,
+        Some(a) => {
+            let (ch, _, inner) = split_at_axis(dims, a);
+            let k = dims.iter().product::<usize>() / ch.max(1);
+            let (c, r) = (i / k.max(1), i % k.max(1));
+            let (o, n) = (r / inner.max(1), r % inner.max(1));
+            (o * ch + c) * inner + n
+        }
+    };
+    let mut coords = vec![0i64; dims.len()];
+    let mut rest = flat;
+    for (d, &n) in coords.iter_mut().zip(dims).rev() {
+        *d = (rest % n.max(1)) as i64;
+        rest /= n.max(1);
+    }
+    coords
+}
+
+fn int8_channel(scheme: &WeightScheme) -> WeightScheme {
+    WeightScheme::int(8, scheme.symmetric, Granularity::PerChannel, false)
+}
+
+fn quantize_site(
+    model: &mut Model,
+    site: &WeightSite,
+    policy: &dyn WeightPolicy,
+    opset: i64,
+    target: Target,
+    patch: &mut Patch,
+    shared: &mut Shared,
+) -> Result<SiteReport> {
+    let c = &site.constant;
+    let shape = c.shape().to_vec();
+    let consumers: Vec<(&str, &str)> = site
+        .uses
+        .iter()
+        .map(|u| (u.node.as_str(), u.op_type.as_str()))
+        .collect();
+    let role = classify(&c.name, &consumers);
+    let mut out = SiteReport {
+        weight: c.name.clone(),
+        op_types: site.uses.iter().map(|u| u.op_type.clone()).collect(),
+        role,
+        shape: shape.clone(),
+        scheme: None,
+        label: None,
+        form: None,
+        bytes_before: c.bytes(),
+        bytes_after: c.bytes(),
+        weight_sqnr_db: f64::INFINITY,
+        sparsity: 0.0,
+        outliers: 0,
+        note: None,
+    };
+    out.op_types.dedup();
+    let info = SiteInfo {
+        weight: &c.name,
+        consumers,
+        elements: c.stored_elements,
+        in_subgraph: c.in_subgraph(),
+        role,
+    };
+    let mut scheme = match policy.decide(&info) {
+        Decision::Skip(reason) => {
+            out.note = Some(reason);
+            return Ok(out);
+        }
+        Decision::Quantize(s) => s,
+    };
+    let decline = |mut out: SiteReport, why: String| {
+        out.note = Some(why);
+        Ok(out)
+    };
+    if c.in_subgraph() {
+        return decline(
+            out,
+            "the constant lives inside a subgraph: not rewritten yet".into(),
+        );
+    }
+    if c.source == ConstantSource::SparseInitializer {
+        return decline(out, "sparse initializer: kept as stored".into());
+    }
+    if c.tensor.data_type != DataType::Float as i32 {
+        return decline(out, "not float32".into());
+    }
+    if model.graph.is_output(c.value) {
+        return decline(out, "the weight is also a graph output".into());
+    }
+    if shape.is_empty() || c.stored_elements == 0 {
+        return decline(out, "scalar or empty".into());
+    }
+    let values = to_f32(&c.tensor).map_err(|e| Error::Model(format!("weight '{}' {e}", c.name)))?;
+    let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+    if non_finite > 0 {
+        return decline(
+            out,
+            format!("holds {non_finite} NaN/Inf values (e.g. a −inf mask): kept float"),
+        );
+    }
+    let mut notes: Vec<String> = Vec::new();
+    let nbits_candidate = scheme.format == Format::Int
+        && scheme.bits == 4
+        && matches!(scheme.granularity, Granularity::Block(_))
+        && scheme.outliers.is_none()
+        && scheme.dead_zone.is_none()
+        && !scheme.double_quant;
+    if nbits_candidate && target != Target::Portable {
+        match matmul_nbits(model, site, &scheme, target, patch) {
+            Ok(done) => {
+                out.scheme = Some(scheme);
+                out.label = Some(scheme.label());
+                out.form = Some(done.form);
+                out.bytes_after = done.bytes;
+                out.weight_sqnr_db = done.sqnr_db;
+                out.sparsity = done.sparsity;
+                return Ok(out);
+            }
+            Err(why) => notes.push(format!("{why}; level-table form instead")),
+        }
+    }
+    // One channel axis for all readers, else per tensor.
+    let mut axes: Vec<usize> = site.uses.iter().filter_map(|u| u.channel_axis).collect();
+    axes.sort_unstable();
+    axes.dedup();
+    let axis = match (scheme.granularity, axes.as_slice()) {
+        (Granularity::PerTensor, _) => None,
+        (_, [a]) => Some(*a),
+        (_, _) => {
+            notes.push("readers disagree on the output-channel axis: quantized per tensor".into());
+            scheme.granularity = Granularity::PerTensor;
+            None
+        }
+    };
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let rows = to_rows(&values, &dims, axis);
+    let base = c.name.clone();
+    let mut emit = Emit {
+        patch,
+        names: &mut model.names,
+        opset,
+        base,
+    };
+    let mut attempt = scheme;
+    let (decoded, bytes, form, enc) = loop {
+        let enc = encode(&rows.values, rows.channels, rows.k, &attempt)
+            .map_err(|e| Error::Model(format!("weight '{}': {e}", c.name)))?;
+        let plain_int8 = attempt.format == Format::Int
+            && attempt.bits == 8
+            && !matches!(attempt.granularity, Granularity::Block(_))
+            && attempt.outliers.is_none()
+            && !attempt.double_quant;
+        let result = if plain_int8 {
+            int8_form(&mut emit, &enc, &dims, axis, target)
+        } else {
+            level_table_form(&mut emit, shared, &enc, &rows, &dims, axis)
+        };
+        match result {
+            Ok((x, bytes, form)) => break (x, bytes, form, enc),
+            Err(why) if !plain_int8 => {
+                notes.push(format!("{why}; int8 per-channel instead"));
+                attempt = int8_channel(&attempt);
+            }
+            Err(why) => return decline(out, why),
+        }
+    };
+    emit.patch.replace_all_uses(&c.name, &decoded);
+    out.scheme = Some(attempt);
+    out.label = Some(attempt.label());
+    out.form = Some(form);
+    out.bytes_after = bytes;
+    out.weight_sqnr_db = enc.sqnr_db;
+    out.sparsity = enc.sparsity;
+    out.outliers = enc.outliers.len();
+    if !notes.is_empty() {
+        out.note = Some(notes.join("; "));
+    }
+    Ok(out)
+}
+
+/// int8 per channel or per tensor as DequantizeLinear or Cast·Mul (see the module docs).
+fn int8_form(
+    emit: &mut Emit,
+    enc: &Encoded,
+    dims: &[usize],
+    axis: Option<usize>,
+    target: Target,
+) -> std::result::Result<(String, u64, String), String> {
+    let symmetric = enc.zero_points.is_none();
+    // Level index → stored code: int8 for symmetric (index − 128), the index itself for uint8.
+    let moved: Vec<u8> = if symmetric {
+        enc.codes
+            .iter()
+            .map(|&u| (u as i32 - 128) as i8 as u8)
+            .collect()
+    } else {
+        enc.codes.clone()
+    };
+    let codes = from_rows(&moved, dims, axis);
+    let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    let dt = if symmetric {
+        DataType::Int8
+    } else {
+        DataType::Uint8
+    };
+    let zps: Vec<u8> = enc
+        .zero_points
+        .clone()
+        .unwrap_or_else(|| vec![0; enc.scales.len()]);
+    let bytes =
+        codes.len() as u64 + enc.scales.len() as u64 * 4 + (!symmetric as u64) * zps.len() as u64;
+    let kind = if axis.is_some() {
+        "per-channel"
+    } else {
+        "per-tensor"
+    };
+    let axis_note = axis.map(|a| format!(", axis {a}")).unwrap_or_default();
+    // DequantizeLinear: per tensor from opset 10, with `axis` from 13.
+    let dq_opset = if axis.is_some() { 13 } else { 10 };
+    if target == Target::Portable && emit.opset >= dq_opset {
+        let zdims: Vec<i64> = if axis.is_some() {
+            vec![zps.len() as i64]
+        } else {
+            vec![]
+        };
+        let x = emit.dequantize_linear(
+            tensor(dt, &shape, codes),
+            &enc.scales,
+            tensor(dt, &zdims, zps),
+            axis,
+        );
+        return Ok((
+            x,
+            bytes,
+            format!("DequantizeLinear(int8 {kind}{axis_note})"),
+        ));
+    }
+    if emit.opset < 7 {
+        return Err(format!(
+            "Cast·Mul needs opset 7 (broadcasting Mul), the model has {}",
+            emit.opset
+        ));
+    }
+    let zf: Option<Vec<f32>> = (!symmetric).then(|| zps.iter().map(|&z| z as f32).collect());
+    let x = emit.cast_mul(
+        tensor(dt, &shape, codes),
+        dims.len(),
+        &enc.scales,
+        zf.as_deref(),
+        axis,
+    );
+    let why = if target == Target::Portable {
+        format!("; opset {} < {dq_opset}", emit.opset)
+    } else {
+        String::new()
+    };
+    Ok((x, bytes, format!("Cast·Mul(int8 {kind}{axis_note}{why})")))
+}
+
+/// Any encoding as the level-table form, with the outlier path when there are outliers.
+fn level_table_form(
+    emit: &mut Emit,
+    shared: &mut Shared,
+    enc: &Encoded,
+    rows: &Rows,
+    dims: &[usize],
+    axis: Option<usize>,
+) -> std::result::Result<(String, u64, String), String> {
+    if !enc.outliers.is_empty() && emit.opset < 11 {
+        return Err(format!(
+            "the outlier path (ScatterND) needs opset 11, the model has {}",
+            emit.opset
+        ));
+    }
+    let (mut x, mut bytes) =
+        emit.level_table(shared, enc, &rows.moved_dims, rows.perm.as_deref())?;
+    if !enc.outliers.is_empty() {
+        let (y, b) = emit.outliers(&x, &enc.outliers, dims.len(), |i| {
+            original_index(i, dims, axis)
+        })?;
+        x = y;
+        bytes += b;
+    }
+    let slot = emit::slot_bits(enc.bits);
+    let mut form = format!("Gather(levels, {slot}-bit slots)·Mul");
+    if enc.double.is_some() {
+        form += " with 8-bit scales";
+    }
+    if !enc.outliers.is_empty() {
+        form += &format!(" + ScatterND({} outliers)", enc.outliers.len());
+    }
+    Ok((x, bytes, form))
+}
+
+struct NBitsDone {
+    form: String,
+    bytes: u64,
+    sqnr_db: f64,
+    sparsity: f64,
+}
+
+/// Replaces every MatMul reading the weight by com.microsoft MatMulNBits over shared packed 4-bit
+/// blocks. Errs (changing nothing) with the reason when the site or the target does not allow it.
+fn matmul_nbits(
+    model: &mut Model,
+    site: &WeightSite,
+    scheme: &WeightScheme,
+    target: Target,
+    patch: &mut Patch,
+) -> std::result::Result<NBitsDone, String> {
+    let scheme = &scheme.int_scheme();
+    let Granularity::Block(block) = scheme.granularity else {
+        unreachable!("checked by the caller")
+    };
+    let c = &site.constant;
+    if target == Target::Portable {
+        return Err("4-bit blocks need --target ort or tract (MatMulNBits)".into());
+    }
+    if site
+        .uses
+        .iter()
+        .any(|u| u.op_type != "MatMul" || u.input != 1 || u.subgraph)
+    {
+        return Err("MatMulNBits replaces MatMul B only, and this weight has other readers".into());
+    }
+    if site.readers != site.uses.len() {
+        return Err("the weight is also read outside a weight slot".into());
+    }
+    let [k, n] = c.shape() else {
+        return Err(format!(
+            "MatMulNBits needs a 2-D B, this is {:?}",
+            c.shape()
+        ));
+    };
+    let (k, n) = (*k as usize, *n as usize);
+    if block < 16 || !block.is_power_of_two() {
+        return Err(format!(
+            "MatMulNBits needs a power-of-two block ≥ 16, got {block}"
+        ));
+    }
+    if target == Target::Tract {
+        if block != 32 || !scheme.symmetric {
+            return Err("tract's Q4_0 kernel takes symmetric blocks of 32 only".into());
+        }
+        if k % 32 != 0 {
+            return Err(format!(
+                "K={k} is not a multiple of 32 (tract's Q4_0 kernel)"
+            ));
+        }
+    }
+    let g = &model.graph;
+    let mut consumers = Vec::new();
+    for u in &site.uses {
+        let found: Vec<_> = g
+            .nodes()
+            .filter(|(_, x)| !u.node.is_empty() && x.name == u.node)
+            .map(|(id, _)| id)
+            .collect();
+        let [id] = found.as_slice() else {
+            return Err(format!("consumer '{}' is not uniquely named", u.node));
+        };
+        let node = g.node(*id);
+        let (Some(a), Some(y)) = (node.input(0), node.outputs().first().copied().flatten()) else {
+            return Err(format!("MatMul '{}' lacks an input or output", u.node));
+        };
+        if g.is_output(y) {
+            return Err(format!(
+                "the output of MatMul '{}' is a graph output",
+                u.node
+            ));
+        }
+        consumers.push((
+            *id,
+            g.value_name(a).to_string(),
+            g.value_name(y).to_string(),
+            node.name.clone(),
+        ));
+    }
+    let values = to_f32(&c.tensor).map_err(|e| format!("weight {e}"))?;
+    // [K, N] → rows of B^T: [N, K].
+    let mut wt = vec![0f32; values.len()];
+    for (i, row) in values.chunks(n).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            wt[j * k + i] = v;
+        }
+    }
+    let mut q = quantize(&wt, n, k, scheme)?;
+    if target == Target::Tract {
+        // tract keeps Q4_0 scales in f16: quantize against the f16 value of each scale.
+        for s in q.scales.iter_mut() {
+            let h = half::f16::from_f32(*s);
+            *s = if h.is_infinite() {
+                half::f16::MAX.to_f32()
+            } else if h.to_f32() > 0.0 {
+                h.to_f32()
+            } else {
+                half::f16::from_bits(1).to_f32()
+            };
+        }
+        q.codes = crate::quant::int::codes_for_scales(&wt, &q);
+    }
+    let deq = q.dequantize();
+    let sqnr_db = sqnr_db(&wt, &deq);
+    let sparsity = deq.iter().filter(|v| **v == 0.0).count() as f64 / deq.len().max(1) as f64;
+    let blocks = k.div_ceil(block);
+    let offset = if scheme.symmetric { 8 } else { 0 };
+    let packed = crate::quant::pack::matmul_nbits_b(&q.codes, n, k, 4, block, offset);
+    let blob = block / 2;
+    let names = &mut model.names;
+    let b_name = patch.constant(
+        names,
+        &format!("{}_q4", c.name),
+        tensor(
+            DataType::Uint8,
+            &[n as i64, blocks as i64, blob as i64],
+            packed.clone(),
+        ),
+    );
+    let s_name = patch.constant(
+        names,
+        &format!("{}_scales", c.name),
+        f32_tensor(&[(n * blocks) as i64], &q.scales),
+    );
+    let zp_name = match &q.zero_points {
+        Some(z) => {
+            let zp = crate::quant::pack::matmul_nbits_zero_points(z, n, blocks, 4);
+            let len = zp.len() as i64;
+            Some(patch.constant(
+                names,
+                &format!("{}_zero_points", c.name),
+                tensor(DataType::Uint8, &[len], zp),
+            ))
+        }
+        None => None,
+    };
+    for (id, a, y, node_name) in &consumers {
+        let attrs = vec![
+            attr_int("K", k as i64),
+            attr_int("N", n as i64),
+            attr_int("bits", 4),
+            attr_int("block_size", block as i64),
+        ];
+        let inputs: Vec<Option<&str>> = match &zp_name {
+            Some(z) => vec![
+                Some(a.as_str()),
+                Some(&b_name),
+                Some(&s_name),
+                Some(z.as_str()),
+            ],
+            None => vec![Some(a.as_str()), Some(&b_name), Some(&s_name)],
+        };
+        let out = patch.node(
+            names,
+            &format!("{node_name}_nbits"),
+            "MatMulNBits",
+            "com.microsoft",
+            &inputs,
+            1,
+            attrs,
+        );
+        patch.replace_all_uses(y, &out[0]);
+        patch.remove_node(*id);
+    }
+    let bytes = packed.len() as u64
+        + q.scales.len() as u64 * 4
+        + q.zero_points.as_ref().map_or(0, |z| z.len() as u64 / 2);
+    Ok(NBitsDone {
+        form: format!(
+            "MatMulNBits(4-bit, block {block}, {}) × {}",
+            if scheme.symmetric {
+                "symmetric"
+            } else {
+                "zero points"
+            },
+            consumers.len()
+        ),
+        bytes,
+        sqnr_db,
+        sparsity,
+    })
+}

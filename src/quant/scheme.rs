@@ -1,0 +1,415 @@
+//! A complete weight scheme (format, width, granularity, clip search, double quantization, dead zone,
+//! outliers) and [`encode`]: one `[channels, k]` matrix → codes, the level each code stands for, one
+//! scale (and zero point) per group, and the outliers kept exactly. Every graph form a pass emits starts
+//! from an [`Encoded`], and [`Encoded::decode`] is the reference for what that form must compute.
+//!
+//! Decoding: `w[i] = (levels[codes[i]] − zero_point[g]) · scale[g]`, where g is the group of i, and then
+//! `w[i] = v` for every kept outlier (i, v) — the dense part holds an exact 0 there.
+
+use serde::Serialize;
+
+use super::int::{self, Granularity, IntScheme};
+use super::sparse::{self, OutlierRule};
+use super::table::{self, DoubleQuantized, TableFormat};
+
+/// How values are mapped to codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Uniform integer levels with a scale (and zero point when asymmetric).
+    Int,
+    /// NormalFloat4 levels with blockwise absmax scaling.
+    Nf4,
+    /// FP4 (E2M1) levels with blockwise absmax scaling.
+    Fp4,
+}
+
+/// Values near zero forced to exactly zero.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadZone {
+    /// Half-width of the zone in quantization steps of each group (0.5 is plain rounding).
+    Width(f32),
+    /// The magnitude quantile of the tensor that makes this fraction of the values zero.
+    Sparsity(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct WeightScheme {
+    pub format: Format,
+    pub bits: u32,
+    pub symmetric: bool,
+    pub granularity: Granularity,
+    pub clip_search: bool,
+    /// Quantize the group scales to 8 bits in groups of [`DOUBLE_QUANT_GROUP`].
+    pub double_quant: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_zone: Option<DeadZone>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outliers: Option<OutlierRule>,
+}
+
+/// Scales per second-level group under double quantization (bitsandbytes uses 256).
+pub const DOUBLE_QUANT_GROUP: usize = 256;
+
+impl WeightScheme {
+    /// A plain integer scheme.
+    pub fn int(bits: u32, symmetric: bool, granularity: Granularity, clip_search: bool) -> Self {
+        WeightScheme {
+            format: Format::Int,
+            bits,
+            symmetric,
+            granularity,
+            clip_search,
+            double_quant: false,
+            dead_zone: None,
+            outliers: None,
+        }
+    }
+
+    pub fn int_scheme(&self) -> IntScheme {
+        IntScheme {
+            bits: self.bits,
+            symmetric: self.symmetric,
+            granularity: self.granularity,
+            clip_search: self.clip_search,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.int_scheme().validate()?;
+        if self.format != Format::Int {
+            if self.bits != 4 {
+                return Err(format!(
+                    "format {:?} is 4-bit, bits {} given",
+                    self.format, self.bits
+                ));
+            }
+            if !self.symmetric {
+                return Err(format!(
+                    "format {:?} scales by absmax and has no zero point: use symmetric",
+                    self.format
+                ));
+            }
+            if self.dead_zone.is_some() {
+                return Err("dead_zone applies to format int".into());
+            }
+        }
+        match self.dead_zone {
+            Some(DeadZone::Width(w)) if !(w.is_finite() && w >= 0.0) => {
+                return Err(format!("dead_zone width must be ≥ 0, got {w}"));
+            }
+            Some(DeadZone::Sparsity(s)) if !(0.0..1.0).contains(&s) => {
+                return Err(format!("dead_zone sparsity must be in [0, 1), got {s}"));
+            }
+            _ => {}
+        }
+        match self.outliers {
+            Some(OutlierRule::TopFraction(f)) if !(f > 0.0 && f < 0.5) => {
+                Err(format!("outliers fraction must be in (0, 0.5), got {f}"))
+            }
+            Some(OutlierRule::StdThreshold(t)) if !(t.is_finite() && t > 0.0) => {
+                Err(format!("outliers threshold must be > 0, got {t}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A short human label, e.g. `int4 block 32 sym clip` or `nf4 block 64 dq`.
+    pub fn label(&self) -> String {
+        let mut s = match self.format {
+            Format::Int => format!("int{}", self.bits),
+            Format::Nf4 => "nf4".into(),
+            Format::Fp4 => "fp4".into(),
+        };
+        s += &match self.granularity {
+            Granularity::PerTensor => " per-tensor".to_string(),
+            Granularity::PerChannel => " per-channel".to_string(),
+            Granularity::Block(b) => format!(" block {b}"),
+        };
+        if self.format == Format::Int && !self.symmetric {
+            s += " asym";
+        }
+        if self.clip_search {
+            s += " clip";
+        }
+        if self.double_quant {
+            s += " dq";
+        }
+        match self.dead_zone {
+            Some(DeadZone::Width(w)) => s += &format!(" deadzone {w}"),
+            Some(DeadZone::Sparsity(f)) => s += &format!(" sparsity {f}"),
+            None => {}
+        }
+        match self.outliers {
+            Some(OutlierRule::TopFraction(f)) => s += &format!(" outliers {f}"),
+            Some(OutlierRule::StdThreshold(t)) => s += &format!(" outliers {t}σ"),
+            None => {}
+        }
+        s
+    }
+}
+
+/// A matrix in codes: see the module docs for how it decodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub channels: usize,
+    pub k: usize,
+    /// Values per scale along k (the last group of a row may be short).
+    pub group: usize,
+    /// Code width: `levels` has `2^bits` entries.
+    pub bits: u32,
+    /// Row-major `[channels, k]` indices into `levels`.
+    pub codes: Vec<u8>,
+    pub levels: Vec<f32>,
+    /// One per group, `[channels, groups per row]` (already through double quantization, if any).
+    pub scales: Vec<f32>,
+    /// One per group, in level units (asymmetric integers only).
+    pub zero_points: Option<Vec<u8>>,
+    /// The 8-bit form of `scales` under double quantization.
+    pub double: Option<DoubleQuantized>,
+    /// (flat index, exact value), ascending.
+    pub outliers: Vec<(usize, f32)>,
+    /// Fraction of the decoded values that are exactly zero.
+    pub sparsity: f64,
+    /// Weight SQNR of the decode against the original, dB.
+    pub sqnr_db: f64,
+}
+
+impl Encoded {
+    pub fn groups_per_row(&self) -> usize {
+        self.k.div_ceil(self.group)
+    }
+
+    pub fn decode(&self) -> Vec<f32> {
+        let gpr = self.groups_per_row();
+        let mut out = Vec::with_capacity(self.codes.len());
+        for r in 0..self.channels {
+            for c in 0..self.k {
+                let g = r * gpr + c / self.group;
+                let z = self.zero_points.as_ref().map_or(0.0, |z| z[g] as f32);
+                out.push((self.levels[self.codes[r * self.k + c] as usize] - z) * self.scales[g]);
+            }
+        }
+        for &(i, v) in &self.outliers {
+            out[i] = v;
+        }
+        out
+    }
+
+    /// Bytes of this encoding when codes are packed at `slot_bits` per code: codes, scales (f32, or u8
+    /// plus two f32 per second-level group), zero points (u8), outliers (i64 index + f32 value).
+    pub fn bytes(&self, slot_bits: u32) -> u64 {
+        let codes = (self.codes.len() as u64 * slot_bits as u64).div_ceil(8);
+        let scales = match &self.double {
+            Some(d) => d.codes.len() as u64 + 8 * d.mins.len() as u64,
+            None => 4 * self.scales.len() as u64,
+        };
+        let zps = self.zero_points.as_ref().map_or(0, |z| z.len() as u64);
+        codes + scales + zps + 12 * self.outliers.len() as u64
+    }
+}
+
+/// Encodes a row-major `[channels, k]` matrix. Per-tensor schemes treat the matrix as one row.
+pub fn encode(
+    w: &[f32],
+    channels: usize,
+    k: usize,
+    scheme: &WeightScheme,
+) -> Result<Encoded, String> {
+    scheme.validate()?;
+    if w.len() != channels * k {
+        return Err(format!("{} values for a [{channels}, {k}] matrix", w.len()));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(format!("value {i} is not finite ({})", w[i]));
+    }
+    let (channels, k) = if scheme.granularity == Granularity::PerTensor {
+        (1, channels * k)
+    } else {
+        (channels, k)
+    };
+    let group = match scheme.granularity {
+        Granularity::Block(b) => b.min(k.max(1)),
+        _ => k.max(1),
+    };
+    let split = match scheme.outliers {
+        Some(rule) => sparse::split_outliers(w, channels, k, rule),
+        None => sparse::Split {
+            dense: w.to_vec(),
+            outliers: Vec::new(),
+        },
+    };
+    let dense = &split.dense;
+    let double = |scales: &[f32]| {
+        scheme
+            .double_quant
+            .then(|| table::double_quantize(scales, DOUBLE_QUANT_GROUP))
+    };
+    let (codes, levels, scales, zero_points, double) = match scheme.format {
+        Format::Int => {
+            let is = IntScheme {
+                granularity: if scheme.granularity == Granularity::PerTensor {
+                    Granularity::PerChannel
+                } else {
+                    scheme.granularity
+                },
+                ..scheme.int_scheme()
+            };
+            let mut q = int::quantize(dense, channels, k, &is)?;
+            let dq = double(&q.scales);
+            if let Some(d) = &dq {
+                q.scales = d.dequantize();
+                q.codes = int::codes_for_scales(dense, &q);
+            }
+            match scheme.dead_zone {
+                Some(DeadZone::Width(wd)) => {
+                    sparse::apply_dead_zone_by(dense, &mut q, |s| wd * s);
+                }
+                Some(DeadZone::Sparsity(f)) => {
+                    let t = sparse::threshold_for_sparsity(dense, f);
+                    sparse::apply_dead_zone(dense, &mut q, t);
+                }
+                None => {}
+            }
+            let qmin = is.qmin();
+            let codes: Vec<u8> = q.codes.iter().map(|&c| (c - qmin) as u8).collect();
+            let levels: Vec<f32> = (is.qmin()..=is.qmax()).map(|v| v as f32).collect();
+            let zps = q
+                .zero_points
+                .map(|z| z.iter().map(|&v| v as u8).collect::<Vec<u8>>());
+            (codes, levels, q.scales, zps, dq)
+        }
+        Format::Nf4 | Format::Fp4 => {
+            let tf = if scheme.format == Format::Nf4 {
+                TableFormat::Nf4
+            } else {
+                TableFormat::Fp4
+            };
+            let mut t = table::quantize(dense, channels, k, group, tf, scheme.clip_search)?;
+            let dq = double(&t.scales);
+            if let Some(d) = &dq {
+                t.requantize_with(dense, d.dequantize());
+            }
+            (t.codes, tf.table().to_vec(), t.scales, None, dq)
+        }
+    };
+    let mut e = Encoded {
+        channels,
+        k,
+        group,
+        bits: if scheme.format == Format::Int {
+            scheme.bits
+        } else {
+            4
+        },
+        codes,
+        levels,
+        scales,
+        zero_points,
+        double,
+        outliers: split.outliers,
+        sparsity: 0.0,
+        sqnr_db: 0.0,
+    };
+    let d = e.decode();
+    e.sparsity = d.iter().filter(|v| **v == 0.0).count() as f64 / d.len().max(1) as f64;
+    e.sqnr_db = int::sqnr_db(w, &d);
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(n: usize) -> Vec<f32> {
+        let mut s = 7u64;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                (u - 0.5) * (1.0 + 3.0 * u * u)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn int_encoding_decodes_like_the_integer_quantizer() {
+        let w = weights(64 * 96);
+        for (sym, g) in [
+            (true, Granularity::Block(32)),
+            (false, Granularity::Block(16)),
+            (true, Granularity::PerChannel),
+            (false, Granularity::PerTensor),
+        ] {
+            let s = WeightScheme::int(4, sym, g, true);
+            let e = encode(&w, 64, 96, &s).unwrap();
+            let q = int::quantize(&w, 64, 96, &s.int_scheme()).unwrap();
+            assert_eq!(e.decode(), q.dequantize(), "{}", s.label());
+            assert_eq!(e.levels.len(), 16);
+        }
+    }
+
+    #[test]
+    fn double_quant_costs_little_and_saves_scale_bytes() {
+        let w = weights(256 * 256);
+        let mut s = WeightScheme::int(4, true, Granularity::Block(32), false);
+        s.format = Format::Nf4;
+        let plain = encode(&w, 256, 256, &s).unwrap();
+        s.double_quant = true;
+        let dq = encode(&w, 256, 256, &s).unwrap();
+        assert!(
+            dq.sqnr_db > plain.sqnr_db - 0.5,
+            "{} vs {}",
+            dq.sqnr_db,
+            plain.sqnr_db
+        );
+        // 4.125 bits per weight (32-value blocks, f32 scales) vs ≈ 4.26 → 4.25 + 1/32·(1/256·64)…
+        let (a, b) = (plain.bytes(4), dq.bytes(4));
+        assert!(b < a, "{b} ≥ {a}");
+        assert_eq!(a, 256 * 256 / 2 + 4 * 256 * 8);
+        assert_eq!(b, 256 * 256 / 2 + 256 * 8 + 8 * (256 * 8 / 256));
+    }
+
+    #[test]
+    fn outliers_and_dead_zone_show_in_the_decode() {
+        let mut w = weights(32 * 64);
+        w[10] = 50.0;
+        let mut s = WeightScheme::int(4, true, Granularity::PerChannel, false);
+        s.outliers = Some(OutlierRule::StdThreshold(6.0));
+        let e = encode(&w, 32, 64, &s).unwrap();
+        assert_eq!(e.outliers, vec![(10, 50.0)]);
+        assert_eq!(e.decode()[10], 50.0);
+        let plain = encode(
+            &w,
+            32,
+            64,
+            &WeightScheme::int(4, true, Granularity::PerChannel, false),
+        )
+        .unwrap();
+        // In the outlier's row the other values are no longer crushed to zero.
+        let row = |d: Vec<f32>| int::sqnr_db(&w[..64], &d[..64]);
+        let (a, b) = (row(plain.decode()), row(e.decode()));
+        assert!(b > a + 10.0, "{a} → {b} dB");
+
+        let mut s = WeightScheme::int(4, true, Granularity::PerChannel, false);
+        s.dead_zone = Some(DeadZone::Sparsity(0.4));
+        let e = encode(&w, 32, 64, &s).unwrap();
+        assert!((e.sparsity - 0.4).abs() < 0.03, "{}", e.sparsity);
+        s.dead_zone = Some(DeadZone::Width(1.5));
+        let wide = encode(&w, 32, 64, &s).unwrap();
+        assert!(wide.sparsity > plain.sparsity);
+    }
+
+    #[test]
+    fn invalid_schemes_say_why() {
+        let mut s = WeightScheme::int(3, true, Granularity::Block(32), false);
+        s.format = Format::Nf4;
+        assert!(s.validate().unwrap_err().contains("4-bit"));
+        s.bits = 4;
+        s.dead_zone = Some(DeadZone::Width(1.0));
+        assert!(s.validate().unwrap_err().contains("dead_zone"));
+    }
+}
