@@ -66,6 +66,8 @@ pub fn slot_bits(bits: u32) -> u32 {
 #[derive(Default)]
 pub struct Shared {
     tables: HashMap<(Vec<u32>, u32), String>,
+    /// Bytes of the shared constants emitted so far.
+    pub bytes: u64,
 }
 
 /// Where an emission happens: the patch, the model's names and opset, a base name for new values.
@@ -183,7 +185,8 @@ impl Emit<'_> {
     /// [groups, slots] (→ Sub zero points) → Mul(scales) → Slice/Reshape to `[channels, k]` → Reshape to
     /// `moved_dims` (→ Transpose by `perm`). The table maps each byte to the levels of the codes it
     /// packs (low bits first), so one Gather unpacks and looks up at once; tables are shared between
-    /// sites. Needs opset ≥ 7. Returns the decoded value and the bytes of new constants.
+    /// sites. Needs opset ≥ 7. Returns the decoded value and the bytes of the site's own new constants
+    /// (a new shared table is counted in `shared.bytes`).
     pub fn level_table(
         &mut self,
         shared: &mut Shared,
@@ -236,7 +239,7 @@ impl Emit<'_> {
                         t.push(e.levels.get(code).copied().unwrap_or(0.0));
                     }
                 }
-                bytes += 4 * t.len() as u64;
+                shared.bytes += 4 * t.len() as u64;
                 let name = self.constant("levels", f32_tensor(&[256, per_byte as i64], &t));
                 shared.tables.insert(key, name.clone());
                 name

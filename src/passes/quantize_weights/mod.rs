@@ -117,7 +117,10 @@ pub struct WeightReport {
     pub bytes_after: u64,
     /// Values in the quantized sites.
     pub params_quantized: u64,
-    /// Bits per weight spent on the quantized sites (codes, scales, zero points, outliers, tables).
+    /// Constants shared by several sites (the level tables), included in `bytes_after`.
+    pub shared_bytes: u64,
+    /// Bits per weight spent on the quantized sites (codes, scales, zero points, outliers, the shared
+    /// tables).
     pub bits_per_weight: f64,
 }
 
@@ -177,12 +180,15 @@ pub fn quantize_weights(
         }
         report.sites.push(r);
     }
+    report.shared_bytes = shared.bytes;
+    report.bytes_after += shared.bytes;
     let quantized_bytes: u64 = report
         .sites
         .iter()
         .filter(|s| s.form.is_some())
         .map(|s| s.bytes_after)
-        .sum();
+        .sum::<u64>()
+        + shared.bytes;
     report.bits_per_weight = if report.params_quantized > 0 {
         quantized_bytes as f64 * 8.0 / report.params_quantized as f64
     } else {
@@ -423,6 +429,17 @@ fn quantize_site(
     let (decoded, bytes, form, enc) = loop {
         let enc = encode(&rows.values, rows.channels, rows.k, &attempt)
             .map_err(|e| Error::Model(format!("weight '{}': {e}", c.name)))?;
+        let estimate = enc.bytes(emit::slot_bits(enc.bits));
+        if estimate >= c.bytes() {
+            return decline(
+                out,
+                format!(
+                    "{} would take {estimate} bytes, not fewer than the {} of float",
+                    attempt.label(),
+                    c.bytes()
+                ),
+            );
+        }
         let plain_int8 = attempt.format == Format::Int
             && attempt.bits == 8
             && !matches!(attempt.granularity, Granularity::Block(_))
