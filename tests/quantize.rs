@@ -341,3 +341,58 @@ fn w4_for_ort_and_tract_targets() {
         }
     }
 }
+
+/// magika on real files of this machine (its documented feature extraction, in tests/tools): the
+/// built-in w8 and w4 recipes keep its top-1 label on nearly every file, in both runtimes.
+#[test]
+fn magika_keeps_its_labels_on_real_files() {
+    let (Some(py), Some(_)) = (python(), zoo_model("magika")) else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    let feats = dir.path().join("files.npz");
+    let o = Command::new(&py)
+        .arg(repo().join("tests/tools/magika_features.py"))
+        .arg(&feats)
+        .arg("512")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    eprintln!(
+        "magika inputs: {}",
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
+    for (recipe, floor) in [("w8", 0.995), ("w4", 0.99)] {
+        let out = dir.path().join(format!("magika.{recipe}.onnx"));
+        let report = dir.path().join(format!("magika.{recipe}.json"));
+        let o = quench(&[
+            "quantize",
+            "zoo:magika",
+            "-o",
+            &out.display().to_string(),
+            "--recipe",
+            recipe,
+            "--inputs",
+            &feats.display().to_string(),
+            "--batch-size",
+            "8",
+            "--report",
+            &report.display().to_string(),
+        ]);
+        assert!(o.status.success(), "{recipe}: {}", stderr_of(&o));
+        let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        for rt in ["tract", "ort"] {
+            let m = &r["retention"]["runtimes"][rt]["outputs"]["target_label"];
+            let top1 = f(&m["top1_agreement"]);
+            eprintln!(
+                "magika {recipe} in {rt}: top-1 agreement {:.2}% on 512 real files, cosine {:.6}",
+                100.0 * top1,
+                f(&m["cosine"])
+            );
+            assert!(top1 >= floor, "{recipe} in {rt}: top-1 {top1} < {floor}");
+        }
+    }
+}

@@ -2,7 +2,11 @@
 //! scopes, Hugging Face conventions) and from the op that reads it — so a recipe can say "attention
 //! projections int8, feed-forward NF4, embeddings and the head float" once for every model.
 
+use std::collections::{HashSet, VecDeque};
+
 use serde::Serialize;
+
+use crate::ir::{Graph, NodeId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +113,129 @@ pub fn classify(weight: &str, readers: &[(&str, &str)]) -> Role {
     } else {
         Role::Other
     }
+}
+
+/// Roles the names cannot tell, from the graph around the readers (`readers`, nodes of `g`):
+/// - `Head`: some reader's output reaches a graph output without passing through another weighted
+///   layer (`weighted` holds every node that reads a weight);
+/// - `Embedding`: a MatMul/Gemm whose data input is a OneHot or an Equal (through Cast/Reshape-like
+///   ops), which is a table lookup written as a product (jax2tf and TF exports).
+///
+/// Weights read inside subgraphs (If/Loop/Scan bodies) keep the role their names give.
+pub fn structural(
+    g: &Graph,
+    readers: &[NodeId],
+    weighted: &HashSet<NodeId>,
+    by_name: Role,
+) -> Role {
+    if !matches!(by_name, Role::Other | Role::Conv)
+        || readers
+            .iter()
+            .any(|&r| g.node(r).subgraphs().next().is_some())
+    {
+        return by_name;
+    }
+    if by_name == Role::Other
+        && readers.iter().any(|&r| {
+            let n = g.node(r);
+            matches!(n.op_type.as_str(), "MatMul" | "Gemm")
+                && n.input(0).is_some_and(|a| from_one_hot(g, a))
+        })
+    {
+        return Role::Embedding;
+    }
+    let mut seen: HashSet<NodeId> = readers.iter().copied().collect();
+    let mut queue: VecDeque<NodeId> = readers.iter().copied().collect();
+    while let Some(n) = queue.pop_front() {
+        for v in g.node(n).outputs().iter().flatten() {
+            if g.is_output(*v) {
+                return Role::Head;
+            }
+            for u in g.value(*v).uses() {
+                if !weighted.contains(&u.node) && seen.insert(u.node) {
+                    queue.push_back(u.node);
+                }
+            }
+        }
+    }
+    by_name
+}
+
+/// Whether `v` is a constant: an initializer or a Constant node's output, possibly through Identity.
+fn is_constant(g: &Graph, v: crate::ir::ValueId) -> bool {
+    let mut v = v;
+    for _ in 0..8 {
+        match g.value(v).def() {
+            crate::ir::Def::Initializer => return true,
+            crate::ir::Def::Node(p, _) => {
+                let n = g.node(p);
+                match (n.op_type.as_str(), n.input(0)) {
+                    ("Constant", _) => return true,
+                    ("Identity", Some(i)) => v = i,
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The layers of `g` that read a constant weight: MatMul/Gemm/Conv/ConvTranspose/recurrent ops with a
+/// constant in a weight slot.
+pub fn weighted_nodes(g: &Graph) -> HashSet<NodeId> {
+    g.nodes()
+        .filter(|(_, n)| {
+            let slots: &[usize] = match n.op_type.as_str() {
+                "MatMul" | "Gemm" | "Conv" | "ConvTranspose" => &[1],
+                "LSTM" | "GRU" | "RNN" => &[1, 2],
+                _ => &[],
+            };
+            slots
+                .iter()
+                .any(|&s| n.input(s).is_some_and(|v| is_constant(g, v)))
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// The nodes reading value `v`, looking through Identity nodes.
+pub fn readers(g: &Graph, v: crate::ir::ValueId) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        for u in g.value(v).uses() {
+            let n = g.node(u.node);
+            if n.op_type == "Identity" {
+                stack.extend(n.outputs().iter().flatten().copied());
+            } else if !out.contains(&u.node) {
+                out.push(u.node);
+            }
+        }
+    }
+    out
+}
+
+fn from_one_hot(g: &Graph, v: crate::ir::ValueId) -> bool {
+    let mut v = v;
+    for _ in 0..8 {
+        let Some((p, _)) = g.value(v).producer() else {
+            return false;
+        };
+        let n = g.node(p);
+        match n.op_type.as_str() {
+            // OneHot, or the one-hot jax and TF write as Cast(Equal(ids, range)).
+            "OneHot" | "Equal" => return true,
+            "Cast" | "Reshape" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Transpose" => {
+                match n.input(0) {
+                    Some(i) => v = i,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]

@@ -164,8 +164,33 @@ pub fn quantize_weights(
     let mut patch = Patch::new("quantize-weights");
     let mut shared = Shared::default();
     let mut nbits = false;
+    let weighted = super::roles::weighted_nodes(&model.graph);
     for site in &sites {
-        let r = quantize_site(model, site, policy, opset, target, &mut patch, &mut shared)?;
+        let role = {
+            let c = &site.constant;
+            let consumers: Vec<(&str, &str)> = site
+                .uses
+                .iter()
+                .map(|u| (u.node.as_str(), u.op_type.as_str()))
+                .collect();
+            let by_name = classify(&c.name, &consumers);
+            if c.in_subgraph() {
+                by_name
+            } else {
+                let readers = super::roles::readers(&model.graph, c.value);
+                super::roles::structural(&model.graph, &readers, &weighted, by_name)
+            }
+        };
+        let r = quantize_site(
+            model,
+            site,
+            role,
+            policy,
+            opset,
+            target,
+            &mut patch,
+            &mut shared,
+        )?;
         report.bytes_before += r.bytes_before;
         report.bytes_after += r.bytes_after;
         if r.form.is_some() {
@@ -305,9 +330,11 @@ fn int8_channel(scheme: &WeightScheme) -> WeightScheme {
     WeightScheme::int(8, scheme.symmetric, Granularity::PerChannel, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn quantize_site(
     model: &mut Model,
     site: &WeightSite,
+    role: Role,
     policy: &dyn WeightPolicy,
     opset: i64,
     target: Target,
@@ -321,7 +348,6 @@ fn quantize_site(
         .iter()
         .map(|u| (u.node.as_str(), u.op_type.as_str()))
         .collect();
-    let role = classify(&c.name, &consumers);
     let mut out = SiteReport {
         weight: c.name.clone(),
         op_types: site.uses.iter().map(|u| u.op_type.clone()).collect(),
