@@ -1,5 +1,8 @@
 //! Throughput of the weight quantizers on a matrix the size of the zoo's rxnmap weights (21M values),
-//! one thread and all threads. Run with `cargo bench --bench quant`; prints figures, asserts nothing.
+//! one thread and all threads; then the whole weight pass with each built-in recipe on the largest
+//! fetched zoo model (load, quantize, save — no verification), each in a fresh process so its peak RSS
+//! can be set against the model's size. Run with `cargo bench --bench quant`; prints figures, asserts
+//! nothing.
 
 use std::time::Instant;
 
@@ -20,7 +23,75 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Child: load, quantize with a built-in recipe, save; print seconds and peak RSS.
+fn pass_child(recipe: &str, model: &str, out: &str) {
+    use quench::passes::quantize_weights::{Target, quantize_weights};
+    let t = Instant::now();
+    let mut m = quench::Model::load(model).unwrap();
+    let loaded = t.elapsed().as_secs_f64();
+    let r = quench::recipes::Recipe::load(recipe).unwrap();
+    let t = Instant::now();
+    let report = quantize_weights(&mut m, &r, Target::Portable).unwrap();
+    quench::passes::Pass::run(&quench::passes::DeadNodeElimination, &mut m).unwrap();
+    let quantized = t.elapsed().as_secs_f64();
+    m.save(out, &quench::onnx::SaveOptions::default()).unwrap();
+    let rss = quench::report::bench::peak_rss_bytes().unwrap_or(0);
+    println!(
+        "{loaded} {quantized} {rss} {} {}",
+        report.bytes_after, report.bits_per_weight
+    );
+}
+
+fn whole_pass() {
+    let zoo = quench::zoo::Zoo::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
+    )
+    .unwrap();
+    let mut fetched = zoo.fetched();
+    fetched.sort_by_key(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    let Some((name, path)) = fetched.pop() else {
+        println!("no zoo model is fetched: whole-pass figures skipped");
+        return;
+    };
+    let size = std::fs::metadata(&path).unwrap().len() as f64;
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "\nweight pass on {name} ({:.1} MB), load + quantize + save, one process each",
+        size / 1e6
+    );
+    for (recipe, _) in quench::recipes::BUILTIN {
+        let out = dir.path().join(format!("{recipe}.onnx"));
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(
+                "QUENCH_BENCH_PASS",
+                format!("{recipe}\n{}\n{}", path.display(), out.display()),
+            )
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let f: Vec<f64> = text
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        println!(
+            "{recipe:<5} load {:>6.3} s  quantize {:>6.3} s  peak RSS {:>6.1} MB = {:.2}× the model  → {:.3}× its size, {:.2} bits/weight",
+            f[0],
+            f[1],
+            f[2] / 1e6,
+            f[2] / size,
+            std::fs::metadata(&out).unwrap().len() as f64 / size,
+            f[4]
+        );
+    }
+}
+
 fn main() {
+    if let Ok(job) = std::env::var("QUENCH_BENCH_PASS") {
+        let parts: Vec<&str> = job.split('\n').collect();
+        pass_child(parts[0], parts[1], parts[2]);
+        return;
+    }
     let (channels, k) = (20_480, 1024);
     let w = weights(channels * k);
     let schemes = [
@@ -83,7 +154,7 @@ fn main() {
     }
     for format in [TableFormat::Nf4, TableFormat::Fp4] {
         let start = Instant::now();
-        let q = quantize_table(&w, channels, k, 64, format).unwrap();
+        let q = quantize_table(&w, channels, k, 64, format, false).unwrap();
         let secs = start.elapsed().as_secs_f64();
         println!(
             "{:<36} 1 thread(s): {secs:>6.3} s, {:>6.1} M values/s, SQNR {:.2} dB",
@@ -92,4 +163,5 @@ fn main() {
             sqnr_db(&w, &q.dequantize())
         );
     }
+    whole_pass();
 }

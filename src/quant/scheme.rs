@@ -182,19 +182,32 @@ impl Encoded {
     }
 
     pub fn decode(&self) -> Vec<f32> {
-        let gpr = self.groups_per_row();
         let mut out = Vec::with_capacity(self.codes.len());
+        self.for_each_decoded(|_, v| out.push(v));
+        out
+    }
+
+    /// Calls `f(i, value)` for every decoded value in order, without materialising the matrix.
+    pub fn for_each_decoded(&self, mut f: impl FnMut(usize, f32)) {
+        let gpr = self.groups_per_row();
+        let mut outliers = self.outliers.iter().peekable();
         for r in 0..self.channels {
             for c in 0..self.k {
-                let g = r * gpr + c / self.group;
-                let z = self.zero_points.as_ref().map_or(0.0, |z| z[g] as f32);
-                out.push((self.levels[self.codes[r * self.k + c] as usize] - z) * self.scales[g]);
+                let i = r * self.k + c;
+                let v = match outliers.peek() {
+                    Some(&&(j, v)) if j == i => {
+                        outliers.next();
+                        v
+                    }
+                    _ => {
+                        let g = r * gpr + c / self.group;
+                        let z = self.zero_points.as_ref().map_or(0.0, |z| z[g] as f32);
+                        (self.levels[self.codes[i] as usize] - z) * self.scales[g]
+                    }
+                };
+                f(i, v);
             }
         }
-        for &(i, v) in &self.outliers {
-            out[i] = v;
-        }
-        out
     }
 
     /// Bytes of this encoding when codes are packed at `slot_bits` per code: codes, scales (f32, or u8
@@ -233,14 +246,10 @@ pub fn encode(
         Granularity::Block(b) => b.min(k.max(1)),
         _ => k.max(1),
     };
-    let split = match scheme.outliers {
-        Some(rule) => sparse::split_outliers(w, channels, k, rule),
-        None => sparse::Split {
-            dense: w.to_vec(),
-            outliers: Vec::new(),
-        },
-    };
-    let dense = &split.dense;
+    let split = scheme
+        .outliers
+        .map(|rule| sparse::split_outliers(w, channels, k, rule));
+    let dense: &[f32] = split.as_ref().map_or(w, |s| &s.dense);
     let double = |scales: &[f32]| {
         scheme
             .double_quant
@@ -308,13 +317,22 @@ pub fn encode(
         scales,
         zero_points,
         double,
-        outliers: split.outliers,
+        outliers: split.map(|s| s.outliers).unwrap_or_default(),
         sparsity: 0.0,
         sqnr_db: 0.0,
     };
-    let d = e.decode();
-    e.sparsity = d.iter().filter(|v| **v == 0.0).count() as f64 / d.len().max(1) as f64;
-    e.sqnr_db = int::sqnr_db(w, &d);
+    let (mut zeros, mut signal, mut noise) = (0usize, 0f64, 0f64);
+    e.for_each_decoded(|i, v| {
+        zeros += usize::from(v == 0.0);
+        signal += (w[i] as f64).powi(2);
+        noise += ((w[i] - v) as f64).powi(2);
+    });
+    e.sparsity = zeros as f64 / w.len().max(1) as f64;
+    e.sqnr_db = if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (signal / noise).log10()
+    };
     Ok(e)
 }
 

@@ -236,12 +236,14 @@ struct Rows {
     perm: Option<Vec<i64>>,
 }
 
-fn to_rows(values: &[f32], dims: &[usize], axis: Option<usize>) -> Rows {
-    let Some(a) = axis else {
+/// Takes the values: with the channel axis already first (or none), they are used as they are.
+fn to_rows(values: Vec<f32>, dims: &[usize], axis: Option<usize>) -> Rows {
+    let Some(a) = axis.filter(|&a| a != 0) else {
+        let channels = axis.map_or(1, |a| dims[a]);
         return Rows {
-            channels: 1,
-            k: values.len(),
-            values: values.to_vec(),
+            channels,
+            k: values.len() / channels.max(1),
+            values,
             moved_dims: dims.iter().map(|&d| d as i64).collect(),
             perm: None,
         };
@@ -443,7 +445,7 @@ fn quantize_site(
         }
     };
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-    let rows = to_rows(&values, &dims, axis);
+    let rows = to_rows(values, &dims, axis);
     let base = c.name.clone();
     let mut emit = Emit {
         patch,
