@@ -578,6 +578,77 @@ fn run_child(index: usize, rt: RuntimeKind) -> Result<BenchResult> {
     serde_json::from_str(line).with_context(|| format!("benchmark process printed: {text}"))
 }
 
+/// One line per weight site: role, scheme, form, bytes, weight SQNR, sparsity and outliers; a site's
+/// note (why it stayed float, or a fallback) on the line below it.
+fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
+    use std::fmt::Write;
+    let short = |s: &str, n: usize| {
+        if s.chars().count() <= n {
+            s.to_string()
+        } else {
+            let tail: String = s
+                .chars()
+                .rev()
+                .take(n - 1)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("…{tail}")
+        }
+    };
+    let head = |s: &str, n: usize| {
+        if s.chars().count() <= n {
+            s.to_string()
+        } else {
+            format!("{}…", s.chars().take(n - 1).collect::<String>())
+        }
+    };
+    let mut out = format!(
+        "{:<36} {:<9} {:<26} {:<34} {:>9} {:>9} {:>7} {:>6}\n",
+        "weight site", "role", "scheme", "form", "KB before", "KB after", "SQNR dB", "zeros"
+    );
+    for s in &w.sites {
+        let role = serde_json::to_value(s.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "{:<36} {:<9} {:<26} {:<34} {:>9.1} {:>9.1}",
+            short(&s.weight, 36),
+            role,
+            short(s.label.as_deref().unwrap_or("float"), 26),
+            head(s.form.as_deref().unwrap_or("-"), 34),
+            s.bytes_before as f64 / 1e3,
+            s.bytes_after as f64 / 1e3,
+        );
+        if s.form.is_some() {
+            let _ = write!(
+                out,
+                " {:>7.2} {:>5.1}%",
+                s.weight_sqnr_db,
+                100.0 * s.sparsity
+            );
+            if s.outliers > 0 {
+                let _ = write!(out, "  {} outliers kept", s.outliers);
+            }
+        }
+        out.push('\n');
+        if let Some(n) = &s.note {
+            let _ = writeln!(out, "    note: {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} weight sites quantized, {} left float; shared tables {:.1} KB",
+        w.quantized,
+        w.skipped,
+        w.shared_bytes as f64 / 1e3
+    );
+    out
+}
+
 pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     use quench::passes::quantize_weights::quantize_weights;
     use quench::passes::{DeadNodeElimination, Pass};
@@ -633,29 +704,15 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let after = std::fs::metadata(&args.output)?.len();
 
     println!(
-        "recipe {} ({}), target {:?}: {} weight sites quantized, {} left float, in {quantize_secs:.2} s",
-        recipe.name, recipe.description, args.target, weights.quantized, weights.skipped
+        "recipe {} ({}), target {:?}, quantized in {quantize_secs:.2} s",
+        recipe.name, recipe.description, args.target
     );
-    let mut forms: std::collections::BTreeMap<String, usize> = Default::default();
-    for s in &weights.sites {
-        let form = s.form.clone().unwrap_or_else(|| "float".into());
-        let form = form.split(" × ").next().unwrap_or_default().to_string();
-        *forms.entry(form).or_default() += 1;
-    }
-    for (form, count) in &forms {
-        println!("  {count:>4}  {form}");
-    }
-    for s in weights.sites.iter().filter(|s| s.note.is_some()).take(10) {
-        println!(
-            "  note   {:<48} {}",
-            s.weight,
-            s.note.as_deref().unwrap_or("")
-        );
-    }
+    print!("{}", render_sites(&weights));
     println!(
-        "weights {:.1} MB → {:.1} MB; file {:.1} MB → {:.1} MB ({:.3}×)",
+        "weights {:.2} MB → {:.2} MB ({:.2} bits per quantized weight); file {:.2} MB → {:.2} MB ({:.3}×)",
         weights.bytes_before as f64 / 1e6,
         weights.bytes_after as f64 / 1e6,
+        weights.bits_per_weight,
         before as f64 / 1e6,
         after as f64 / 1e6,
         after as f64 / before as f64

@@ -12,9 +12,14 @@
 //!     skip: true
 //! ```
 //!
-//! A rule's `match` may name op types (`op`), node-name and weight-name glob patterns (`node`, `weight`;
-//! `*` and `?`), element-count bounds (`min_elements`, `max_elements`) and `subgraph: true|false`; every
-//! condition given must hold. Its action is `skip: true` or a `scheme` whose keys override the defaults.
+//! A rule's `match` may name op types (`op`), roles (`role`: attention, ffn, embedding, head, conv,
+//! other), node-name and weight-name patterns (`node`, `weight`: globs with `*` and `?`, or `re:` and a
+//! regular expression), element-count bounds (`min_elements`, `max_elements`) and
+//! `subgraph: true|false`; every condition given must hold. Its action is `skip: true` or a `scheme`
+//! whose keys override the defaults: `format` (int, nf4, fp4), `bits`, `granularity` (tensor, channel,
+//! block) and `block`, `symmetric`, `clip_search`, `double_quant`, `dead_zone` (`{ width: W }` in
+//! quantization steps or `{ sparsity: S }`) and `outliers` (`{ fraction: F }` or `{ threshold: T }` in
+//! standard deviations of the channel).
 
 use std::path::Path;
 
@@ -96,6 +101,8 @@ pub struct RecipeFile {
 struct Rule {
     index: usize,
     matcher: MatchSpec,
+    node: Option<Pattern>,
+    weight: Option<Pattern>,
     roles: Option<Vec<Role>>,
     action: Option<WeightScheme>,
 }
@@ -207,6 +214,32 @@ fn scheme(
     Ok(s)
 }
 
+/// A name pattern: a glob (`*` any run, `?` one character) or, written `re:…`, a regular expression
+/// searched anywhere in the name.
+#[derive(Debug, Clone)]
+enum Pattern {
+    Glob(String),
+    Regex(regex::Regex),
+}
+
+impl Pattern {
+    fn parse(p: &str, place: &str) -> Result<Pattern, String> {
+        match p.strip_prefix("re:") {
+            Some(r) => regex::Regex::new(r)
+                .map(Pattern::Regex)
+                .map_err(|e| format!("{place}: bad regular expression '{r}': {e}")),
+            None => Ok(Pattern::Glob(p.to_string())),
+        }
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        match self {
+            Pattern::Glob(g) => glob(g, text),
+            Pattern::Regex(r) => r.is_match(text),
+        }
+    }
+}
+
 /// Glob match with `*` (any run) and `?` (one character).
 pub fn glob(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
@@ -273,9 +306,14 @@ impl Recipe {
                     })
                     .transpose()
                     .map_err(|e| format!("{place}: {e}"))?;
+                let pattern = |p: &Option<String>| {
+                    p.as_deref().map(|p| Pattern::parse(p, &place)).transpose()
+                };
                 Ok(Rule {
                     index: i,
                     matcher: r.matcher.clone(),
+                    node: pattern(&r.matcher.node)?,
+                    weight: pattern(&r.matcher.weight)?,
                     roles,
                     action,
                 })
@@ -315,10 +353,10 @@ impl Recipe {
                     .iter()
                     .any(|(_, op)| ops.iter().any(|o| o == op))
             })
-            && m.node
+            && r.node
                 .as_ref()
-                .is_none_or(|p| site.consumers.iter().any(|(n, _)| glob(p, n)))
-            && m.weight.as_ref().is_none_or(|p| glob(p, site.weight))
+                .is_none_or(|p| site.consumers.iter().any(|(n, _)| p.matches(n)))
+            && r.weight.as_ref().is_none_or(|p| p.matches(site.weight))
             && m.min_elements.is_none_or(|lo| site.elements >= lo)
             && m.max_elements.is_none_or(|hi| site.elements <= hi)
             && m.subgraph.is_none_or(|s| s == site.in_subgraph)
@@ -439,6 +477,33 @@ mod tests {
         assert!(e.contains("rules[0]") && e.contains("mlp"), "{e}");
         let e = Recipe::parse("t", "defaults: { bits: 4, dead_zone: { wdth: 1 } }\n").unwrap_err();
         assert!(e.contains("wdth"), "{e}");
+    }
+
+    #[test]
+    fn regex_patterns() {
+        let r = Recipe::parse(
+            "t",
+            "defaults: { bits: 8 }\nrules:\n  - match: { node: 're:layers\\.(1|3)\\.' }\n    skip: true\n",
+        )
+        .unwrap();
+        let at = |n: &'static str| site("w", vec![(n, "MatMul")], 1000);
+        assert!(matches!(
+            r.decide(&at("model.layers.3.mlp")),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            r.decide(&at("model.layers.2.mlp")),
+            Decision::Quantize(_)
+        ));
+        let e = Recipe::parse(
+            "t",
+            "defaults: { bits: 8 }\nrules:\n  - match: { weight: 're:(' }\n    skip: true\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("rules[0]") && e.contains("regular expression"),
+            "{e}"
+        );
     }
 
     #[test]
