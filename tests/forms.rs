@@ -170,6 +170,52 @@ fn schemes() -> Vec<WeightScheme> {
     v
 }
 
+/// A float16 embedding table: decoded in float, cast back to float16, equal to the encoder's decode of
+/// the float16 values rounded to float16.
+#[test]
+fn float16_weights_are_decoded_and_cast_back() {
+    if !ort_ready() {
+        return;
+    }
+    let dims = [40usize, 48];
+    let w: Vec<f32> = weights(40 * 48, 5)
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let raw: Vec<u8> = w
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect();
+    for s in schemes() {
+        let (mut m, feed) = model(Layout::Gather, &dims, &w, 17);
+        let mut proto = m.to_proto();
+        let g = proto.graph.as_mut().unwrap();
+        g.initializer[0].data_type = 10;
+        g.initializer[0].raw_data = raw.clone().into();
+        g.output[0] = value_info("y", 10);
+        m = Model::load_bytes(prost::Message::encode_to_vec(&proto), None).unwrap();
+        let report = quantize_weights(&mut m, &Fixed(s), Target::Ort).unwrap();
+        let site = &report.sites[0];
+        assert!(site.form.is_some(), "{}: {:?}", s.label(), site.note);
+        assert!(site.bytes_after < site.bytes_before);
+        let want = expected(Layout::Gather, &dims, &w, &site.scheme.unwrap());
+        let prep = Prepared::from_model(&m, "f16");
+        for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
+            let got = exec::open(&prep, rt, &SessionOptions::default())
+                .and_then(|mut x| x.run(&feed))
+                .unwrap_or_else(|e| panic!("{} in {rt}: {e:#}", s.label()))
+                .remove(0)
+                .1;
+            let Tensor::F16(got) = got else {
+                panic!("{}: not float16 in {rt}", s.label())
+            };
+            for (g, e) in got.iter().zip(&want) {
+                assert_eq!(*g, half::f16::from_f32(*e), "{} in {rt}", s.label());
+            }
+        }
+    }
+}
+
 #[test]
 fn every_form_decodes_exactly_what_the_encoder_encoded() {
     if !ort_ready() {

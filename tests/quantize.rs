@@ -334,10 +334,7 @@ fn w4_for_ort_and_tract_targets() {
             }
             // onnxruntime's MatMulNBits pads a short last block: every 4-bit MatMul site takes it.
             ("ppocr-rec", "ort") => {
-                let four_bit = sites
-                    .iter()
-                    .filter(|s| s["scheme"]["bits"] == 4)
-                    .count();
+                let four_bit = sites.iter().filter(|s| s["scheme"]["bits"] == 4).count();
                 assert!(nbits > 0 && nbits == four_bit, "{nbits} of {four_bit}");
             }
             _ => {

@@ -131,7 +131,7 @@ impl Emit<'_> {
         }
     }
 
-    fn cast(&mut self, x: &str, to: DataType) -> String {
+    pub fn cast(&mut self, x: &str, to: DataType) -> String {
         self.node("cast", "Cast", &[x], vec![attr_int("to", to as i64)])
     }
 

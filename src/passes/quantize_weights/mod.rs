@@ -393,8 +393,18 @@ fn quantize_site(
     if c.source == ConstantSource::SparseInitializer {
         return decline(out, "sparse initializer: kept as stored".into());
     }
-    if c.tensor.data_type != DataType::Float as i32 {
-        return decline(out, "not float32".into());
+    // float16 and bfloat16 weights are decoded in float and cast back to their type.
+    let dtype = DataType::try_from(c.tensor.data_type).ok();
+    let cast_back = match dtype {
+        Some(DataType::Float) => None,
+        Some(d @ (DataType::Float16 | DataType::Bfloat16)) => Some(d),
+        _ => return decline(out, "not float32, float16 or bfloat16".into()),
+    };
+    if cast_back == Some(DataType::Bfloat16) && opset < 13 {
+        return decline(
+            out,
+            format!("a bfloat16 weight needs Cast to bfloat16 (opset 13), the model has {opset}"),
+        );
     }
     if model.graph.is_output(c.value) {
         return decline(out, "the weight is also a graph output".into());
@@ -417,7 +427,8 @@ fn quantize_site(
         && scheme.outliers.is_none()
         && scheme.dead_zone.is_none()
         && !scheme.double_quant;
-    if nbits_candidate && target != Target::Portable {
+    // MatMulNBits takes float scales for a float A only.
+    if nbits_candidate && target != Target::Portable && cast_back.is_none() {
         match matmul_nbits(model, site, &scheme, target, patch) {
             Ok(done) => {
                 out.scheme = Some(scheme);
@@ -486,6 +497,10 @@ fn quantize_site(
             }
             Err(why) => return decline(out, why),
         }
+    };
+    let decoded = match cast_back {
+        Some(d) => emit.cast(&decoded, d),
+        None => decoded,
     };
     emit.patch.replace_all_uses(&c.name, &decoded);
     out.scheme = Some(attempt);
