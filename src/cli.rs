@@ -582,21 +582,7 @@ fn run_child(index: usize, rt: RuntimeKind) -> Result<BenchResult> {
 /// note (why it stayed float, or a fallback) on the line below it.
 fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
     use std::fmt::Write;
-    let short = |s: &str, n: usize| {
-        if s.chars().count() <= n {
-            s.to_string()
-        } else {
-            let tail: String = s
-                .chars()
-                .rev()
-                .take(n - 1)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            format!("…{tail}")
-        }
-    };
+    let short = compare::truncate;
     let head = |s: &str, n: usize| {
         if s.chars().count() <= n {
             s.to_string()

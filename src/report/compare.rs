@@ -444,7 +444,8 @@ pub fn render(r: &CompareReport, max_layers: usize) -> String {
     s
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters, keeping its end (`…` marks the cut).
+pub fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
