@@ -694,6 +694,17 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         recipe.name, recipe.description, args.target
     );
     print!("{}", render_sites(&weights));
+    if weights.sites.iter().any(|s| {
+        s.form
+            .as_deref()
+            .is_some_and(|f| f.starts_with("DequantizeLinear"))
+    }) {
+        notes.push(
+            "stock onnxruntime runs a weight-only DequantizeLinear on every inference (slower than \
+             fp32); --target ort writes Cast·Mul, which it folds at load"
+                .into(),
+        );
+    }
     println!(
         "weights {:.2} MB → {:.2} MB ({:.2} bits per quantized weight); file {:.2} MB → {:.2} MB ({:.3}×)",
         weights.bytes_before as f64 / 1e6,

@@ -175,6 +175,27 @@ fn quantize_is_deterministic_and_never_overwrites_its_input() {
         std::fs::read(&outs[0]).unwrap(),
         std::fs::read(&outs[1]).unwrap()
     );
+    // Level tables and double-quantized scales (nf4 on ppocr-rec's MatMuls), on 1 and 2 threads: the
+    // same bytes.
+    let Some(rec) = zoo_model("ppocr-rec") else {
+        return;
+    };
+    let files: Vec<Vec<u8>> = ["1", "2"]
+        .iter()
+        .map(|threads| {
+            let out = dir.path().join(format!("nf4.{threads}.onnx"));
+            let o = Command::new(quench_bin())
+                .args(["quantize", &rec.display().to_string(), "-o"])
+                .arg(&out)
+                .args(["--recipe", "nf4", "--runtime", "tract"])
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr_of(&o));
+            std::fs::read(&out).unwrap()
+        })
+        .collect();
+    assert_eq!(files[0], files[1]);
     let copy = dir.path().join("model.onnx");
     std::fs::copy(&path, &copy).unwrap();
     let before = std::fs::read(&copy).unwrap();
