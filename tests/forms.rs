@@ -216,6 +216,118 @@ fn float16_weights_are_decoded_and_cast_back() {
     }
 }
 
+/// Weights stored inside subgraphs (Constant nodes in the branches of an If) are decoded inside their
+/// branch; each branch computes the encoder's decode of its own weight, and the float originals go.
+#[test]
+fn constants_inside_subgraphs_are_quantized_in_place() {
+    use quench::onnx::pb::{AttributeProto, attribute_proto::AttributeType};
+    if !ort_ready() {
+        return;
+    }
+    let (k, n) = (48usize, 40usize);
+    let ws = [weights(k * n, 21), weights(k * n, 22)];
+    let branch = |name: &str, w: &[f32]| GraphProto {
+        name: Some(name.into()),
+        node: vec![
+            NodeProto {
+                op_type: Some("Constant".into()),
+                name: Some(format!("{name}/w")),
+                output: vec![format!("{name}_w")],
+                attribute: vec![AttributeProto {
+                    name: "value".into(),
+                    r#type: Some(AttributeType::Tensor as i32),
+                    t: Some(TensorProto {
+                        data_type: 1,
+                        dims: vec![k as i64, n as i64],
+                        raw_data: w
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                            .into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            NodeProto {
+                op_type: Some("MatMul".into()),
+                name: Some(format!("{name}/mlp/MatMul")),
+                input: vec!["x".into(), format!("{name}_w")],
+                output: vec![format!("{name}_y")],
+                ..Default::default()
+            },
+        ],
+        output: vec![value_info(&format!("{name}_y"), 1)],
+        ..Default::default()
+    };
+    let graph_attr = |name: &str, g: GraphProto| AttributeProto {
+        name: name.into(),
+        r#type: Some(AttributeType::Graph as i32),
+        g: Some(g),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("branches".into()),
+        node: vec![NodeProto {
+            op_type: Some("If".into()),
+            name: Some("choose".into()),
+            input: vec!["cond".into()],
+            output: vec!["y".into()],
+            attribute: vec![
+                graph_attr("then_branch", branch("then", &ws[0])),
+                graph_attr("else_branch", branch("else", &ws[1])),
+            ],
+            ..Default::default()
+        }],
+        input: vec![value_info("x", 1), value_info("cond", 9)],
+        output: vec![value_info("y", 1)],
+        ..Default::default()
+    };
+    let mut m = Model::load_bytes(prost::Message::encode_to_vec(&model_of(graph)), None).unwrap();
+    let mut s = WeightScheme::int(4, true, Granularity::Block(16), true);
+    s.format = Format::Nf4;
+    let report = quantize_weights(&mut m, &Fixed(s), Target::Ort).unwrap();
+    assert_eq!(report.quantized, 2, "{:?}", report.sites);
+    quench::passes::Pass::run(&quench::passes::DeadNodeElimination, &mut m).unwrap();
+    quench::ir::check_model(&m).unwrap();
+    let proto = m.to_proto();
+    let floats: usize = proto.graph.as_ref().unwrap().node[0]
+        .attribute
+        .iter()
+        .flat_map(|a| a.g.iter())
+        .flat_map(|g| g.node.iter().chain(std::iter::empty()))
+        .filter(|n| n.op_type.as_deref() == Some("Constant"))
+        .count();
+    assert_eq!(floats, 0, "the float Constant nodes are gone");
+    let prep = Prepared::from_model(&m, "branches");
+    let eye = ArrayD::from_shape_fn(IxDyn(&[k, k]), |i| f32::from(i[0] == i[1]));
+    for (b, w) in ws.iter().enumerate() {
+        let want = expected(Layout::MatMul2, &[k, n], w, &s);
+        let feed = vec![
+            ("x".to_string(), Tensor::F32(eye.clone())),
+            (
+                "cond".to_string(),
+                Tensor::Bool(ArrayD::from_elem(IxDyn(&[]), b == 0)),
+            ),
+        ];
+        for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
+            let got = exec::open(&prep, rt, &SessionOptions::default())
+                .and_then(|mut x| x.run(&feed))
+                .unwrap_or_else(|e| panic!("branch {b} in {rt}: {e:#}"))
+                .remove(0)
+                .1;
+            let Tensor::F32(got) = got else { panic!() };
+            for (g, e) in got.iter().zip(&want) {
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
+                    "branch {b} in {rt}: {g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn every_form_decodes_exactly_what_the_encoder_encoded() {
     if !ort_ready() {

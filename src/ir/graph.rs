@@ -878,6 +878,65 @@ impl Graph {
         result.map(|_| out)
     }
 
+    /// Runs `f` on subgraph `index` of attribute `attr` of a node (None when there is no such
+    /// subgraph), then brings the node's implicit uses up to date.
+    pub fn with_subgraph<R>(
+        &mut self,
+        id: NodeId,
+        attr: &str,
+        index: usize,
+        f: impl FnOnce(&mut Graph) -> Result<R>,
+    ) -> Result<Option<R>> {
+        let mut attributes = std::mem::take(&mut self.node_mut_internal(id).attributes);
+        let result = attributes
+            .iter_mut()
+            .find(|a| a.name() == attr)
+            .and_then(|a| a.subgraphs.get_mut(index))
+            .map(f)
+            .transpose();
+        self.node_mut_internal(id).attributes = attributes;
+        self.refresh_implicit_uses(id);
+        result
+    }
+
+    /// The graph at `path` ((node name, attribute, index) steps from this graph), if it exists and every
+    /// node name on the way is unique.
+    pub fn subgraph_at(&self, path: &[(String, String, usize)]) -> Option<&Graph> {
+        let Some(((node, attr, index), rest)) = path.split_first() else {
+            return Some(self);
+        };
+        let mut found = self.nodes().filter(|(_, n)| n.name == *node);
+        let (_, n) = found.next()?;
+        if found.next().is_some() {
+            return None; // the name does not say which node
+        }
+        let a = n.attributes().iter().find(|a| a.name() == attr)?;
+        a.subgraphs().get(*index)?.subgraph_at(rest)
+    }
+
+    /// Applies a patch to the graph at `path` (see [`Graph::subgraph_at`]).
+    pub fn apply_at(
+        &mut self,
+        path: &[(String, String, usize)],
+        patch: super::Patch,
+    ) -> Result<super::PatchSummary> {
+        let Some(((node, attr, index), rest)) = path.split_first() else {
+            return self.apply(patch);
+        };
+        let missing =
+            || crate::error::Error::Model(format!("no subgraph {attr}[{index}] of node '{node}'"));
+        let found: Vec<NodeId> = self
+            .nodes()
+            .filter(|(_, n)| n.name == *node)
+            .map(|(id, _)| id)
+            .collect();
+        let [id] = found[..] else {
+            return Err(missing());
+        };
+        self.with_subgraph(id, attr, *index, |g| g.apply_at(rest, patch))?
+            .ok_or_else(missing)
+    }
+
     fn refresh_implicit_uses(&mut self, id: NodeId) {
         let now: HashSet<ValueId> = self.implicit_reads(id).collect();
         let implicit = Use {

@@ -12,7 +12,9 @@ pub mod optable;
 mod patch;
 
 pub use check::check_model;
-pub use constants::{ConstantRef, ConstantSource, WeightSite, WeightUse, constants, weight_sites};
+pub use constants::{
+    ConstantRef, ConstantSource, GraphPath, WeightSite, WeightUse, constants, weight_sites,
+};
 pub use graph::{Attribute, Def, Graph, InfoEntry, Node, NodeId, Port, Slot, Use, Value, ValueId};
 pub use model::Model;
 pub use names::Names;

@@ -65,7 +65,8 @@ pub fn slot_bits(bits: u32) -> u32 {
 /// Everything one pass run shares between sites: the byte-to-levels tables already emitted.
 #[derive(Default)]
 pub struct Shared {
-    tables: HashMap<(Vec<u32>, u32), String>,
+    /// (graph the table lives in, level bits, slot width) → table name.
+    tables: HashMap<(String, Vec<u32>, u32), String>,
     /// Bytes of the shared constants emitted so far.
     pub bytes: u64,
 }
@@ -76,6 +77,8 @@ pub struct Emit<'a> {
     pub names: &'a mut Names,
     pub opset: i64,
     pub base: String,
+    /// The graph the patch applies to (empty for the main graph): shared constants are per graph.
+    pub scope: String,
 }
 
 impl Emit<'_> {
@@ -225,6 +228,7 @@ impl Emit<'_> {
         let mut bytes = packed.len() as u64;
         let nbytes = packed.len() as i64;
         let key = (
+            self.scope.clone(),
             e.levels.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
             slot,
         );

@@ -162,6 +162,9 @@ pub fn quantize_weights(
     let sites = weight_sites(model);
     let mut report = WeightReport::default();
     let mut patch = Patch::new("quantize-weights");
+    // Constants that live inside subgraphs are decoded there: one patch per subgraph.
+    let mut sub_patches: std::collections::BTreeMap<crate::ir::GraphPath, Patch> =
+        Default::default();
     let mut shared = Shared::default();
     let mut nbits = false;
     let weighted = super::roles::weighted_nodes(&model.graph);
@@ -181,6 +184,13 @@ pub fn quantize_weights(
                 super::roles::structural(&model.graph, &readers, &weighted, by_name)
             }
         };
+        let site_patch = if site.constant.path.is_empty() {
+            &mut patch
+        } else {
+            sub_patches
+                .entry(site.constant.path.clone())
+                .or_insert_with(|| Patch::new("quantize-weights"))
+        };
         let r = quantize_site(
             model,
             site,
@@ -188,7 +198,7 @@ pub fn quantize_weights(
             policy,
             opset,
             target,
-            &mut patch,
+            site_patch,
             &mut shared,
         )?;
         report.bytes_before += r.bytes_before;
@@ -220,6 +230,9 @@ pub fn quantize_weights(
         0.0
     };
     model.graph.apply(patch)?;
+    for (path, p) in sub_patches {
+        model.graph.apply_at(&path, p)?;
+    }
     if nbits {
         model.require_op("com.microsoft", "MatMulNBits", 1)?;
     }
@@ -384,12 +397,12 @@ fn quantize_site(
         out.note = Some(why);
         Ok(out)
     };
-    if c.in_subgraph() {
+    let Some(home) = model.graph.subgraph_at(&c.path) else {
         return decline(
             out,
-            "the constant lives inside a subgraph: not rewritten yet".into(),
+            "the subgraph holding the constant is not named uniquely".into(),
         );
-    }
+    };
     if c.source == ConstantSource::SparseInitializer {
         return decline(out, "sparse initializer: kept as stored".into());
     }
@@ -406,7 +419,7 @@ fn quantize_site(
             format!("a bfloat16 weight needs Cast to bfloat16 (opset 13), the model has {opset}"),
         );
     }
-    if model.graph.is_output(c.value) {
+    if home.is_output(c.value) {
         return decline(out, "the weight is also a graph output".into());
     }
     if shape.is_empty() || c.stored_elements == 0 {
@@ -428,7 +441,7 @@ fn quantize_site(
         && scheme.dead_zone.is_none()
         && !scheme.double_quant;
     // MatMulNBits takes float scales for a float A only.
-    if nbits_candidate && target != Target::Portable && cast_back.is_none() {
+    if nbits_candidate && target != Target::Portable && cast_back.is_none() && !c.in_subgraph() {
         match matmul_nbits(model, site, &scheme, target, patch) {
             Ok(done) => {
                 out.scheme = Some(scheme);
@@ -463,6 +476,7 @@ fn quantize_site(
         names: &mut model.names,
         opset,
         base,
+        scope: format!("{:?}", c.path),
     };
     let mut attempt = scheme;
     let (decoded, bytes, form, enc) = loop {
