@@ -462,6 +462,13 @@ fn quantize_site(
     let axis = match (scheme.granularity, axes.as_slice()) {
         (Granularity::PerTensor, _) => None,
         (_, [a]) => Some(*a),
+        (_, []) => {
+            notes.push(
+                "no output-channel axis is known for this reader: quantized per tensor".into(),
+            );
+            scheme.granularity = Granularity::PerTensor;
+            None
+        }
         (_, _) => {
             notes.push("readers disagree on the output-channel axis: quantized per tensor".into());
             scheme.granularity = Granularity::PerTensor;
