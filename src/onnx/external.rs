@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
@@ -30,8 +31,54 @@ pub(crate) fn file_bytes(path: &Path) -> Result<Bytes> {
     // SAFETY: the map is read-only. Like every memory-mapping reader, quench relies on the file not
     // being truncated while the model is loaded; saving refuses to write over any file a loaded model
     // maps, so quench itself never does that.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
-    Ok(Bytes::from_owner(map))
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?);
+    let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|m| m.strong_count() > 0);
+    maps.push(Arc::downgrade(&map));
+    Ok(Bytes::from_owner(Mapped(map)))
+}
+
+/// A read-only file mapping shared by the Bytes that point into it.
+struct Mapped(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Every live mapping `file_bytes` made, so that [`release_pages`] can tell mapped data from heap data.
+static MAPS: Mutex<Vec<Weak<memmap2::Mmap>>> = Mutex::new(Vec::new());
+
+/// Alignment of released ranges: a multiple of every common page size (4, 16 and 64 KiB).
+const RELEASE_ALIGN: usize = 1 << 16;
+
+/// Lets the kernel drop the resident pages of `data` when it lies inside a read-only file mapping made
+/// by [`file_bytes`] (only whole aligned pages inside `data`); the pages are read again from the file if
+/// touched later. Passes that read a large weight once call this so that the input model does not stay
+/// resident beside its rewrite. Does nothing for heap data.
+pub fn release_pages(data: &[u8]) {
+    let start = data.as_ptr() as usize;
+    let end = start + data.len();
+    let maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    for map in maps.iter().filter_map(Weak::upgrade) {
+        let base = map.as_ptr() as usize;
+        if start < base || end > base + map.len() {
+            continue;
+        }
+        let lo = (start - base).div_ceil(RELEASE_ALIGN) * RELEASE_ALIGN;
+        let hi = (end - base) / RELEASE_ALIGN * RELEASE_ALIGN;
+        if hi > lo {
+            // SAFETY: the mapping is private and read-only and nothing writes to it, so after
+            // MADV_DONTNEED a read faults the same bytes back in from the file (the file must not change
+            // while mapped, which every mapped read already relies on, see `file_bytes`). The range lies
+            // inside the mapping, which `map` keeps alive.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+        return;
+    }
 }
 
 pub(crate) struct Resolver {

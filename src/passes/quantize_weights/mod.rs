@@ -426,6 +426,8 @@ fn quantize_site(
         return decline(out, "scalar or empty".into());
     }
     let values = to_f32(&c.tensor).map_err(|e| Error::Model(format!("weight '{}' {e}", c.name)))?;
+    // The float copy is all the pass needs now: the mapped input pages need not stay resident.
+    crate::onnx::release_pages(&c.tensor.raw_data);
     let non_finite = values.iter().filter(|v| !v.is_finite()).count();
     if non_finite > 0 {
         return decline(
