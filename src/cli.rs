@@ -114,11 +114,12 @@ pub struct QuantizeArgs {
     /// Where to write the quantized model (never over the input).
     #[arg(short, long)]
     output: PathBuf,
-    /// A built-in recipe (w8, w4) or a recipe YAML file.
+    /// A built-in recipe (w8, w4, nf4, fp4) or a recipe YAML file.
     #[arg(long, default_value = "w8")]
     recipe: String,
     /// The runtime family the output is for: portable (standard ONNX at the model's opset), ort or
-    /// tract (which may also use com.microsoft MatMulNBits for 4-bit blocks).
+    /// tract (int8 as Cast·Mul, which they fold at load; 4-bit MatMul blocks as com.microsoft
+    /// MatMulNBits).
     #[arg(long, default_value = "portable")]
     target: quench::passes::quantize_weights::Target,
     /// Inputs for verifying the result before it is written (default: 2 random batches).
