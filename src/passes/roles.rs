@@ -163,22 +163,29 @@ pub fn structural(
 
 /// Whether `v` is a constant: an initializer or a Constant node's output, possibly through Identity.
 fn is_constant(g: &Graph, v: crate::ir::ValueId) -> bool {
-    let mut v = v;
+    let (v, producer) = source(g, v, &["Identity"]);
+    g.value(v).def() == crate::ir::Def::Initializer
+        || producer.is_some_and(|p| g.node(p).op_type == "Constant")
+}
+
+/// Follows `v` up through nodes of the `through` op types (their input 0), at most 8 steps; returns
+/// the value reached and the node producing it, if any.
+fn source(
+    g: &Graph,
+    mut v: crate::ir::ValueId,
+    through: &[&str],
+) -> (crate::ir::ValueId, Option<NodeId>) {
     for _ in 0..8 {
-        match g.value(v).def() {
-            crate::ir::Def::Initializer => return true,
-            crate::ir::Def::Node(p, _) => {
-                let n = g.node(p);
-                match (n.op_type.as_str(), n.input(0)) {
-                    ("Constant", _) => return true,
-                    ("Identity", Some(i)) => v = i,
-                    _ => return false,
-                }
-            }
-            _ => return false,
+        let Some((p, _)) = g.value(v).producer() else {
+            return (v, None);
+        };
+        let n = g.node(p);
+        match n.input(0) {
+            Some(i) if through.contains(&n.op_type.as_str()) => v = i,
+            _ => return (v, Some(p)),
         }
     }
-    false
+    (v, g.value(v).producer().map(|(p, _)| p))
 }
 
 /// The layers of `g` that read a constant weight: MatMul/Gemm/Conv/ConvTranspose/recurrent ops with a
@@ -217,25 +224,19 @@ pub fn readers(g: &Graph, v: crate::ir::ValueId) -> Vec<NodeId> {
 }
 
 fn from_one_hot(g: &Graph, v: crate::ir::ValueId) -> bool {
-    let mut v = v;
-    for _ in 0..8 {
-        let Some((p, _)) = g.value(v).producer() else {
-            return false;
-        };
-        let n = g.node(p);
-        match n.op_type.as_str() {
-            // OneHot, or the one-hot jax and TF write as Cast(Equal(ids, range)).
-            "OneHot" | "Equal" => return true,
-            "Cast" | "Reshape" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Transpose" => {
-                match n.input(0) {
-                    Some(i) => v = i,
-                    None => return false,
-                }
-            }
-            _ => return false,
-        }
-    }
-    false
+    const THROUGH: &[&str] = &[
+        "Cast",
+        "Reshape",
+        "Identity",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Transpose",
+    ];
+    // OneHot, or the one-hot jax and TF write as Cast(Equal(ids, range)).
+    source(g, v, THROUGH)
+        .1
+        .is_some_and(|p| matches!(g.node(p).op_type.as_str(), "OneHot" | "Equal"))
 }
 
 #[cfg(test)]
