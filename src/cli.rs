@@ -133,6 +133,18 @@ pub struct QuantizeArgs {
     /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Calibration data for static activation quantization (same forms as --inputs; the input
+    /// options --tokenizer, --batch-size, --image-size, … apply to it too).
+    #[arg(long, value_name = "DATA")]
+    calib: Option<PathBuf>,
+    /// Calibrate on N generated batches instead (seed: --seed + 1, so they differ from the
+    /// verification batches).
+    #[arg(long, value_name = "N", conflicts_with = "calib")]
+    calib_random: Option<usize>,
+    /// The runtime that runs calibration and the fallback check (default: ort when it loads, else
+    /// tract).
+    #[arg(long)]
+    calib_runtime: Option<RuntimeKind>,
 }
 
 #[derive(Args, Debug)]
@@ -636,6 +648,138 @@ fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
     out
 }
 
+/// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
+/// the same data; dynamic needs no data, and checks candidates when given some.
+fn quantize_activations_cli(
+    args: &QuantizeArgs,
+    reference: &Model,
+    spec: Vec<InputSpec>,
+    policy: &quench::passes::quantize_activations::ActivationPolicy,
+    finish: &mut dyn FnMut(&mut Model) -> Result<()>,
+) -> Result<(
+    Model,
+    quench::passes::quantize_activations::ActivationReport,
+)> {
+    use quench::passes::quantize_activations::{
+        Mode, plan, quantize_activations, tensors_to_calibrate,
+    };
+    let mut ca = args.input.clone();
+    ca.inputs = args.calib.clone();
+    ca.random = args.calib_random;
+    ca.seed = args.input.seed.wrapping_add(1);
+    ca.default_random = 0;
+    if ca.inputs.is_none() && ca.random.is_none() {
+        if policy.mode == Mode::Dynamic {
+            let mut none = |_: &Model, _: Option<usize>| -> Result<quench::calib::Retention> {
+                unreachable!("without calibration data nothing is scored")
+            };
+            return quantize_activations(reference, policy, args.target, None, finish, &mut none);
+        }
+        bail!(
+            "recipe {} quantizes activations statically: give calibration data with --calib DATA \
+             (or --calib-random N for generated inputs)",
+            args.recipe
+        );
+    }
+    let rt = match args.calib_runtime {
+        Some(r) => r,
+        #[cfg(feature = "onnxruntime")]
+        None if quench::exec::ort::library_path().is_ok() => RuntimeKind::Ort,
+        None => RuntimeKind::Tract,
+    };
+    let session = SessionOptions {
+        threads: args.rt.threads,
+        numerics: Numerics::Exact,
+    };
+    let mut set = ca.open(reference, spec)?;
+    let calib = if policy.mode == Mode::Static {
+        let (sites, _) = plan(reference, policy);
+        let tensors = tensors_to_calibrate(&sites);
+        quench::calib::calibrate(reference, &tensors, &mut set, rt, &session)
+            .context("calibration failed")?
+    } else {
+        quench::calib::Calibration::default()
+    };
+    let check = quench::calib::OutputCheck::new(reference, &mut set, 256, rt, &session)?;
+    let mut score = |m: &Model, limit: Option<usize>| check.retention(m, limit);
+    quantize_activations(
+        reference,
+        policy,
+        args.target,
+        Some(&calib),
+        finish,
+        &mut score,
+    )
+}
+
+/// One line per activation site, then the float tensors with why and the fallback checks.
+fn render_activations(a: &quench::passes::quantize_activations::ActivationReport) -> String {
+    use std::fmt::Write;
+    let short = compare::truncate;
+    let mut out = format!(
+        "activations: {:?}, ranges by {}\n{:<40} {:<8} {:<52} {:>8}\n",
+        a.mode, a.method, "node", "op", "form", "w SQNR"
+    );
+    for s in &a.sites {
+        let _ = write!(
+            out,
+            "{:<40} {:<8} {:<52}",
+            short(&s.node, 40),
+            s.op_type,
+            short(s.form.as_deref().unwrap_or("float"), 52)
+        );
+        if s.form.is_some() {
+            let _ = write!(out, " {:>8.2}", s.weight_sqnr_db);
+        }
+        out.push('\n');
+        if let Some(n) = &s.note {
+            let _ = writeln!(out, "    note: {n}");
+        }
+    }
+    let float: Vec<_> = a.tensors.iter().filter(|t| !t.quantized).collect();
+    if !a.tensors.is_empty() {
+        let sq: Vec<f64> = a
+            .tensors
+            .iter()
+            .filter(|t| t.quantized)
+            .map(|t| t.sqnr_db)
+            .collect();
+        let lo = sq.iter().copied().fold(f64::INFINITY, f64::min);
+        let _ = writeln!(
+            out,
+            "{} activation tensors quantized (lowest own SQNR {:.1} dB), {} left float",
+            sq.len(),
+            lo,
+            float.len()
+        );
+    }
+    for t in float {
+        let _ = writeln!(
+            out,
+            "    float: {} ({})",
+            short(&t.name, 50),
+            t.note.as_deref().unwrap_or("")
+        );
+    }
+    for c in &a.checks {
+        let _ = writeln!(
+            out,
+            "fallback check: {} tensors float → output cosine {:.5}{} on the calibration data",
+            c.float_tensors,
+            c.retention.cosine,
+            c.retention
+                .top1
+                .map(|t| format!(", top-1 {:.2}%", 100.0 * t))
+                .unwrap_or_default()
+        );
+    }
+    for n in &a.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    let _ = writeln!(out, "{} sites integer, {} float", a.quantized, a.float);
+    out
+}
+
 pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     use quench::passes::quantize_weights::quantize_weights;
     use quench::passes::{DeadNodeElimination, Pass};
@@ -650,12 +794,25 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     refuse_overwrite(&args.output, &reads)?;
     let recipe = Recipe::load(&args.recipe).map_err(|e| anyhow!(e))?;
     let reference = Model::load(&path)?;
-    let mut candidate = Model::load(&path)?;
     let start = std::time::Instant::now();
-    let weights = quantize_weights(&mut candidate, &recipe, args.target)?;
-    DeadNodeElimination.run(&mut candidate)?;
-    quench::ir::check_model(&candidate)
-        .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
+    let mut weights = Default::default();
+    let mut finish = |m: &mut Model| -> Result<()> {
+        weights = quantize_weights(m, &recipe, args.target)?;
+        DeadNodeElimination.run(m)?;
+        quench::ir::check_model(m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))
+    };
+    let (candidate, activations) = match &recipe.activations {
+        None => {
+            let mut m = reference.clone();
+            finish(&mut m)?;
+            (m, None)
+        }
+        Some(policy) => {
+            let (m, r) =
+                quantize_activations_cli(&args, &reference, spec.clone(), policy, &mut finish)?;
+            (m, Some(r))
+        }
+    };
     let quantize_secs = start.elapsed().as_secs_f64();
 
     // Verify before writing: both models run on the same inputs, in every runtime asked for.
@@ -694,6 +851,9 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         "recipe {} ({}), target {:?}, quantized in {quantize_secs:.2} s",
         recipe.name, recipe.description, args.target
     );
+    if let Some(a) = &activations {
+        print!("{}", render_activations(a));
+    }
     print!("{}", render_sites(&weights));
     if weights.sites.iter().any(|s| {
         s.form
@@ -727,6 +887,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
             "quantize_seconds": quantize_secs,
             "file_bytes": { "before": before, "after": after },
             "weights": weights,
+            "activations": activations,
             "retention": retention,
             "notes": notes,
         });

@@ -41,6 +41,7 @@
 //! # Ok::<(), quench::Error>(())
 //! ```
 
+pub mod calib;
 pub mod embed;
 pub mod error;
 pub mod exec;

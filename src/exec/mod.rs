@@ -327,8 +327,11 @@ pub fn expose_values(model: &Model, names: &[String], label: &str) -> Prepared {
     if let Some(g) = proto.graph.as_mut() {
         let have: std::collections::HashSet<String> =
             g.output.iter().map(|o| o.name.clone()).collect();
+        // Graph inputs are not exposed as outputs (the caller has them already).
+        let inputs: std::collections::HashSet<String> =
+            g.input.iter().map(|i| i.name.clone()).collect();
         for n in names {
-            if !have.contains(n) {
+            if !have.contains(n) && !inputs.contains(n) {
                 g.output.push(ValueInfoProto {
                     name: n.clone(),
                     ..Default::default()

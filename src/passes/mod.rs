@@ -4,6 +4,7 @@
 //! debug and test builds, on request otherwise).
 
 mod dce;
+pub mod quantize_activations;
 pub mod quantize_weights;
 pub mod roles;
 mod toposort;

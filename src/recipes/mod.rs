@@ -25,6 +25,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::calib::Method;
+use crate::passes::quantize_activations::{
+    ActivationPolicy, Exclusion, Mode, Position, Saturation,
+};
 use crate::passes::quantize_weights::{Decision, SiteInfo, WeightPolicy};
 use crate::passes::roles::Role;
 use crate::quant::int::Granularity;
@@ -94,6 +98,52 @@ pub struct RecipeFile {
     pub defaults: SchemeSpec,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
+    pub activations: Option<ActivationSpec>,
+}
+
+/// The `activations:` section: integer activations for MatMul/Gemm/Conv.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationSpec {
+    /// static (calibrated) or dynamic.
+    pub mode: Option<String>,
+    pub ops: Option<Vec<String>>,
+    /// minmax, percentile, entropy, mse.
+    pub method: Option<String>,
+    pub percentile: Option<f64>,
+    pub symmetric: Option<bool>,
+    /// Op types whose outputs are quantized too.
+    pub outputs: Option<Vec<String>>,
+    pub activation_matmul: Option<bool>,
+    #[serde(default)]
+    pub exclude: Vec<ExcludeSpec>,
+    pub fallback: Option<FallbackSpec>,
+    /// fix or ignore.
+    pub saturation: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExcludeSpec {
+    pub op: Option<Vec<String>>,
+    pub node: Option<String>,
+    pub tensor: Option<String>,
+    pub role: Option<Vec<String>>,
+    /// first or last (among the sites found).
+    pub position: Option<String>,
+}
+
+/// `fallback: { sqnr_db: S, weight_sqnr_db: W, cosine: C, top1: T }`: tensors below S dB of their own
+/// SQNR stay float, and sites whose int8 weight is below W dB;
+/// then the output cosine on the calibration data must reach C, and the top-1 agreement of outputs
+/// that look like class scores T (an omitted floor is not checked).
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSpec {
+    pub sqnr_db: Option<f64>,
+    pub weight_sqnr_db: Option<f64>,
+    pub cosine: Option<f64>,
+    pub top1: Option<f64>,
 }
 
 /// A compiled rule.
@@ -114,6 +164,8 @@ pub struct Recipe {
     pub description: String,
     pub defaults: WeightScheme,
     rules: Vec<Rule>,
+    /// Integer activations, when the recipe asks for them.
+    pub activations: Option<ActivationPolicy>,
 }
 
 /// The built-in recipes (the YAML files of the top-level passes/ folder, compiled in).
@@ -122,6 +174,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("w4", include_str!("../../passes/w4.yaml")),
     ("nf4", include_str!("../../passes/nf4.yaml")),
     ("fp4", include_str!("../../passes/fp4.yaml")),
+    ("w8a8", include_str!("../../passes/w8a8.yaml")),
+    ("dynamic", include_str!("../../passes/dynamic.yaml")),
 ];
 
 fn scheme(
@@ -214,16 +268,110 @@ fn scheme(
     Ok(s)
 }
 
+fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy, String> {
+    let mut p = ActivationPolicy::default();
+    p.mode = match a.mode.as_deref() {
+        None | Some("static") => Mode::Static,
+        Some("dynamic") => Mode::Dynamic,
+        Some(m) => return Err(format!("{place}: mode '{m}' is not one of static, dynamic")),
+    };
+    if let Some(ops) = &a.ops {
+        for o in ops {
+            if !matches!(o.as_str(), "MatMul" | "Gemm" | "Conv") {
+                return Err(format!(
+                    "{place}: ops: '{o}' cannot take integer activations (MatMul, Gemm, Conv can)"
+                ));
+            }
+        }
+        p.ops = ops.clone();
+    }
+    if a.method.is_some() || a.percentile.is_some() {
+        let name = a.method.as_deref().unwrap_or("percentile");
+        if a.percentile.is_some() && name != "percentile" {
+            return Err(format!("{place}: `percentile` goes with method percentile"));
+        }
+        p.method = Method::parse(name, a.percentile).map_err(|e| format!("{place}: {e}"))?;
+    }
+    if p.mode == Mode::Dynamic && (a.method.is_some() || a.outputs.is_some()) {
+        return Err(format!(
+            "{place}: dynamic mode computes ranges at run time; `method` and `outputs` are for static"
+        ));
+    }
+    p.symmetric = a.symmetric.unwrap_or(false);
+    if let Some(o) = &a.outputs {
+        p.outputs = o.clone();
+    }
+    if p.mode == Mode::Dynamic {
+        p.outputs.clear();
+    }
+    p.activation_matmul = a.activation_matmul.unwrap_or(false);
+    if let Some(f) = &a.fallback {
+        if let Some(s) = f.sqnr_db {
+            p.min_sqnr_db = s;
+        }
+        if let Some(s) = f.weight_sqnr_db {
+            p.min_weight_sqnr_db = s;
+        }
+        p.min_cosine = f.cosine;
+        p.min_top1 = f.top1;
+        for (k, v) in [("cosine", f.cosine), ("top1", f.top1)] {
+            if let Some(c) = v
+                && !(0.0..=1.0).contains(&c)
+            {
+                return Err(format!(
+                    "{place}: fallback {k} must be within 0..=1, got {c}"
+                ));
+            }
+        }
+    }
+    p.saturation = match a.saturation.as_deref() {
+        None | Some("fix") => Saturation::Fix,
+        Some("ignore") => Saturation::Ignore,
+        Some(s) => {
+            return Err(format!(
+                "{place}: saturation '{s}' is not one of fix, ignore"
+            ));
+        }
+    };
+    for (i, e) in a.exclude.iter().enumerate() {
+        let at = format!("{place}: exclude[{i}]");
+        let pat = |x: &Option<String>| x.as_deref().map(|x| Pattern::parse(x, &at)).transpose();
+        p.exclude.push(Exclusion {
+            ops: e.op.clone(),
+            node: pat(&e.node)?,
+            tensor: pat(&e.tensor)?,
+            roles: e
+                .role
+                .as_ref()
+                .map(|rs| {
+                    rs.iter()
+                        .map(|r| r.parse::<Role>())
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()
+                .map_err(|err| format!("{at}: {err}"))?,
+            position: match e.position.as_deref() {
+                None => None,
+                Some("first") => Some(Position::First),
+                Some("last") => Some(Position::Last),
+                Some(x) => return Err(format!("{at}: position '{x}' is not one of first, last")),
+            },
+            origin: at.clone(),
+        });
+    }
+    Ok(p)
+}
+
 /// A name pattern: a glob (`*` any run, `?` one character) or, written `re:…`, a regular expression
 /// searched anywhere in the name.
 #[derive(Debug, Clone)]
-enum Pattern {
+pub enum Pattern {
     Glob(String),
     Regex(regex::Regex),
 }
 
 impl Pattern {
-    fn parse(p: &str, place: &str) -> Result<Pattern, String> {
+    pub fn parse(p: &str, place: &str) -> Result<Pattern, String> {
         match p.strip_prefix("re:") {
             Some(r) => regex::Regex::new(r)
                 .map(Pattern::Regex)
@@ -232,7 +380,7 @@ impl Pattern {
         }
     }
 
-    fn matches(&self, text: &str) -> bool {
+    pub fn matches(&self, text: &str) -> bool {
         match self {
             Pattern::Glob(g) => glob(g, text),
             Pattern::Regex(r) => r.is_match(text),
@@ -319,11 +467,17 @@ impl Recipe {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let activations = file
+            .activations
+            .as_ref()
+            .map(|a| activation_policy(a, &format!("recipe {name}: activations")))
+            .transpose()?;
         Ok(Recipe {
             name: name.to_string(),
             description: file.description,
             defaults,
             rules,
+            activations,
         })
     }
 

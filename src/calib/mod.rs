@@ -1,0 +1,177 @@
+//! Calibration: run a model over an input set with the activations to be quantized exposed as extra
+//! outputs, and fold each batch into per-tensor streaming statistics ([`stats::TensorStats`]). Nothing
+//! of a batch outlives it, so memory is one batch's activations plus fixed-size histograms whatever the
+//! number of samples.
+
+pub mod stats;
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::exec::inputs::InputSet;
+use crate::exec::{self, RuntimeKind, SessionOptions};
+use crate::ir::Model;
+use crate::util::Progress;
+
+pub use stats::{Method, Range, TensorStats};
+
+/// Statistics of every calibrated tensor, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Calibration {
+    pub tensors: BTreeMap<String, TensorStats>,
+    pub batches: usize,
+    pub runtime: Option<RuntimeKind>,
+    /// What the input set was.
+    pub description: String,
+}
+
+/// Runs `model` over every batch of `inputs` in `runtime` and collects statistics of `tensors` (names of
+/// float values of the main graph). Tensors that never appear, or are not float, get no entry.
+pub fn calibrate(
+    model: &Model,
+    tensors: &[String],
+    inputs: &mut InputSet,
+    runtime: RuntimeKind,
+    session: &SessionOptions,
+) -> Result<Calibration> {
+    let mut stats: BTreeMap<String, TensorStats> = BTreeMap::new();
+    let mut session = {
+        let prepared = exec::expose_values(model, tensors, "calibration");
+        exec::open(&prepared, runtime, session).context("cannot open the calibration session")?
+    };
+    let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
+    let info = exec::Prepared::from_model(model, "").inputs;
+    let total = inputs.len();
+    let progress = Progress::new(total as u64, "calibrating");
+    for b in 0..total {
+        let batch = inputs
+            .batch(b)
+            .with_context(|| format!("calibration batch {b}"))?;
+        exec::check_batch(&info, &batch).with_context(|| format!("calibration batch {b}"))?;
+        let outputs = session
+            .run(&batch)
+            .with_context(|| format!("{runtime}: calibration batch {b}"))?;
+        // Graph inputs are read from the batch itself.
+        let fed: Vec<exec::Named> = batch
+            .into_iter()
+            .filter(|(n, _)| !outputs.iter().any(|(o, _)| o == n))
+            .collect();
+        let mut found: Vec<(String, exec::Tensor)> = outputs
+            .into_iter()
+            .chain(fed)
+            .filter(|(n, t)| wanted.contains(n.as_str()) && t.is_float())
+            .collect();
+        for (n, _) in &found {
+            stats.entry(n.clone()).or_default();
+        }
+        // Tensors are independent: fold them in parallel.
+        let mut slots: Vec<(&String, &mut TensorStats)> = stats
+            .iter_mut()
+            .filter(|(n, _)| found.iter().any(|(f, _)| f == *n))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        slots
+            .par_iter_mut()
+            .zip(found.par_iter())
+            .for_each(|((_, s), (_, t))| {
+                let v = t.to_f32();
+                match v.as_slice() {
+                    Some(x) => s.add(x),
+                    None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+                }
+            });
+        progress.inc(1);
+    }
+    progress.finish();
+    Ok(Calibration {
+        tensors: stats,
+        batches: total,
+        runtime: Some(runtime),
+        description: inputs.description.clone(),
+    })
+}
+
+/// How closely a candidate reproduces the reference on the check batches: the lowest cosine over the
+/// float outputs, and the lowest top-1 agreement over the outputs that look like class scores.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Retention {
+    pub cosine: f64,
+    pub top1: Option<f64>,
+}
+
+/// The float model's outputs on a few calibration batches, kept to score candidates against.
+pub struct OutputCheck {
+    scores: std::collections::HashSet<String>,
+    batches: Vec<Vec<exec::Named>>,
+    reference: Vec<Vec<exec::Named>>,
+    runtime: RuntimeKind,
+    session: SessionOptions,
+}
+
+impl OutputCheck {
+    /// Runs the reference over the first `max_batches` batches of `inputs`.
+    pub fn new(
+        reference: &Model,
+        inputs: &mut InputSet,
+        max_batches: usize,
+        runtime: RuntimeKind,
+        session: &SessionOptions,
+    ) -> Result<OutputCheck> {
+        let n = inputs.len().min(max_batches);
+        let batches = (0..n)
+            .map(|b| inputs.batch(b))
+            .collect::<Result<Vec<_>>>()?;
+        let mut s = exec::open(
+            &exec::Prepared::from_model(reference, "reference"),
+            runtime,
+            session,
+        )?;
+        let outputs = batches
+            .iter()
+            .map(|b| s.run(b))
+            .collect::<Result<Vec<_>>>()
+            .context("reference outputs on the calibration data")?;
+        let scores = exec::Prepared::from_model(reference, "")
+            .outputs
+            .into_iter()
+            .filter(|o| crate::report::compare::looks_like_scores(reference, o))
+            .collect();
+        Ok(OutputCheck {
+            scores,
+            batches,
+            reference: outputs,
+            runtime,
+            session: session.clone(),
+        })
+    }
+
+    /// Scores a candidate against the reference outputs of the first `limit` batches (all: None).
+    pub fn retention(&self, candidate: &Model, limit: Option<usize>) -> Result<Retention> {
+        let mut s = exec::open(
+            &exec::Prepared::from_model(candidate, "candidate"),
+            self.runtime,
+            &self.session,
+        )?;
+        let mut accs: BTreeMap<String, crate::report::metrics::Accumulator> = BTreeMap::new();
+        let n = limit.unwrap_or(usize::MAX);
+        for (b, r) in self.batches.iter().zip(&self.reference).take(n) {
+            let c = s.run(b)?;
+            for ((name, rt), (_, ct)) in r.iter().zip(&c) {
+                if rt.is_float() {
+                    accs.entry(name.clone()).or_default().add(
+                        rt,
+                        ct,
+                        self.scores.contains(name),
+                    )?;
+                }
+            }
+        }
+        let m: Vec<_> = accs.values().map(|a| a.finish()).collect();
+        Ok(Retention {
+            cosine: m.iter().map(|m| m.cosine).fold(1.0, f64::min),
+            top1: m.iter().filter_map(|m| m.top1_agreement).reduce(f64::min),
+        })
+    }
+}

@@ -1,0 +1,1318 @@
+//! Activation quantization: integer matrix products for MatMul, Gemm and Conv.
+//!
+//! - **Static W8A8** ([`Mode::Static`]): each quantized activation tensor gets one
+//!   `QuantizeLinear → DequantizeLinear` pair (u8, one scale and zero point from calibration) shared by
+//!   its quantized readers; weights become int8 symmetric per output channel behind a
+//!   `DequantizeLinear` (per tensor below opset 13); Conv/Gemm biases become int32 with scale
+//!   `s_x·s_w`. The outputs of the op types the policy names are quantized too (every reader then reads
+//!   the pair), which is what lets onnxruntime fuse a group into QLinearConv/QLinearMatMul; a MatMul with
+//!   float output becomes MatMulIntegerToFloat.
+//! - **Dynamic int8** ([`Mode::Dynamic`]): `DynamicQuantizeLinear` per activation tensor (shared), then
+//!   `MatMulInteger` (int8 weights) or `ConvInteger` (uint8 weights, zero point 128) → `Cast` →
+//!   `Mul(s_x·s_w)` (→ `Add` bias): the pattern onnxruntime fuses into DynamicQuantizeMatMul, and that
+//!   tract runs on its integer kernels. No calibration data.
+//!
+//! Saturation: on x86 CPUs without VNNI, onnxruntime multiplies u8 activations by s8 weights with
+//! `vpmaddubsw`, which adds each pair of neighbouring products along the reduction axis in a saturating
+//! 16-bit lane: `|a₀w₀ + a₁w₁|` may exceed 32767 when two neighbouring weights of one sign are both
+//! large (255·127·2 = 64770). [`fix_saturation`] finds the output channels where any pair could
+//! overflow for some u8 activation and widens only their scale until none can; other channels keep
+//! their full 8-bit precision.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use super::roles::Role;
+use crate::calib::{Calibration, Method, Range, Retention};
+use crate::error::{Error, Result};
+use crate::ir::{ConstantSource, Model, NodeId, Patch, constants};
+use crate::onnx::dtype::DataType;
+use crate::onnx::pb::{AttributeProto, TensorProto};
+use crate::onnx::tensor::to_f32;
+use crate::passes::quantize_weights::Target;
+use crate::passes::quantize_weights::emit::{attr_int, f32_tensor, tensor};
+use crate::quant::int::{Granularity, IntScheme, quantize, sqnr_db};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Static,
+    Dynamic,
+}
+
+/// Which sites to leave float, by the reading node, its op type, the activation tensor's name, the
+/// node's role or its position among the sites (`first`, `last`).
+#[derive(Clone, Debug, Default)]
+pub struct Exclusion {
+    pub ops: Option<Vec<String>>,
+    pub node: Option<crate::recipes::Pattern>,
+    pub tensor: Option<crate::recipes::Pattern>,
+    pub roles: Option<Vec<Role>>,
+    pub position: Option<Position>,
+    /// Where the exclusion came from (for the report).
+    pub origin: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Position {
+    First,
+    Last,
+}
+
+/// Whether to guard u8·s8 products against 16-bit saturation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Saturation {
+    /// Widen the scale of the output channels that could saturate (not for `--target tract`, whose
+    /// integer kernels accumulate in 32 bits).
+    Fix,
+    Ignore,
+}
+
+/// The compiled `activations:` section of a recipe.
+#[derive(Clone, Debug)]
+pub struct ActivationPolicy {
+    pub mode: Mode,
+    /// Op types whose activation inputs are quantized (MatMul, Gemm, Conv).
+    pub ops: Vec<String>,
+    pub method: Method,
+    /// u8 with zero point 128 and a symmetric range, instead of an asymmetric zero point.
+    pub symmetric: bool,
+    /// Op types whose outputs are quantized too (static only).
+    pub outputs: Vec<String>,
+    /// Quantize MatMuls of two activations (attention scores) as well.
+    pub activation_matmul: bool,
+    pub exclude: Vec<Exclusion>,
+    /// Activation tensors whose own SQNR under their range is below this stay float.
+    pub min_sqnr_db: f64,
+    /// Sites whose int8 weight's SQNR is below this stay float (their weights then go to the weight
+    /// rules).
+    pub min_weight_sqnr_db: f64,
+    /// After building, the output cosine on the calibration data must reach this, else the worst
+    /// tensors go back to float until it does.
+    pub min_cosine: Option<f64>,
+    /// Likewise the top-1 agreement of outputs that look like class scores.
+    pub min_top1: Option<f64>,
+    pub saturation: Saturation,
+}
+
+impl Default for ActivationPolicy {
+    fn default() -> Self {
+        ActivationPolicy {
+            mode: Mode::Static,
+            ops: vec!["MatMul".into(), "Gemm".into(), "Conv".into()],
+            method: Method::Percentile { percentile: 99.999 },
+            symmetric: false,
+            outputs: vec!["Conv".into()],
+            activation_matmul: false,
+            exclude: Vec::new(),
+            min_sqnr_db: 20.0,
+            min_weight_sqnr_db: 30.0,
+            min_cosine: Some(0.995),
+            min_top1: Some(0.998),
+            saturation: Saturation::Fix,
+        }
+    }
+}
+
+/// How a weight is laid out for its reader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Layout {
+    /// `[K, N]` (MatMul B, Gemm B without transB): channels along axis 1.
+    KN,
+    /// `[N, K]` (Gemm B with transB): channels along axis 0.
+    NK,
+    /// `[M, C/g, k…]` (Conv W): channels along axis 0, the rest reduced.
+    Conv,
+}
+
+impl Layout {
+    fn axis(self) -> usize {
+        match self {
+            Layout::KN => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// One node whose products become integer.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub node: NodeId,
+    pub name: String,
+    pub op_type: String,
+    pub role: Role,
+    /// (input slot, tensor) of each activation input.
+    pub activations: Vec<(usize, String)>,
+    /// (input slot, constant name) of the weight.
+    pub weight: Option<(usize, String)>,
+    layout: Layout,
+    /// (input slot, constant name) of a 1-D bias.
+    pub bias: Option<(usize, String)>,
+    /// The output to quantize as well (static).
+    pub output: Option<String>,
+}
+
+/// What happened to one site.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteReport {
+    pub node: String,
+    pub op_type: String,
+    pub role: Role,
+    pub activations: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<String>,
+    /// The graph form written, or None when the site stayed float.
+    pub form: Option<String>,
+    #[serde(serialize_with = "crate::report::ser_db")]
+    pub weight_sqnr_db: f64,
+    /// Output channels whose scale was widened against u8·s8 saturation.
+    pub saturation_channels: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One calibrated activation tensor.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub min: f32,
+    pub max: f32,
+    pub range: Range,
+    pub scale: f32,
+    pub zero_point: u8,
+    /// The tensor's own SQNR under its 8-bit range, from the calibration histogram.
+    #[serde(serialize_with = "crate::report::ser_db")]
+    pub sqnr_db: f64,
+    /// The output retention with only this tensor's sites integer (measured when the fallback ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alone: Option<Retention>,
+    pub quantized: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ActivationReport {
+    pub mode: Mode,
+    pub method: String,
+    pub sites: Vec<SiteReport>,
+    pub tensors: Vec<TensorReport>,
+    pub quantized: usize,
+    pub float: usize,
+    /// Output cosine on the calibration data, each time the fallback check measured it.
+    pub checks: Vec<FallbackCheck>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FallbackCheck {
+    pub float_tensors: usize,
+    pub retention: Retention,
+}
+
+fn is_std(domain: &str) -> bool {
+    matches!(domain, "" | "ai.onnx")
+}
+
+/// Finds the sites of the main graph the policy quantizes; the others come back with why not.
+pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteReport>) {
+    let g = &model.graph;
+    let consts: HashMap<String, crate::ir::ConstantRef> = constants(model)
+        .into_iter()
+        .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    // Exporters tie repeated layers' weights through Identity nodes: see through them.
+    let mut alias: HashMap<String, String> = HashMap::new();
+    for (_, n) in g.nodes() {
+        if n.op_type == "Identity"
+            && is_std(&n.domain)
+            && let (Some(i), Some(Some(o))) = (n.input(0), n.outputs().first())
+        {
+            let src = g.value_name(i).to_string();
+            let src = alias.get(&src).cloned().unwrap_or(src);
+            if consts.contains_key(&src) {
+                alias.insert(g.value_name(*o).to_string(), src);
+            }
+        }
+    }
+    let resolve = |name: String| alias.get(&name).cloned().unwrap_or(name);
+    let is_float_const = |name: &str, rank: Option<usize>| {
+        consts.get(name).is_some_and(|c| {
+            c.dtype() == Some(DataType::Float) && rank.is_none_or(|r| c.shape().len() == r)
+        })
+    };
+    let weighted = super::roles::weighted_nodes(g);
+    let mut sites = Vec::new();
+    let mut declined = Vec::new();
+    for (id, n) in g.nodes() {
+        if !is_std(&n.domain) || !policy.ops.iter().any(|o| o == &n.op_type) {
+            continue;
+        }
+        let name_of = |i: usize| n.input(i).map(|v| g.value_name(v).to_string());
+        let (a, b) = (name_of(0), name_of(1).map(resolve));
+        let (Some(a), Some(b)) = (a, b) else { continue };
+        let mut site = Site {
+            node: id,
+            name: n.name.clone(),
+            op_type: n.op_type.clone(),
+            role: Role::Other,
+            activations: vec![(0, a.clone())],
+            weight: None,
+            layout: Layout::KN,
+            bias: None,
+            output: None,
+        };
+        let mut why = None;
+        match n.op_type.as_str() {
+            "MatMul" => {
+                if is_float_const(&b, Some(2)) {
+                    site.weight = Some((1, b.clone()));
+                } else if policy.activation_matmul && !consts.contains_key(&b) {
+                    site.activations.push((1, b.clone()));
+                } else {
+                    continue;
+                }
+            }
+            "Gemm" => {
+                if n.int_attribute("transA").unwrap_or(0) != 0 {
+                    why = Some("Gemm with transA".to_string());
+                } else if !is_float_const(&b, Some(2)) {
+                    continue;
+                }
+                site.weight = Some((1, b.clone()));
+                site.layout = if n.int_attribute("transB").unwrap_or(0) != 0 {
+                    Layout::NK
+                } else {
+                    Layout::KN
+                };
+                let alpha = float_attr(n, "alpha").unwrap_or(1.0);
+                let beta = float_attr(n, "beta").unwrap_or(1.0);
+                if let Some(c) = name_of(2).map(resolve) {
+                    if is_float_const(&c, Some(1)) && alpha == 1.0 && beta == 1.0 {
+                        site.bias = Some((2, c));
+                    } else if policy.mode == Mode::Dynamic {
+                        why = Some("Gemm with a non-constant or scaled C".into());
+                    }
+                }
+                if policy.mode == Mode::Dynamic && alpha != 1.0 {
+                    why = Some(format!("Gemm with alpha {alpha}"));
+                }
+            }
+            "Conv" => {
+                if !is_float_const(&b, None) || consts.get(&b).is_none_or(|c| c.shape().len() < 3) {
+                    continue;
+                }
+                site.weight = Some((1, b.clone()));
+                site.layout = Layout::Conv;
+                if let Some(c) = name_of(2).map(resolve) {
+                    if is_float_const(&c, Some(1)) {
+                        site.bias = Some((2, c));
+                    } else {
+                        why = Some("Conv with a non-constant bias".into());
+                    }
+                }
+            }
+            _ => continue,
+        }
+        // Activation inputs must be float values computed by the graph (or graph inputs).
+        for (_, t) in &site.activations {
+            let v = g.value_id(t);
+            let float = v.is_some_and(|v| {
+                g.info_of(v)
+                    .and_then(|i| i.r#type.as_ref())
+                    .and_then(|t| match &t.value {
+                        Some(crate::onnx::pb::type_proto::Value::TensorType(tt)) => {
+                            Some(tt.elem_type == DataType::Float as i32)
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or(true)
+            });
+            if !float || consts.contains_key(t) {
+                why = Some(format!("input '{t}' is not a float activation"));
+            }
+        }
+        site.role = {
+            let readers = [(n.name.as_str(), n.op_type.as_str())];
+            let by_name =
+                super::roles::classify(site.weight.as_ref().map_or("", |w| w.1.as_str()), &readers);
+            super::roles::structural(g, &[id], &weighted, by_name)
+        };
+        if policy.mode == Mode::Static
+            && policy.outputs.iter().any(|o| o == &n.op_type)
+            && let Some(Some(out)) = n.outputs().first()
+            && !g.is_output(*out)
+            && !g.value(*out).uses().is_empty()
+        {
+            site.output = Some(g.value_name(*out).to_string());
+        }
+        if policy.mode == Mode::Dynamic
+            && n.outputs()
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|o| g.is_output(o))
+        {
+            why = Some("its output is a graph output (the integer form renames it)".into());
+        }
+        match why {
+            Some(w) => declined.push(float_site(&site, w)),
+            None => sites.push(site),
+        }
+    }
+    // Exclusions, with positions over the sites found.
+    let last = sites.len().saturating_sub(1);
+    let mut kept = Vec::new();
+    for (i, s) in sites.into_iter().enumerate() {
+        let hit = policy.exclude.iter().find(|e| {
+            e.ops.as_ref().is_none_or(|o| o.contains(&s.op_type))
+                && e.node.as_ref().is_none_or(|p| p.matches(&s.name))
+                && e.tensor
+                    .as_ref()
+                    .is_none_or(|p| s.activations.iter().any(|(_, t)| p.matches(t)))
+                && e.roles.as_ref().is_none_or(|r| r.contains(&s.role))
+                && e.position.is_none_or(|p| match p {
+                    Position::First => i == 0,
+                    Position::Last => i == last,
+                })
+        });
+        match hit {
+            Some(e) => declined.push(float_site(&s, format!("excluded by {}", e.origin))),
+            None => kept.push(s),
+        }
+    }
+    (kept, declined)
+}
+
+fn float_attr(n: &crate::ir::Node, name: &str) -> Option<f32> {
+    n.attribute(name).and_then(|a| a.f)
+}
+
+fn float_site(s: &Site, why: String) -> SiteReport {
+    SiteReport {
+        node: s.name.clone(),
+        op_type: s.op_type.clone(),
+        role: s.role,
+        activations: s.activations.iter().map(|(_, t)| t.clone()).collect(),
+        weight: s.weight.as_ref().map(|w| w.1.clone()),
+        form: None,
+        weight_sqnr_db: f64::NAN,
+        saturation_channels: 0,
+        note: Some(why),
+    }
+}
+
+/// The tensors calibration must see for these sites: activation inputs and quantized outputs.
+pub fn tensors_to_calibrate(sites: &[Site]) -> Vec<String> {
+    let mut set = BTreeSet::new();
+    for s in sites {
+        for (_, t) in &s.activations {
+            set.insert(t.clone());
+        }
+        if let Some(o) = &s.output {
+            set.insert(o.clone());
+        }
+    }
+    set.into_iter().collect()
+}
+
+/// A weight as a `[channels, k]` matrix, k in the reduction order of its reader.
+fn to_rows(w: &[f32], dims: &[i64], layout: Layout) -> (Vec<f32>, usize, usize) {
+    match layout {
+        Layout::KN => {
+            let (k, n) = (dims[0] as usize, dims[1] as usize);
+            let mut out = vec![0f32; w.len()];
+            for r in 0..k {
+                for c in 0..n {
+                    out[c * k + r] = w[r * n + c];
+                }
+            }
+            (out, n, k)
+        }
+        Layout::NK | Layout::Conv => {
+            let n = dims[0] as usize;
+            (w.to_vec(), n, w.len() / n.max(1))
+        }
+    }
+}
+
+fn from_rows<T: Copy + Default>(rows: &[T], channels: usize, k: usize, layout: Layout) -> Vec<T> {
+    match layout {
+        Layout::KN => {
+            let mut out = vec![T::default(); rows.len()];
+            for c in 0..channels {
+                for r in 0..k {
+                    out[r * channels + c] = rows[c * k + r];
+                }
+            }
+            out
+        }
+        _ => rows.to_vec(),
+    }
+}
+
+/// Widens the scale of every output channel in which two weights that one u8 activation pair could
+/// multiply (neighbours along the reduction axis when `pairs`, any two otherwise) could sum past the
+/// 16-bit limit; codes are recomputed for those channels. Returns how many channels changed.
+pub fn fix_saturation(
+    w_rows: &[f32],
+    codes: &mut [i32],
+    scales: &mut [f32],
+    k: usize,
+    pairs: bool,
+) -> usize {
+    const LIMIT: i32 = 32767;
+    let worst = |row: &[i32]| -> i32 {
+        if pairs {
+            row.chunks(2)
+                .map(|p| {
+                    let (mut pos, mut neg) = (0, 0);
+                    for &q in p {
+                        if q > 0 { pos += q } else { neg -= q }
+                    }
+                    255 * pos.max(neg)
+                })
+                .max()
+                .unwrap_or(0)
+        } else {
+            let (mut p, mut n) = ([0i32; 2], [0i32; 2]);
+            for &q in row {
+                let (top, v) = if q > 0 { (&mut p, q) } else { (&mut n, -q) };
+                if v > top[0] {
+                    top[1] = top[0];
+                    top[0] = v;
+                } else if v > top[1] {
+                    top[1] = v;
+                }
+            }
+            255 * (p[0] + p[1]).max(n[0] + n[1])
+        }
+    };
+    let mut fixed = 0;
+    for (c, s) in scales.iter_mut().enumerate() {
+        let row = &mut codes[c * k..(c + 1) * k];
+        let mut w = worst(row);
+        if w <= LIMIT {
+            continue;
+        }
+        fixed += 1;
+        let src = &w_rows[c * k..(c + 1) * k];
+        let mut f = w as f32 / LIMIT as f32;
+        while w > LIMIT {
+            let ns = *s * f;
+            for (q, &x) in row.iter_mut().zip(src) {
+                *q = ((x / ns).round() as i32).clamp(-127, 127);
+            }
+            w = worst(row);
+            if w <= LIMIT {
+                *s = ns;
+            }
+            f *= 1.01;
+        }
+    }
+    fixed
+}
+
+/// A quantized weight: int8 codes in the weight's own layout, scales per channel (or one).
+struct QWeight {
+    codes: Vec<i32>,
+    scales: Vec<f32>,
+    dims: Vec<i64>,
+    axis: Option<usize>,
+    sqnr_db: f64,
+    saturation_channels: usize,
+}
+
+fn quantize_weight(
+    t: &TensorProto,
+    layout: Layout,
+    per_channel: bool,
+    saturation: bool,
+) -> std::result::Result<QWeight, String> {
+    let w = to_f32(t)?;
+    let (rows, channels, k) = to_rows(&w, &t.dims, layout);
+    let scheme = IntScheme {
+        bits: 8,
+        symmetric: true,
+        granularity: if per_channel {
+            Granularity::PerChannel
+        } else {
+            Granularity::PerTensor
+        },
+        clip_search: false,
+    };
+    let q = quantize(&rows, channels, k, &scheme)?;
+    // Symmetric int8 codes stay within ±127 so negation and u8 offsets never overflow.
+    let mut codes: Vec<i32> = q.codes.iter().map(|&c| c.max(-127)).collect();
+    let mut scales = q.scales.clone();
+    let mut fixed = 0;
+    if saturation {
+        if per_channel {
+            fixed = fix_saturation(&rows, &mut codes, &mut scales, k, layout != Layout::Conv);
+        } else {
+            // One scale for the whole tensor: treat it as one channel of all rows' pairs.
+            let mut s = [scales[0]];
+            let mut worst_rows = 0;
+            for c in 0..channels {
+                let mut cs = [s[0]];
+                let mut row = codes[c * k..(c + 1) * k].to_vec();
+                if fix_saturation(
+                    &rows[c * k..(c + 1) * k],
+                    &mut row,
+                    &mut cs,
+                    k,
+                    layout != Layout::Conv,
+                ) > 0
+                {
+                    worst_rows += 1;
+                    s[0] = s[0].max(cs[0]);
+                }
+            }
+            if worst_rows > 0 {
+                scales[0] = s[0];
+                for (q, &x) in codes.iter_mut().zip(&rows) {
+                    *q = ((x / s[0]).round() as i32).clamp(-127, 127);
+                }
+                fixed = channels;
+            }
+        }
+    }
+    let decoded: Vec<f32> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| c as f32 * scales[if per_channel { i / k.max(1) } else { 0 }])
+        .collect();
+    let sqnr = sqnr_db(&rows, &decoded);
+    Ok(QWeight {
+        codes: from_rows(&codes, channels, k, layout),
+        scales,
+        dims: t.dims.clone(),
+        axis: per_channel.then(|| layout.axis()),
+        sqnr_db: sqnr,
+        saturation_channels: fixed,
+    })
+}
+
+fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
+    tensor(dt, &[], raw)
+}
+
+/// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
+/// sites reading a tensor without one stay float.
+pub fn apply(
+    model: &mut Model,
+    sites: &[Site],
+    ranges: &BTreeMap<String, Range>,
+    policy: &ActivationPolicy,
+    target: Target,
+) -> Result<Vec<SiteReport>> {
+    let opset = model.opset("").unwrap_or(1);
+    let need = match policy.mode {
+        Mode::Static => 10,
+        Mode::Dynamic => 11,
+    };
+    if opset < need {
+        return Ok(sites
+            .iter()
+            .map(|s| {
+                float_site(
+                    s,
+                    format!(
+                        "{:?} activation quantization needs opset {need}, the model has {opset}",
+                        policy.mode
+                    ),
+                )
+            })
+            .collect());
+    }
+    // Static weights sit behind DequantizeLinear, per axis from opset 13; dynamic mode applies the
+    // weight scales with its own Mul, so it is per channel at any opset.
+    let per_channel = opset >= 13 || policy.mode == Mode::Dynamic;
+    let saturation = policy.saturation == Saturation::Fix && target != Target::Tract;
+    let consts: HashMap<String, TensorProto> = constants(model)
+        .into_iter()
+        .filter(|c| !c.in_subgraph())
+        .map(|c| (c.name, c.tensor))
+        .collect();
+    let mut patch = Patch::new(format!("quantize-activations/{:?}", policy.mode).to_lowercase());
+    let names = &mut model.names;
+    let g = &model.graph;
+    // Tensors whose every reader reads the quantized pair.
+    // (A site whose inputs stay float keeps a float output: a pair there would only cost.)
+    let all_readers: BTreeSet<&str> = sites
+        .iter()
+        .filter(|s| s.activations.iter().all(|(_, t)| ranges.contains_key(t)))
+        .filter_map(|s| s.output.as_deref())
+        .filter(|o| ranges.contains_key(*o))
+        .collect();
+    // tensor → name of its decoded value (static) or (codes, scale, zero point) (dynamic).
+    let mut pairs: HashMap<String, Vec<String>> = HashMap::new();
+    let mut reports = Vec::new();
+    // A weight read by several sites is stored once per layout (static: its DequantizeLinear output;
+    // dynamic: its integer constant).
+    let mut quantized_weights: HashMap<(String, Layout), String> = HashMap::new();
+    let base = |s: &str| s.replace(['/', ':'], "_");
+    // Dynamic mode: outputs of replaced nodes → the values that now hold them.
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for site in sites {
+        if let Some((_, t)) = site
+            .activations
+            .iter()
+            .find(|(_, t)| !ranges.contains_key(t))
+        {
+            reports.push(float_site(
+                site,
+                format!("activation '{t}' stays float (no usable range)"),
+            ));
+            continue;
+        }
+        let node = g.node(site.node);
+        let mut acts = Vec::new();
+        for (slot, t) in &site.activations {
+            let made = pairs.entry(t.clone()).or_insert_with(|| match policy.mode {
+                Mode::Static => {
+                    let (s, z) = ranges[t].u8_params(policy.symmetric);
+                    let b = base(t);
+                    let sc = patch.constant(
+                        names,
+                        &format!("{b}_scale"),
+                        scalar(DataType::Float, s.to_le_bytes().to_vec()),
+                    );
+                    let zp = patch.constant(
+                        names,
+                        &format!("{b}_zero_point"),
+                        scalar(DataType::Uint8, vec![z]),
+                    );
+                    let q = patch.node(
+                        names,
+                        &format!("{b}_quantize"),
+                        "QuantizeLinear",
+                        "",
+                        &[Some(t), Some(&sc), Some(&zp)],
+                        1,
+                        vec![],
+                    );
+                    let dq = patch.node(
+                        names,
+                        &format!("{b}_dequantize"),
+                        "DequantizeLinear",
+                        "",
+                        &[Some(&q[0]), Some(&sc), Some(&zp)],
+                        1,
+                        vec![],
+                    );
+                    if all_readers.contains(t.as_str()) {
+                        patch.replace_all_uses(t, &dq[0]);
+                    }
+                    vec![dq[0].clone(), sc]
+                }
+                Mode::Dynamic => patch.node(
+                    names,
+                    &format!("{}_dynamic_quantize", base(t)),
+                    "DynamicQuantizeLinear",
+                    "",
+                    // An earlier site (sites come in topological order) may have replaced it.
+                    &[Some(renamed.get(t).unwrap_or(t))],
+                    3,
+                    vec![],
+                ),
+            });
+            acts.push((*slot, made.clone()));
+        }
+        let Some((wslot, wname)) = &site.weight else {
+            // Two activations (static only): both read their pairs.
+            for (slot, made) in &acts {
+                patch.replace_input(site.node, *slot, &made[0]);
+            }
+            reports.push(SiteReport {
+                form: Some(format!("QDQ {}", site.op_type)),
+                ..float_site(site, String::new())
+            });
+            if let Some(r) = reports.last_mut() {
+                r.note = None;
+            }
+            continue;
+        };
+        let wt = &consts[wname];
+        let key = (wname.clone(), site.layout);
+        let qw = match quantize_weight(wt, site.layout, per_channel, saturation) {
+            Ok(q) => q,
+            Err(e) => {
+                reports.push(float_site(site, format!("weight '{wname}': {e}")));
+                continue;
+            }
+        };
+        if qw.sqnr_db < policy.min_weight_sqnr_db {
+            let why = if per_channel {
+                String::new()
+            } else {
+                format!(
+                    " (one scale per tensor: per-channel needs opset 13, the model has {opset})"
+                )
+            };
+            reports.push(float_site(
+                site,
+                format!(
+                    "int8 weight SQNR {:.1} dB < {} dB{why}",
+                    qw.sqnr_db, policy.min_weight_sqnr_db
+                ),
+            ));
+            continue;
+        }
+        let wb = base(wname);
+        let mut report = SiteReport {
+            form: None,
+            weight_sqnr_db: qw.sqnr_db,
+            saturation_channels: qw.saturation_channels,
+            ..float_site(site, String::new())
+        };
+        report.note = None;
+        match policy.mode {
+            Mode::Static => {
+                let wdq = quantized_weights
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let codes: Vec<u8> = qw.codes.iter().map(|&c| c as i8 as u8).collect();
+                        let (sdims, nz): (Vec<i64>, usize) = match qw.axis {
+                            Some(_) => (vec![qw.scales.len() as i64], qw.scales.len()),
+                            None => (vec![], 1),
+                        };
+                        let q = patch.constant(
+                            names,
+                            &format!("{wb}_quantized"),
+                            tensor(DataType::Int8, &qw.dims, codes),
+                        );
+                        let s = patch.constant(
+                            names,
+                            &format!("{wb}_scale"),
+                            f32_tensor(&sdims, &qw.scales),
+                        );
+                        let z = patch.constant(
+                            names,
+                            &format!("{wb}_zero_point"),
+                            tensor(DataType::Int8, &sdims, vec![0; nz]),
+                        );
+                        let attrs = qw
+                            .axis
+                            .map(|a| vec![attr_int("axis", a as i64)])
+                            .unwrap_or_default();
+                        patch
+                            .node(
+                                names,
+                                &format!("{wb}_dequantize"),
+                                "DequantizeLinear",
+                                "",
+                                &[Some(&q), Some(&s), Some(&z)],
+                                1,
+                                attrs,
+                            )
+                            .remove(0)
+                    })
+                    .clone();
+                let (slot, made) = &acts[0];
+                if !all_readers.contains(site.activations[0].1.as_str()) {
+                    patch.replace_input(site.node, *slot, &made[0]);
+                }
+                patch.replace_input(site.node, *wslot, &wdq);
+                // The bias as int32 with scale s_x·s_w, so the group fuses with its bias.
+                if let Some((bslot, bname)) = &site.bias {
+                    let sx = ranges[&site.activations[0].1].u8_params(policy.symmetric).0;
+                    let b = to_f32(&consts[bname]).unwrap_or_default();
+                    let per = qw.scales.len() == b.len();
+                    let bs: Vec<f32> = b
+                        .iter()
+                        .enumerate()
+                        .map(|(i, _)| sx * qw.scales[if per { i } else { 0 }])
+                        .collect();
+                    let codes: Vec<i64> = b
+                        .iter()
+                        .zip(&bs)
+                        .map(|(v, s)| (v / s).round() as i64)
+                        .collect();
+                    if !b.is_empty() && codes.iter().all(|c| i32::try_from(*c).is_ok()) {
+                        let bb = base(bname);
+                        let raw: Vec<u8> = codes
+                            .iter()
+                            .flat_map(|&c| (c as i32).to_le_bytes())
+                            .collect();
+                        let q = patch.constant(
+                            names,
+                            &format!("{bb}_quantized"),
+                            tensor(DataType::Int32, &[b.len() as i64], raw),
+                        );
+                        let s = patch.constant(
+                            names,
+                            &format!("{bb}_scale"),
+                            f32_tensor(&[b.len() as i64], &bs),
+                        );
+                        let z = patch.constant(
+                            names,
+                            &format!("{bb}_zero_point"),
+                            tensor(DataType::Int32, &[b.len() as i64], vec![0; 4 * b.len()]),
+                        );
+                        let axis = if opset >= 13 {
+                            vec![attr_int("axis", 0)]
+                        } else {
+                            vec![]
+                        };
+                        // Per-axis bias scales need opset 13; below it, only a shared scale works.
+                        if opset >= 13 || !per {
+                            let (s, z) = if opset >= 13 {
+                                (s, z)
+                            } else {
+                                (
+                                    patch.constant(
+                                        names,
+                                        &format!("{bb}_scale"),
+                                        scalar(DataType::Float, bs[0].to_le_bytes().to_vec()),
+                                    ),
+                                    patch.constant(
+                                        names,
+                                        &format!("{bb}_zero_point"),
+                                        scalar(DataType::Int32, vec![0; 4]),
+                                    ),
+                                )
+                            };
+                            let dq = patch.node(
+                                names,
+                                &format!("{bb}_dequantize"),
+                                "DequantizeLinear",
+                                "",
+                                &[Some(&q), Some(&s), Some(&z)],
+                                1,
+                                axis,
+                            );
+                            patch.replace_input(site.node, *bslot, &dq[0]);
+                        }
+                    }
+                }
+                let out = if site
+                    .output
+                    .as_deref()
+                    .is_some_and(|o| all_readers.contains(o))
+                {
+                    " → Q/DQ output"
+                } else {
+                    ""
+                };
+                report.form = Some(format!(
+                    "QDQ {} (w int8 per {}){out}",
+                    site.op_type,
+                    if qw.axis.is_some() {
+                        "channel"
+                    } else {
+                        "tensor"
+                    }
+                ));
+            }
+            Mode::Dynamic => {
+                let (xq, xs, xz) = (&acts[0].1[0], &acts[0].1[1], &acts[0].1[2]);
+                let rank = qw.dims.len();
+                let out_name = node
+                    .outputs()
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|v| g.value_name(v).to_string());
+                let Some(out_name) = out_name else {
+                    reports.push(float_site(site, "the node has no output".into()));
+                    continue;
+                };
+                let nb = base(&site.name);
+                let ws: Vec<f32> = if qw.axis.is_some() {
+                    qw.scales.clone()
+                } else {
+                    vec![qw.scales[0]]
+                };
+                let (int_out, scale_shape) = if site.op_type == "Conv" {
+                    // ConvInteger takes uint8 weights: symmetric codes + 128, zero point 128.
+                    let q = quantized_weights
+                        .entry(key)
+                        .or_insert_with(|| {
+                            let codes: Vec<u8> =
+                                qw.codes.iter().map(|&c| (c + 128) as u8).collect();
+                            patch.constant(
+                                names,
+                                &format!("{wb}_quantized"),
+                                tensor(DataType::Uint8, &qw.dims, codes),
+                            )
+                        })
+                        .clone();
+                    let z = patch.constant(
+                        names,
+                        &format!("{wb}_zero_point"),
+                        scalar(DataType::Uint8, vec![128]),
+                    );
+                    let attrs: Vec<AttributeProto> =
+                        node.attributes().iter().map(|a| a.proto.clone()).collect();
+                    let y = patch.node(
+                        names,
+                        &format!("{nb}_conv_integer"),
+                        "ConvInteger",
+                        "",
+                        &[Some(xq), Some(&q), Some(xz), Some(&z)],
+                        1,
+                        attrs,
+                    );
+                    let mut shape = vec![1i64; rank];
+                    shape[1] = ws.len() as i64;
+                    if ws.len() == 1 {
+                        shape[1] = 1;
+                    }
+                    (y[0].clone(), shape)
+                } else {
+                    // MatMulInteger wants B as [K, N]; tied weights share one constant.
+                    let q = quantized_weights
+                        .entry(key)
+                        .or_insert_with(|| {
+                            let (codes, dims) = if site.layout == Layout::NK {
+                                let (n, k) = (qw.dims[0] as usize, qw.dims[1] as usize);
+                                let mut t = vec![0i32; n * k];
+                                for r in 0..n {
+                                    for c in 0..k {
+                                        t[c * n + r] = qw.codes[r * k + c];
+                                    }
+                                }
+                                (t, vec![qw.dims[1], qw.dims[0]])
+                            } else {
+                                (qw.codes.clone(), qw.dims.clone())
+                            };
+                            let raw: Vec<u8> = codes.iter().map(|&c| c as i8 as u8).collect();
+                            patch.constant(
+                                names,
+                                &format!("{wb}_quantized"),
+                                tensor(DataType::Int8, &dims, raw),
+                            )
+                        })
+                        .clone();
+                    let y = patch.node(
+                        names,
+                        &format!("{nb}_matmul_integer"),
+                        "MatMulInteger",
+                        "",
+                        &[Some(xq), Some(&q), Some(xz)],
+                        1,
+                        vec![],
+                    );
+                    (y[0].clone(), vec![ws.len() as i64])
+                };
+                let wsc =
+                    patch.constant(names, &format!("{wb}_scale"), f32_tensor(&scale_shape, &ws));
+                let scale = patch.node(
+                    names,
+                    &format!("{nb}_scale"),
+                    "Mul",
+                    "",
+                    &[Some(xs), Some(&wsc)],
+                    1,
+                    vec![],
+                );
+                let cast = patch.node(
+                    names,
+                    &format!("{nb}_cast"),
+                    "Cast",
+                    "",
+                    &[Some(&int_out)],
+                    1,
+                    vec![attr_int("to", DataType::Float as i64)],
+                );
+                let mut y = patch.node(
+                    names,
+                    &format!("{nb}_rescale"),
+                    "Mul",
+                    "",
+                    &[Some(&cast[0]), Some(&scale[0])],
+                    1,
+                    vec![],
+                )[0]
+                .clone();
+                if let Some((_, b)) = site.bias.clone() {
+                    let b = if site.op_type == "Conv" {
+                        let v = to_f32(&consts[&b]).unwrap_or_default();
+                        let mut shape = vec![1i64; rank];
+                        shape[1] = v.len() as i64;
+                        patch.constant(names, &format!("{}_bias", base(&b)), f32_tensor(&shape, &v))
+                    } else {
+                        b
+                    };
+                    y = patch.node(
+                        names,
+                        &format!("{nb}_bias"),
+                        "Add",
+                        "",
+                        &[Some(&y), Some(&b)],
+                        1,
+                        vec![],
+                    )[0]
+                    .clone();
+                }
+                patch.replace_all_uses(&out_name, &y);
+                patch.remove_node(site.node);
+                renamed.insert(out_name, y);
+                report.form = Some(format!(
+                    "DynamicQuantizeLinear → {} (w {} per {})",
+                    if site.op_type == "Conv" {
+                        "ConvInteger"
+                    } else {
+                        "MatMulInteger"
+                    },
+                    if site.op_type == "Conv" {
+                        "uint8"
+                    } else {
+                        "int8"
+                    },
+                    if qw.axis.is_some() {
+                        "channel"
+                    } else {
+                        "tensor"
+                    }
+                ));
+            }
+        }
+        if report.saturation_channels > 0 {
+            report.note = Some(format!(
+                "{} output channels widened against u8·s8 16-bit saturation",
+                report.saturation_channels
+            ));
+        }
+        reports.push(report);
+    }
+    model.graph.apply(patch)?;
+    if model.graph.outputs().is_empty() {
+        return Err(Error::Model("the graph lost its outputs".into()));
+    }
+    Ok(reports)
+}
+
+/// Check batches a tensor's cost alone is measured on (the whole candidate uses all of them).
+const ALONE_BATCHES: usize = 32;
+
+/// Quantizes activations of a copy of `model` as the policy says and returns it with the report.
+///
+/// Static mode reads the ranges from `calib`; tensors whose own SQNR is below the policy's floor stay
+/// float. Dynamic mode needs no data; given some (`calib`, its statistics unused), it runs the same
+/// output check. `finish` completes a candidate (the weight pass, clean-up) and `score` measures its output
+/// retention on the calibration data (its first batches only, given a limit). When the whole candidate misses the policy's floors, each
+/// quantized tensor is measured alone (the model with only that tensor's sites integer); the tensors
+/// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
+pub fn quantize_activations(
+    model: &Model,
+    policy: &ActivationPolicy,
+    target: Target,
+    calib: Option<&Calibration>,
+    finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>,
+    score: &mut dyn FnMut(&Model, Option<usize>) -> anyhow::Result<Retention>,
+) -> anyhow::Result<(Model, ActivationReport)> {
+    let (sites, declined) = plan(model, policy);
+    let mut tensors = Vec::new();
+    let mut ranges = BTreeMap::new();
+    let mut notes = Vec::new();
+    if policy.mode == Mode::Static {
+        let Some(calib) = calib else {
+            anyhow::bail!("static activation quantization needs calibration data");
+        };
+        for t in tensors_to_calibrate(&sites) {
+            let Some(st) = calib.tensors.get(&t) else {
+                tensors.push(TensorReport {
+                    name: t,
+                    min: f32::NAN,
+                    max: f32::NAN,
+                    range: Range::new(0.0, 0.0),
+                    scale: 0.0,
+                    zero_point: 0,
+                    sqnr_db: f64::NAN,
+                    alone: None,
+                    quantized: false,
+                    note: Some("not seen by calibration (or not float)".into()),
+                });
+                continue;
+            };
+            let r = st.range(policy.method);
+            let (scale, zero_point) = r.u8_params(policy.symmetric);
+            let sqnr = st.sqnr_db(r);
+            let mut note = None;
+            if st.count == 0 {
+                note = Some("no finite value seen".to_string());
+            } else if st.non_finite > 0 {
+                note = Some(format!("{} NaN/Inf values seen", st.non_finite));
+            } else if sqnr < policy.min_sqnr_db {
+                note = Some(format!(
+                    "own SQNR {sqnr:.1} dB < {} dB: stays float",
+                    policy.min_sqnr_db
+                ));
+            }
+            if note.is_none() {
+                ranges.insert(t.clone(), r);
+            }
+            tensors.push(TensorReport {
+                name: t,
+                min: st.min,
+                max: st.max,
+                range: r,
+                scale,
+                zero_point,
+                sqnr_db: sqnr,
+                alone: None,
+                quantized: note.is_none(),
+                note,
+            });
+        }
+    }
+    if policy.mode == Mode::Dynamic {
+        // Ranges are taken per batch at run time; the map only says which tensors are integer.
+        for t in tensors_to_calibrate(&sites) {
+            ranges.insert(t.clone(), Range::new(0.0, 0.0));
+            tensors.push(TensorReport {
+                name: t,
+                min: f32::NAN,
+                max: f32::NAN,
+                range: Range::new(0.0, 0.0),
+                scale: f32::NAN,
+                zero_point: 0,
+                sqnr_db: f64::NAN,
+                alone: None,
+                quantized: true,
+                note: None,
+            });
+        }
+    }
+    let build = |ranges: &BTreeMap<String, Range>,
+                 finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>|
+     -> anyhow::Result<(Model, Vec<SiteReport>)> {
+        let mut m = model.clone();
+        let reports = apply(&mut m, &sites, ranges, policy, target)?;
+        finish(&mut m)?;
+        Ok((m, reports))
+    };
+    let (mut candidate, mut reports) = build(&ranges, finish)?;
+    let mut checks = Vec::new();
+    let meets = |r: &Retention| {
+        policy.min_cosine.is_none_or(|m| r.cosine >= m)
+            && policy
+                .min_top1
+                .is_none_or(|m| r.top1.is_none_or(|t| t >= m))
+    };
+    // Static mode always has calibration data to check on; dynamic mode when it was given some.
+    if calib.is_some() && (policy.min_cosine.is_some() || policy.min_top1.is_some()) {
+        let mut order: Option<Vec<String>> = None;
+        let mut next = 0;
+        let mut step = 1;
+        loop {
+            let r = score(&candidate, None)?;
+            checks.push(FallbackCheck {
+                float_tensors: tensors.len() - ranges.len(),
+                retention: r,
+            });
+            let order = match order.as_mut() {
+                Some(o) => o,
+                None => {
+                    if meets(&r) {
+                        break;
+                    }
+                    // Measure every quantized tensor alone, to know what costs the most.
+                    let mut cost = Vec::new();
+                    let quantized: Vec<String> = ranges.keys().cloned().collect();
+                    let progress =
+                        crate::util::Progress::new(quantized.len() as u64, "measuring tensors");
+                    for t in quantized {
+                        let one: BTreeMap<String, Range> =
+                            [(t.clone(), ranges[&t])].into_iter().collect();
+                        let (m, _) = build(&one, finish)?;
+                        let r = score(&m, Some(ALONE_BATCHES))?;
+                        let c = (1.0 - r.cosine) + r.top1.map_or(0.0, |t| 1.0 - t);
+                        if let Some(rep) = tensors.iter_mut().find(|x| x.name == t) {
+                            rep.alone = Some(r);
+                        }
+                        cost.push((c, t));
+                        progress.inc(1);
+                    }
+                    progress.finish();
+                    cost.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                    order.insert(cost.into_iter().map(|c| c.1).collect())
+                }
+            };
+            if meets(&r) || next >= order.len() {
+                if !meets(&r) {
+                    notes.push(format!(
+                        "output retention on the calibration data (cosine {:.5}{}) stays below \
+                         the floors with every activation float",
+                        r.cosine,
+                        r.top1
+                            .map(|t| format!(", top-1 {:.2}%", 100.0 * t))
+                            .unwrap_or_default()
+                    ));
+                }
+                break;
+            }
+            for t in order.iter().skip(next).take(step) {
+                ranges.remove(t);
+                if let Some(rep) = tensors.iter_mut().find(|x| &x.name == t) {
+                    rep.quantized = false;
+                    rep.note = Some(format!(
+                        "back to float: output cosine {:.5}{} on the calibration data",
+                        r.cosine,
+                        r.top1
+                            .map(|t| format!(", top-1 {:.2}%", 100.0 * t))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+            next += step;
+            // One at a time at first; past 8, twice as many each round.
+            if next >= 8 {
+                step *= 2;
+            }
+            (candidate, reports) = build(&ranges, finish)?;
+        }
+    }
+    reports.extend(declined);
+    let quantized = reports.iter().filter(|r| r.form.is_some()).count();
+    let report = ActivationReport {
+        mode: policy.mode,
+        method: match policy.mode {
+            Mode::Static => policy.method.label(),
+            Mode::Dynamic => "dynamic (per batch min/max)".into(),
+        },
+        float: reports.len() - quantized,
+        quantized,
+        sites: reports,
+        tensors,
+        checks,
+        notes,
+    };
+    Ok((candidate, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saturation_fix_touches_only_channels_at_risk() {
+        // Channel 0: two neighbouring large positive weights (255·(127+127) overflows 16 bits).
+        // Channel 1: large weights of alternating sign (no pair can overflow).
+        let k = 4;
+        let w = [1.0f32, 1.0, 0.1, 0.1, 1.0, -1.0, 1.0, -1.0];
+        let mut codes: Vec<i32> = vec![127, 127, 13, 13, 127, -127, 127, -127];
+        let mut scales = vec![1.0 / 127.0; 2];
+        let before = scales.clone();
+        let fixed = fix_saturation(&w, &mut codes, &mut scales, k, true);
+        assert_eq!(fixed, 1);
+        assert_eq!(scales[1], before[1]);
+        assert_eq!(&codes[4..], &[127, -127, 127, -127]);
+        assert!(scales[0] > before[0]);
+        let pair = codes[0] + codes[1];
+        assert!(255 * pair <= 32767, "{codes:?}");
+        // Without pair structure (Conv in NHWC order) the two largest of one sign count.
+        let mut codes2: Vec<i32> = vec![127, 13, 127, 13];
+        let mut s2 = vec![1.0 / 127.0];
+        assert_eq!(
+            fix_saturation(&[1.0, 0.1, 1.0, 0.1], &mut codes2, &mut s2, 4, false),
+            1
+        );
+        assert!(255 * (codes2[0] + codes2[2]) <= 32767);
+    }
+}
