@@ -1,7 +1,8 @@
 //! Throughput of the weight quantizers on a matrix the size of the zoo's rxnmap weights (21M values),
 //! one thread and all threads; then the whole weight pass with each built-in recipe on the largest
 //! fetched zoo model (load, quantize, save — no verification), each in a fresh process so its peak RSS
-//! can be set against the model's size. Run with `cargo bench --bench quant`; prints figures, asserts
+//! can be set against the model's size; then calibration of that model's w8a8 activations on 256
+//! generated samples (fresh process: time, peak RSS, the time of every method's ranges). Run with `cargo bench --bench quant`; prints figures, asserts
 //! nothing.
 
 use std::time::Instant;
@@ -59,7 +60,14 @@ fn whole_pass() {
         "\nweight pass on {name} ({:.1} MB), load + quantize + save, one process each",
         size / 1e6
     );
-    for (recipe, _) in quench::recipes::BUILTIN {
+    for (recipe, text) in quench::recipes::BUILTIN {
+        if quench::recipes::Recipe::parse(recipe, text)
+            .unwrap()
+            .activations
+            .is_some()
+        {
+            continue; // the weight pass alone; calibration is measured below
+        }
         let out = dir.path().join(format!("{recipe}.onnx"));
         let o = std::process::Command::new(std::env::current_exe().unwrap())
             .env(
@@ -86,7 +94,106 @@ fn whole_pass() {
     }
 }
 
+/// Child: load, calibrate the w8a8 tensors on `batches` generated batches, compute every method's
+/// ranges; print seconds, peak RSS and the runtime used.
+fn calib_child(name: &str, model: &str, batches: usize) {
+    use quench::calib::Method;
+    use quench::exec::{RuntimeKind, SessionOptions};
+    use quench::passes::quantize_activations::{plan, tensors_to_calibrate};
+    let zoo = quench::zoo::Zoo::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
+    )
+    .unwrap();
+    let m = quench::Model::load(model).unwrap();
+    let policy = quench::recipes::Recipe::load("w8a8")
+        .unwrap()
+        .activations
+        .unwrap();
+    let (sites, _) = plan(&m, &policy);
+    let tensors = tensors_to_calibrate(&sites);
+    let info = quench::exec::Prepared::from_model(&m, "").inputs;
+    let opts = quench::exec::inputs::InputOptions {
+        spec: zoo.model(name).unwrap().inputs.clone(),
+        seed: 1,
+        ..Default::default()
+    };
+    let mut set = quench::exec::inputs::open(
+        &quench::exec::inputs::Source::Random { count: batches },
+        &info,
+        &opts,
+    )
+    .unwrap();
+    let rt = if quench::exec::ort::library_path().is_ok() {
+        RuntimeKind::Ort
+    } else {
+        RuntimeKind::Tract
+    };
+    let t = Instant::now();
+    let session = SessionOptions {
+        lean: true,
+        ..Default::default()
+    };
+    let c = quench::calib::calibrate(&m, &tensors, &mut set, rt, &session).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for method in [
+        Method::MinMax,
+        Method::Percentile { percentile: 99.99 },
+        Method::Entropy,
+        Method::Mse,
+    ] {
+        for s in c.tensors.values() {
+            std::hint::black_box(s.range(method));
+        }
+    }
+    let ranges = t.elapsed().as_secs_f64();
+    let rss = quench::report::bench::peak_rss_bytes().unwrap_or(0);
+    println!("{secs} {ranges} {rss} {} {rt}", c.tensors.len());
+}
+
+fn calibration() {
+    let zoo = quench::zoo::Zoo::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
+    )
+    .unwrap();
+    let mut fetched = zoo.fetched();
+    fetched.sort_by_key(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    let Some((name, path)) = fetched.pop() else {
+        return;
+    };
+    let size = std::fs::metadata(&path).unwrap().len() as f64;
+    let batches = 256;
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(
+            "QUENCH_BENCH_CALIB",
+            format!("{name}\n{}\n{batches}", path.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let num = |i: usize| f[i].parse::<f64>().unwrap();
+    println!(
+        "\ncalibration of {name} ({:.1} MB): {} tensors, {batches} generated samples in {}: {:.2} s \
+         ({:.1} ms per sample); ranges of all 4 methods {:.3} s; peak RSS {:.1} MB = {:.2}× the model",
+        size / 1e6,
+        f[3],
+        f[4],
+        num(0),
+        1e3 * num(0) / batches as f64,
+        num(1),
+        num(2) / 1e6,
+        num(2) / size
+    );
+}
+
 fn main() {
+    if let Ok(job) = std::env::var("QUENCH_BENCH_CALIB") {
+        let parts: Vec<&str> = job.split('\n').collect();
+        calib_child(parts[0], parts[1], parts[2].parse().unwrap());
+        return;
+    }
     if let Ok(job) = std::env::var("QUENCH_BENCH_PASS") {
         let parts: Vec<&str> = job.split('\n').collect();
         pass_child(parts[0], parts[1], parts[2]);
@@ -164,4 +271,5 @@ fn main() {
         );
     }
     whole_pass();
+    calibration();
 }

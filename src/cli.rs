@@ -303,6 +303,7 @@ impl RuntimeArgs {
             } else {
                 Numerics::Exact
             },
+            lean: false,
         }
     }
 }
@@ -690,6 +691,7 @@ fn quantize_activations_cli(
     let session = SessionOptions {
         threads: args.rt.threads,
         numerics: Numerics::Exact,
+        lean: true,
     };
     let mut set = ca.open(reference, spec)?;
     let calib = if policy.mode == Mode::Static {

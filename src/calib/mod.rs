@@ -41,6 +41,11 @@ pub fn calibrate(
         let prepared = exec::expose_values(model, tensors, "calibration");
         exec::open(&prepared, runtime, session).context("cannot open the calibration session")?
     };
+    // Encoding the model for the runtime read every weight; the runtime has its own copy now, so the
+    // pages of quench's read-only file mappings can go (they are read again if ever touched).
+    for c in crate::ir::constants(model) {
+        crate::onnx::release_pages(&c.tensor.raw_data);
+    }
     let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
     let info = exec::Prepared::from_model(model, "").inputs;
     let total = inputs.len();

@@ -73,6 +73,9 @@ pub struct SessionOptions {
     /// Threads for one inference (intra-op); 0 lets the runtime decide.
     pub threads: usize,
     pub numerics: Numerics,
+    /// Trade speed for memory (onnxruntime: no graph rewrites, arena, memory pattern or weight
+    /// pre-packing), for long runs that keep many intermediate values, such as calibration.
+    pub lean: bool,
 }
 
 impl Default for SessionOptions {
@@ -80,6 +83,7 @@ impl Default for SessionOptions {
         SessionOptions {
             threads: 1,
             numerics: Numerics::Exact,
+            lean: false,
         }
     }
 }

@@ -159,7 +159,12 @@ impl OrtSession {
         ];
         let mut builder = OrtInner::builder(env)
             .map_err(|e| anyhow!("{e}"))?
-            .with_optimization_level(GraphOptimizationLevel::All)
+            .with_optimization_level(if opts.lean {
+                // Graph rewrites copy initializers while the session is built.
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::All
+            })
             .map_err(builder_err)?
             .with_inter_threads(1)
             .map_err(builder_err)?;
@@ -167,6 +172,18 @@ impl OrtSession {
             builder = builder
                 .with_intra_threads(opts.threads)
                 .map_err(builder_err)?;
+        }
+        if opts.lean {
+            builder = builder
+                .with_execution_providers([ort::ep::CPU::default()
+                    .with_arena_allocator(false)
+                    .build()])
+                .map_err(builder_err)?
+                .with_memory_pattern(false)
+                .map_err(builder_err)?
+                .with_config_entry("session.disable_prepacking", "1")
+                .map_err(builder_err)?;
+            settings.push(("memory".to_string(), "lean".to_string()));
         }
         if opts.numerics == Numerics::Exact {
             for (k, v) in EXACT_CONFIG {

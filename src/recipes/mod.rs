@@ -20,6 +20,22 @@
 //! block) and `block`, `symmetric`, `clip_search`, `double_quant`, `dead_zone` (`{ width: W }` in
 //! quantization steps or `{ sparsity: S }`) and `outliers` (`{ fraction: F }` or `{ threshold: T }` in
 //! standard deviations of the channel).
+//!
+//! An optional `activations:` section makes MatMul/Gemm/Conv compute on integers:
+//!
+//! ```yaml
+//! activations:
+//!   mode: static              # or dynamic (no calibration)
+//!   ops: [MatMul, Gemm, Conv]
+//!   method: percentile        # minmax, percentile, entropy, mse (static)
+//!   percentile: 99.999
+//!   symmetric: false          # u8 with zero point 128 when true
+//!   outputs: [Conv]           # op types whose outputs are quantized too (static)
+//!   activation_matmul: false  # also MatMuls of two activations
+//!   exclude: [ { op: [Gemm], node: "*head*", tensor: "re:...", role: [head], position: last } ]
+//!   fallback: { sqnr_db: 20, weight_sqnr_db: 30, cosine: 0.995, top1: 0.998 }
+//!   saturation: fix           # or ignore
+//! ```
 
 use std::path::Path;
 
