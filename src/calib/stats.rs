@@ -334,16 +334,15 @@ impl TensorStats {
         for t in levels..=last_nonzero {
             p[..t].copy_from_slice(&abs[..t]);
             p[t - 1] += total_tail[t];
-            // Quantize the first t bins (unclipped counts) into `levels` groups, spread each group's
-            // mass over its non-empty bins.
+            // Quantize the first t bins (without the clipped tail: clipping must cost) into `levels`
+            // groups, each group's mass spread over its non-empty bins.
             for g in 0..levels {
                 let start = g * t / levels;
                 let end = ((g + 1) * t / levels).max(start + 1);
-                let mass: f64 = abs[start..end].iter().sum::<f64>()
-                    + if end == t { total_tail[t] } else { 0.0 };
-                let nonzero = (start..end).filter(|&i| p[i] > 0.0).count();
+                let mass: f64 = abs[start..end].iter().sum::<f64>();
+                let nonzero = (start..end).filter(|&i| abs[i] > 0.0).count();
                 for i in start..end {
-                    q[i] = if p[i] > 0.0 && nonzero > 0 {
+                    q[i] = if abs[i] > 0.0 && nonzero > 0 {
                         mass / nonzero as f64
                     } else {
                         0.0
@@ -459,7 +458,6 @@ mod tests {
         assert!(r.hi < 20.0, "{r:?}");
         // One value at 500 in 200 000: clipping it to 20 costs 480²/200 000 ≈ 1.2 per value, more
         // than the coarser rounding of keeping it, so mse keeps most of the range.
-        // The KL search starts at 128 bins of the |x| histogram, here 62.5: it clips, but no lower.
         let e = s.range(Method::Entropy);
         assert!(e.hi < 100.0, "{e:?}");
         // Bins are 0.5 wide now: too coarse to rank ranges by expected error, except for mse, which
