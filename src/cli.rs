@@ -778,7 +778,14 @@ fn render_activations(a: &quench::passes::quantize_activations::ActivationReport
     for n in &a.notes {
         let _ = writeln!(out, "note: {n}");
     }
-    let _ = writeln!(out, "{} sites integer, {} float", a.quantized, a.float);
+    let _ = writeln!(
+        out,
+        "{} sites integer, {} float; their weights {:.2} MB → {:.2} MB",
+        a.quantized,
+        a.float,
+        a.weight_bytes_before as f64 / 1e6,
+        a.weight_bytes_after as f64 / 1e6
+    );
     out
 }
 

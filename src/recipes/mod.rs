@@ -285,11 +285,14 @@ fn scheme(
 }
 
 fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy, String> {
-    let mut p = ActivationPolicy::default();
-    p.mode = match a.mode.as_deref() {
+    let mode = match a.mode.as_deref() {
         None | Some("static") => Mode::Static,
         Some("dynamic") => Mode::Dynamic,
         Some(m) => return Err(format!("{place}: mode '{m}' is not one of static, dynamic")),
+    };
+    let mut p = ActivationPolicy {
+        mode,
+        ..Default::default()
     };
     if let Some(ops) = &a.ops {
         for o in ops {

@@ -169,6 +169,10 @@ pub struct SiteReport {
     pub weight_sqnr_db: f64,
     /// Output channels whose scale was widened against u8·s8 saturation.
     pub saturation_channels: usize,
+    /// The float weight's bytes and its integer form's (codes and scales); 0 and 0 for a weight an
+    /// earlier site already stored.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
@@ -201,6 +205,9 @@ pub struct ActivationReport {
     pub tensors: Vec<TensorReport>,
     pub quantized: usize,
     pub float: usize,
+    /// Bytes of the integer sites' weights, float and integer.
+    pub weight_bytes_before: u64,
+    pub weight_bytes_after: u64,
     /// Output cosine on the calibration data, each time the fallback check measured it.
     pub checks: Vec<FallbackCheck>,
     pub notes: Vec<String>,
@@ -401,6 +408,8 @@ fn float_site(s: &Site, why: String) -> SiteReport {
         form: None,
         weight_sqnr_db: f64::NAN,
         saturation_channels: 0,
+        bytes_before: 0,
+        bytes_after: 0,
         note: Some(why),
     }
 }
@@ -763,10 +772,21 @@ pub fn apply(
             continue;
         }
         let wb = base(wname);
+        let first = !quantized_weights.contains_key(&key);
+        let (bytes_before, bytes_after) = if first {
+            (
+                crate::onnx::tensor::payload_bytes(wt),
+                qw.codes.len() as u64 + 4 * qw.scales.len() as u64,
+            )
+        } else {
+            (0, 0)
+        };
         let mut report = SiteReport {
             form: None,
             weight_sqnr_db: qw.sqnr_db,
             saturation_channels: qw.saturation_channels,
+            bytes_before,
+            bytes_after,
             ..float_site(site, String::new())
         };
         report.note = None;
@@ -1271,6 +1291,8 @@ pub fn quantize_activations(
     reports.extend(declined);
     let quantized = reports.iter().filter(|r| r.form.is_some()).count();
     let report = ActivationReport {
+        weight_bytes_before: reports.iter().map(|r| r.bytes_before).sum(),
+        weight_bytes_after: reports.iter().map(|r| r.bytes_after).sum(),
         mode: policy.mode,
         method: match policy.mode {
             Mode::Static => policy.method.label(),
