@@ -43,14 +43,22 @@ fn pass_child(recipe: &str, model: &str, out: &str) {
     );
 }
 
-fn whole_pass() {
-    let zoo = quench::zoo::Zoo::load(
+fn zoo() -> quench::zoo::Zoo {
+    quench::zoo::Zoo::load(
         &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
     )
-    .unwrap();
-    let mut fetched = zoo.fetched();
+    .unwrap()
+}
+
+/// The largest fetched zoo model (name, path).
+fn largest_zoo_model() -> Option<(String, std::path::PathBuf)> {
+    let mut fetched = zoo().fetched();
     fetched.sort_by_key(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
-    let Some((name, path)) = fetched.pop() else {
+    fetched.pop()
+}
+
+fn whole_pass() {
+    let Some((name, path)) = largest_zoo_model() else {
         println!("no zoo model is fetched: whole-pass figures skipped");
         return;
     };
@@ -100,10 +108,7 @@ fn calib_child(name: &str, model: &str, batches: usize) {
     use quench::calib::Method;
     use quench::exec::{RuntimeKind, SessionOptions};
     use quench::passes::quantize_activations::{plan, tensors_to_calibrate};
-    let zoo = quench::zoo::Zoo::load(
-        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
-    )
-    .unwrap();
+    let zoo = zoo();
     let m = quench::Model::load(model).unwrap();
     let policy = quench::recipes::Recipe::load("w8a8")
         .unwrap()
@@ -152,13 +157,7 @@ fn calib_child(name: &str, model: &str, batches: usize) {
 }
 
 fn calibration() {
-    let zoo = quench::zoo::Zoo::load(
-        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/zoo.yaml"),
-    )
-    .unwrap();
-    let mut fetched = zoo.fetched();
-    fetched.sort_by_key(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
-    let Some((name, path)) = fetched.pop() else {
+    let Some((name, path)) = largest_zoo_model() else {
         return;
     };
     let size = std::fs::metadata(&path).unwrap().len() as f64;

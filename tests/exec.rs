@@ -344,14 +344,6 @@ fn round_weights(src: &Path, dst: &Path, only: Option<&str>) {
         .unwrap();
 }
 
-fn quench(args: &[&str]) -> std::process::Output {
-    Command::new(quench_bin())
-        .args(args)
-        .env("CI", "true")
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn compare_figures_match_numpy() {
     let (Some(py), Some(path)) = (python(), zoo_model("magika")) else {
@@ -510,10 +502,6 @@ fn write_npz(path: &Path, arrays: &[(&str, Tensor)]) {
         }
     }
     w.finish().unwrap();
-}
-
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
 }
 
 #[test]

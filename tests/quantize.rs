@@ -3,22 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
-
-fn quench(args: &[&str]) -> Output {
-    Command::new(quench_bin())
-        .args(args)
-        .env("CI", "true")
-        .output()
-        .unwrap()
-}
-
-fn stderr_of(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
 
 fn checker_passes(py: &std::path::Path, model: &std::path::Path) -> Result<(), String> {
     let o = Command::new(py)

@@ -159,3 +159,16 @@ pub fn ort_ready() -> bool {
 pub fn zoo_spec(name: &str) -> Vec<quench::zoo::InputSpec> {
     zoo().model(name).expect("zoo model").inputs.clone()
 }
+
+/// Runs the quench binary (as in CI: no progress bars).
+pub fn quench(args: &[&str]) -> std::process::Output {
+    Command::new(quench_bin())
+        .args(args)
+        .env("CI", "true")
+        .output()
+        .unwrap()
+}
+
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
