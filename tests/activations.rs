@@ -23,13 +23,7 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
     }
     let dir = tempdir();
     let all = dir.path().join("all.npz");
-    let o = Command::new(&py)
-        .arg(repo().join("tests/tools/magika_features.py"))
-        .arg(&all)
-        .arg("768")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    magika_features(&py, &all, 768);
     let (calib, eval) = (dir.path().join("calib.npz"), dir.path().join("eval.npz"));
     let o = Command::new(&py)
         .args([

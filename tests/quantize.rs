@@ -384,17 +384,7 @@ fn magika_keeps_its_labels_on_real_files() {
     }
     let dir = tempdir();
     let feats = dir.path().join("files.npz");
-    let o = Command::new(&py)
-        .arg(repo().join("tests/tools/magika_features.py"))
-        .arg(&feats)
-        .arg("512")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
-    eprintln!(
-        "magika inputs: {}",
-        String::from_utf8_lossy(&o.stdout).trim()
-    );
+    magika_features(&py, &feats, 512);
     for (recipe, floor) in [("w8", 0.995), ("w4", 0.99)] {
         let out = dir.path().join(format!("magika.{recipe}.onnx"));
         let report = dir.path().join(format!("magika.{recipe}.json"));

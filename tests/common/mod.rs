@@ -172,3 +172,19 @@ pub fn quench(args: &[&str]) -> std::process::Output {
 pub fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
+
+/// Writes magika's input features of `count` real files of this machine to `out` (an .npz with
+/// `bytes`), with tests/tools/magika_features.py.
+pub fn magika_features(py: &Path, out: &Path, count: usize) {
+    let o = Command::new(py)
+        .arg(repo().join("tests/tools/magika_features.py"))
+        .arg(out)
+        .arg(count.to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    eprintln!(
+        "magika inputs: {}",
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
+}
