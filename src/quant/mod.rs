@@ -4,7 +4,9 @@
 //! alone.
 
 pub mod int;
+pub mod kmeans;
 pub mod pack;
 pub mod scheme;
 pub mod sparse;
 pub mod table;
+pub mod vq;
