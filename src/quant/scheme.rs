@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::int::{self, Granularity, IntScheme};
 use super::sparse::{self, OutlierRule};
 use super::table::{self, DoubleQuantized, TableFormat};
+use super::vq::VqScheme;
 
 /// How values are mapped to codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -22,6 +23,9 @@ pub enum Format {
     Nf4,
     /// FP4 (E2M1) levels with blockwise absmax scaling.
     Fp4,
+    /// Vector quantization: k-means codebooks over pieces of the rows ([`super::vq`]); the
+    /// parameters are in [`WeightScheme::vq`].
+    Vq,
 }
 
 /// Values near zero forced to exactly zero.
@@ -47,6 +51,9 @@ pub struct WeightScheme {
     pub dead_zone: Option<DeadZone>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outliers: Option<OutlierRule>,
+    /// The codebook parameters of format `vq` (its outlier rule is `outliers` above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vq: Option<VqScheme>,
 }
 
 /// Scales per second-level group under double quantization (bitsandbytes uses 256).
@@ -64,7 +71,31 @@ impl WeightScheme {
             double_quant: false,
             dead_zone: None,
             outliers: None,
+            vq: None,
         }
+    }
+
+    /// A vector-quantization scheme.
+    pub fn vq(vq: VqScheme) -> Self {
+        WeightScheme {
+            format: Format::Vq,
+            bits: 8,
+            symmetric: true,
+            granularity: Granularity::PerChannel,
+            clip_search: false,
+            double_quant: false,
+            dead_zone: None,
+            outliers: vq.outliers,
+            vq: Some(vq),
+        }
+    }
+
+    /// The VQ parameters with this scheme's outlier rule.
+    pub fn vq_scheme(&self) -> Option<VqScheme> {
+        self.vq.map(|v| VqScheme {
+            outliers: self.outliers,
+            ..v
+        })
     }
 
     pub fn int_scheme(&self) -> IntScheme {
@@ -77,6 +108,15 @@ impl WeightScheme {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.format == Format::Vq {
+            if self.dead_zone.is_some() || self.double_quant {
+                return Err("dead_zone and double_quant apply to scalar formats, not vq".into());
+            }
+            return match self.vq_scheme() {
+                Some(v) => v.validate(),
+                None => Err("format vq needs its codebook parameters".into()),
+            };
+        }
         self.int_scheme().validate()?;
         if self.format != Format::Int {
             if self.bits != 4 {
@@ -117,10 +157,14 @@ impl WeightScheme {
 
     /// A short human label, e.g. `int4 block 32 sym clip` or `nf4 block 64 dq`.
     pub fn label(&self) -> String {
+        if let Some(v) = self.vq_scheme().filter(|_| self.format == Format::Vq) {
+            return v.label();
+        }
         let mut s = match self.format {
             Format::Int => format!("int{}", self.bits),
             Format::Nf4 => "nf4".into(),
             Format::Fp4 => "fp4".into(),
+            Format::Vq => "vq".into(),
         };
         s += &match self.granularity {
             Granularity::PerTensor => " per-tensor".to_string(),
@@ -231,6 +275,9 @@ pub fn encode(
     scheme: &WeightScheme,
 ) -> Result<Encoded, String> {
     scheme.validate()?;
+    if scheme.format == Format::Vq {
+        return Err("format vq encodes through quant::vq::encode".into());
+    }
     if w.len() != channels * k {
         return Err(format!("{} values for a [{channels}, {k}] matrix", w.len()));
     }
@@ -289,6 +336,7 @@ pub fn encode(
                 .map(|z| z.iter().map(|&v| v as u8).collect::<Vec<u8>>());
             (codes, levels, q.scales, zps, dq)
         }
+        Format::Vq => unreachable!("refused above"),
         Format::Nf4 | Format::Fp4 => {
             let tf = if scheme.format == Format::Nf4 {
                 TableFormat::Nf4

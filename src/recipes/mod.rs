@@ -50,6 +50,7 @@ use crate::passes::roles::Role;
 use crate::quant::int::Granularity;
 use crate::quant::scheme::{DeadZone, Format, WeightScheme};
 use crate::quant::sparse::OutlierRule;
+use crate::quant::vq::{Importance, VqScheme};
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +64,20 @@ pub struct SchemeSpec {
     pub double_quant: Option<bool>,
     pub dead_zone: Option<DeadZoneSpec>,
     pub outliers: Option<OutlierSpec>,
+    /// Format vq: values per piece.
+    pub dim: Option<usize>,
+    /// Format vq: entries per codebook.
+    pub codebook_size: Option<usize>,
+    /// Format vq: residual stages.
+    pub stages: Option<usize>,
+    /// Format vq: product subspaces along the reduction axis.
+    pub subspaces: Option<usize>,
+    /// Format vq: calibration or none.
+    pub importance: Option<String>,
+    /// Format vq: most Lloyd iterations.
+    pub iterations: Option<usize>,
+    /// Format vq: the k-means seed.
+    pub seed: Option<u64>,
 }
 
 /// `dead_zone: { width: W }` (half-width in quantization steps) or `{ sparsity: S }`; `{}` clears an
@@ -192,6 +207,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("fp4", include_str!("../../passes/fp4.yaml")),
     ("w8a8", include_str!("../../passes/w8a8.yaml")),
     ("dynamic", include_str!("../../passes/dynamic.yaml")),
+    ("vq2", include_str!("../../passes/vq2.yaml")),
+    ("vq3", include_str!("../../passes/vq3.yaml")),
 ];
 
 fn scheme(
@@ -204,10 +221,41 @@ fn scheme(
         Some("int") => Format::Int,
         Some("nf4") => Format::Nf4,
         Some("fp4") => Format::Fp4,
+        Some("vq") => Format::Vq,
         Some(f) => {
-            return Err(format!("{place}: format '{f}' is not one of int, nf4, fp4"));
+            return Err(format!(
+                "{place}: format '{f}' is not one of int, nf4, fp4, vq"
+            ));
         }
     };
+    let outliers = match &spec.outliers {
+        None => base.and_then(|b| b.outliers),
+        Some(o) => match (o.fraction, o.threshold) {
+            (None, None) => None,
+            (Some(f), None) => Some(OutlierRule::TopFraction(f)),
+            (None, Some(t)) => Some(OutlierRule::StdThreshold(t)),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{place}: outliers takes fraction or threshold, not both"
+                ));
+            }
+        },
+    };
+    if format == Format::Vq {
+        return vq_scheme(spec, base, outliers, place);
+    }
+    let vq_keys = [
+        ("dim", spec.dim.is_some()),
+        ("codebook_size", spec.codebook_size.is_some()),
+        ("stages", spec.stages.is_some()),
+        ("subspaces", spec.subspaces.is_some()),
+        ("importance", spec.importance.is_some()),
+        ("iterations", spec.iterations.is_some()),
+        ("seed", spec.seed.is_some()),
+    ];
+    if let Some((key, _)) = vq_keys.iter().find(|(_, given)| *given) {
+        return Err(format!("{place}: `{key}` goes with format vq"));
+    }
     let table = format != Format::Int;
     let bits = match spec.bits {
         Some(b) => b,
@@ -266,20 +314,57 @@ fn scheme(
                 }
             },
         },
-        outliers: match &spec.outliers {
-            None => base.and_then(|b| b.outliers),
-            Some(o) => match (o.fraction, o.threshold) {
-                (None, None) => None,
-                (Some(f), None) => Some(OutlierRule::TopFraction(f)),
-                (None, Some(t)) => Some(OutlierRule::StdThreshold(t)),
-                (Some(_), Some(_)) => {
-                    return Err(format!(
-                        "{place}: outliers takes fraction or threshold, not both"
-                    ));
-                }
-            },
-        },
+        outliers,
+        vq: None,
     };
+    s.validate().map_err(|e| format!("{place}: {e}"))?;
+    Ok(s)
+}
+
+/// Format vq: codebook keys over the inherited (or default) VQ parameters; scalar keys are errors.
+fn vq_scheme(
+    spec: &SchemeSpec,
+    base: Option<&WeightScheme>,
+    outliers: Option<OutlierRule>,
+    place: &str,
+) -> Result<WeightScheme, String> {
+    let scalar_keys = [
+        ("bits", spec.bits.is_some()),
+        ("granularity", spec.granularity.is_some()),
+        ("block", spec.block.is_some()),
+        ("symmetric", spec.symmetric.is_some()),
+        ("clip_search", spec.clip_search.is_some()),
+        ("double_quant", spec.double_quant.is_some()),
+        ("dead_zone", spec.dead_zone.is_some()),
+    ];
+    if let Some((key, _)) = scalar_keys.iter().find(|(_, given)| *given) {
+        return Err(format!(
+            "{place}: `{key}` does not apply to format vq (its keys: dim, codebook_size, stages, \
+             subspaces, importance, iterations, seed, outliers)"
+        ));
+    }
+    let b = base.and_then(|b| b.vq).unwrap_or_default();
+    let importance = match spec.importance.as_deref() {
+        None => b.importance,
+        Some("calibration") => Importance::Calibration,
+        Some("none") => Importance::None,
+        Some(other) => {
+            return Err(format!(
+                "{place}: importance '{other}' is not one of calibration, none"
+            ));
+        }
+    };
+    let v = VqScheme {
+        dim: spec.dim.unwrap_or(b.dim),
+        codebook_size: spec.codebook_size.unwrap_or(b.codebook_size),
+        stages: spec.stages.unwrap_or(b.stages),
+        subspaces: spec.subspaces.unwrap_or(b.subspaces),
+        importance,
+        iterations: spec.iterations.unwrap_or(b.iterations),
+        seed: spec.seed.unwrap_or(b.seed),
+        outliers,
+    };
+    let s = WeightScheme::vq(v);
     s.validate().map_err(|e| format!("{place}: {e}"))?;
     Ok(s)
 }

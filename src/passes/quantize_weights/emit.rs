@@ -8,6 +8,7 @@ use crate::ir::{Names, Patch};
 use crate::onnx::dtype::DataType;
 use crate::onnx::pb::{AttributeProto, TensorProto, attribute_proto::AttributeType};
 use crate::quant::scheme::Encoded;
+use crate::quant::vq::VqEncoded;
 
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
@@ -275,6 +276,82 @@ impl Emit<'_> {
         }
         if gpr * e.group != e.k {
             x = self.reshape(&x, &[e.channels as i64, (gpr * e.group) as i64]);
+            x = self.slice(&x, 1, e.k as i64);
+        }
+        x = self.reshape(&x, moved_dims);
+        if let Some(p) = perm {
+            x = self.node("transpose", "Transpose", &[&x], vec![attr_ints("perm", p)]);
+        }
+        Ok((x, bytes))
+    }
+
+    /// The codebook form of a [`VqEncoded`]: per stage, codes (u8, or u16 beyond 256 entries)
+    /// `[channels, subspaces, pieces per subspace]` → Cast(int32) (→ Add the subspace offsets into the
+    /// stacked codebooks) → Gather(codebooks `[subspaces·size, dim]`); the stages' lookups are added;
+    /// → Reshape `[channels, k padded]` → Mul(scales `[channels, 1]`) → Slice to k → Reshape to
+    /// `moved_dims` (→ Transpose by `perm`). Standard ONNX from opset 7. Returns the decoded value and
+    /// the bytes of the new constants.
+    pub fn vq_lookup(
+        &mut self,
+        e: &VqEncoded,
+        moved_dims: &[i64],
+        perm: Option<&[i64]>,
+    ) -> Result<(String, u64), String> {
+        if self.opset < 7 {
+            return Err(format!(
+                "the codebook form needs opset 7, the model has {}",
+                self.opset
+            ));
+        }
+        let (ch, m, pps) = (
+            e.channels as i64,
+            e.subspaces as i64,
+            e.pieces_per_subspace() as i64,
+        );
+        let mut bytes = 0u64;
+        let offsets = (e.subspaces > 1).then(|| {
+            let v: Vec<u8> = (0..e.subspaces)
+                .flat_map(|s| ((s * e.codebook_size) as i32).to_le_bytes())
+                .collect();
+            bytes += v.len() as u64;
+            self.constant("subspace_offsets", tensor(DataType::Int32, &[m, 1], v))
+        });
+        let mut sum: Option<String> = None;
+        for (stage, (codes, book)) in e.codes.iter().zip(&e.codebooks).enumerate() {
+            let (dt, raw): (DataType, Vec<u8>) = if e.code_bytes() == 1 {
+                (DataType::Uint8, codes.iter().map(|&c| c as u8).collect())
+            } else {
+                (
+                    DataType::Uint16,
+                    codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
+                )
+            };
+            bytes += raw.len() as u64 + 4 * book.len() as u64;
+            let c = self.constant(&format!("codes{stage}"), tensor(dt, &[ch, m, pps], raw));
+            let book = self.constant(
+                &format!("codebook{stage}"),
+                f32_tensor(&[m * e.codebook_size as i64, e.dim as i64], book),
+            );
+            let mut idx = self.cast(&c, DataType::Int32);
+            if let Some(o) = &offsets {
+                idx = self.node("subspace", "Add", &[&idx, o], vec![]);
+            }
+            let looked_up = self.node(
+                "lookup",
+                "Gather",
+                &[&book, &idx],
+                vec![attr_int("axis", 0)],
+            );
+            sum = Some(match sum {
+                None => looked_up,
+                Some(prev) => self.node("stage", "Add", &[&prev, &looked_up], vec![]),
+            });
+        }
+        let mut x = self.reshape(&sum.expect("at least one stage"), &[ch, e.k_padded as i64]);
+        let scales = self.constant("scales", f32_tensor(&[ch, 1], &e.scales));
+        bytes += 4 * e.scales.len() as u64;
+        x = self.node("scale", "Mul", &[&x, &scales], vec![]);
+        if e.k_padded != e.k {
             x = self.slice(&x, 1, e.k as i64);
         }
         x = self.reshape(&x, moved_dims);

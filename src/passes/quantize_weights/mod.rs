@@ -18,6 +18,7 @@
 //! graph outputs and non-finite weights stay float.
 
 pub mod emit;
+pub mod importance;
 
 use serde::Serialize;
 
@@ -30,6 +31,7 @@ use crate::onnx::dtype::DataType;
 use crate::onnx::tensor::to_f32;
 use crate::quant::int::{Granularity, quantize, sqnr_db};
 use crate::quant::scheme::{Encoded, Format, WeightScheme, encode};
+use crate::quant::vq::{self, Importance, VqScheme};
 
 /// The runtime family the output is for: which graph forms may be emitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Default)]
@@ -106,6 +108,19 @@ pub struct SiteReport {
     /// Why the site stayed float, or a note on a fallback.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Codebook figures of a vector-quantized site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vq: Option<VqSiteReport>,
+}
+
+/// What vector quantization spent and how its codebooks are used.
+#[derive(Clone, Debug, Serialize)]
+pub struct VqSiteReport {
+    /// Codes, codebooks, scales and outliers per weight.
+    pub bits_per_weight: f64,
+    /// Whether calibration data weighted the clustering (else data-free).
+    pub weighted_by_data: bool,
+    pub codebooks: Vec<crate::quant::vq::CodebookStats>,
 }
 
 #[derive(Clone, Debug, Serialize, Default)]
@@ -158,6 +173,68 @@ pub fn quantize_weights(
     policy: &dyn WeightPolicy,
     target: Target,
 ) -> Result<WeightReport> {
+    quantize_weights_with(model, policy, target, None)
+}
+
+/// The role of a site, from names and, in the main graph, the structure around its readers.
+fn site_role(model: &Model, site: &WeightSite, weighted: &std::collections::HashSet<crate::ir::NodeId>) -> Role {
+    let c = &site.constant;
+    let consumers: Vec<(&str, &str)> = site
+        .uses
+        .iter()
+        .map(|u| (u.node.as_str(), u.op_type.as_str()))
+        .collect();
+    let by_name = classify(&c.name, &consumers);
+    if c.in_subgraph() {
+        by_name
+    } else {
+        let readers = super::roles::readers(&model.graph, c.value);
+        super::roles::structural(&model.graph, &readers, weighted, by_name)
+    }
+}
+
+fn site_info<'a>(site: &'a WeightSite, role: Role) -> SiteInfo<'a> {
+    SiteInfo {
+        weight: &site.constant.name,
+        consumers: site
+            .uses
+            .iter()
+            .map(|u| (u.node.as_str(), u.op_type.as_str()))
+            .collect(),
+        elements: site.constant.stored_elements,
+        in_subgraph: site.constant.in_subgraph(),
+        role,
+    }
+}
+
+/// The activations (tensor, channel axis) whose per-channel energy the policy's VQ sites with
+/// `importance: calibration` would use: what to calibrate before [`quantize_weights_with`].
+pub fn energy_requests(model: &Model, policy: &dyn WeightPolicy) -> Vec<(String, i64)> {
+    let weighted = super::roles::weighted_nodes(&model.graph);
+    let mut out = std::collections::BTreeSet::new();
+    for site in weight_sites(model) {
+        let role = site_role(model, &site, &weighted);
+        let Decision::Quantize(s) = policy.decide(&site_info(&site, role)) else {
+            continue;
+        };
+        let wants = s
+            .vq_scheme()
+            .is_some_and(|v| s.format == Format::Vq && v.importance == Importance::Calibration);
+        if wants && let Some(ms) = importance::multiplicands(model, &site) {
+            out.extend(ms.into_iter().map(|m| (m.tensor, m.axis)));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// [`quantize_weights`] with the per-channel energy of calibration data, which weights the
+/// clustering of VQ sites (see [`importance`]).
+pub fn quantize_weights_with(
+    model: &mut Model,
+    policy: &dyn WeightPolicy,
+    target: Target,
+    energy: Option<&importance::ChannelEnergy>,
+) -> Result<WeightReport> {
     let opset = model.opset("").unwrap_or(1);
     let sites = weight_sites(model);
     let mut report = WeightReport::default();
@@ -169,21 +246,7 @@ pub fn quantize_weights(
     let mut nbits = false;
     let weighted = super::roles::weighted_nodes(&model.graph);
     for site in &sites {
-        let role = {
-            let c = &site.constant;
-            let consumers: Vec<(&str, &str)> = site
-                .uses
-                .iter()
-                .map(|u| (u.node.as_str(), u.op_type.as_str()))
-                .collect();
-            let by_name = classify(&c.name, &consumers);
-            if c.in_subgraph() {
-                by_name
-            } else {
-                let readers = super::roles::readers(&model.graph, c.value);
-                super::roles::structural(&model.graph, &readers, &weighted, by_name)
-            }
-        };
+        let role = site_role(model, site, &weighted);
         let site_patch = if site.constant.path.is_empty() {
             &mut patch
         } else {
@@ -200,6 +263,7 @@ pub fn quantize_weights(
             target,
             site_patch,
             &mut shared,
+            energy,
         )?;
         report.bytes_before += r.bytes_before;
         report.bytes_after += r.bytes_after;
@@ -355,14 +419,10 @@ fn quantize_site(
     target: Target,
     patch: &mut Patch,
     shared: &mut Shared,
+    energy: Option<&importance::ChannelEnergy>,
 ) -> Result<SiteReport> {
     let c = &site.constant;
     let shape = c.shape().to_vec();
-    let consumers: Vec<(&str, &str)> = site
-        .uses
-        .iter()
-        .map(|u| (u.node.as_str(), u.op_type.as_str()))
-        .collect();
     let mut out = SiteReport {
         weight: c.name.clone(),
         op_types: site.uses.iter().map(|u| u.op_type.clone()).collect(),
@@ -377,15 +437,10 @@ fn quantize_site(
         sparsity: 0.0,
         outliers: 0,
         note: None,
+        vq: None,
     };
     out.op_types.dedup();
-    let info = SiteInfo {
-        weight: &c.name,
-        consumers,
-        elements: c.stored_elements,
-        in_subgraph: c.in_subgraph(),
-        role,
-    };
+    let info = site_info(site, role);
     let mut scheme = match policy.decide(&info) {
         Decision::Skip(reason) => {
             out.note = Some(reason);
@@ -479,6 +534,26 @@ fn quantize_site(
     };
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let rows = to_rows(values, &dims, axis);
+    if let Some(v) = scheme.vq_scheme().filter(|_| scheme.format == Format::Vq) {
+        let imp = match (v.importance, energy) {
+            (Importance::Calibration, Some(e)) if !c.in_subgraph() => {
+                let found = importance::column_importance(model, site, rows.k, e);
+                if found.is_none() {
+                    notes.push("no calibrated input energy for this reader: data-free".into());
+                }
+                found
+            }
+            _ => None,
+        };
+        let mut emit = Emit {
+            patch,
+            names: &mut model.names,
+            opset,
+            base: c.name.clone(),
+            scope: format!("{:?}", c.path),
+        };
+        return vq_site(&mut emit, v, &rows, &dims, axis, imp, cast_back, notes, out);
+    }
     let base = c.name.clone();
     let mut emit = Emit {
         patch,
@@ -533,6 +608,91 @@ fn quantize_site(
     out.weight_sqnr_db = enc.sqnr_db;
     out.sparsity = enc.sparsity;
     out.outliers = enc.outliers.len();
+    if !notes.is_empty() {
+        out.note = Some(notes.join("; "));
+    }
+    Ok(out)
+}
+
+/// A vector-quantized site: encode, refuse when it saves nothing, emit the codebook form (and the
+/// outlier path), and fill in the report.
+#[allow(clippy::too_many_arguments)]
+fn vq_site(
+    emit: &mut Emit,
+    v: VqScheme,
+    rows: &Rows,
+    dims: &[usize],
+    axis: Option<usize>,
+    imp: Option<Vec<f32>>,
+    cast_back: Option<DataType>,
+    notes: Vec<String>,
+    mut out: SiteReport,
+) -> Result<SiteReport> {
+    if v.outliers.is_some() && emit.opset < 11 {
+        out.note = Some(format!(
+            "the outlier path (ScatterND) needs opset 11, the model has {}",
+            emit.opset
+        ));
+        return Ok(out);
+    }
+    let enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
+        .map_err(|e| Error::Model(format!("weight '{}': {e}", out.weight)))?;
+    if enc.bytes() >= out.bytes_before {
+        out.note = Some(format!(
+            "{} would take {} bytes, not fewer than the {} of float",
+            v.label(),
+            enc.bytes(),
+            out.bytes_before
+        ));
+        return Ok(out);
+    }
+    let (mut x, mut bytes) = match emit.vq_lookup(&enc, &rows.moved_dims, rows.perm.as_deref()) {
+        Ok(done) => done,
+        Err(why) => {
+            out.note = Some(why);
+            return Ok(out);
+        }
+    };
+    if !enc.outliers.is_empty() {
+        let (y, b) = emit
+            .outliers(&x, &enc.outliers, dims.len(), |i| {
+                original_index(i, dims, axis)
+            })
+            .map_err(Error::Model)?;
+        x = y;
+        bytes += b;
+    }
+    if let Some(d) = cast_back {
+        x = emit.cast(&x, d);
+    }
+    emit.patch.replace_all_uses(&out.weight, &x);
+    let mut form = format!(
+        "Gather(codebook {}×{}, {}-bit codes)·Mul",
+        enc.codebook_size,
+        enc.dim,
+        8 * enc.code_bytes()
+    );
+    if enc.stages > 1 {
+        form += &format!(", {} residual stages", enc.stages);
+    }
+    if enc.subspaces > 1 {
+        form += &format!(", {} subspaces", enc.subspaces);
+    }
+    if !enc.outliers.is_empty() {
+        form += &format!(" + ScatterND({} outliers)", enc.outliers.len());
+    }
+    out.scheme = Some(WeightScheme::vq(v));
+    out.label = Some(v.label());
+    out.form = Some(form);
+    out.bytes_after = bytes;
+    out.weight_sqnr_db = enc.sqnr_db;
+    out.sparsity = 0.0;
+    out.outliers = enc.outliers.len();
+    out.vq = Some(VqSiteReport {
+        bits_per_weight: bytes as f64 * 8.0 / (rows.channels * rows.k).max(1) as f64,
+        weighted_by_data: enc.weighted_by_data,
+        codebooks: enc.stats,
+    });
     if !notes.is_empty() {
         out.note = Some(notes.join("; "));
     }
