@@ -114,7 +114,7 @@ pub struct QuantizeArgs {
     /// Where to write the quantized model (never over the input).
     #[arg(short, long)]
     output: PathBuf,
-    /// A built-in recipe (w8, w4, nf4, fp4) or a recipe YAML file.
+    /// A built-in recipe (w8, w4, nf4, fp4, w8a8, dynamic, vq2, vq3) or a recipe YAML file.
     #[arg(long, default_value = "w8")]
     recipe: String,
     /// The runtime family the output is for: portable (standard ONNX at the model's opset), ort or
@@ -133,8 +133,9 @@ pub struct QuantizeArgs {
     /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-    /// Calibration data for static activation quantization (same forms as --inputs; the input
-    /// options --tokenizer, --batch-size, --image-size, … apply to it too).
+    /// Calibration data for static activation quantization and for the importance weighting of
+    /// VQ (same forms as --inputs; the input options --tokenizer, --batch-size, --image-size, …
+    /// apply to it too).
     #[arg(long, value_name = "DATA")]
     calib: Option<PathBuf>,
     /// Calibrate on N generated batches instead (seed: --seed + 1, so they differ from the
@@ -635,6 +636,27 @@ fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
             }
         }
         out.push('\n');
+        if let Some(v) = &s.vq {
+            let size: usize = s.scheme.and_then(|x| x.vq).map_or(0, |x| x.codebook_size);
+            let active: Vec<String> = v
+                .codebooks
+                .iter()
+                .map(|c| format!("{}/{size} ({:.2} bits)", c.active, c.entropy_bits))
+                .collect();
+            let revived: usize = v.codebooks.iter().map(|c| c.revived).sum();
+            let iterations = v.codebooks.iter().map(|c| c.iterations).max().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "    vq: {:.2} bits per weight, {}; codes used {}; {revived} revived; ≤ {iterations} iterations",
+                v.bits_per_weight,
+                if v.weighted_by_data {
+                    "weighted by input energy"
+                } else {
+                    "data-free"
+                },
+                active.join(", ")
+            );
+        }
         if let Some(n) = &s.note {
             let _ = writeln!(out, "    note: {n}");
         }
@@ -647,6 +669,62 @@ fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
         w.shared_bytes as f64 / 1e3
     );
     out
+}
+
+/// The input options of --calib / --calib-random: the verification options with their own data
+/// and seed (--seed + 1).
+fn calib_input_args(args: &QuantizeArgs) -> InputArgs {
+    let mut ca = args.input.clone();
+    ca.inputs = args.calib.clone();
+    ca.random = args.calib_random;
+    ca.seed = args.input.seed.wrapping_add(1);
+    ca.default_random = 0;
+    ca
+}
+
+/// The runtime of calibration (default: ort when it loads, else tract) and a lean exact session.
+fn calib_runtime(args: &QuantizeArgs) -> (RuntimeKind, SessionOptions) {
+    let rt = match args.calib_runtime {
+        Some(r) => r,
+        #[cfg(feature = "onnxruntime")]
+        None if quench::exec::ort::library_path().is_ok() => RuntimeKind::Ort,
+        None => RuntimeKind::Tract,
+    };
+    let session = SessionOptions {
+        threads: args.rt.threads,
+        numerics: Numerics::Exact,
+        lean: true,
+    };
+    (rt, session)
+}
+
+/// The input-channel energy that weights the recipe's VQ sites, from --calib / --calib-random;
+/// None (data-free VQ, said in a note) without calibration data or VQ sites that want it.
+fn vq_energy(
+    args: &QuantizeArgs,
+    reference: &Model,
+    spec: Vec<InputSpec>,
+    recipe: &quench::recipes::Recipe,
+    notes: &mut Vec<String>,
+) -> Result<Option<quench::passes::quantize_weights::importance::ChannelEnergy>> {
+    let wanted = quench::passes::quantize_weights::energy_requests(reference, recipe);
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let ca = calib_input_args(args);
+    if ca.inputs.is_none() && ca.random.is_none() {
+        notes.push(
+            "VQ clustered data-free (plain weight error): --calib DATA weights it by the energy of \
+             each input channel"
+                .into(),
+        );
+        return Ok(None);
+    }
+    let (rt, session) = calib_runtime(args);
+    let mut set = ca.open(reference, spec)?;
+    let energy = quench::calib::channel_energy(reference, &wanted, &mut set, rt, &session)
+        .context("measuring the input-channel energy for VQ failed")?;
+    Ok(Some(energy))
 }
 
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
@@ -664,11 +742,7 @@ fn quantize_activations_cli(
     use quench::passes::quantize_activations::{
         Mode, plan, quantize_activations, tensors_to_calibrate,
     };
-    let mut ca = args.input.clone();
-    ca.inputs = args.calib.clone();
-    ca.random = args.calib_random;
-    ca.seed = args.input.seed.wrapping_add(1);
-    ca.default_random = 0;
+    let ca = calib_input_args(args);
     if ca.inputs.is_none() && ca.random.is_none() {
         if policy.mode == Mode::Dynamic {
             let mut none = |_: &Model, _: Option<usize>| -> Result<quench::calib::Retention> {
@@ -682,17 +756,7 @@ fn quantize_activations_cli(
             args.recipe
         );
     }
-    let rt = match args.calib_runtime {
-        Some(r) => r,
-        #[cfg(feature = "onnxruntime")]
-        None if quench::exec::ort::library_path().is_ok() => RuntimeKind::Ort,
-        None => RuntimeKind::Tract,
-    };
-    let session = SessionOptions {
-        threads: args.rt.threads,
-        numerics: Numerics::Exact,
-        lean: true,
-    };
+    let (rt, session) = calib_runtime(args);
     let mut set = ca.open(reference, spec)?;
     let calib = if policy.mode == Mode::Static {
         let (sites, _) = plan(reference, policy);
@@ -790,7 +854,7 @@ fn render_activations(a: &quench::passes::quantize_activations::ActivationReport
 }
 
 pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
-    use quench::passes::quantize_weights::quantize_weights;
+    use quench::passes::quantize_weights::quantize_weights_with;
     use quench::passes::{DeadNodeElimination, Pass};
     use quench::recipes::Recipe;
 
@@ -804,9 +868,11 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let recipe = Recipe::load(&args.recipe).map_err(|e| anyhow!(e))?;
     let reference = Model::load(&path)?;
     let start = std::time::Instant::now();
+    let mut notes = Vec::new();
+    let energy = vq_energy(&args, &reference, spec.clone(), &recipe, &mut notes)?;
     let mut weights = Default::default();
     let mut finish = |m: &mut Model| -> Result<()> {
-        weights = quantize_weights(m, &recipe, args.target)?;
+        weights = quantize_weights_with(m, &recipe, args.target, energy.as_ref())?;
         DeadNodeElimination.run(m)?;
         quench::ir::check_model(m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))
     };
@@ -828,7 +894,6 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     args.input.default_random = 2;
     let mut set = args.input.open(&reference, spec)?;
     let mut rts = runtimes(&args.runtime)?;
-    let mut notes = Vec::new();
     #[cfg(feature = "onnxruntime")]
     if args.runtime == "both"
         && let Err(e) = quench::exec::ort::library_path()

@@ -37,6 +37,54 @@ pub fn calibrate(
     session: &SessionOptions,
 ) -> Result<Calibration> {
     let mut stats: BTreeMap<String, TensorStats> = BTreeMap::new();
+    let total = for_each_batch(
+        model,
+        tensors,
+        inputs,
+        runtime,
+        session,
+        "calibrating",
+        |mut found| {
+            for (n, _) in &found {
+                stats.entry(n.clone()).or_default();
+            }
+            // Tensors are independent: fold them in parallel.
+            let mut slots: Vec<(&String, &mut TensorStats)> = stats
+                .iter_mut()
+                .filter(|(n, _)| found.iter().any(|(f, _)| f == *n))
+                .collect();
+            found.sort_by(|a, b| a.0.cmp(&b.0));
+            slots
+                .par_iter_mut()
+                .zip(found.par_iter())
+                .for_each(|((_, s), (_, t))| {
+                    let v = t.to_f32();
+                    match v.as_slice() {
+                        Some(x) => s.add(x),
+                        None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+                    }
+                });
+        },
+    )?;
+    Ok(Calibration {
+        tensors: stats,
+        batches: total,
+        runtime: Some(runtime),
+        description: inputs.description.clone(),
+    })
+}
+
+/// Runs `model` over every batch with `tensors` exposed, handing each batch's float values of them
+/// (graph inputs read from the batch itself) to `fold`; returns the number of batches.
+fn for_each_batch(
+    model: &Model,
+    tensors: &[String],
+    inputs: &mut InputSet,
+    runtime: RuntimeKind,
+    session: &SessionOptions,
+    label: &str,
+    mut fold: impl FnMut(Vec<(String, exec::Tensor)>),
+) -> Result<usize> {
     let mut session = {
         let prepared = exec::expose_values(model, tensors, "calibration");
         exec::open(&prepared, runtime, session).context("cannot open the calibration session")?
@@ -49,7 +97,7 @@ pub fn calibrate(
     let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
     let info = exec::Prepared::from_model(model, "").inputs;
     let total = inputs.len();
-    let progress = Progress::new(total as u64, "calibrating");
+    let progress = Progress::new(total as u64, label);
     for b in 0..total {
         let batch = inputs
             .batch(b)
@@ -58,44 +106,77 @@ pub fn calibrate(
         let outputs = session
             .run(&batch)
             .with_context(|| format!("{runtime}: calibration batch {b}"))?;
-        // Graph inputs are read from the batch itself.
         let fed: Vec<exec::Named> = batch
             .into_iter()
             .filter(|(n, _)| !outputs.iter().any(|(o, _)| o == n))
             .collect();
-        let mut found: Vec<(String, exec::Tensor)> = outputs
+        let found: Vec<(String, exec::Tensor)> = outputs
             .into_iter()
             .chain(fed)
             .filter(|(n, t)| wanted.contains(n.as_str()) && t.is_float())
             .collect();
-        for (n, _) in &found {
-            stats.entry(n.clone()).or_default();
-        }
-        // Tensors are independent: fold them in parallel.
-        let mut slots: Vec<(&String, &mut TensorStats)> = stats
-            .iter_mut()
-            .filter(|(n, _)| found.iter().any(|(f, _)| f == *n))
-            .collect();
-        found.sort_by(|a, b| a.0.cmp(&b.0));
-        slots
-            .par_iter_mut()
-            .zip(found.par_iter())
-            .for_each(|((_, s), (_, t))| {
-                let v = t.to_f32();
-                match v.as_slice() {
-                    Some(x) => s.add(x),
-                    None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
-                }
-            });
+        fold(found);
         progress.inc(1);
     }
     progress.finish();
-    Ok(Calibration {
-        tensors: stats,
-        batches: total,
-        runtime: Some(runtime),
-        description: inputs.description.clone(),
-    })
+    Ok(total)
+}
+
+/// The mean of x² per channel of each `(tensor, axis)` (a negative axis counts from the end) over
+/// every batch of `inputs`: the input-channel energy that weights VQ clustering. Tensors that never
+/// appear, or whose rank does not have the axis, get no entry.
+pub fn channel_energy(
+    model: &Model,
+    wanted: &[(String, i64)],
+    inputs: &mut InputSet,
+    runtime: RuntimeKind,
+    session: &SessionOptions,
+) -> Result<BTreeMap<(String, i64), Vec<f64>>> {
+    let mut names: Vec<String> = wanted.iter().map(|(t, _)| t.clone()).collect();
+    names.sort();
+    names.dedup();
+    // (sums of squares, values per channel) per request.
+    let mut acc: BTreeMap<(String, i64), (Vec<f64>, u64)> = BTreeMap::new();
+    for_each_batch(
+        model,
+        &names,
+        inputs,
+        runtime,
+        session,
+        "input energy",
+        |found| {
+            let done: Vec<((String, i64), Vec<f64>, u64)> = wanted
+                .par_iter()
+                .filter_map(|(t, axis)| {
+                    let (_, x) = found.iter().find(|(n, _)| n == t)?;
+                    let v = x.to_f32();
+                    let rank = v.ndim() as i64;
+                    let a = if *axis < 0 { rank + axis } else { *axis };
+                    if !(0..rank).contains(&a) {
+                        return None;
+                    }
+                    let a = ndarray::Axis(a as usize);
+                    let sums: Vec<f64> = v
+                        .axis_iter(a)
+                        .map(|lane| lane.iter().map(|&y| (y as f64) * (y as f64)).sum())
+                        .collect();
+                    let per = (v.len() / v.len_of(a).max(1)) as u64;
+                    Some(((t.clone(), *axis), sums, per))
+                })
+                .collect();
+            for (key, sums, per) in done {
+                let e = acc.entry(key).or_insert_with(|| (vec![0.0; sums.len()], 0));
+                if e.0.len() == sums.len() {
+                    e.0.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+                    e.1 += per;
+                }
+            }
+        },
+    )?;
+    Ok(acc
+        .into_iter()
+        .map(|(k, (sums, n))| (k, sums.iter().map(|s| s / n.max(1) as f64).collect()))
+        .collect())
 }
 
 /// How closely a candidate reproduces the reference on the check batches: the lowest cosine over the

@@ -281,7 +281,14 @@ fn assign_chunk(p: &[f32], d: usize, w: Option<&[f32]>, t: &Tables, a: &mut [u32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn assign_chunk_avx2(p: &[f32], d: usize, w: Option<&[f32]>, t: &Tables, a: &mut [u32], e: &mut [f32]) {
+fn assign_chunk_avx2(
+    p: &[f32],
+    d: usize,
+    w: Option<&[f32]>,
+    t: &Tables,
+    a: &mut [u32],
+    e: &mut [f32],
+) {
     assign_chunk_portable(p, d, w, t, a, e);
 }
 
@@ -528,7 +535,15 @@ mod tests {
             p.push(cx + 0.1 * noise[2 * i]);
             p.push(cy + 0.1 * noise[2 * i + 1]);
         }
-        let r = kmeans(&p, 2, None, &Options { k: 4, ..Default::default() });
+        let r = kmeans(
+            &p,
+            2,
+            None,
+            &Options {
+                k: 4,
+                ..Default::default()
+            },
+        );
         let mut found: Vec<(i32, i32)> = r
             .centroids
             .chunks(2)
@@ -543,11 +558,29 @@ mod tests {
     fn gaussian_distortion_is_near_the_known_optimum() {
         // Scalar Lloyd–Max with 4 levels on N(0,1): MSE 0.1175 (9.30 dB).
         let p = gaussian(100_000, 11);
-        let r = kmeans(&p, 1, None, &Options { k: 4, iterations: 100, ..Default::default() });
+        let r = kmeans(
+            &p,
+            1,
+            None,
+            &Options {
+                k: 4,
+                iterations: 100,
+                ..Default::default()
+            },
+        );
         let mse = r.error / 100_000.0;
         assert!((mse - 0.1175).abs() < 0.004, "{mse}");
         // 2-D, 16 codes (2 bits per sample): better than scalar at the same rate.
-        let r = kmeans(&p, 2, None, &Options { k: 16, iterations: 100, ..Default::default() });
+        let r = kmeans(
+            &p,
+            2,
+            None,
+            &Options {
+                k: 16,
+                iterations: 100,
+                ..Default::default()
+            },
+        );
         let mse2 = r.error / 100_000.0;
         assert!(mse2 < mse * 0.97, "{mse2} vs {mse}");
     }
@@ -557,7 +590,16 @@ mod tests {
         // Two points, one code: the centroid is the weighted mean per coordinate.
         let p = [0.0f32, 0.0, 4.0, 8.0];
         let w = [3.0f32, 0.0, 1.0, 1.0];
-        let r = kmeans(&p, 2, Some(&w), &Options { k: 1, iterations: 5, ..Default::default() });
+        let r = kmeans(
+            &p,
+            2,
+            Some(&w),
+            &Options {
+                k: 1,
+                iterations: 5,
+                ..Default::default()
+            },
+        );
         assert!((r.centroids[0] - 1.0).abs() < 1e-6, "{:?}", r.centroids);
         assert!((r.centroids[1] - 8.0).abs() < 1e-6, "{:?}", r.centroids);
     }
@@ -576,19 +618,32 @@ mod tests {
         let mut p = vec![0.5f32; 10_000];
         p.extend(gaussian(10_000, 5));
         let k = PLUSPLUS_MAX_K + 100;
-        let o = Options { k, iterations: 10, ..Default::default() };
+        let o = Options {
+            k,
+            iterations: 10,
+            ..Default::default()
+        };
         let on = kmeans(&p, 1, None, &o);
         let off = kmeans(&p, 1, None, &Options { revive: false, ..o });
         let used = |r: &KMeans| r.usage().iter().filter(|&&u| u > 0).count();
         assert!(on.revived > 1000, "{}", on.revived);
-        assert!(used(&on) > used(&off) + 1000, "{} vs {}", used(&on), used(&off));
+        assert!(
+            used(&on) > used(&off) + 1000,
+            "{} vs {}",
+            used(&on),
+            used(&off)
+        );
         assert!(on.error < 0.5 * off.error, "{} vs {}", on.error, off.error);
     }
 
     #[test]
     fn the_result_does_not_depend_on_the_thread_count() {
         let p = gaussian(4 * 30_000, 9);
-        let o = Options { k: 64, iterations: 8, ..Default::default() };
+        let o = Options {
+            k: 64,
+            iterations: 8,
+            ..Default::default()
+        };
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()

@@ -177,7 +177,11 @@ pub fn quantize_weights(
 }
 
 /// The role of a site, from names and, in the main graph, the structure around its readers.
-fn site_role(model: &Model, site: &WeightSite, weighted: &std::collections::HashSet<crate::ir::NodeId>) -> Role {
+fn site_role(
+    model: &Model,
+    site: &WeightSite,
+    weighted: &std::collections::HashSet<crate::ir::NodeId>,
+) -> Role {
     let c = &site.constant;
     let consumers: Vec<(&str, &str)> = site
         .uses
