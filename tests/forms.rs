@@ -115,8 +115,20 @@ fn expected(layout: Layout, dims: &[usize], w: &[f32], s: &WeightScheme) -> Vec<
     if s.granularity == Granularity::PerTensor {
         return encode(w, 1, w.len(), s).unwrap().decode();
     }
+    expected_with(layout, dims, w, |m, rows, k| {
+        encode(m, rows, k, s).unwrap().decode()
+    })
+}
+
+/// `decode` of the `[channels, k]` rows of the weight, put back in the weight's layout.
+fn expected_with(
+    layout: Layout,
+    dims: &[usize],
+    w: &[f32],
+    decode: impl Fn(&[f32], usize, usize) -> Vec<f32>,
+) -> Vec<f32> {
     let (outer, k, n) = match layout {
-        Layout::Gather => return encode(w, dims[0], dims[1], s).unwrap().decode(),
+        Layout::Gather => return decode(w, dims[0], dims[1]),
         Layout::MatMul2 => (1, dims[0], dims[1]),
         Layout::MatMul3 => (dims[0], dims[1], dims[2]),
     };
@@ -129,7 +141,7 @@ fn expected(layout: Layout, dims: &[usize], w: &[f32], s: &WeightScheme) -> Vec<
             }
         }
     }
-    let d = encode(&moved, n, outer * k, s).unwrap().decode();
+    let d = decode(&moved, n, outer * k);
     let mut out = vec![0f32; w.len()];
     for j in 0..n {
         for o in 0..outer {
@@ -392,4 +404,100 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
         }
     }
     eprintln!("{checked} form × runtime decodes matched the encoder");
+}
+
+/// The codebook form: pieces that do not divide k (padding), residual stages, product subspaces,
+/// 16-bit codes and the outlier path, in both runtimes, equal to `quant::vq::encode(..).decode()`.
+#[test]
+fn every_vq_form_decodes_exactly_what_the_encoder_encoded() {
+    use quench::quant::vq::{self, Importance, VqScheme};
+    if !ort_ready() {
+        return;
+    }
+    let cases: [(Layout, &[usize]); 3] = [
+        (Layout::MatMul2, &[72, 40]),
+        (Layout::MatMul3, &[2, 40, 24]),
+        (Layout::Gather, &[30, 50]),
+    ];
+    let base = VqScheme {
+        codebook_size: 16,
+        importance: Importance::None,
+        iterations: 8,
+        ..Default::default()
+    };
+    let schemes = [
+        VqScheme { dim: 3, ..base },
+        VqScheme {
+            dim: 4,
+            stages: 2,
+            subspaces: 2,
+            ..base
+        },
+        VqScheme {
+            dim: 2,
+            codebook_size: 300,
+            outliers: Some(OutlierRule::TopFraction(0.01)),
+            ..base
+        },
+    ];
+    let mut checked = 0;
+    for (ci, (layout, dims)) in cases.iter().enumerate() {
+        let n: usize = dims.iter().product();
+        let mut w = weights(n, 21 + ci as u64);
+        w[5] = 2.5;
+        for v in schemes {
+            let s = WeightScheme::vq(v);
+            for opset in [9, 13] {
+                let (mut m, feed) = model(*layout, dims, &w, opset);
+                let report = quantize_weights(&mut m, &Fixed(s), Target::Portable).unwrap();
+                let site = &report.sites[0];
+                let what = format!("{} on {layout:?} {dims:?}, opset {opset}", s.label());
+                if opset < 11 && v.outliers.is_some() {
+                    assert!(
+                        site.note
+                            .as_deref()
+                            .is_some_and(|n| n.contains("ScatterND")),
+                        "{what}: {:?}",
+                        site.note
+                    );
+                    continue;
+                }
+                let form = site
+                    .form
+                    .clone()
+                    .unwrap_or_else(|| panic!("{what}: not quantized: {:?}", site.note));
+                let stats = site.vq.as_ref().expect("VQ figures in the report");
+                assert_eq!(stats.codebooks.len(), v.stages * v.subspaces, "{what}");
+                assert!(
+                    (stats.bits_per_weight - site.bytes_after as f64 * 8.0 / n as f64).abs() < 1e-9
+                );
+                let want = expected_with(*layout, dims, &w, |x, rows, k| {
+                    let e = vq::encode(x, rows, k, &v, None).unwrap();
+                    assert!((e.sqnr_db - site.weight_sqnr_db).abs() < 1e-9, "{what}");
+                    e.decode()
+                });
+                quench::ir::check_model(&m).unwrap();
+                let prep = Prepared::from_model(&m, "form");
+                for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
+                    let got = exec::open(&prep, rt, &SessionOptions::default())
+                        .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
+                        .run(&feed)
+                        .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
+                        .remove(0)
+                        .1;
+                    let Tensor::F32(got) = got else { panic!() };
+                    assert_eq!(got.shape(), *dims, "{what} in {rt}");
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
+                            "{what} [{form}] in {rt}: element {i}: {g} vs {e}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 24, "{checked}");
+    eprintln!("{checked} VQ form × runtime decodes matched the encoder");
 }

@@ -90,7 +90,7 @@ impl KMeans {
 /// Clusters `points` (`[n, d]` row-major) into `opts.k` codes. `weights`, when given, has one
 /// non-negative weight per coordinate of every point (same length as `points`).
 pub fn kmeans(points: &[f32], d: usize, weights: Option<&[f32]>, opts: &Options) -> KMeans {
-    assert!(d > 0 && points.len() % d == 0, "points are [n, {d}]");
+    assert!(d > 0 && points.len().is_multiple_of(d), "points are [n, {d}]");
     if let Some(w) = weights {
         assert_eq!(w.len(), points.len(), "one weight per coordinate");
     }
@@ -103,7 +103,7 @@ pub fn kmeans(points: &[f32], d: usize, weights: Option<&[f32]>, opts: &Options)
     let mut iterations = 0;
     let mut last_error = f64::INFINITY;
     let mut revived_last = false;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5EED_0F_C0DE);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x005E_ED0F_C0DE);
     loop {
         assign_all(points, d, weights, &centroids, &mut assign, &mut err);
         let error: f64 = err.iter().map(|&e| e.max(0.0) as f64).sum();

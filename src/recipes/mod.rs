@@ -16,10 +16,12 @@
 //! other), node-name and weight-name patterns (`node`, `weight`: globs with `*` and `?`, or `re:` and a
 //! regular expression), element-count bounds (`min_elements`, `max_elements`) and
 //! `subgraph: true|false`; every condition given must hold. Its action is `skip: true` or a `scheme`
-//! whose keys override the defaults: `format` (int, nf4, fp4), `bits`, `granularity` (tensor, channel,
+//! whose keys override the defaults: `format` (int, nf4, fp4, vq), `bits`, `granularity` (tensor, channel,
 //! block) and `block`, `symmetric`, `clip_search`, `double_quant`, `dead_zone` (`{ width: W }` in
 //! quantization steps or `{ sparsity: S }`) and `outliers` (`{ fraction: F }` or `{ threshold: T }` in
-//! standard deviations of the channel).
+//! standard deviations of the channel). `format: vq` takes instead `dim` (values per piece), `codebook_size`,
+//! `stages` (residual), `subspaces` (product), `importance` (calibration, none), `iterations`, `seed`
+//! and `outliers`; scalar keys with it are errors, and so are its keys with other formats.
 //!
 //! An optional `activations:` section makes MatMul/Gemm/Conv compute on integers:
 //!
