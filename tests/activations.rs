@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use serde_json::Value;
 
@@ -22,19 +20,7 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
         return;
     }
     let dir = tempdir();
-    let all = dir.path().join("all.npz");
-    magika_features(&py, &all, 768);
-    let (calib, eval) = (dir.path().join("calib.npz"), dir.path().join("eval.npz"));
-    let o = Command::new(&py)
-        .args([
-            "-c",
-            "import sys, numpy as np; d = np.load(sys.argv[1])['bytes']; \
-             np.savez(sys.argv[2], bytes=d[:256]); np.savez(sys.argv[3], bytes=d[256:])",
-        ])
-        .args([&all, &calib, &eval])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    let (calib, eval) = magika_split(&py, dir.path());
     for (recipe, floor) in [("w8a8", 0.995), ("dynamic", 0.99)] {
         let out = dir.path().join(format!("magika.{recipe}.onnx"));
         let json = dir.path().join(format!("magika.{recipe}.json"));

@@ -153,6 +153,37 @@ fn expected_with(
     out
 }
 
+/// Checks the model, runs it in tract and onnxruntime, and compares its one output with `want` to
+/// float rounding; returns the number of runs checked.
+fn runs_as(
+    m: &Model,
+    feed: &[(String, Tensor)],
+    dims: &[usize],
+    want: &[f32],
+    what: &str,
+) -> usize {
+    quench::ir::check_model(m).unwrap();
+    let prep = Prepared::from_model(m, "form");
+    let rts = [RuntimeKind::Tract, RuntimeKind::Ort];
+    for rt in rts {
+        let got = exec::open(&prep, rt, &SessionOptions::default())
+            .unwrap_or_else(|e| panic!("{what} in {rt}: {e:#}"))
+            .run(feed)
+            .unwrap_or_else(|e| panic!("{what} in {rt}: {e:#}"))
+            .remove(0)
+            .1;
+        let Tensor::F32(got) = got else { panic!() };
+        assert_eq!(got.shape(), dims, "{what} in {rt}");
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
+                "{what} in {rt}: element {i}: {g} vs {e}"
+            );
+        }
+    }
+    rts.len()
+}
+
 fn schemes() -> Vec<WeightScheme> {
     let int = WeightScheme::int;
     let mut v = vec![
@@ -380,25 +411,7 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
                         );
                     }
                     let want = expected(*layout, dims, &w, &used);
-                    quench::ir::check_model(&m).unwrap();
-                    let prep = Prepared::from_model(&m, "form");
-                    for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
-                        let got = exec::open(&prep, rt, &SessionOptions::default())
-                            .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
-                            .run(&feed)
-                            .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
-                            .remove(0)
-                            .1;
-                        let Tensor::F32(got) = got else { panic!() };
-                        assert_eq!(got.shape(), *dims, "{what} in {rt}");
-                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                            assert!(
-                                (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
-                                "{what} [{form}] in {rt}: element {i}: {g} vs {e}"
-                            );
-                        }
-                        checked += 1;
-                    }
+                    checked += runs_as(&m, &feed, dims, &want, &format!("{what} [{form}]"));
                 }
             }
         }
@@ -476,25 +489,7 @@ fn every_vq_form_decodes_exactly_what_the_encoder_encoded() {
                     assert!((e.sqnr_db - site.weight_sqnr_db).abs() < 1e-9, "{what}");
                     e.decode()
                 });
-                quench::ir::check_model(&m).unwrap();
-                let prep = Prepared::from_model(&m, "form");
-                for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
-                    let got = exec::open(&prep, rt, &SessionOptions::default())
-                        .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
-                        .run(&feed)
-                        .unwrap_or_else(|e| panic!("{what} [{form}] in {rt}: {e:#}"))
-                        .remove(0)
-                        .1;
-                    let Tensor::F32(got) = got else { panic!() };
-                    assert_eq!(got.shape(), *dims, "{what} in {rt}");
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
-                            "{what} [{form}] in {rt}: element {i}: {g} vs {e}"
-                        );
-                    }
-                    checked += 1;
-                }
+                checked += runs_as(&m, &feed, dims, &want, &format!("{what} [{form}]"));
             }
         }
     }

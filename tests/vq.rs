@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use serde_json::Value;
 
@@ -31,19 +29,7 @@ fn calibration_importance_beats_unweighted_vq_on_magika() {
         return;
     }
     let dir = tempdir();
-    let all = dir.path().join("all.npz");
-    magika_features(&py, &all, 768);
-    let (calib, eval) = (dir.path().join("calib.npz"), dir.path().join("eval.npz"));
-    let o = Command::new(&py)
-        .args([
-            "-c",
-            "import sys, numpy as np; d = np.load(sys.argv[1])['bytes']; \
-             np.savez(sys.argv[2], bytes=d[:256]); np.savez(sys.argv[3], bytes=d[256:])",
-        ])
-        .args([&all, &calib, &eval])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    let (calib, eval) = magika_split(&py, dir.path());
     let unweighted = dir.path().join("vq2-none.yaml");
     let text = quench::recipes::BUILTIN
         .iter()

@@ -90,7 +90,10 @@ impl KMeans {
 /// Clusters `points` (`[n, d]` row-major) into `opts.k` codes. `weights`, when given, has one
 /// non-negative weight per coordinate of every point (same length as `points`).
 pub fn kmeans(points: &[f32], d: usize, weights: Option<&[f32]>, opts: &Options) -> KMeans {
-    assert!(d > 0 && points.len().is_multiple_of(d), "points are [n, {d}]");
+    assert!(
+        d > 0 && points.len().is_multiple_of(d),
+        "points are [n, {d}]"
+    );
     if let Some(w) = weights {
         assert_eq!(w.len(), points.len(), "one weight per coordinate");
     }

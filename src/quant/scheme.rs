@@ -144,15 +144,7 @@ impl WeightScheme {
             }
             _ => {}
         }
-        match self.outliers {
-            Some(OutlierRule::TopFraction(f)) if !(f > 0.0 && f < 0.5) => {
-                Err(format!("outliers fraction must be in (0, 0.5), got {f}"))
-            }
-            Some(OutlierRule::StdThreshold(t)) if !(t.is_finite() && t > 0.0) => {
-                Err(format!("outliers threshold must be > 0, got {t}"))
-            }
-            _ => Ok(()),
-        }
+        self.outliers.map_or(Ok(()), |o| o.validate())
     }
 
     /// A short human label, e.g. `int4 block 32 sym clip` or `nf4 block 64 dq`.

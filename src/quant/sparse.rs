@@ -63,6 +63,20 @@ pub enum OutlierRule {
     StdThreshold(f64),
 }
 
+impl OutlierRule {
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            OutlierRule::TopFraction(f) if !(f > 0.0 && f < 0.5) => {
+                Err(format!("outliers fraction must be in (0, 0.5), got {f}"))
+            }
+            OutlierRule::StdThreshold(t) if !(t.is_finite() && t > 0.0) => {
+                Err(format!("outliers threshold must be > 0, got {t}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A dense matrix with its outliers taken out, and the outliers: (flat index, exact value), ascending.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split {

@@ -91,15 +91,7 @@ impl VqScheme {
         if self.iterations == 0 {
             return Err("iterations must be ≥ 1".into());
         }
-        match self.outliers {
-            Some(OutlierRule::TopFraction(f)) if !(f > 0.0 && f < 0.5) => {
-                Err(format!("outliers fraction must be in (0, 0.5), got {f}"))
-            }
-            Some(OutlierRule::StdThreshold(t)) if !(t.is_finite() && t > 0.0) => {
-                Err(format!("outliers threshold must be > 0, got {t}"))
-            }
-            _ => Ok(()),
-        }
+        self.outliers.map_or(Ok(()), |o| o.validate())
     }
 
     /// Bits of code per weight, codebooks and scales aside.

@@ -188,3 +188,22 @@ pub fn magika_features(py: &Path, out: &Path, count: usize) {
         String::from_utf8_lossy(&o.stdout).trim()
     );
 }
+
+/// magika's features of 768 real files split into 256 for calibration and 512 others for scoring:
+/// (calibration .npz, evaluation .npz) in `dir`.
+pub fn magika_split(py: &Path, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let all = dir.join("all.npz");
+    magika_features(py, &all, 768);
+    let (calib, eval) = (dir.join("calib.npz"), dir.join("eval.npz"));
+    let o = Command::new(py)
+        .args([
+            "-c",
+            "import sys, numpy as np; d = np.load(sys.argv[1])['bytes']; \
+             np.savez(sys.argv[2], bytes=d[:256]); np.savez(sys.argv[3], bytes=d[256:])",
+        ])
+        .args([&all, &calib, &eval])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    (calib, eval)
+}
