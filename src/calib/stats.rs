@@ -377,19 +377,8 @@ impl TensorStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand_chacha::ChaCha8Rng;
-    use rand_core::{Rng, SeedableRng};
 
-    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| {
-                let u1 = ((rng.next_u32() as f64 + 1.0) / (u32::MAX as f64 + 2.0)).max(1e-12);
-                let u2 = rng.next_u32() as f64 / u32::MAX as f64;
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect()
-    }
+    use crate::util::gaussian;
 
     #[test]
     fn growing_histogram_equals_one_shot() {

@@ -472,16 +472,15 @@ fn revive(
 mod tests {
     use super::*;
 
-    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..n)
-            .map(|_| {
-                // Box–Muller.
-                let u1 = uniform(&mut rng).max(1e-12);
-                let u2 = uniform(&mut rng);
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-            })
-            .collect()
+    use crate::util::gaussian;
+
+    /// `f` in a pool of `threads` threads.
+    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(f)
     }
 
     fn brute_assign(points: &[f32], d: usize, w: Option<&[f32]>, c: &[f32]) -> Vec<u32> {
@@ -647,16 +646,8 @@ mod tests {
             iterations: 8,
             ..Default::default()
         };
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap()
-            .install(|| kmeans(&p, 4, None, &o));
-        let many = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap()
-            .install(|| kmeans(&p, 4, None, &o));
+        let one = in_pool(1, || kmeans(&p, 4, None, &o));
+        let many = in_pool(3, || kmeans(&p, 4, None, &o));
         assert_eq!(one, many);
     }
 }

@@ -90,12 +90,14 @@ impl WeightScheme {
         }
     }
 
-    /// The VQ parameters with this scheme's outlier rule.
+    /// The VQ parameters (with this scheme's outlier rule) of a `vq` scheme.
     pub fn vq_scheme(&self) -> Option<VqScheme> {
-        self.vq.map(|v| VqScheme {
-            outliers: self.outliers,
-            ..v
-        })
+        self.vq
+            .filter(|_| self.format == Format::Vq)
+            .map(|v| VqScheme {
+                outliers: self.outliers,
+                ..v
+            })
     }
 
     pub fn int_scheme(&self) -> IntScheme {
@@ -149,7 +151,7 @@ impl WeightScheme {
 
     /// A short human label, e.g. `int4 block 32 sym clip` or `nf4 block 64 dq`.
     pub fn label(&self) -> String {
-        if let Some(v) = self.vq_scheme().filter(|_| self.format == Format::Vq) {
+        if let Some(v) = self.vq_scheme() {
             return v.label();
         }
         let mut s = match self.format {

@@ -236,6 +236,12 @@ pub fn encode(
         }
     }
     let (d, m, size) = (scheme.dim, scheme.subspaces, scheme.codebook_size);
+    if m > k.div_ceil(d) {
+        return Err(format!(
+            "{m} subspaces for rows of {} pieces of {d}: at most one subspace per piece",
+            k.div_ceil(d)
+        ));
+    }
     let split = scheme
         .outliers
         .map(|rule| sparse::split_outliers(w, channels, k, rule));
@@ -379,21 +385,7 @@ mod tests {
     use super::*;
     use crate::quant::int::{Granularity, IntScheme, quantize, sqnr_db};
 
-    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let mut u = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64).max(1e-12)
-        };
-        (0..n)
-            .map(|_| {
-                let (a, b) = (u(), u());
-                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
-            })
-            .collect()
-    }
+    use crate::util::gaussian;
 
     /// Rows of different magnitudes, as real layers have.
     fn matrix(channels: usize, k: usize) -> Vec<f32> {
@@ -569,5 +561,11 @@ mod tests {
                 .unwrap_err()
                 .contains("finite")
         );
+        let many = VqScheme {
+            subspaces: 100,
+            ..Default::default()
+        };
+        let e = encode(&matrix(4, 16), 4, 16, &many, None).unwrap_err();
+        assert!(e.contains("100 subspaces"), "{e}");
     }
 }

@@ -223,7 +223,7 @@ pub fn energy_requests(model: &Model, policy: &dyn WeightPolicy) -> Vec<(String,
         };
         let wants = s
             .vq_scheme()
-            .is_some_and(|v| s.format == Format::Vq && v.importance == Importance::Calibration);
+            .is_some_and(|v| v.importance == Importance::Calibration);
         if wants && let Some(ms) = importance::multiplicands(model, &site) {
             out.extend(ms.into_iter().map(|m| (m.tensor, m.axis)));
         }
@@ -538,34 +538,27 @@ fn quantize_site(
     };
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let rows = to_rows(values, &dims, axis);
-    if let Some(v) = scheme.vq_scheme().filter(|_| scheme.format == Format::Vq) {
-        let imp = match (v.importance, energy) {
-            (Importance::Calibration, Some(e)) if !c.in_subgraph() => {
-                let found = importance::column_importance(model, site, rows.k, e);
-                if found.is_none() {
-                    notes.push("no calibrated input energy for this reader: data-free".into());
-                }
-                found
+    let vq = scheme.vq_scheme();
+    let imp = match (vq.map(|v| v.importance), energy) {
+        (Some(Importance::Calibration), Some(e)) if !c.in_subgraph() => {
+            let found = importance::column_importance(model, site, rows.k, e);
+            if found.is_none() {
+                notes.push("no calibrated input energy for this reader: data-free".into());
             }
-            _ => None,
-        };
-        let mut emit = Emit {
-            patch,
-            names: &mut model.names,
-            opset,
-            base: c.name.clone(),
-            scope: format!("{:?}", c.path),
-        };
-        return vq_site(&mut emit, v, &rows, &dims, axis, imp, cast_back, notes, out);
-    }
-    let base = c.name.clone();
+            found
+        }
+        _ => None,
+    };
     let mut emit = Emit {
         patch,
         names: &mut model.names,
         opset,
-        base,
+        base: c.name.clone(),
         scope: format!("{:?}", c.path),
     };
+    if let Some(v) = vq {
+        return vq_site(&mut emit, v, &rows, &dims, axis, imp, cast_back, notes, out);
+    }
     let mut attempt = scheme;
     let (decoded, bytes, form, enc) = loop {
         let enc = encode(&rows.values, rows.channels, rows.k, &attempt)
