@@ -13,6 +13,8 @@ use quench::report::bench::{self, BenchOptions, BenchResult};
 use quench::report::compare::{self, CompareOptions};
 use quench::zoo::{InputSpec, Zoo};
 
+pub mod adapt;
+
 #[derive(Args, Clone, Debug)]
 pub struct InputArgs {
     /// Input data: an .npz, .npy or .pb file; a folder of those or of test_data_set_* folders; a folder
@@ -114,9 +116,10 @@ pub struct QuantizeArgs {
     /// Where to write the quantized model (never over the input).
     #[arg(short, long)]
     output: PathBuf,
-    /// A built-in recipe (w8, w4, nf4, fp4, w8a8, dynamic, vq2, vq3) or a recipe YAML file.
-    #[arg(long, default_value = "w8")]
-    recipe: String,
+    /// A built-in recipe (w8, w4, nf4, fp4, w8a8, dynamic, vq2, vq3, auto-99, auto-4bpw) or a recipe
+    /// YAML file (default: w8; auto-99 with --target-retention or --bits-per-weight).
+    #[arg(long)]
+    recipe: Option<String>,
     /// The runtime family the output is for: portable (standard ONNX at the model's opset), ort or
     /// tract (int8 as Cast·Mul, which they fold at load; 4-bit MatMul blocks as com.microsoft
     /// MatMulNBits).
@@ -133,17 +136,27 @@ pub struct QuantizeArgs {
     /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
-    /// Calibration data for static activation quantization and for the importance weighting of
-    /// VQ (same forms as --inputs; the input options --tokenizer, --batch-size, --image-size, …
-    /// apply to it too).
+    #[command(flatten)]
+    cal: CalibArgs,
+    #[command(flatten)]
+    goal: adapt::GoalArgs,
+    #[command(flatten)]
+    sens: adapt::SensArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CalibArgs {
+    /// Calibration data for static activation quantization, for the importance weighting of VQ and
+    /// for sensitivity (same forms as --inputs; the input options --tokenizer, --batch-size,
+    /// --image-size, … apply to it too).
     #[arg(long, value_name = "DATA")]
     calib: Option<PathBuf>,
     /// Calibrate on N generated batches instead (seed: --seed + 1, so they differ from the
     /// verification batches).
     #[arg(long, value_name = "N", conflicts_with = "calib")]
     calib_random: Option<usize>,
-    /// The runtime that runs calibration and the fallback check (default: ort when it loads, else
-    /// tract).
+    /// The runtime that runs calibration, the fallback check and sensitivity (default: ort when it
+    /// loads, else tract).
     #[arg(long)]
     calib_runtime: Option<RuntimeKind>,
 }
@@ -673,29 +686,29 @@ fn render_sites(w: &quench::passes::quantize_weights::WeightReport) -> String {
 
 /// The input options of --calib / --calib-random: the verification options with their own data
 /// and seed (--seed + 1).
-fn calib_input_args(args: &QuantizeArgs) -> InputArgs {
-    let mut ca = args.input.clone();
-    ca.inputs = args.calib.clone();
-    ca.random = args.calib_random;
-    ca.seed = args.input.seed.wrapping_add(1);
+fn calib_input_args(input: &InputArgs, cal: &CalibArgs) -> InputArgs {
+    let mut ca = input.clone();
+    ca.inputs = cal.calib.clone();
+    ca.random = cal.calib_random;
+    ca.seed = input.seed.wrapping_add(1);
     ca.default_random = 0;
     ca
 }
 
 /// The runtime of calibration (default: ort when it loads, else tract) and a lean exact session.
-fn calib_runtime(args: &QuantizeArgs) -> (RuntimeKind, SessionOptions) {
-    let rt = match args.calib_runtime {
+fn calib_runtime(cal: &CalibArgs, rt: &RuntimeArgs) -> (RuntimeKind, SessionOptions) {
+    let runtime = match cal.calib_runtime {
         Some(r) => r,
         #[cfg(feature = "onnxruntime")]
         None if quench::exec::ort::library_path().is_ok() => RuntimeKind::Ort,
         None => RuntimeKind::Tract,
     };
     let session = SessionOptions {
-        threads: args.rt.threads,
+        threads: rt.threads,
         numerics: Numerics::Exact,
         lean: true,
     };
-    (rt, session)
+    (runtime, session)
 }
 
 /// The input-channel energy that weights the recipe's VQ sites, from --calib / --calib-random;
@@ -711,7 +724,7 @@ fn vq_energy(
     if wanted.is_empty() {
         return Ok(None);
     }
-    let ca = calib_input_args(args);
+    let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
         notes.push(
             "VQ clustered data-free (plain weight error): --calib DATA weights it by the energy of \
@@ -720,7 +733,7 @@ fn vq_energy(
         );
         return Ok(None);
     }
-    let (rt, session) = calib_runtime(args);
+    let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
     let energy = quench::calib::channel_energy(reference, &wanted, &mut set, rt, &session)
         .context("measuring the input-channel energy for VQ failed")?;
@@ -731,6 +744,7 @@ fn vq_energy(
 /// the same data; dynamic needs no data, and checks candidates when given some.
 fn quantize_activations_cli(
     args: &QuantizeArgs,
+    recipe: &str,
     reference: &Model,
     spec: Vec<InputSpec>,
     policy: &quench::passes::quantize_activations::ActivationPolicy,
@@ -742,7 +756,7 @@ fn quantize_activations_cli(
     use quench::passes::quantize_activations::{
         Mode, plan, quantize_activations, tensors_to_calibrate,
     };
-    let ca = calib_input_args(args);
+    let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
         if policy.mode == Mode::Dynamic {
             let mut none = |_: &Model, _: Option<usize>| -> Result<quench::calib::Retention> {
@@ -753,10 +767,10 @@ fn quantize_activations_cli(
         bail!(
             "recipe {} quantizes activations statically: give calibration data with --calib DATA \
              (or --calib-random N for generated inputs)",
-            args.recipe
+            recipe
         );
     }
-    let (rt, session) = calib_runtime(args);
+    let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
     let calib = if policy.mode == Mode::Static {
         let (sites, _) = plan(reference, policy);
@@ -865,27 +879,51 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         refuse_overwrite(r, &reads)?;
     }
     refuse_overwrite(&args.output, &reads)?;
-    let recipe = Recipe::load(&args.recipe).map_err(|e| anyhow!(e))?;
+    let recipe_name = args.recipe.clone().unwrap_or_else(|| {
+        if args.goal.requested() {
+            "auto-99".into()
+        } else {
+            "w8".into()
+        }
+    });
+    let recipe = Recipe::load(&recipe_name).map_err(|e| anyhow!(e))?;
     let reference = Model::load(&path)?;
     let start = std::time::Instant::now();
     let mut notes = Vec::new();
-    let energy = vq_energy(&args, &reference, spec.clone(), &recipe, &mut notes)?;
     let mut weights = Default::default();
-    let mut finish = |m: &mut Model| -> Result<()> {
-        weights = quantize_weights_with(m, &recipe, args.target, energy.as_ref())?;
-        DeadNodeElimination.run(m)?;
-        quench::ir::check_model(m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))
-    };
-    let (candidate, activations) = match &recipe.activations {
-        None => {
-            let mut m = reference.clone();
-            finish(&mut m)?;
-            (m, None)
-        }
-        Some(policy) => {
-            let (m, r) =
-                quantize_activations_cli(&args, &reference, spec.clone(), policy, &mut finish)?;
-            (m, Some(r))
+    let mut allocation = None;
+    let mut recipe = recipe;
+    let (candidate, activations) = if args.goal.requested() || recipe.allocate.is_some() {
+        recipe = args.goal.apply(recipe, &args.sens)?;
+        let (m, w, a) = adapt::allocate(&args, &path, &reference, spec.clone(), &recipe, &mut notes)?;
+        weights = w;
+        allocation = Some(a);
+        (m, None)
+    } else {
+        let energy = vq_energy(&args, &reference, spec.clone(), &recipe, &mut notes)?;
+        let mut finish = |m: &mut Model| -> Result<()> {
+            weights = quantize_weights_with(m, &recipe, args.target, energy.as_ref())?;
+            DeadNodeElimination.run(m)?;
+            quench::ir::check_model(m)
+                .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))
+        };
+        match &recipe.activations {
+            None => {
+                let mut m = reference.clone();
+                finish(&mut m)?;
+                (m, None)
+            }
+            Some(policy) => {
+                let (m, r) = quantize_activations_cli(
+                    &args,
+                    &recipe.name,
+                    &reference,
+                    spec.clone(),
+                    policy,
+                    &mut finish,
+                )?;
+                (m, Some(r))
+            }
         }
     };
     let quantize_secs = start.elapsed().as_secs_f64();
@@ -964,6 +1002,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
             "activations": activations,
             "retention": retention,
             "notes": notes,
+            "allocation": allocation.as_ref().map(|a| &a.json),
         });
         quench::util::write_atomic(r, &serde_json::to_vec_pretty(&json)?)?;
         println!("wrote {}", r.display());

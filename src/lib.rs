@@ -41,6 +41,7 @@
 //! # Ok::<(), quench::Error>(())
 //! ```
 
+pub mod adapt;
 pub mod calib;
 pub mod embed;
 pub mod error;

@@ -60,6 +60,9 @@ enum Command {
     /// Quantize a model's weights with a recipe, verify the result in tract and onnxruntime against the
     /// original, and write it.
     Quantize(QuantizeArgs),
+    /// Measure how much each weight site degrades the output under each scheme of a menu (only that
+    /// site changed), with the proxy that prunes the menu and its rank correlation; cached.
+    Sensitivity(cli::adapt::SensitivityArgs),
     /// Time loading and running models (each model and runtime in a fresh process, for honest peak RSS).
     Bench(BenchArgs),
     /// The model zoo pinned in models/zoo.yaml.
@@ -128,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(args) => cli::compare(args)?,
         Command::Bench(args) => cli::bench(args)?,
         Command::Quantize(args) => cli::quantize(args)?,
+        Command::Sensitivity(args) => cli::adapt::sensitivity(args)?,
         Command::Zoo { command } => match command {
             ZooCommand::Fetch {
                 names,

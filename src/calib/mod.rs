@@ -185,6 +185,8 @@ pub fn channel_energy(
 pub struct Retention {
     pub cosine: f64,
     pub top1: Option<f64>,
+    /// The worst output's noise-to-signal ratio Σ(r−c)²/Σr².
+    pub nsr: f64,
 }
 
 /// The float model's outputs on a few calibration batches, kept to score candidates against.
@@ -240,24 +242,16 @@ impl OutputCheck {
             self.runtime,
             &self.session,
         )?;
-        let mut accs: BTreeMap<String, crate::report::metrics::Accumulator> = BTreeMap::new();
-        let n = limit.unwrap_or(usize::MAX);
-        for (b, r) in self.batches.iter().zip(&self.reference).take(n) {
-            let c = s.run(b)?;
-            for ((name, rt), (_, ct)) in r.iter().zip(&c) {
-                if rt.is_float() {
-                    accs.entry(name.clone()).or_default().add(
-                        rt,
-                        ct,
-                        self.scores.contains(name),
-                    )?;
-                }
-            }
-        }
-        let m: Vec<_> = accs.values().map(|a| a.finish()).collect();
+        let n = limit.unwrap_or(usize::MAX).min(self.batches.len());
+        let outputs = self.batches[..n]
+            .iter()
+            .map(|b| s.run(b))
+            .collect::<Result<Vec<_>>>()?;
+        let sc = crate::adapt::score(&self.reference[..n], &outputs, &self.scores)?;
         Ok(Retention {
-            cosine: m.iter().map(|m| m.cosine).fold(1.0, f64::min),
-            top1: m.iter().filter_map(|m| m.top1_agreement).reduce(f64::min),
+            cosine: sc.cosine,
+            top1: sc.top1,
+            nsr: sc.nsr,
         })
     }
 }

@@ -24,6 +24,19 @@ pub enum Role {
     Other,
 }
 
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Attention => "attention",
+            Role::Ffn => "ffn",
+            Role::Embedding => "embedding",
+            Role::Head => "head",
+            Role::Conv => "conv",
+            Role::Other => "other",
+        }
+    }
+}
+
 impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

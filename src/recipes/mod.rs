@@ -121,6 +121,8 @@ pub struct RuleSpec {
     #[serde(default)]
     pub skip: bool,
     pub scheme: Option<SchemeSpec>,
+    /// With an `allocate:` section: the schemes of the menu the allocator may choose from here.
+    pub menu: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -128,10 +130,25 @@ pub struct RuleSpec {
 pub struct RecipeFile {
     #[serde(default)]
     pub description: String,
-    pub defaults: SchemeSpec,
+    /// Required, except with `allocate:` (where sites no rule pins are the allocator's).
+    pub defaults: Option<SchemeSpec>,
     #[serde(default)]
     pub rules: Vec<RuleSpec>,
     pub activations: Option<ActivationSpec>,
+    pub allocate: Option<AllocateSpec>,
+}
+
+/// The `allocate:` section: per-site schemes chosen from a menu by measured sensitivity, to a
+/// retention target or a bits-per-weight budget (one of the two).
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AllocateSpec {
+    /// cosine, sqnr (dB) or top1.
+    pub metric: Option<String>,
+    pub target_retention: Option<f64>,
+    pub bits_per_weight: Option<f64>,
+    /// Names of [`MENU`] schemes (default [`DEFAULT_MENU`]).
+    pub menu: Option<Vec<String>>,
 }
 
 /// The `activations:` section: integer activations for MatMul/Gemm/Conv.
@@ -187,7 +204,169 @@ struct Rule {
     node: Option<Pattern>,
     weight: Option<Pattern>,
     roles: Option<Vec<Role>>,
-    action: Option<WeightScheme>,
+    action: Action,
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Skip,
+    Scheme(WeightScheme),
+    /// Menu positions the allocator may choose from.
+    Menu(Vec<usize>),
+}
+
+/// What the allocator optimises and how much it may spend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocate {
+    pub metric: Metric,
+    pub goal: Goal,
+    pub menu: Vec<MenuEntry>,
+}
+
+/// The retention figure an allocation is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// The lowest output cosine.
+    Cosine,
+    /// The lowest output SQNR, dB.
+    Sqnr,
+    /// The lowest top-1 agreement of outputs that look like class scores.
+    Top1,
+}
+
+impl std::str::FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Metric, String> {
+        match s {
+            "cosine" => Ok(Metric::Cosine),
+            "sqnr" => Ok(Metric::Sqnr),
+            "top1" => Ok(Metric::Top1),
+            o => Err(format!("metric '{o}' is not one of cosine, sqnr, top1")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Goal {
+    /// The smallest model whose measured retention reaches this.
+    Retention(f64),
+    /// The best retention within this many bits per weight.
+    BitsPerWeight(f64),
+}
+
+/// One scheme the allocator can give a site; `scheme: None` is float.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MenuEntry {
+    pub name: String,
+    pub scheme: Option<WeightScheme>,
+}
+
+/// The schemes an allocation menu may name, as recipe scheme maps (`float` keeps the weight).
+pub const MENU: &[(&str, &str)] = &[
+    ("float", ""),
+    ("int8", "{ bits: 8, granularity: channel }"),
+    ("int4", "{ bits: 4, granularity: block, block: 32, clip_search: true }"),
+    ("nf4", "{ format: nf4 }"),
+    ("int3", "{ bits: 3, granularity: block, block: 64, clip_search: true }"),
+    ("int2", "{ bits: 2, granularity: block, block: 64, clip_search: true }"),
+    ("vq3", "{ format: vq, dim: 8, codebook_size: 256, stages: 3 }"),
+    ("vq2", "{ format: vq, dim: 4, codebook_size: 256 }"),
+    ("vq1", "{ format: vq, dim: 8, codebook_size: 256 }"),
+];
+
+/// The menu when none is given.
+pub const DEFAULT_MENU: &[&str] = &["float", "int8", "int4", "nf4", "vq3", "vq2"];
+
+/// A menu scheme by name.
+pub fn menu_entry(name: &str) -> Result<MenuEntry, String> {
+    let Some((n, text)) = MENU.iter().find(|(n, _)| *n == name) else {
+        let names: Vec<&str> = MENU.iter().map(|(n, _)| *n).collect();
+        return Err(format!(
+            "'{name}' is not a menu scheme (one of {})",
+            names.join(", ")
+        ));
+    };
+    let scheme = if text.is_empty() {
+        None
+    } else {
+        let spec: SchemeSpec = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        Some(scheme(&spec, None, &format!("menu scheme {n}"))?)
+    };
+    Ok(MenuEntry {
+        name: n.to_string(),
+        scheme,
+    })
+}
+
+/// A list of menu names (duplicates dropped, order kept).
+pub fn parse_menu(names: &[String]) -> Result<Vec<MenuEntry>, String> {
+    let mut out: Vec<MenuEntry> = Vec::new();
+    for n in names {
+        let e = menu_entry(n.trim())?;
+        if !out.iter().any(|o| o.name == e.name) {
+            out.push(e);
+        }
+    }
+    if out.is_empty() {
+        return Err("the menu is empty".into());
+    }
+    Ok(out)
+}
+
+/// What a recipe says of a site when an allocator decides the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pin {
+    /// A rule fixed it (a scheme or float).
+    Fixed(Decision),
+    /// The allocator chooses among these menu positions.
+    Choose(Vec<usize>),
+}
+
+fn allocate(a: &AllocateSpec, place: &str) -> Result<Allocate, String> {
+    let metric = a
+        .metric
+        .as_deref()
+        .unwrap_or("cosine")
+        .parse::<Metric>()
+        .map_err(|e| format!("{place}: {e}"))?;
+    let goal = match (a.target_retention, a.bits_per_weight) {
+        (Some(t), None) => Goal::Retention(t),
+        (None, Some(b)) => Goal::BitsPerWeight(b),
+        (None, None) => {
+            return Err(format!(
+                "{place}: give target_retention or bits_per_weight"
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{place}: target_retention and bits_per_weight are alternatives, give one"
+            ));
+        }
+    };
+    check_goal(metric, goal).map_err(|e| format!("{place}: {e}"))?;
+    let names: Vec<String> = match &a.menu {
+        Some(m) => m.clone(),
+        None => DEFAULT_MENU.iter().map(|s| s.to_string()).collect(),
+    };
+    let menu = parse_menu(&names).map_err(|e| format!("{place}: menu: {e}"))?;
+    Ok(Allocate { metric, goal, menu })
+}
+
+/// A goal that can be met at all: cosine and top-1 in (0, 1], SQNR in dB, bits per weight in (0, 32].
+pub fn check_goal(metric: Metric, goal: Goal) -> Result<(), String> {
+    match goal {
+        Goal::Retention(t) if metric != Metric::Sqnr && !(t > 0.0 && t <= 1.0) => Err(format!(
+            "a {metric:?} target must be in (0, 1], got {t}"
+        )
+        .to_lowercase()),
+        Goal::Retention(t) if !t.is_finite() => Err(format!("target {t} is not finite")),
+        Goal::BitsPerWeight(b) if !(b > 0.0 && b <= 32.0) => Err(format!(
+            "bits_per_weight must be in (0, 32], got {b}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A validated recipe: the policy passes apply.
@@ -199,6 +378,8 @@ pub struct Recipe {
     rules: Vec<Rule>,
     /// Integer activations, when the recipe asks for them.
     pub activations: Option<ActivationPolicy>,
+    /// Per-site schemes chosen by measurement, when the recipe asks for them.
+    pub allocate: Option<Allocate>,
 }
 
 /// The built-in recipes (the YAML files of the top-level passes/ folder, compiled in).
@@ -211,6 +392,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("dynamic", include_str!("../../passes/dynamic.yaml")),
     ("vq2", include_str!("../../passes/vq2.yaml")),
     ("vq3", include_str!("../../passes/vq3.yaml")),
+    ("auto-99", include_str!("../../passes/auto-99.yaml")),
+    ("auto-4bpw", include_str!("../../passes/auto-4bpw.yaml")),
 ];
 
 fn scheme(
@@ -527,21 +710,62 @@ impl Recipe {
                 .unwrap_or_default();
             format!("recipe {name}{at}: {e}")
         })?;
-        let defaults = scheme(&file.defaults, None, &format!("recipe {name}: defaults"))?;
+        let allocate = file
+            .allocate
+            .as_ref()
+            .map(|a| allocate(a, &format!("recipe {name}: allocate")))
+            .transpose()?;
+        let defaults = match (&file.defaults, &allocate) {
+            (Some(d), _) => scheme(d, None, &format!("recipe {name}: defaults"))?,
+            // Unused: sites no rule pins are the allocator's.
+            (None, Some(_)) => WeightScheme::int(8, true, Granularity::PerChannel, false),
+            (None, None) => {
+                return Err(format!(
+                    "recipe {name}: `defaults` is required (it may be left out only with `allocate`)"
+                ));
+            }
+        };
         let rules = file
             .rules
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let place = format!("recipe {name}: rules[{i}]");
-                let action = match (r.skip, &r.scheme) {
-                    (true, None) => None,
-                    (false, Some(s)) => Some(scheme(s, Some(&defaults), &place)?),
-                    (true, Some(_)) => {
-                        return Err(format!("{place}: `skip: true` and a `scheme` contradict"));
+                let action = match (r.skip, &r.scheme, &r.menu) {
+                    (true, None, None) => Action::Skip,
+                    (false, Some(s), None) => Action::Scheme(scheme(s, Some(&defaults), &place)?),
+                    (false, None, Some(m)) => {
+                        let Some(a) = &allocate else {
+                            return Err(format!(
+                                "{place}: `menu` goes with an `allocate:` section"
+                            ));
+                        };
+                        let mut picks = Vec::new();
+                        for n in m {
+                            let Some(i) = a.menu.iter().position(|e| &e.name == n) else {
+                                let have: Vec<&str> =
+                                    a.menu.iter().map(|e| e.name.as_str()).collect();
+                                return Err(format!(
+                                    "{place}: menu scheme '{n}' is not in the allocate menu ({})",
+                                    have.join(", ")
+                                ));
+                            };
+                            picks.push(i);
+                        }
+                        if picks.is_empty() {
+                            return Err(format!("{place}: the menu is empty"));
+                        }
+                        Action::Menu(picks)
                     }
-                    (false, None) => {
-                        return Err(format!("{place}: give `skip: true` or a `scheme`"));
+                    (false, None, None) => {
+                        return Err(format!(
+                            "{place}: give `skip: true`, a `scheme` or (with allocate) a `menu`"
+                        ));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{place}: `skip`, `scheme` and `menu` are alternatives, give one"
+                        ));
                     }
                 };
                 if let (Some(lo), Some(hi)) = (r.matcher.min_elements, r.matcher.max_elements)
@@ -578,12 +802,19 @@ impl Recipe {
             .as_ref()
             .map(|a| activation_policy(a, &format!("recipe {name}: activations")))
             .transpose()?;
+        if allocate.is_some() && activations.is_some() {
+            return Err(format!(
+                "recipe {name}: `allocate` chooses weight schemes only; it cannot be combined with \
+                 `activations` yet"
+            ));
+        }
         Ok(Recipe {
             name: name.to_string(),
             description: file.description,
             defaults,
             rules,
             activations,
+            allocate,
         })
     }
 
@@ -623,19 +854,121 @@ impl Recipe {
     }
 }
 
-impl WeightPolicy for Recipe {
-    fn decide(&self, site: &SiteInfo) -> Decision {
+impl Recipe {
+    /// The recipe with this allocation goal and menu: rules keep pinning what they match, their
+    /// `menu` names are looked up in the new menu (an error when none is left), and every site no
+    /// rule matches becomes the allocator's.
+    pub fn with_allocate(mut self, a: Allocate) -> Result<Recipe, String> {
+        check_goal(a.metric, a.goal)?;
+        let old = self.allocate.as_ref().map(|o| o.menu.clone());
+        for r in &mut self.rules {
+            if let Action::Menu(picks) = &r.action {
+                let old = old.as_ref().expect("menu rules come with an allocate section");
+                let kept: Vec<usize> = picks
+                    .iter()
+                    .filter_map(|&i| a.menu.iter().position(|e| e.name == old[i].name))
+                    .collect();
+                if kept.is_empty() {
+                    return Err(format!(
+                        "recipe {}: rules[{}]: none of its menu schemes is in the menu given",
+                        self.name, r.index
+                    ));
+                }
+                r.action = Action::Menu(kept);
+            }
+        }
+        self.allocate = Some(a);
+        Ok(self)
+    }
+
+    /// What the rules fix of a site, or the menu positions an allocator may choose from (the
+    /// `allocate` menu where no rule matches). Without `allocate`, every site is fixed.
+    pub fn pin(&self, site: &SiteInfo) -> Pin {
         for r in &self.rules {
             if Recipe::matches(r, site) {
-                return match r.action {
-                    Some(s) => Decision::Quantize(s),
-                    None => {
-                        Decision::Skip(format!("recipe {} rules[{}]: skip", self.name, r.index))
-                    }
+                return match &r.action {
+                    Action::Scheme(s) => Pin::Fixed(Decision::Quantize(*s)),
+                    Action::Skip => Pin::Fixed(Decision::Skip(format!(
+                        "recipe {} rules[{}]: skip",
+                        self.name, r.index
+                    ))),
+                    Action::Menu(m) => Pin::Choose(m.clone()),
                 };
             }
         }
-        Decision::Quantize(self.defaults)
+        match &self.allocate {
+            Some(a) => Pin::Choose((0..a.menu.len()).collect()),
+            None => Pin::Fixed(Decision::Quantize(self.defaults)),
+        }
+    }
+}
+
+impl WeightPolicy for Recipe {
+    /// A site the allocator would choose for takes the recipe's defaults here: allocation goes
+    /// through [`crate::adapt`].
+    fn decide(&self, site: &SiteInfo) -> Decision {
+        match self.pin(site) {
+            Pin::Fixed(d) => d,
+            Pin::Choose(_) => Decision::Quantize(self.defaults),
+        }
+    }
+}
+
+/// A scheme as a recipe scheme map that parses back to the same scheme (every key written).
+pub fn scheme_yaml(s: &WeightScheme) -> String {
+    let outliers = |o: Option<OutlierRule>| match o {
+        Some(OutlierRule::TopFraction(f)) => format!(", outliers: {{ fraction: {f} }}"),
+        Some(OutlierRule::StdThreshold(t)) => format!(", outliers: {{ threshold: {t} }}"),
+        None => String::new(),
+    };
+    if let Some(v) = s.vq_scheme() {
+        let importance = match v.importance {
+            Importance::Calibration => "calibration",
+            Importance::None => "none",
+        };
+        return format!(
+            "{{ format: vq, dim: {}, codebook_size: {}, stages: {}, subspaces: {}, importance: {importance}, iterations: {}, seed: {}{} }}",
+            v.dim,
+            v.codebook_size,
+            v.stages,
+            v.subspaces,
+            v.iterations,
+            v.seed,
+            outliers(v.outliers)
+        );
+    }
+    let format = match s.format {
+        Format::Int => "int",
+        Format::Nf4 => "nf4",
+        Format::Fp4 => "fp4",
+        Format::Vq => unreachable!("handled above"),
+    };
+    let granularity = match s.granularity {
+        Granularity::PerTensor => "granularity: tensor".to_string(),
+        Granularity::PerChannel => "granularity: channel".to_string(),
+        Granularity::Block(b) => format!("granularity: block, block: {b}"),
+    };
+    let dead_zone = match s.dead_zone {
+        Some(DeadZone::Width(w)) => format!(", dead_zone: {{ width: {w} }}"),
+        Some(DeadZone::Sparsity(f)) => format!(", dead_zone: {{ sparsity: {f} }}"),
+        None => String::new(),
+    };
+    format!(
+        "{{ format: {format}, bits: {}, {granularity}, symmetric: {}, clip_search: {}, double_quant: {}{dead_zone}{} }}",
+        s.bits,
+        s.symmetric,
+        s.clip_search,
+        s.double_quant,
+        outliers(s.outliers)
+    )
+}
+
+/// A weight-name pattern that matches exactly `name`.
+pub fn exact_pattern(name: &str) -> String {
+    if name.contains(['*', '?']) || name.starts_with("re:") {
+        format!("re:^{}$", regex::escape(name))
+    } else {
+        name.to_string()
     }
 }
 

@@ -56,6 +56,24 @@ pub fn ser_db<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Err
     }
 }
 
+/// Reads what [`ser_db`] writes: a number, "inf" or "-inf"; null (how JSON writes NaN) is NaN.
+pub fn de_db<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Db {
+        Number(f64),
+        Text(String),
+        Null,
+    }
+    match <Option<Db> as serde::Deserialize>::deserialize(d)? {
+        Some(Db::Number(v)) => Ok(v),
+        Some(Db::Text(t)) if t == "inf" => Ok(f64::INFINITY),
+        Some(Db::Text(t)) if t == "-inf" => Ok(f64::NEG_INFINITY),
+        Some(Db::Text(t)) => Err(serde::de::Error::custom(format!("'{t}' is not a dB figure"))),
+        Some(Db::Null) | None => Ok(f64::NAN),
+    }
+}
+
 impl Accumulator {
     /// Adds one pair of tensors; `top1` asks for argmax agreement along the last axis.
     pub fn add(&mut self, reference: &Tensor, candidate: &Tensor, top1: bool) -> Result<()> {

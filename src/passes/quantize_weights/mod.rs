@@ -197,7 +197,20 @@ fn site_role(
     }
 }
 
-fn site_info<'a>(site: &'a WeightSite, role: Role) -> SiteInfo<'a> {
+/// Every weight site of the model with its role.
+pub fn sites_with_roles(model: &Model) -> Vec<(WeightSite, Role)> {
+    let weighted = super::roles::weighted_nodes(&model.graph);
+    weight_sites(model)
+        .into_iter()
+        .map(|s| {
+            let r = site_role(model, &s, &weighted);
+            (s, r)
+        })
+        .collect()
+}
+
+/// What a policy is shown of a site.
+pub fn site_info<'a>(site: &'a WeightSite, role: Role) -> SiteInfo<'a> {
     SiteInfo {
         weight: &site.constant.name,
         consumers: site
@@ -305,6 +318,172 @@ pub fn quantize_weights_with(
         model.require_op("com.microsoft", "MatMulNBits", 1)?;
     }
     Ok(report)
+}
+
+/// The site's values in float and the type its decode is cast back to; `Err` says why the site stays
+/// float. Reading gives the input's mapped pages back to the kernel.
+#[allow(clippy::type_complexity)]
+fn readable(
+    model: &Model,
+    site: &WeightSite,
+    opset: i64,
+) -> Result<std::result::Result<(Vec<f32>, Option<DataType>), String>> {
+    let c = &site.constant;
+    let Some(home) = model.graph.subgraph_at(&c.path) else {
+        return Ok(Err(
+            "the subgraph holding the constant is not named uniquely".into()
+        ));
+    };
+    if c.source == ConstantSource::SparseInitializer {
+        return Ok(Err("sparse initializer: kept as stored".into()));
+    }
+    // float16 and bfloat16 weights are decoded in float and cast back to their type.
+    let cast_back = match DataType::try_from(c.tensor.data_type).ok() {
+        Some(DataType::Float) => None,
+        Some(d @ (DataType::Float16 | DataType::Bfloat16)) => Some(d),
+        _ => return Ok(Err("not float32, float16 or bfloat16".into())),
+    };
+    if cast_back == Some(DataType::Bfloat16) && opset < 13 {
+        return Ok(Err(format!(
+            "a bfloat16 weight needs Cast to bfloat16 (opset 13), the model has {opset}"
+        )));
+    }
+    if home.is_output(c.value) {
+        return Ok(Err("the weight is also a graph output".into()));
+    }
+    if c.shape().is_empty() || c.stored_elements == 0 {
+        return Ok(Err("scalar or empty".into()));
+    }
+    let values = to_f32(&c.tensor).map_err(|e| Error::Model(format!("weight '{}' {e}", c.name)))?;
+    // The float copy is all the pass needs now: the mapped input pages need not stay resident.
+    crate::onnx::release_pages(&c.tensor.raw_data);
+    let non_finite = values.iter().filter(|v| !v.is_finite()).count();
+    if non_finite > 0 {
+        return Ok(Err(format!(
+            "holds {non_finite} NaN/Inf values (e.g. a −inf mask): kept float"
+        )));
+    }
+    Ok(Ok((values, cast_back)))
+}
+
+/// One output-channel axis for all readers; per tensor (said in `notes`) when there is none or
+/// they disagree.
+fn channel_axis(
+    site: &WeightSite,
+    scheme: &mut WeightScheme,
+    notes: &mut Vec<String>,
+) -> Option<usize> {
+    let mut axes: Vec<usize> = site.uses.iter().filter_map(|u| u.channel_axis).collect();
+    axes.sort_unstable();
+    axes.dedup();
+    match (scheme.granularity, axes.as_slice()) {
+        (Granularity::PerTensor, _) => None,
+        (_, [a]) => Some(*a),
+        (_, []) => {
+            notes.push(
+                "no output-channel axis is known for this reader: quantized per tensor".into(),
+            );
+            scheme.granularity = Granularity::PerTensor;
+            None
+        }
+        (_, _) => {
+            notes.push("readers disagree on the output-channel axis: quantized per tensor".into());
+            scheme.granularity = Granularity::PerTensor;
+            None
+        }
+    }
+}
+
+/// The column weights of a VQ site with `importance: calibration`, when the energy has them.
+fn vq_importance(
+    model: &Model,
+    site: &WeightSite,
+    k: usize,
+    scheme: &WeightScheme,
+    energy: Option<&importance::ChannelEnergy>,
+    notes: &mut Vec<String>,
+) -> Option<Vec<f32>> {
+    let wants = scheme
+        .vq_scheme()
+        .is_some_and(|v| v.importance == Importance::Calibration);
+    let e = energy.filter(|_| wants && !site.constant.in_subgraph())?;
+    let found = importance::column_importance(model, site, k, e);
+    if found.is_none() {
+        notes.push("no calibrated input energy for this reader: data-free".into());
+    }
+    found
+}
+
+/// What a site would become under a scheme, without changing the graph.
+#[derive(Clone, Debug)]
+pub struct Simulated {
+    /// The decoded weight in its own layout (what every graph form of the scheme computes).
+    pub values: Vec<f32>,
+    /// Bytes of the encoding (codes, scales, codebooks, outliers; shared level tables excluded).
+    pub bytes: u64,
+    pub weight_sqnr_db: f64,
+    /// Relative weight error Σ e_j (w − ŵ)² / Σ e_j w², each column weighted by the calibrated
+    /// energy e_j of the input channel it multiplies (1 without): the expected relative error of
+    /// the layer's output when input channels are uncorrelated.
+    pub proxy_nsr: f64,
+    /// Whether `proxy_nsr` (and VQ clustering) used calibrated energy.
+    pub weighted: bool,
+}
+
+/// Encodes one site as the pass would (same axis, importance and encoder) and decodes it back;
+/// `Ok(Err(reason))` where the pass would leave it float.
+pub fn simulate(
+    model: &Model,
+    site: &WeightSite,
+    scheme: &WeightScheme,
+    energy: Option<&importance::ChannelEnergy>,
+) -> Result<std::result::Result<Simulated, String>> {
+    let opset = model.opset("").unwrap_or(1);
+    let c = &site.constant;
+    let (values, _) = match readable(model, site, opset)? {
+        Ok(r) => r,
+        Err(why) => return Ok(Err(why)),
+    };
+    let mut scheme = *scheme;
+    let mut notes = Vec::new();
+    let axis = channel_axis(site, &mut scheme, &mut notes);
+    let dims: Vec<usize> = c.shape().iter().map(|&d| d as usize).collect();
+    let rows = to_rows(values, &dims, axis);
+    let columns = energy.and_then(|e| importance::column_importance(model, site, rows.k, e));
+    let fail = |e: String| Error::Model(format!("weight '{}': {e}", c.name));
+    let (decoded, bytes, sqnr) = match scheme.vq_scheme() {
+        Some(v) => {
+            let imp = vq_importance(model, site, rows.k, &scheme, energy, &mut notes);
+            let enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
+                .map_err(fail)?;
+            (enc.decode(), enc.bytes(), enc.sqnr_db)
+        }
+        None => {
+            let enc = encode(&rows.values, rows.channels, rows.k, &scheme).map_err(fail)?;
+            (enc.decode(), enc.bytes(emit::slot_bits(enc.bits)), enc.sqnr_db)
+        }
+    };
+    if bytes >= c.bytes() {
+        return Ok(Err(format!(
+            "{} would take {bytes} bytes, not fewer than the {} of float",
+            scheme.label(),
+            c.bytes()
+        )));
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (i, (&w, &q)) in rows.values.iter().zip(&decoded).enumerate() {
+        let e = columns.as_ref().map_or(1.0, |cw| cw[i % rows.k] as f64);
+        let d = (w - q) as f64;
+        num += e * d * d;
+        den += e * (w as f64) * (w as f64);
+    }
+    Ok(Ok(Simulated {
+        values: from_rows(&decoded, &dims, axis),
+        bytes,
+        weight_sqnr_db: sqnr,
+        proxy_nsr: if den > 0.0 { num / den } else { 0.0 },
+        weighted: columns.is_some(),
+    }))
 }
 
 /// The weight as a row-major `[channels, k]` matrix with the channel axis moved first.
@@ -456,44 +635,10 @@ fn quantize_site(
         out.note = Some(why);
         Ok(out)
     };
-    let Some(home) = model.graph.subgraph_at(&c.path) else {
-        return decline(
-            out,
-            "the subgraph holding the constant is not named uniquely".into(),
-        );
+    let (values, cast_back) = match readable(model, site, opset)? {
+        Ok(r) => r,
+        Err(why) => return decline(out, why),
     };
-    if c.source == ConstantSource::SparseInitializer {
-        return decline(out, "sparse initializer: kept as stored".into());
-    }
-    // float16 and bfloat16 weights are decoded in float and cast back to their type.
-    let dtype = DataType::try_from(c.tensor.data_type).ok();
-    let cast_back = match dtype {
-        Some(DataType::Float) => None,
-        Some(d @ (DataType::Float16 | DataType::Bfloat16)) => Some(d),
-        _ => return decline(out, "not float32, float16 or bfloat16".into()),
-    };
-    if cast_back == Some(DataType::Bfloat16) && opset < 13 {
-        return decline(
-            out,
-            format!("a bfloat16 weight needs Cast to bfloat16 (opset 13), the model has {opset}"),
-        );
-    }
-    if home.is_output(c.value) {
-        return decline(out, "the weight is also a graph output".into());
-    }
-    if shape.is_empty() || c.stored_elements == 0 {
-        return decline(out, "scalar or empty".into());
-    }
-    let values = to_f32(&c.tensor).map_err(|e| Error::Model(format!("weight '{}' {e}", c.name)))?;
-    // The float copy is all the pass needs now: the mapped input pages need not stay resident.
-    crate::onnx::release_pages(&c.tensor.raw_data);
-    let non_finite = values.iter().filter(|v| !v.is_finite()).count();
-    if non_finite > 0 {
-        return decline(
-            out,
-            format!("holds {non_finite} NaN/Inf values (e.g. a −inf mask): kept float"),
-        );
-    }
     let mut notes: Vec<String> = Vec::new();
     let nbits_candidate = scheme.format == Format::Int
         && scheme.bits == 4
@@ -516,39 +661,11 @@ fn quantize_site(
             Err(why) => notes.push(format!("{why}; level-table form instead")),
         }
     }
-    // One channel axis for all readers, else per tensor.
-    let mut axes: Vec<usize> = site.uses.iter().filter_map(|u| u.channel_axis).collect();
-    axes.sort_unstable();
-    axes.dedup();
-    let axis = match (scheme.granularity, axes.as_slice()) {
-        (Granularity::PerTensor, _) => None,
-        (_, [a]) => Some(*a),
-        (_, []) => {
-            notes.push(
-                "no output-channel axis is known for this reader: quantized per tensor".into(),
-            );
-            scheme.granularity = Granularity::PerTensor;
-            None
-        }
-        (_, _) => {
-            notes.push("readers disagree on the output-channel axis: quantized per tensor".into());
-            scheme.granularity = Granularity::PerTensor;
-            None
-        }
-    };
+    let axis = channel_axis(site, &mut scheme, &mut notes);
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let rows = to_rows(values, &dims, axis);
     let vq = scheme.vq_scheme();
-    let imp = match (vq.map(|v| v.importance), energy) {
-        (Some(Importance::Calibration), Some(e)) if !c.in_subgraph() => {
-            let found = importance::column_importance(model, site, rows.k, e);
-            if found.is_none() {
-                notes.push("no calibrated input energy for this reader: data-free".into());
-            }
-            found
-        }
-        _ => None,
-    };
+    let imp = vq_importance(model, site, rows.k, &scheme, energy, &mut notes);
     let mut emit = Emit {
         patch,
         names: &mut model.names,
