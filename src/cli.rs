@@ -133,7 +133,8 @@ pub struct QuantizeArgs {
     runtime: String,
     #[command(flatten)]
     rt: RuntimeArgs,
-    /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON.
+    /// Write the report (per-site schemes, bytes, weight SQNR, retention) as JSON; a FILE ending in
+    /// .html gets a self-contained page with charts, and the JSON beside it (.json).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     #[command(flatten)]
@@ -895,7 +896,8 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let mut recipe = recipe;
     let (candidate, activations) = if args.goal.requested() || recipe.allocate.is_some() {
         recipe = args.goal.apply(recipe, &args.sens)?;
-        let (m, w, a) = adapt::allocate(&args, &path, &reference, spec.clone(), &recipe, &mut notes)?;
+        let (m, w, a) =
+            adapt::allocate(&args, &path, &reference, spec.clone(), &recipe, &mut notes)?;
         weights = w;
         allocation = Some(a);
         (m, None)
@@ -1004,8 +1006,23 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
             "notes": notes,
             "allocation": allocation.as_ref().map(|a| &a.json),
         });
-        quench::util::write_atomic(r, &serde_json::to_vec_pretty(&json)?)?;
-        println!("wrote {}", r.display());
+        let bytes = serde_json::to_vec_pretty(&json)?;
+        if r.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("html"))
+        {
+            // The page, and the same data as JSON beside it.
+            let j = r.with_extension("json");
+            let mut reads = args.input.paths();
+            reads.push(&path);
+            refuse_overwrite(&j, &reads)?;
+            let title = format!("quench: {} with {}", path.display(), recipe.name);
+            quench::util::write_atomic(r, quench::adapt::html::page(&json, &title).as_bytes())?;
+            quench::util::write_atomic(&j, &bytes)?;
+            println!("wrote {} and {}", r.display(), j.display());
+        } else {
+            quench::util::write_atomic(r, &bytes)?;
+            println!("wrote {}", r.display());
+        }
     }
     Ok(())
 }

@@ -59,10 +59,17 @@ impl GoalArgs {
             _ => bail!("give --target-retention or --bits-per-weight"),
         };
         let menu = match (&sens.schemes, &base) {
-            (Some(list), _) => parse_menu(&split_list(list)).map_err(|e| anyhow!("--schemes: {e}"))?,
+            (Some(list), _) => {
+                parse_menu(&split_list(list)).map_err(|e| anyhow!("--schemes: {e}"))?
+            }
             (None, Some(a)) => a.menu.clone(),
-            (None, None) => parse_menu(&DEFAULT_MENU.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .map_err(|e| anyhow!(e))?,
+            (None, None) => parse_menu(
+                &DEFAULT_MENU
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| anyhow!(e))?,
         };
         recipe
             .with_allocate(Allocate { metric, goal, menu })
@@ -171,8 +178,8 @@ fn run_sensitivity<'m>(
         )
     };
     let batches = read_batches(&mut set, s.sens.sensitivity_batches.max(1))?;
-    let model_key = std::fs::read(s.path)
-        .with_context(|| format!("cannot read {}", s.path.display()))?;
+    let model_key =
+        std::fs::read(s.path).with_context(|| format!("cannot read {}", s.path.display()))?;
     let opts = SensitivityOptions {
         recipe,
         menu: &alloc.menu,
@@ -300,7 +307,12 @@ fn build(
 ) -> Result<(Model, quench::passes::quantize_weights::WeightReport)> {
     use quench::passes::{DeadNodeElimination, Pass};
     let mut m = reference.clone();
-    let w = quench::passes::quantize_weights::quantize_weights_with(&mut m, policy, args.target, energy)?;
+    let w = quench::passes::quantize_weights::quantize_weights_with(
+        &mut m,
+        policy,
+        args.target,
+        energy,
+    )?;
     DeadNodeElimination.run(&mut m)?;
     quench::ir::check_model(&m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
     Ok((m, w))
@@ -314,9 +326,16 @@ pub fn allocate(
     spec: Vec<InputSpec>,
     recipe: &Recipe,
     notes: &mut Vec<String>,
-) -> Result<(Model, quench::passes::quantize_weights::WeightReport, Allocated)> {
+) -> Result<(
+    Model,
+    quench::passes::quantize_weights::WeightReport,
+    Allocated,
+)> {
     if recipe.activations.is_some() {
-        bail!("allocation chooses weight schemes; recipe {} also quantizes activations", recipe.name);
+        bail!(
+            "allocation chooses weight schemes; recipe {} also quantizes activations",
+            recipe.name
+        );
     }
     let a = recipe.allocate.clone().expect("set by GoalArgs::apply");
     let setup = SensSetup {
@@ -347,14 +366,29 @@ pub fn allocate(
         drop(calib_probe);
         let mut set = ea.open(reference, spec)?;
         let batches = read_batches(&mut set, 256)?;
-        Probe::new(reference, &ws.lifted(), batches, runtime, &probe_session(&args.rt))?
+        Probe::new(
+            reference,
+            &ws.lifted(),
+            batches,
+            runtime,
+            &probe_session(&args.rt),
+        )?
     };
     let eval_batches = probe.batches();
 
+    // Each uniform scheme, and the allocation of the same size: the Pareto comparison.
     let mut alloc = Allocation::new(&sens);
     for m in &sens.menu {
         if let Some(c) = alloc.uniform(m) {
             alloc.measure(&mut ws, &mut probe, &c, &format!("uniform {m}"))?;
+            if let Ok(same) = alloc.within_budget(alloc.bits_per_weight(&c)) {
+                alloc.measure(
+                    &mut ws,
+                    &mut probe,
+                    &same,
+                    &format!("path at the size of {m}"),
+                )?;
+            }
         }
     }
     let metric = a.metric;
@@ -375,7 +409,9 @@ pub fn allocate(
     // Build with the real pass and measure what will be written; repair a missed target.
     let energy = ws.energy().cloned();
     let energy = energy.as_ref();
-    let measure_built = |m: &Model, probe: &Probe| -> Result<adapt::Score> { probe_score(m, probe, runtime, &args.rt) };
+    let measure_built = |m: &Model, probe: &Probe| -> Result<adapt::Score> {
+        probe_score(m, probe, runtime, &args.rt)
+    };
     let (mut model, mut report) = build(args, reference, &alloc.policy(&choice), energy)?;
     let mut built = measure_built(&model, &probe)?;
     let mut repairs = 0;
@@ -416,13 +452,20 @@ pub fn allocate(
                     .value(metric)
                     .total_cmp(&y.measured.expect("filtered").value(metric))
             })
-            .map(|p| (p.measured.expect("filtered").value(metric), p.bits_per_weight));
+            .map(|p| {
+                (
+                    p.measured.expect("filtered").value(metric),
+                    p.bits_per_weight,
+                )
+            });
         let msg = format!(
             "allocation: {goal_text}: NOT met. Written: {} {figure:.5} at {:.2} bits per weight; \
              best measured: {}",
             adapt::metric_name(metric),
             report_bpw(&report, &sens),
-            best.map_or("none".into(), |(v, b)| format!("{v:.5} at {b:.2} bits per weight"))
+            best.map_or("none".into(), |(v, b)| format!(
+                "{v:.5} at {b:.2} bits per weight"
+            ))
         );
         println!("{msg}");
         notes.push(msg);
@@ -439,7 +482,8 @@ pub fn allocate(
          calibration data (VQ sites are clustered by its input-channel energy):\n  quench quantize \
          MODEL --recipe {} --calib DATA",
         recipe.name,
-        path.file_name().map_or("the model".into(), |f| f.to_string_lossy().to_string()),
+        path.file_name()
+            .map_or("the model".into(), |f| f.to_string_lossy().to_string()),
         adapt::metric_name(metric),
         recipe_path.display()
     );
@@ -499,6 +543,11 @@ fn report_bpw(r: &quench::passes::quantize_weights::WeightReport, s: &Sensitivit
 }
 
 /// The built model's score on the probe's batches against the probe's reference outputs.
-fn probe_score(m: &Model, probe: &Probe, runtime: RuntimeKind, rt: &RuntimeArgs) -> Result<adapt::Score> {
+fn probe_score(
+    m: &Model,
+    probe: &Probe,
+    runtime: RuntimeKind,
+    rt: &RuntimeArgs,
+) -> Result<adapt::Score> {
     probe.score_model(m, runtime, &probe_session(rt))
 }

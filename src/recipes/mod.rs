@@ -267,17 +267,29 @@ pub struct MenuEntry {
 pub const MENU: &[(&str, &str)] = &[
     ("float", ""),
     ("int8", "{ bits: 8, granularity: channel }"),
-    ("int4", "{ bits: 4, granularity: block, block: 32, clip_search: true }"),
+    (
+        "int4",
+        "{ bits: 4, granularity: block, block: 32, clip_search: true }",
+    ),
     ("nf4", "{ format: nf4 }"),
-    ("int3", "{ bits: 3, granularity: block, block: 64, clip_search: true }"),
-    ("int2", "{ bits: 2, granularity: block, block: 64, clip_search: true }"),
-    ("vq3", "{ format: vq, dim: 8, codebook_size: 256, stages: 3 }"),
+    (
+        "int3",
+        "{ bits: 3, granularity: block, block: 64, clip_search: true }",
+    ),
+    (
+        "int2",
+        "{ bits: 2, granularity: block, block: 64, clip_search: true }",
+    ),
+    (
+        "vq3",
+        "{ format: vq, dim: 8, codebook_size: 256, stages: 3 }",
+    ),
     ("vq2", "{ format: vq, dim: 4, codebook_size: 256 }"),
     ("vq1", "{ format: vq, dim: 8, codebook_size: 256 }"),
 ];
 
 /// The menu when none is given.
-pub const DEFAULT_MENU: &[&str] = &["float", "int8", "int4", "nf4", "vq3", "vq2"];
+pub const DEFAULT_MENU: &[&str] = &["float", "int8", "int4", "nf4", "vq3", "vq2", "vq1"];
 
 /// A menu scheme by name.
 pub fn menu_entry(name: &str) -> Result<MenuEntry, String> {
@@ -335,9 +347,7 @@ fn allocate(a: &AllocateSpec, place: &str) -> Result<Allocate, String> {
         (Some(t), None) => Goal::Retention(t),
         (None, Some(b)) => Goal::BitsPerWeight(b),
         (None, None) => {
-            return Err(format!(
-                "{place}: give target_retention or bits_per_weight"
-            ));
+            return Err(format!("{place}: give target_retention or bits_per_weight"));
         }
         (Some(_), Some(_)) => {
             return Err(format!(
@@ -357,14 +367,13 @@ fn allocate(a: &AllocateSpec, place: &str) -> Result<Allocate, String> {
 /// A goal that can be met at all: cosine and top-1 in (0, 1], SQNR in dB, bits per weight in (0, 32].
 pub fn check_goal(metric: Metric, goal: Goal) -> Result<(), String> {
     match goal {
-        Goal::Retention(t) if metric != Metric::Sqnr && !(t > 0.0 && t <= 1.0) => Err(format!(
-            "a {metric:?} target must be in (0, 1], got {t}"
-        )
-        .to_lowercase()),
+        Goal::Retention(t) if metric != Metric::Sqnr && !(t > 0.0 && t <= 1.0) => {
+            Err(format!("a {metric:?} target must be in (0, 1], got {t}").to_lowercase())
+        }
         Goal::Retention(t) if !t.is_finite() => Err(format!("target {t} is not finite")),
-        Goal::BitsPerWeight(b) if !(b > 0.0 && b <= 32.0) => Err(format!(
-            "bits_per_weight must be in (0, 32], got {b}"
-        )),
+        Goal::BitsPerWeight(b) if !(b > 0.0 && b <= 32.0) => {
+            Err(format!("bits_per_weight must be in (0, 32], got {b}"))
+        }
         _ => Ok(()),
     }
 }
@@ -863,7 +872,9 @@ impl Recipe {
         let old = self.allocate.as_ref().map(|o| o.menu.clone());
         for r in &mut self.rules {
             if let Action::Menu(picks) = &r.action {
-                let old = old.as_ref().expect("menu rules come with an allocate section");
+                let old = old
+                    .as_ref()
+                    .expect("menu rules come with an allocate section");
                 let kept: Vec<usize> = picks
                     .iter()
                     .filter_map(|&i| a.menu.iter().position(|e| e.name == old[i].name))

@@ -69,7 +69,9 @@ pub fn de_db<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64,
         Some(Db::Number(v)) => Ok(v),
         Some(Db::Text(t)) if t == "inf" => Ok(f64::INFINITY),
         Some(Db::Text(t)) if t == "-inf" => Ok(f64::NEG_INFINITY),
-        Some(Db::Text(t)) => Err(serde::de::Error::custom(format!("'{t}' is not a dB figure"))),
+        Some(Db::Text(t)) => Err(serde::de::Error::custom(format!(
+            "'{t}' is not a dB figure"
+        ))),
         Some(Db::Null) | None => Ok(f64::NAN),
     }
 }

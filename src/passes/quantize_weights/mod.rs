@@ -331,7 +331,7 @@ fn readable(
     let c = &site.constant;
     let Some(home) = model.graph.subgraph_at(&c.path) else {
         return Ok(Err(
-            "the subgraph holding the constant is not named uniquely".into()
+            "the subgraph holding the constant is not named uniquely".into(),
         ));
     };
     if c.source == ConstantSource::SparseInitializer {
@@ -460,7 +460,11 @@ pub fn simulate(
         }
         None => {
             let enc = encode(&rows.values, rows.channels, rows.k, &scheme).map_err(fail)?;
-            (enc.decode(), enc.bytes(emit::slot_bits(enc.bits)), enc.sqnr_db)
+            (
+                enc.decode(),
+                enc.bytes(emit::slot_bits(enc.bits)),
+                enc.sqnr_db,
+            )
         }
     };
     if bytes >= c.bytes() {
