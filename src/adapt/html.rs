@@ -24,7 +24,7 @@ const PALETTE: &[&str] = &[
 ];
 
 /// A per-site figure read from the report.
-type Figure = dyn Fn(&Value) -> Option<f64>;
+type Figure<'a> = dyn Fn(&Value) -> Option<f64> + 'a;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -227,7 +227,7 @@ fn bars(
     sites: &[Value],
     ylabel: &str,
     value: impl Fn(&Value) -> Option<f64>,
-    dots: Option<&Figure>,
+    dots: Option<&Figure<'_>>,
     legend: &[String],
 ) {
     let vals: Vec<Option<f64>> = sites.iter().map(&value).collect();
