@@ -69,12 +69,9 @@ fn whole_pass() {
         size / 1e6
     );
     for (recipe, text) in quench::recipes::BUILTIN {
-        if quench::recipes::Recipe::parse(recipe, text)
-            .unwrap()
-            .activations
-            .is_some()
-        {
-            continue; // the weight pass alone; calibration is measured below
+        let r = quench::recipes::Recipe::parse(recipe, text).unwrap();
+        if r.activations.is_some() || r.allocate.is_some() {
+            continue; // the weight pass alone; calibration is measured below, allocation needs data
         }
         let out = dir.path().join(format!("{recipe}.onnx"));
         let o = std::process::Command::new(std::env::current_exe().unwrap())

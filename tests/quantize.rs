@@ -45,13 +45,11 @@ fn every_builtin_recipe_on_every_zoo_model() {
         return;
     }
     let dir = tempdir();
-    // Recipes with integer activations have their own tests (tests/activations.rs).
+    // Recipes with integer activations, and the allocation presets, have their own tests
+    // (tests/activations.rs, tests/adapt.rs).
     for (recipe, text) in quench::recipes::BUILTIN {
-        if quench::recipes::Recipe::parse(recipe, text)
-            .unwrap()
-            .activations
-            .is_some()
-        {
+        let r = quench::recipes::Recipe::parse(recipe, text).unwrap();
+        if r.activations.is_some() || r.allocate.is_some() {
             continue;
         }
         for (name, _) in &models {
