@@ -331,7 +331,7 @@ pub fn energy_requests(model: &Model) -> Vec<(String, i64)> {
 
 /// One option of a site: a menu scheme, a scheme a rule pinned, or float.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Option_ {
+pub struct SiteOption {
     /// The menu name, `pinned` or `float`.
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -362,9 +362,9 @@ fn inf() -> f64 {
     f64::INFINITY
 }
 
-impl Option_ {
-    fn float(bytes: u64) -> Option_ {
-        Option_ {
+impl SiteOption {
+    fn float(bytes: u64) -> SiteOption {
+        SiteOption {
             name: "float".into(),
             label: None,
             scheme: None,
@@ -394,7 +394,7 @@ pub struct SiteTable {
     pub float_bytes: u64,
     /// A rule fixed its scheme.
     pub pinned: bool,
-    pub options: Vec<Option_>,
+    pub options: Vec<SiteOption>,
 }
 
 /// The measured sensitivity of every site.
@@ -519,8 +519,8 @@ fn site_options(
         let mut ds = Vec::new();
         for (name, scheme) in schemes {
             match scheme {
-                None => options.push(Option_::float(c.bytes())),
-                Some(s) => options.push(Option_ {
+                None => options.push(SiteOption::float(c.bytes())),
+                Some(s) => options.push(SiteOption {
                     name,
                     label: Some(s.label()),
                     scheme: Some(s),
@@ -555,7 +555,7 @@ fn site_options(
 /// Results kept between runs: one JSON file per (model, data, runtime), entries per (site, scheme).
 struct Cache {
     path: Option<PathBuf>,
-    entries: BTreeMap<String, Option_>,
+    entries: BTreeMap<String, SiteOption>,
 }
 
 impl Cache {
@@ -624,7 +624,7 @@ const PRUNE_MARGIN: f64 = 1.5;
 
 /// Indices of the options on the (bytes, proxy) lower-left front of a site, up to a margin: no
 /// other option is both no larger and clearly less wrong. Float is always on it.
-fn proxy_front(options: &[Option_]) -> Vec<usize> {
+fn proxy_front(options: &[SiteOption]) -> Vec<usize> {
     let avail: Vec<usize> = (0..options.len())
         .filter(|&i| options[i].note.is_none())
         .collect();
@@ -723,7 +723,7 @@ pub fn sensitivity<'m>(
             let k = Cache::key(&table.weight, &scheme);
             if let Some(hit) = cache.entries.get(&k) {
                 let name = std::mem::take(&mut opt.name);
-                *opt = Option_ {
+                *opt = SiteOption {
                     name,
                     scheme: Some(scheme),
                     label: Some(scheme.label()),
@@ -1008,7 +1008,7 @@ impl<'s> Allocation<'s> {
             .sites
             .iter()
             .map(|t| {
-                let available = |o: &Option_| {
+                let available = |o: &SiteOption| {
                     o.note
                         .as_deref()
                         .is_none_or(|n| n.starts_with("not measured"))
@@ -1048,9 +1048,11 @@ impl<'s> Allocation<'s> {
         }
         // Start the bisection where the prediction says, when it can.
         let (mut lo, mut hi) = (0usize, n);
-        if let Some(guess) = (0..=n).find(|&i| {
-            predict(metric, self.predicted_nsr(&self.at(i))).is_some_and(|v| v >= target)
-        }) {
+        if let Some(guess) = self
+            .totals()
+            .iter()
+            .position(|&(_, noise)| predict(metric, noise).is_some_and(|v| v >= target))
+        {
             let c = self.at(guess);
             if self.measure(ws, probe, &c, "path")?.value(metric) >= target {
                 hi = guess;
@@ -1077,13 +1079,29 @@ impl<'s> Allocation<'s> {
         if self.bits_per_weight(&first) > bits + 1e-9 {
             return Err(first);
         }
-        let mut best = 0;
-        for i in 0..=self.len() {
-            if self.bits_per_weight(&self.at(i)) <= bits + 1e-9 {
-                best = i;
-            }
-        }
+        let params: u64 = self.sens.sites.iter().map(|t| t.params).sum();
+        let best = self
+            .totals()
+            .iter()
+            .rposition(|&(bytes, _)| bytes as f64 * 8.0 / params.max(1) as f64 <= bits + 1e-9)
+            .unwrap_or(0);
         Ok(self.at(best))
+    }
+
+    /// (bytes, predicted noise) after each number of upgrades 0..=len, in one walk of the path.
+    fn totals(&self) -> Vec<(u64, f64)> {
+        let mut choice = self.at(0);
+        let (mut bytes, mut noise) = (self.bytes(&choice), self.predicted_nsr(&choice));
+        let mut out = vec![(bytes, noise)];
+        for &(s, h) in &self.upgrades {
+            let t = &self.sens.sites[s];
+            let (old, new) = (&t.options[choice[s]], &t.options[self.hulls[s][h]]);
+            bytes = bytes - old.bytes + new.bytes;
+            noise += nsr(new) - nsr(old);
+            choice[s] = self.hulls[s][h];
+            out.push((bytes, noise));
+        }
+        out
     }
 
     /// Raises the site contributing the most measured noise to its next hull option; false when
@@ -1174,7 +1192,7 @@ impl<'s> Allocation<'s> {
     }
 }
 
-fn nsr(o: &Option_) -> f64 {
+fn nsr(o: &SiteOption) -> f64 {
     o.measured.map_or(f64::INFINITY, |m| m.nsr)
 }
 
@@ -1220,8 +1238,8 @@ mod tests {
         assert!(spearman(&x[..2], &[1.0, 2.0]).is_none());
     }
 
-    fn opt(name: &str, bytes: u64, proxy: f64, nsr: f64) -> Option_ {
-        Option_ {
+    fn opt(name: &str, bytes: u64, proxy: f64, nsr: f64) -> SiteOption {
+        SiteOption {
             name: name.into(),
             label: None,
             scheme: Some(WeightScheme::int(
@@ -1243,7 +1261,7 @@ mod tests {
         }
     }
 
-    fn table(options: Vec<Option_>) -> SiteTable {
+    fn table(options: Vec<SiteOption>) -> SiteTable {
         SiteTable {
             weight: "w".into(),
             role: Role::Other,
@@ -1259,7 +1277,7 @@ mod tests {
     #[test]
     fn proxy_front_drops_dominated_options() {
         let o = vec![
-            Option_::float(400),
+            SiteOption::float(400),
             opt("a", 100, 0.01, 0.0),
             opt("b", 150, 0.02, 0.0),  // larger and clearly worse than a
             opt("d", 120, 0.012, 0.0), // larger, but within the margin of a
@@ -1273,14 +1291,14 @@ mod tests {
         let sens = Sensitivity {
             sites: vec![
                 table(vec![
-                    Option_::float(400),
+                    SiteOption::float(400),
                     opt("int8", 100, 0.0, 0.001),
                     opt("int4", 50, 0.0, 0.02),
                     // Not on the hull: between int4 and int8 but worse than the line.
                     opt("x", 90, 0.0, 0.019),
                 ]),
                 table(vec![
-                    Option_::float(400),
+                    SiteOption::float(400),
                     opt("int8", 100, 0.0, 0.0001),
                     opt("int4", 50, 0.0, 0.5),
                 ]),
