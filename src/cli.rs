@@ -68,6 +68,10 @@ pub struct RuntimeArgs {
     /// other numerics than ONNX specifies (e.g. int8 activations in fused MatMulNBits).
     #[arg(long)]
     ort_fast: bool,
+    /// Run tract without quench's kernels for compressed weights (they keep int8, 4-bit and codebook
+    /// weights compressed in memory); tract then decodes them to f32 as its own operators do.
+    #[arg(long)]
+    tract_plain: bool,
 }
 
 #[derive(Args, Debug)]
@@ -319,6 +323,7 @@ impl RuntimeArgs {
                 Numerics::Exact
             },
             lean: false,
+            tract_kernels: !self.tract_plain,
         }
     }
 }
@@ -708,6 +713,7 @@ fn calib_runtime(cal: &CalibArgs, rt: &RuntimeArgs) -> (RuntimeKind, SessionOpti
         threads: rt.threads,
         numerics: Numerics::Exact,
         lean: true,
+        ..Default::default()
     };
     (runtime, session)
 }

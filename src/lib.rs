@@ -48,6 +48,7 @@ pub mod error;
 pub mod exec;
 pub mod inspect;
 pub mod ir;
+pub mod kernels;
 pub mod onnx;
 pub mod passes;
 pub mod quant;

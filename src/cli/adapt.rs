@@ -140,7 +140,7 @@ fn probe_session(rt: &RuntimeArgs) -> SessionOptions {
     SessionOptions {
         threads: rt.threads,
         numerics: quench::exec::Numerics::Exact,
-        lean: false,
+        ..Default::default()
     }
 }
 

@@ -10,6 +10,7 @@ pub mod inputs;
 pub mod ort;
 pub mod tensor;
 pub mod tract;
+pub mod tract_kernels;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -76,6 +77,10 @@ pub struct SessionOptions {
     /// Trade speed for memory (onnxruntime: no graph rewrites, arena, memory pattern or weight
     /// pre-packing), for long runs that keep many intermediate values, such as calibration.
     pub lean: bool,
+    /// tract: run weight products over compressed weights (int8 DequantizeLinear, MatMulNBits, codebook
+    /// lookups) with quench's own kernels, keeping the weights compressed in memory. Off gives tract's
+    /// own handling of the same graph, the reference the kernels are checked against.
+    pub tract_kernels: bool,
 }
 
 impl Default for SessionOptions {
@@ -84,6 +89,7 @@ impl Default for SessionOptions {
             threads: 1,
             numerics: Numerics::Exact,
             lean: false,
+            tract_kernels: true,
         }
     }
 }

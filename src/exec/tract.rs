@@ -28,6 +28,7 @@ pub struct TractSession {
     plans: Vec<(Vec<Vec<usize>>, Arc<TypedRunnableModel>)>,
     threads: usize,
     executor: Option<Executor>,
+    rewrites: Option<super::tract_kernels::Rewrites>,
 }
 
 fn onnx() -> tract_onnx::Onnx {
@@ -36,9 +37,19 @@ fn onnx() -> tract_onnx::Onnx {
 
 impl TractSession {
     pub fn new(model: &Prepared, opts: &SessionOptions) -> Result<TractSession> {
-        let parsed = onnx()
-            .model_for_read(&mut model.bytes.as_slice())
-            .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
+        let mut onnx = onnx();
+        let mut rewrites = None;
+        let parsed = if opts.tract_kernels {
+            super::tract_kernels::register(&mut onnx);
+            let mut proto = onnx
+                .proto_model_for_read(&mut model.bytes.as_slice())
+                .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
+            rewrites = Some(super::tract_kernels::rewrite(&mut proto));
+            onnx.model_for_proto_model(&proto)
+        } else {
+            onnx.model_for_read(&mut model.bytes.as_slice())
+        }
+        .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
         let input_names = model
             .inputs
             .iter()
@@ -69,6 +80,7 @@ impl TractSession {
             plans: Vec::new(),
             threads: opts.threads,
             executor,
+            rewrites,
         })
     }
 
@@ -170,6 +182,19 @@ impl Session for TractSession {
             (
                 "optimisation".into(),
                 "into_optimized, value_info ignored".into(),
+            ),
+            (
+                "weight kernels".into(),
+                match &self.rewrites {
+                    None => "tract's own".into(),
+                    Some(r) => format!(
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products)",
+                        crate::kernels::Isa::detect().name(),
+                        r.int8,
+                        r.nbits,
+                        r.codebook
+                    ),
+                },
             ),
         ]
     }

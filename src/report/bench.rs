@@ -34,7 +34,8 @@ pub struct BenchResult {
     pub mean_ms: f64,
     pub runs: usize,
     pub batches: usize,
-    /// Peak resident set size of the process (Linux VmHWM), when known.
+    /// Peak resident set size of the process (Linux VmHWM) from the start of the load (the count is
+    /// reset there where the OS allows), when known.
     pub peak_rss_mb: Option<f64>,
     pub settings: Vec<(String, String)>,
 }
@@ -45,6 +46,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Starts the peak-RSS count afresh (Linux: `clear_refs` 5), so that what ran before (making the input
+/// batches from another model, say) is not charged to the model measured next. False where unsupported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -58,6 +65,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Loads `path` and times `opts.runs` runs after `opts.warmup` warm-up runs, cycling through `batches`.
 pub fn bench(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result<BenchResult> {
     anyhow::ensure!(!batches.is_empty(), "no input batches to run");
+    reset_peak_rss();
     let start = Instant::now();
     let model = Model::load(path)?;
     let prepared = Prepared::from_model(&model, &path.display().to_string());

@@ -1,0 +1,842 @@
+//! quench's own matrix-product operator for tract, over weights that stay compressed.
+//!
+//! tract runs the standard ONNX forms of a compressed weight by decoding it to f32 on every run
+//! (DequantizeLinear, a codebook Gather) and repacking the result for its f32 kernel, or, for 4-bit
+//! MatMulNBits, through a matrix-vector kernel; see docs/tract-kernels.md for the measurements. Before
+//! tract parses a model, [`rewrite`] replaces each MatMul whose weight is one of those forms, read from
+//! constants, by one `QuenchMatMul` node over the same constants; [`register`] teaches tract-onnx that
+//! node. Its typed operator keeps tract's own constant tensors (no copy) and multiplies through
+//! [`crate::kernels`], which decode a cache-sized panel at a time. The file on disk is untouched: this
+//! happens to the parsed protobuf, in memory, when a tract session opens.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, AttributeProto, ModelProto, NodeProto, attribute_proto::AttributeType};
+use tract_onnx::tract_hir::internal::*;
+
+use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Cols, NBits, NibblesK};
+use crate::kernels::{self, Panels};
+
+const OP: &str = "QuenchMatMul";
+const DOMAIN: &str = "ai.quench";
+
+/// What [`rewrite`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewrites {
+    /// MatMuls over DequantizeLinear of an 8-bit constant.
+    pub int8: usize,
+    /// com.microsoft MatMulNBits.
+    pub nbits: usize,
+    /// MatMuls over a codebook lookup.
+    pub codebook: usize,
+}
+
+impl Rewrites {
+    pub fn total(&self) -> usize {
+        self.int8 + self.nbits + self.codebook
+    }
+}
+
+/// Adds the `QuenchMatMul` builder to a tract-onnx parser.
+pub fn register(onnx: &mut tract_onnx::Onnx) {
+    onnx.op_register.insert(OP, build);
+}
+
+// ONNX TensorProto data types.
+const FLOAT: i32 = 1;
+const UINT8: i32 = 2;
+const INT8: i32 = 3;
+const UINT16: i32 = 4;
+const INT32: i32 = 6;
+const INT64: i32 = 7;
+
+/// A constant of the graph: an initializer or a Constant node's `value`.
+struct Konst<'a> {
+    t: &'a pb::TensorProto,
+}
+
+impl Konst<'_> {
+    fn is(&self, dt: i32, rank: Option<usize>) -> bool {
+        self.t.data_type == dt && rank.is_none_or(|r| self.t.dims.len() == r)
+    }
+    fn len(&self) -> i64 {
+        self.t.dims.iter().product()
+    }
+    /// Small integer constants (shapes, axes, offsets) as i64.
+    fn ints(&self) -> Option<Vec<i64>> {
+        let t = self.t;
+        match t.data_type {
+            INT64 if !t.int64_data.is_empty() => Some(t.int64_data.clone()),
+            INT64 => Some(
+                t.raw_data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            INT32 if !t.int32_data.is_empty() => {
+                Some(t.int32_data.iter().map(|&v| v as i64).collect())
+            }
+            INT32 => Some(
+                t.raw_data
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
+            _ => None,
+        }
+        .filter(|v: &Vec<i64>| v.len() as i64 == self.len() && t.data_location != Some(1))
+    }
+}
+
+struct Index<'a> {
+    producer: HashMap<&'a str, usize>,
+    readers: HashMap<&'a str, usize>,
+    consts: HashMap<&'a str, Konst<'a>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(g: &'a pb::GraphProto) -> Index<'a> {
+        let mut producer = HashMap::new();
+        let mut readers: HashMap<&str, usize> = HashMap::new();
+        let mut consts = HashMap::new();
+        for t in &g.initializer {
+            consts.insert(t.name.as_str(), Konst { t });
+        }
+        for (i, n) in g.node.iter().enumerate() {
+            for o in &n.output {
+                producer.insert(o.as_str(), i);
+            }
+            for x in &n.input {
+                *readers.entry(x.as_str()).or_default() += 1;
+            }
+            if n.op_type == "Constant"
+                && n.output.len() == 1
+                && let Some(t) = n
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref())
+            {
+                consts.insert(n.output[0].as_str(), Konst { t });
+            }
+        }
+        // Subgraphs may read outer values: count those readers too, so nothing they read is removed.
+        for n in &g.node {
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    for sn in &sub.node {
+                        for x in &sn.input {
+                            *readers.entry(x.as_str()).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
+        for o in &g.output {
+            *readers.entry(o.name.as_str()).or_default() += 1;
+        }
+        Index {
+            producer,
+            readers,
+            consts,
+        }
+    }
+
+    fn konst(&self, name: &str) -> Option<&Konst<'a>> {
+        self.consts.get(name)
+    }
+
+    /// The node producing `value`, if its op type is `op`.
+    fn made_by(&self, g: &'a pb::GraphProto, value: &str, op: &str) -> Option<usize> {
+        self.producer
+            .get(value)
+            .copied()
+            .filter(|&i| g.node[i].op_type == op)
+    }
+}
+
+fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.ints.as_slice())
+}
+
+fn int_attr(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+fn str_attr(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// One planned replacement: the MatMul (or MatMulNBits) node and its new form.
+struct Plan {
+    node: usize,
+    inputs: Vec<String>,
+    attrs: Vec<AttributeProto>,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Int8,
+    NBits,
+    Codebook,
+}
+
+/// The weight a MatMul reads, seen through Identity nodes (tied weights).
+fn weight_value<'g>(g: &'g pb::GraphProto, ix: &Index, mut v: &'g str) -> &'g str {
+    while let Some(i) = ix.made_by(g, v, "Identity") {
+        match g.node[i].input.first() {
+            Some(x) => v = x,
+            None => break,
+        }
+    }
+    v
+}
+
+/// Whether `scale` holds one value, or one per column of a `[K, N]` weight laid out to broadcast along
+/// the last axis (`[N]` for DequantizeLinear, `[1, N]` for a Mul).
+fn column_scales(t: &pb::TensorProto, n: i64) -> bool {
+    let len: i64 = t.dims.iter().product();
+    len == 1 || (len == n && t.dims.last() == Some(&n))
+}
+
+/// `MatMul(A, W)` where W is an 8-bit constant `q[K, N]` decoded per tensor or per column, in either form
+/// quench writes: `DequantizeLinear(q, scale[, zero point])` (axis 1), or `Mul(Cast(q) [− zero point],
+/// scale)`.
+fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+    let mm = &g.node[i];
+    let b = weight_value(g, ix, mm.input.get(1)?);
+    let is_codes = |name: &str| {
+        ix.konst(name)
+            .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))
+            .map(|q| (q.t.dims[0], q.t.dims[1]))
+    };
+    let (q, scale, zero, k, n) = if let Some(d) = ix.made_by(g, b, "DequantizeLinear") {
+        let dq = &g.node[d];
+        let q = dq.input.first()?;
+        let (k, n) = is_codes(q)?;
+        let scale = dq.input.get(1)?;
+        let sk = ix.konst(scale)?;
+        let axis = attr_i(dq, "axis").unwrap_or(1);
+        if sk.t.data_type != FLOAT
+            || attr_i(dq, "block_size").unwrap_or(0) != 0
+            || !column_scales(sk.t, n)
+            || (sk.len() > 1 && axis != 1 && axis != -1)
+        {
+            return None;
+        }
+        let zero = dq.input.get(2).filter(|z| !z.is_empty());
+        if let Some(z) = zero {
+            let zk = ix.konst(z)?;
+            if zk.t.data_type != ix.konst(q)?.t.data_type || zk.len() != sk.len() {
+                return None;
+            }
+        }
+        (q, scale, zero, k, n)
+    } else {
+        let m = ix.made_by(g, b, "Mul")?;
+        let mul = &g.node[m];
+        let (x, scale) = match (ix.konst(&mul.input[0]), mul.input.get(1)) {
+            (None, Some(s)) => (&mul.input[0], s),
+            (Some(_), Some(x)) => (x, &mul.input[0]),
+            _ => return None,
+        };
+        let (x, zero) = match ix.made_by(g, x, "Sub") {
+            Some(s) => (g.node[s].input.first()?, Some(g.node[s].input.get(1)?)),
+            None => (x, None),
+        };
+        let c = ix.made_by(g, x, "Cast")?;
+        if attr_i(&g.node[c], "to") != Some(FLOAT as i64) {
+            return None;
+        }
+        let q = g.node[c].input.first()?;
+        let (k, n) = is_codes(q)?;
+        let sk = ix.konst(scale)?;
+        if sk.t.data_type != FLOAT || !column_scales(sk.t, n) {
+            return None;
+        }
+        if let Some(z) = zero {
+            let zk = ix.konst(z)?;
+            if zk.t.data_type != FLOAT || zk.len() != sk.len() || zk.t.dims != sk.t.dims {
+                return None;
+            }
+        }
+        (q, scale, zero, k, n)
+    };
+    let mut inputs = vec![mm.input[0].clone(), q.clone(), scale.clone()];
+    inputs.extend(zero.cloned());
+    Some(Plan {
+        node: i,
+        inputs,
+        attrs: vec![str_attr("form", "int8"), int_attr("K", k), int_attr("N", n)],
+        kind: Kind::Int8,
+    })
+}
+
+/// com.microsoft `MatMulNBits` with constant B, scales and (u8) zero points, no g_idx, no bias.
+fn plan_nbits(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+    let n = &g.node[i];
+    let bits = attr_i(n, "bits").unwrap_or(4);
+    if ![2, 4, 8].contains(&bits) || n.input.iter().skip(4).any(|x| !x.is_empty()) {
+        return None;
+    }
+    ix.konst(n.input.get(1)?)?.is(UINT8, None).then_some(())?;
+    ix.konst(n.input.get(2)?)?.is(FLOAT, None).then_some(())?;
+    if let Some(z) = n.input.get(3).filter(|z| !z.is_empty()) {
+        ix.konst(z)?.is(UINT8, None).then_some(())?;
+    }
+    let mut attrs = vec![str_attr("form", "nbits")];
+    for key in ["K", "N", "bits", "block_size"] {
+        attrs.push(int_attr(
+            key,
+            attr_i(n, key).unwrap_or(if key == "bits" { 4 } else { -1 }),
+        ));
+    }
+    if attrs.iter().any(|a| a.i < 0) {
+        return None;
+    }
+    Some(Plan {
+        node: i,
+        inputs: n.input.iter().take(4).cloned().collect(),
+        attrs,
+        kind: Kind::NBits,
+    })
+}
+
+/// `MatMul(A, B)` where B is quench's codebook decode of a `[K, N]` weight:
+/// `Transpose([1, 0]) ← Reshape([N, K]) ← [Slice(.., 0..K, axis 1)] ← Mul(·, scales[N, 1])
+/// ← Reshape([N, K padded]) ← Gather(book, Cast(codes) [+ offsets]) [+ more stages]`.
+fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+    let mm = &g.node[i];
+    let b = weight_value(g, ix, mm.input.get(1)?);
+    let made = |v: &str, op: &str| ix.made_by(g, v, op).map(|p| &g.node[p]);
+    let t = made(b, "Transpose")?;
+    if attr_ints(t, "perm") != Some(&[1, 0]) {
+        return None;
+    }
+    let r = made(t.input.first()?, "Reshape")?;
+    let shape = ix.konst(r.input.get(1)?)?.ints()?;
+    let [n, k] = shape[..] else { return None };
+    let mut x = r.input.first()?;
+    if let Some(sl) = made(x, "Slice") {
+        let starts = ix.konst(sl.input.get(1)?)?.ints()?;
+        let ends = ix.konst(sl.input.get(2)?)?.ints()?;
+        let axes = ix.konst(sl.input.get(3)?)?.ints()?;
+        if starts != [0] || ends != [k] || axes != [1] || sl.input.len() > 4 {
+            return None;
+        }
+        x = sl.input.first()?;
+    }
+    let m = made(x, "Mul")?;
+    let scales = m.input.get(1)?;
+    let sk = ix.konst(scales)?;
+    if !sk.is(FLOAT, Some(2)) || sk.t.dims != [n, 1] {
+        return None;
+    }
+    let r2 = made(m.input.first()?, "Reshape")?;
+    let shape2 = ix.konst(r2.input.get(1)?)?.ints()?;
+    let [n2, k_padded] = shape2[..] else {
+        return None;
+    };
+    if n2 != n || k_padded < k {
+        return None;
+    }
+    // The stages: Adds (neither input a constant) over Gathers, summed in order.
+    let mut lookups = Vec::new();
+    let mut pending = vec![r2.input.first()?];
+    while let Some(v) = pending.pop() {
+        if let Some(a) = made(v, "Add")
+            && a.input.iter().all(|x| ix.konst(x).is_none())
+        {
+            pending.extend(a.input.iter());
+            continue;
+        }
+        lookups.push(made(v, "Gather")?);
+    }
+    lookups.reverse();
+    let mut inputs = vec![mm.input[0].clone(), scales.clone()];
+    let (mut dim, mut subspaces, mut size) = (0i64, 1i64, 0i64);
+    for gather in lookups {
+        if attr_i(gather, "axis").unwrap_or(0) != 0 {
+            return None;
+        }
+        let book = ix.konst(gather.input.first()?)?;
+        if !book.is(FLOAT, Some(2)) || (dim != 0 && dim != book.t.dims[1]) {
+            return None;
+        }
+        dim = book.t.dims[1];
+        let mut idx = gather.input.get(1)?;
+        if let Some(add) = made(idx, "Add") {
+            let offsets = ix.konst(add.input.get(1)?)?.ints()?;
+            subspaces = offsets.len() as i64;
+            size = offsets.get(1).copied().unwrap_or(0);
+            if offsets
+                .iter()
+                .enumerate()
+                .any(|(s, &o)| o != s as i64 * size)
+            {
+                return None;
+            }
+            idx = add.input.first()?;
+        }
+        let codes = made(idx, "Cast")?.input.first()?;
+        let ck = ix.konst(codes)?;
+        if !(ck.is(UINT8, Some(3)) || ck.is(UINT16, Some(3)))
+            || ck.t.dims[0] != n
+            || ck.t.dims[1] != subspaces
+        {
+            return None;
+        }
+        inputs.push(codes.clone());
+        inputs.push(gather.input[0].clone());
+    }
+    if dim == 0 {
+        return None;
+    }
+    Some(Plan {
+        node: i,
+        inputs,
+        attrs: vec![
+            str_attr("form", "codebook"),
+            int_attr("K", k),
+            int_attr("N", n),
+            int_attr("k_padded", k_padded),
+            int_attr("dim", dim),
+            int_attr("subspaces", subspaces),
+            int_attr("size", size),
+        ],
+        kind: Kind::Codebook,
+    })
+}
+
+/// Replaces, in the main graph, every weight product tract would decode to f32 by a `QuenchMatMul`
+/// over the same constants, then removes the nodes nothing reads any more (the decodes).
+pub fn rewrite(model: &mut ModelProto) -> Rewrites {
+    let mut done = Rewrites::default();
+    let Some(g) = model.graph.as_mut() else {
+        return done;
+    };
+    let plans: Vec<Plan> = {
+        let ix = Index::new(g);
+        (0..g.node.len())
+            .filter_map(|i| match g.node[i].op_type.as_str() {
+                "MatMul" => plan_int8(g, &ix, i).or_else(|| plan_codebook(g, &ix, i)),
+                "MatMulNBits" => plan_nbits(g, &ix, i),
+                _ => None,
+            })
+            .collect()
+    };
+    for p in plans {
+        let node = &mut g.node[p.node];
+        node.op_type = OP.into();
+        node.domain = DOMAIN.into();
+        node.input = p.inputs;
+        node.attribute = p.attrs;
+        match p.kind {
+            Kind::Int8 => done.int8 += 1,
+            Kind::NBits => done.nbits += 1,
+            Kind::Codebook => done.codebook += 1,
+        }
+    }
+    if done.total() == 0 {
+        return done;
+    }
+    remove_dead_nodes(g);
+    if !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
+        model.opset_import.push(pb::OperatorSetIdProto {
+            domain: DOMAIN.into(),
+            version: 1,
+        });
+    }
+    done
+}
+
+/// Drops, until none is left, the nodes none of whose outputs is read (by a node, a subgraph or the
+/// graph's outputs). ONNX operators have no side effects, so nothing observable goes with them.
+fn remove_dead_nodes(g: &mut pb::GraphProto) {
+    loop {
+        let read: std::collections::HashSet<String> = Index::new(g)
+            .readers
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(v, _)| v.to_string())
+            .collect();
+        let before = g.node.len();
+        g.node
+            .retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
+        if g.node.len() == before {
+            break;
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Form {
+    Int8,
+    NBits {
+        bits: usize,
+        block: usize,
+    },
+    Codebook {
+        k_padded: usize,
+        dim: usize,
+        subspaces: usize,
+        size: usize,
+    },
+}
+
+fn build(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let form: String = node.get_attr("form")?;
+    let k: usize = node.get_attr("K")?;
+    let n: usize = node.get_attr("N")?;
+    let form = match form.as_str() {
+        "int8" => Form::Int8,
+        "nbits" => Form::NBits {
+            bits: node.get_attr("bits")?,
+            block: node.get_attr("block_size")?,
+        },
+        "codebook" => Form::Codebook {
+            k_padded: node.get_attr("k_padded")?,
+            dim: node.get_attr("dim")?,
+            subspaces: node.get_attr("subspaces")?,
+            size: node.get_attr("size")?,
+        },
+        other => bail!("{OP}: unknown form '{other}'"),
+    };
+    Ok((expand(Expansion_ { form, k, n }), vec![]))
+}
+
+/// The inference-time face of the operator: shapes, then wiring the typed [`QMatMul`].
+#[derive(Clone, Debug)]
+#[allow(non_camel_case_types)]
+struct Expansion_ {
+    form: Form,
+    k: usize,
+    n: usize,
+}
+
+impl Expansion for Expansion_ {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        let n = self.n.to_dim();
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            s.equals(&outputs[0].rank, rank as i64)?;
+            for ax in 0..rank - 1 {
+                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+            }
+            s.equals(&outputs[0].shape[rank - 1], n.clone())
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let mut konsts = Vec::new();
+        for (i, o) in inputs.iter().enumerate().skip(1) {
+            let k = model
+                .outlet_fact(*o)?
+                .konst
+                .clone()
+                .with_context(|| format!("{prefix}: input {i} must be a constant"))?;
+            konsts.push(k);
+        }
+        let mut op = QMatMul {
+            form: self.form.clone(),
+            k: self.k,
+            n: self.n,
+            konsts,
+            relaid: None,
+        };
+        if let Form::NBits { .. } = self.form {
+            op.relaid = relaid_nibbles(&op)?;
+            if op.relaid.is_some() {
+                op.konsts.clear();
+            }
+        }
+        // Fail at load, not at the first run, when the constants do not fit the form.
+        op.with_panels(|_| Ok(()))
+            .with_context(|| format!("{prefix}: weight does not fit {OP}"))?;
+        model.wire_node(prefix, op, &inputs[..1])
+    }
+}
+
+/// `Y[.., N] = A[.., K] · W`, W decoded a panel at a time from tract's constants.
+#[derive(Clone, Debug)]
+pub struct QMatMul {
+    form: Form,
+    k: usize,
+    n: usize,
+    konsts: Vec<Arc<Tensor>>,
+    /// 4-bit codes re-laid along K, shared by every node reading the same constants.
+    relaid: Option<Arc<NibblesK>>,
+}
+
+/// The K-major copy of a 4-bit MatMulNBits weight, made once per set of constants: tied weights (one
+/// initializer read by several nodes) share it. The operator then lets go of the MatMulNBits layout;
+/// the parsed model a session keeps to re-plan for new shapes still holds it, so 4-bit codes are
+/// resident twice (1 byte per weight in all).
+fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<NibblesK>>> {
+    use std::sync::{Mutex, OnceLock, Weak};
+    type Cache = Mutex<HashMap<Vec<usize>, Weak<NibblesK>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key: Vec<usize> = op.konsts.iter().map(|t| Arc::as_ptr(t) as usize).collect();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(w) = cache.lock().unwrap().get(&key).and_then(Weak::upgrade) {
+        return Ok(Some(w));
+    }
+    let made = op.nbits_view(|w| Ok(NibblesK::from_nbits(w).map(Arc::new)))?;
+    if let Some(m) = &made {
+        let mut c = cache.lock().unwrap();
+        c.retain(|_, w| w.strong_count() > 0);
+        c.insert(key, Arc::downgrade(m));
+    }
+    Ok(made)
+}
+
+impl PartialEq for QMatMul {
+    fn eq(&self, other: &Self) -> bool {
+        self.k == other.k
+            && self.n == other.n
+            && match (&self.relaid, &other.relaid) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.konsts.len() == other.konsts.len()
+            && self
+                .konsts
+                .iter()
+                .zip(&other.konsts)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+impl Eq for QMatMul {}
+
+impl QMatMul {
+    /// Bytes of the constants the operator keeps.
+    pub fn weight_bytes(&self) -> usize {
+        self.relaid.as_ref().map_or(0, |r| r.bytes())
+            + self
+                .konsts
+                .iter()
+                .map(|t| t.len() * t.datum_type().size_of())
+                .sum::<usize>()
+    }
+
+    /// Runs `f` over the panel source of the weight.
+    fn with_panels<R>(&self, f: impl FnOnce(&dyn Panels) -> TractResult<R>) -> TractResult<R> {
+        if let Some(r) = &self.relaid {
+            return f(&**r);
+        }
+        let rams: Vec<_> = self
+            .konsts
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<_>>()?;
+        let (k, n) = (self.k, self.n);
+        match &self.form {
+            Form::Int8 => {
+                let scales = rams[1].as_slice::<f32>()?;
+                let (codes, zero) = match rams[0].datum_type() {
+                    DatumType::I8 => (
+                        Codes::I8(rams[0].as_slice::<i8>()?),
+                        rams.get(2)
+                            .map(|z| {
+                                z.as_slice::<i8>()
+                                    .map(|z| z.iter().map(|&v| v as i32).collect())
+                            })
+                            .transpose()?,
+                    ),
+                    DatumType::U8 => (
+                        Codes::U8(rams[0].as_slice::<u8>()?),
+                        rams.get(2)
+                            .map(|z| {
+                                z.as_slice::<u8>()
+                                    .map(|z| z.iter().map(|&v| v as i32).collect())
+                            })
+                            .transpose()?,
+                    ),
+                    dt => bail!("8-bit codes expected, found {dt:?}"),
+                };
+                ensure!(
+                    rams[0].len() == k * n && (scales.len() == 1 || scales.len() == n),
+                    "codes of {} values and {} scales for {k}×{n}",
+                    rams[0].len(),
+                    scales.len()
+                );
+                f(&Int8Cols::with_codes(codes, k, n, scales, zero))
+            }
+            Form::NBits { bits, block } => {
+                let zero = rams.get(2).map(|z| z.as_slice::<u8>()).transpose()?;
+                let w = NBits::new(
+                    rams[0].as_slice::<u8>()?,
+                    rams[1].as_slice::<f32>()?,
+                    zero,
+                    k,
+                    n,
+                    *bits,
+                    *block,
+                )
+                .map_err(|e| anyhow!(e))?;
+                f(&w)
+            }
+            Form::Codebook {
+                k_padded,
+                dim,
+                subspaces,
+                size,
+            } => {
+                let scales = rams[0].as_slice::<f32>()?;
+                let mut stages = Vec::new();
+                for pair in rams[1..].chunks(2) {
+                    ensure!(pair.len() == 2, "codes without a codebook");
+                    let codes = match pair[0].datum_type() {
+                        DatumType::U8 => CodeSlice::U8(pair[0].as_slice::<u8>()?),
+                        DatumType::U16 => CodeSlice::U16(pair[0].as_slice::<u16>()?),
+                        dt => bail!("8- or 16-bit codes expected, found {dt:?}"),
+                    };
+                    stages.push((codes, pair[1].as_slice::<f32>()?));
+                }
+                let w = Codebook {
+                    stages,
+                    scales,
+                    k,
+                    n,
+                    k_padded: *k_padded,
+                    dim: *dim,
+                    subspaces: *subspaces,
+                    size: *size,
+                };
+                w.check().map_err(|e| anyhow!(e))?;
+                f(&w)
+            }
+        }
+    }
+}
+
+impl QMatMul {
+    /// Runs `f` over the MatMulNBits view of the constants (NBits form only).
+    fn nbits_view<R>(&self, f: impl FnOnce(&NBits) -> TractResult<R>) -> TractResult<R> {
+        let Form::NBits { bits, block } = self.form else {
+            bail!("not a MatMulNBits weight");
+        };
+        let rams: Vec<_> = self
+            .konsts
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<_>>()?;
+        let zero = rams.get(2).map(|z| z.as_slice::<u8>()).transpose()?;
+        let w = NBits::new(
+            rams[0].as_slice::<u8>()?,
+            rams[1].as_slice::<f32>()?,
+            zero,
+            self.k,
+            self.n,
+            bits,
+            block,
+        )
+        .map_err(|e| anyhow!(e))?;
+        f(&w)
+    }
+}
+
+impl Op for QMatMul {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{:?} {}×{}, {} weight bytes, {} kernels",
+            self.form,
+            self.k,
+            self.n,
+            self.weight_bytes(),
+            kernels::Isa::detect().name()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let a = args_1!(inputs);
+        ensure!(a.datum_type() == f32::datum_type(), "{OP} takes f32 input");
+        let rank = a.rank();
+        ensure!(
+            rank >= 1 && a.shape()[rank - 1] == self.k,
+            "{OP}: input shape {:?} for K {}",
+            a.shape(),
+            self.k
+        );
+        let mut shape: TVec<usize> = a.shape().into();
+        shape[rank - 1] = self.n;
+        let m = a.len() / self.k;
+        let mut y = Tensor::zero::<f32>(&shape)?;
+        {
+            let a_ram = a.try_as_plain_ram()?;
+            let a = a_ram.as_slice::<f32>()?;
+            let mut y_ram = y.try_as_plain_ram_mut()?;
+            let c = y_ram.as_slice_mut::<f32>()?;
+            self.with_panels(|w| {
+                kernels::matmul(a, m, w, c);
+                Ok(())
+            })?;
+        }
+        Ok(tvec![y.into_tvalue()])
+    }
+}
+
+impl TypedOp for QMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let a = inputs[0];
+        ensure!(a.datum_type == f32::datum_type(), "{OP} takes f32 input");
+        let rank = a.rank();
+        ensure!(rank >= 1, "{OP} takes an input of rank ≥ 1");
+        let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
+        shape[rank - 1] = self.n.to_dim();
+        Ok(tvec![f32::fact(shape)])
+    }
+
+    as_op!();
+}

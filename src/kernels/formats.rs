@@ -1,0 +1,516 @@
+//! The compressed weight forms quench writes, as [`Panels`] sources over borrowed bytes: nothing here
+//! copies a weight, so the running model holds exactly what the file holds.
+
+use super::Panels;
+
+/// 8-bit codes, signed or not.
+#[derive(Clone, Copy, Debug)]
+pub enum Codes<'a> {
+    I8(&'a [i8]),
+    U8(&'a [u8]),
+}
+
+impl Codes<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Codes::I8(c) => c.len(),
+            Codes::U8(c) => c.len(),
+        }
+    }
+}
+
+/// `DequantizeLinear(q[K, N], scale, zero_point)` with one scale (and zero point) per output column, or
+/// one for the whole tensor: `W[k, n] = (q[k, n] - zp[n]) · scale[n]`, as ONNX computes it.
+pub struct Int8Cols<'a> {
+    q: Codes<'a>,
+    k: usize,
+    n: usize,
+    scales: &'a [f32],
+    zero: Vec<i32>,
+}
+
+impl<'a> Int8Cols<'a> {
+    /// `scales` and `zero` hold 1 or `n` values.
+    pub fn new(q: &'a [i8], k: usize, n: usize, scales: &'a [f32], zero: Option<&[i8]>) -> Self {
+        let zero = zero.map(|z| z.iter().map(|&v| v as i32).collect());
+        Int8Cols::with_codes(Codes::I8(q), k, n, scales, zero)
+    }
+
+    pub fn with_codes(
+        q: Codes<'a>,
+        k: usize,
+        n: usize,
+        scales: &'a [f32],
+        zero: Option<Vec<i32>>,
+    ) -> Self {
+        assert_eq!(q.len(), k * n, "codes are not {k}×{n}");
+        assert!(
+            scales.len() == 1 || scales.len() == n,
+            "{} scales",
+            scales.len()
+        );
+        let zero = zero.unwrap_or_default();
+        assert!(
+            zero.len() <= 1 || zero.len() == n,
+            "{} zero points",
+            zero.len()
+        );
+        Int8Cols {
+            q,
+            k,
+            n,
+            scales,
+            zero,
+        }
+    }
+
+    fn column(&self, j: usize) -> (f32, i32) {
+        let s = self.scales[if self.scales.len() == 1 { 0 } else { j }];
+        let z = match self.zero.len() {
+            0 => 0,
+            1 => self.zero[0],
+            _ => self.zero[j],
+        };
+        (s, z)
+    }
+}
+
+impl Panels for Int8Cols<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        let nw = nr.min(self.n.saturating_sub(n0));
+        let (s, z): (Vec<f32>, Vec<f32>) = (n0..n0 + nw)
+            .map(|j| {
+                let (s, z) = self.column(j);
+                (s, z as f32)
+            })
+            .unzip();
+        let rows = Rows {
+            first: k0 * self.n + n0,
+            stride: self.n,
+            kc,
+            nr,
+        };
+        match self.q {
+            Codes::I8(q) => scale_rows(q, rows, &s, &z, out),
+            Codes::U8(q) => scale_rows(q, rows, &s, &z, out),
+        }
+    }
+}
+
+/// Where a panel's rows lie in a row-major code matrix.
+#[derive(Clone, Copy)]
+struct Rows {
+    first: usize,
+    stride: usize,
+    kc: usize,
+    nr: usize,
+}
+
+/// `out[r · nr + j] = (q[first + r · stride + j] − z[j]) · s[j]` for `j < s.len()`, zero after; compiled
+/// for the widest vectors the CPU has.
+fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn body<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+        let nw = s.len().min(z.len());
+        for r in 0..at.kc {
+            let row = at.first + r * at.stride;
+            let (q, o) = (&q[row..row + nw], &mut out[r * at.nr..(r + 1) * at.nr]);
+            let (head, tail) = o.split_at_mut(nw);
+            for j in 0..nw {
+                head[j] = (q[j].into() - z[j]) * s[j];
+            }
+            tail.fill(0.0);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn wide<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+            body(q, at, s, z, out)
+        }
+        #[target_feature(enable = "avx2")]
+        fn mid<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+            body(q, at, s, z, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected.
+            return unsafe { wide(q, at, s, z, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was detected.
+            return unsafe { mid(q, at, s, z, out) };
+        }
+    }
+    body(q, at, s, z, out)
+}
+
+/// com.microsoft `MatMulNBits`: `B[N, blocks, blob]` holds `bits`-bit codes (low bits first) of `W^T`,
+/// with one scale per (column, block) and optional packed zero points (default `2^(bits-1)`):
+/// `W[k, n] = (code - zp) · scale`.
+pub struct NBits<'a> {
+    b: &'a [u8],
+    scales: &'a [f32],
+    zero: Option<&'a [u8]>,
+    k: usize,
+    n: usize,
+    bits: usize,
+    block: usize,
+}
+
+impl<'a> NBits<'a> {
+    pub fn new(
+        b: &'a [u8],
+        scales: &'a [f32],
+        zero: Option<&'a [u8]>,
+        k: usize,
+        n: usize,
+        bits: usize,
+        block: usize,
+    ) -> Result<Self, String> {
+        if ![2, 4, 8].contains(&bits) {
+            return Err(format!("{bits}-bit codes (2, 4 or 8 are read)"));
+        }
+        if block == 0 || block * bits % 8 != 0 {
+            return Err(format!("block size {block} does not fill whole bytes"));
+        }
+        let blocks = k.div_ceil(block);
+        let blob = block * bits / 8;
+        if b.len() != n * blocks * blob {
+            return Err(format!(
+                "B holds {} bytes, not {n}×{blocks}×{blob}",
+                b.len()
+            ));
+        }
+        if scales.len() != n * blocks {
+            return Err(format!("{} scales for {n}×{blocks} blocks", scales.len()));
+        }
+        let per_byte = 8 / bits;
+        if let Some(z) = zero
+            && z.len() != n * blocks.div_ceil(per_byte)
+        {
+            return Err(format!("{} zero-point bytes", z.len()));
+        }
+        Ok(NBits {
+            b,
+            scales,
+            zero,
+            k,
+            n,
+            bits,
+            block,
+        })
+    }
+}
+
+impl Panels for NBits<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        let blocks = self.k.div_ceil(self.block);
+        let per_byte = 8 / self.bits;
+        let blob = self.block / per_byte;
+        let mask = (1u32 << self.bits) - 1;
+        let default_zero = 1i32 << (self.bits - 1);
+        let nw = nr.min(self.n.saturating_sub(n0));
+        for j in 0..nw {
+            let col = n0 + j;
+            let codes = &self.b[col * blocks * blob..(col + 1) * blocks * blob];
+            let mut r = 0;
+            while r < kc {
+                let kk = k0 + r;
+                let blk = kk / self.block;
+                let s = self.scales[col * blocks + blk];
+                let z = match self.zero {
+                    Some(zp) => {
+                        let byte = zp[col * blocks.div_ceil(per_byte) + blk / per_byte];
+                        ((byte as u32 >> (self.bits * (blk % per_byte))) & mask) as i32
+                    }
+                    None => default_zero,
+                };
+                let end = kc.min((blk + 1) * self.block - k0);
+                for r in r..end {
+                    let i = k0 + r - blk * self.block;
+                    let byte = codes[blk * blob + i / per_byte] as u32;
+                    let code = ((byte >> (self.bits * (i % per_byte))) & mask) as i32;
+                    out[r * nr + j] = (code - z) as f32 * s;
+                }
+                r = end;
+            }
+        }
+        if nw < nr {
+            for r in 0..kc {
+                out[r * nr + nw..(r + 1) * nr].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Vector-quantised weight as quench writes it: per stage, `codes[N, subspaces, pieces]` index a
+/// codebook of `dim`-long pieces (subspace `s` reads rows `s · size ..` of the stacked codebook); the
+/// stages add; each output column is scaled. `W[k, n] = scale[n] · Σ_stage book[code(n, piece of k)]
+/// [k mod dim]`, over the first `K` of the `K padded` decoded values of a column.
+pub struct Codebook<'a> {
+    pub stages: Vec<(CodeSlice<'a>, &'a [f32])>,
+    pub scales: &'a [f32],
+    pub k: usize,
+    pub n: usize,
+    pub k_padded: usize,
+    pub dim: usize,
+    pub subspaces: usize,
+    /// Rows of one subspace's codebook (`size`), or 0 when the codes already index the stacked book.
+    pub size: usize,
+}
+
+/// 8- or 16-bit codes.
+#[derive(Clone, Copy, Debug)]
+pub enum CodeSlice<'a> {
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+}
+
+impl CodeSlice<'_> {
+    fn get(&self, i: usize) -> usize {
+        match self {
+            CodeSlice::U8(c) => c[i] as usize,
+            CodeSlice::U16(c) => c[i] as usize,
+        }
+    }
+    pub fn len(&self) -> usize {
+        match self {
+            CodeSlice::U8(c) => c.len(),
+            CodeSlice::U16(c) => c.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Codebook<'_> {
+    /// Checks that every stage's codes and codebook fit the shapes.
+    pub fn check(&self) -> Result<(), String> {
+        let pieces = self.k_padded / self.dim.max(1);
+        if self.dim == 0 || self.k_padded % self.dim != 0 || self.k > self.k_padded {
+            return Err(format!(
+                "pieces of {} do not tile {} (K {})",
+                self.dim, self.k_padded, self.k
+            ));
+        }
+        if self.subspaces == 0 || pieces % self.subspaces != 0 {
+            return Err(format!("{} subspaces over {pieces} pieces", self.subspaces));
+        }
+        if self.scales.len() != self.n {
+            return Err(format!(
+                "{} scales for {} columns",
+                self.scales.len(),
+                self.n
+            ));
+        }
+        for (i, (codes, book)) in self.stages.iter().enumerate() {
+            if codes.len() != self.n * pieces {
+                return Err(format!(
+                    "stage {i}: {} codes for {}×{pieces}",
+                    codes.len(),
+                    self.n
+                ));
+            }
+            if book.len() % self.dim != 0 {
+                return Err(format!("stage {i}: codebook of {} values", book.len()));
+            }
+            let rows = book.len() / self.dim;
+            let offset = if self.size > 0 {
+                self.size * (self.subspaces - 1)
+            } else {
+                0
+            };
+            let max = (0..codes.len()).map(|c| codes.get(c)).max().unwrap_or(0);
+            if max + offset >= rows {
+                return Err(format!(
+                    "stage {i}: code {max} past a codebook of {rows} rows"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Panels for Codebook<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        let dim = self.dim;
+        let pieces = self.k_padded / dim;
+        let pps = pieces / self.subspaces;
+        let nw = nr.min(self.n.saturating_sub(n0));
+        for j in 0..nw {
+            let col = n0 + j;
+            let s = self.scales[col];
+            let first = k0 / dim;
+            let last = (k0 + kc).div_ceil(dim);
+            for p in first..last {
+                let mut piece = [0f32; 16];
+                let piece = &mut piece[..dim.min(16)];
+                let mut wide;
+                let piece: &mut [f32] = if dim <= 16 {
+                    piece
+                } else {
+                    wide = vec![0f32; dim];
+                    &mut wide
+                };
+                for (codes, book) in &self.stages {
+                    let mut row = codes.get(col * pieces + p);
+                    if self.size > 0 {
+                        row += (p / pps) * self.size;
+                    }
+                    for (v, b) in piece.iter_mut().zip(&book[row * dim..(row + 1) * dim]) {
+                        *v += b;
+                    }
+                }
+                for (d, v) in piece.iter().enumerate() {
+                    let kk = p * dim + d;
+                    if kk >= k0 && kk < k0 + kc {
+                        out[(kk - k0) * nr + j] = v * s;
+                    }
+                }
+            }
+        }
+        if nw < nr {
+            for r in 0..kc {
+                out[r * nr + nw..(r + 1) * nr].fill(0.0);
+            }
+        }
+    }
+}
+
+/// [`NBits`] codes laid out along K for panel decoding: row `k` holds the codes of every column, two to a
+/// byte (even column in the low bits), so a panel row is a contiguous run of bytes; the scales and zero
+/// points become `[blocks, N]` rows. Same size as the MatMulNBits B it is made from (4-bit codes).
+pub struct NibblesK {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zero: Vec<f32>,
+    k: usize,
+    n: usize,
+    block: usize,
+}
+
+impl std::fmt::Debug for NibblesK {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NibblesK({}×{}, block {})", self.k, self.n, self.block)
+    }
+}
+
+impl NibblesK {
+    /// Re-lays 4-bit `MatMulNBits` codes; None for other widths.
+    pub fn from_nbits(w: &NBits) -> Option<NibblesK> {
+        if w.bits != 4 {
+            return None;
+        }
+        let (k, n, block) = (w.k, w.n, w.block);
+        let blocks = k.div_ceil(block);
+        let half = n.div_ceil(2);
+        let mut codes = vec![0u8; k * half];
+        let blob = block / 2;
+        for col in 0..n {
+            let src = &w.b[col * blocks * blob..(col + 1) * blocks * blob];
+            for kk in 0..k {
+                let (blk, i) = (kk / block, kk % block);
+                let code = (src[blk * blob + i / 2] >> (4 * (i % 2))) & 15;
+                codes[kk * half + col / 2] |= code << (4 * (col % 2));
+            }
+        }
+        let mut scales = vec![0f32; blocks * n];
+        let mut zero = vec![8f32; blocks * n];
+        for col in 0..n {
+            for blk in 0..blocks {
+                scales[blk * n + col] = w.scales[col * blocks + blk];
+                if let Some(zp) = w.zero {
+                    let byte = zp[col * blocks.div_ceil(2) + blk / 2];
+                    zero[blk * n + col] = ((byte >> (4 * (blk % 2))) & 15) as f32;
+                }
+            }
+        }
+        Some(NibblesK {
+            codes,
+            scales,
+            zero,
+            k,
+            n,
+            block,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scales.len() + self.zero.len())
+    }
+}
+
+impl Panels for NibblesK {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        #[inline(always)]
+        fn body(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+            let nw = nr.min(w.n.saturating_sub(n0));
+            let half = w.n.div_ceil(2);
+            // n0 is a multiple of the (even) panel width, so each row starts on a byte.
+            debug_assert!(n0 % 2 == 0);
+            for r in 0..kc {
+                let kk = k0 + r;
+                let blk = kk / w.block;
+                let s = &w.scales[blk * w.n + n0..blk * w.n + n0 + nw];
+                let z = &w.zero[blk * w.n + n0..blk * w.n + n0 + nw];
+                let bytes = &w.codes[kk * half + n0 / 2..kk * half + (n0 + nw).div_ceil(2)];
+                let o = &mut out[r * nr..(r + 1) * nr];
+                for (p, &b) in bytes.iter().enumerate() {
+                    let j = 2 * p;
+                    o[j] = ((b & 15) as f32 - z[j]) * s[j];
+                    if j + 1 < nw {
+                        o[j + 1] = ((b >> 4) as f32 - z[j + 1]) * s[j + 1];
+                    }
+                }
+                o[nw..].fill(0.0);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn wide(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+                body(w, k0, kc, n0, nr, out)
+            }
+            #[target_feature(enable = "avx2")]
+            fn mid(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+                body(w, k0, kc, n0, nr, out)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: the features were detected.
+                return unsafe { wide(self, k0, kc, n0, nr, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected.
+                return unsafe { mid(self, k0, kc, n0, nr, out) };
+            }
+        }
+        body(self, k0, kc, n0, nr, out)
+    }
+}
