@@ -176,7 +176,7 @@ impl<'a> NBits<'a> {
         if ![2, 4, 8].contains(&bits) {
             return Err(format!("{bits}-bit codes (2, 4 or 8 are read)"));
         }
-        if block == 0 || block * bits % 8 != 0 {
+        if block == 0 || !(block * bits).is_multiple_of(8) {
             return Err(format!("block size {block} does not fill whole bytes"));
         }
         let blocks = k.div_ceil(block);
@@ -300,13 +300,13 @@ impl Codebook<'_> {
     /// Checks that every stage's codes and codebook fit the shapes.
     pub fn check(&self) -> Result<(), String> {
         let pieces = self.k_padded / self.dim.max(1);
-        if self.dim == 0 || self.k_padded % self.dim != 0 || self.k > self.k_padded {
+        if self.dim == 0 || !self.k_padded.is_multiple_of(self.dim) || self.k > self.k_padded {
             return Err(format!(
                 "pieces of {} do not tile {} (K {})",
                 self.dim, self.k_padded, self.k
             ));
         }
-        if self.subspaces == 0 || pieces % self.subspaces != 0 {
+        if self.subspaces == 0 || !pieces.is_multiple_of(self.subspaces) {
             return Err(format!("{} subspaces over {pieces} pieces", self.subspaces));
         }
         if self.scales.len() != self.n {
@@ -472,7 +472,7 @@ impl Panels for NibblesK {
             let nw = nr.min(w.n.saturating_sub(n0));
             let half = w.n.div_ceil(2);
             // n0 is a multiple of the (even) panel width, so each row starts on a byte.
-            debug_assert!(n0 % 2 == 0);
+            debug_assert!(n0.is_multiple_of(2));
             for r in 0..kc {
                 let kk = k0 + r;
                 let blk = kk / w.block;
