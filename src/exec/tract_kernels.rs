@@ -674,26 +674,20 @@ impl QMatMul {
         match &self.form {
             Form::Int8 => {
                 let scales = rams[1].as_slice::<f32>()?;
-                let (codes, zero) = match rams[0].datum_type() {
-                    DatumType::I8 => (
-                        Codes::I8(rams[0].as_slice::<i8>()?),
-                        rams.get(2)
-                            .map(|z| {
-                                z.as_slice::<i8>()
-                                    .map(|z| z.iter().map(|&v| v as i32).collect())
-                            })
-                            .transpose()?,
-                    ),
-                    DatumType::U8 => (
-                        Codes::U8(rams[0].as_slice::<u8>()?),
-                        rams.get(2)
-                            .map(|z| {
-                                z.as_slice::<u8>()
-                                    .map(|z| z.iter().map(|&v| v as i32).collect())
-                            })
-                            .transpose()?,
-                    ),
+                let codes = match rams[0].datum_type() {
+                    DatumType::I8 => Codes::I8(rams[0].as_slice::<i8>()?),
+                    DatumType::U8 => Codes::U8(rams[0].as_slice::<u8>()?),
                     dt => bail!("8-bit codes expected, found {dt:?}"),
+                };
+                // DequantizeLinear's zero point has the codes' type; the Cast·Mul form's is float.
+                let zero: Option<Vec<f32>> = match rams.get(2) {
+                    None => None,
+                    Some(z) => Some(match z.datum_type() {
+                        DatumType::I8 => z.as_slice::<i8>()?.iter().map(|&v| v as f32).collect(),
+                        DatumType::U8 => z.as_slice::<u8>()?.iter().map(|&v| v as f32).collect(),
+                        DatumType::F32 => z.as_slice::<f32>()?.to_vec(),
+                        dt => bail!("zero point of type {dt:?}"),
+                    }),
                 };
                 ensure!(
                     rams[0].len() == k * n && (scales.len() == 1 || scales.len() == n),

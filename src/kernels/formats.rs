@@ -26,13 +26,13 @@ pub struct Int8Cols<'a> {
     k: usize,
     n: usize,
     scales: &'a [f32],
-    zero: Vec<i32>,
+    zero: Vec<f32>,
 }
 
 impl<'a> Int8Cols<'a> {
     /// `scales` and `zero` hold 1 or `n` values.
     pub fn new(q: &'a [i8], k: usize, n: usize, scales: &'a [f32], zero: Option<&[i8]>) -> Self {
-        let zero = zero.map(|z| z.iter().map(|&v| v as i32).collect());
+        let zero = zero.map(|z| z.iter().map(|&v| v as f32).collect());
         Int8Cols::with_codes(Codes::I8(q), k, n, scales, zero)
     }
 
@@ -41,7 +41,7 @@ impl<'a> Int8Cols<'a> {
         k: usize,
         n: usize,
         scales: &'a [f32],
-        zero: Option<Vec<i32>>,
+        zero: Option<Vec<f32>>,
     ) -> Self {
         assert_eq!(q.len(), k * n, "codes are not {k}×{n}");
         assert!(
@@ -64,10 +64,10 @@ impl<'a> Int8Cols<'a> {
         }
     }
 
-    fn column(&self, j: usize) -> (f32, i32) {
+    fn column(&self, j: usize) -> (f32, f32) {
         let s = self.scales[if self.scales.len() == 1 { 0 } else { j }];
         let z = match self.zero.len() {
-            0 => 0,
+            0 => 0.0,
             1 => self.zero[0],
             _ => self.zero[j],
         };
@@ -84,12 +84,7 @@ impl Panels for Int8Cols<'_> {
     }
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
         let nw = nr.min(self.n.saturating_sub(n0));
-        let (s, z): (Vec<f32>, Vec<f32>) = (n0..n0 + nw)
-            .map(|j| {
-                let (s, z) = self.column(j);
-                (s, z as f32)
-            })
-            .unzip();
+        let (s, z): (Vec<f32>, Vec<f32>) = (n0..n0 + nw).map(|j| self.column(j)).unzip();
         let rows = Rows {
             first: k0 * self.n + n0,
             stride: self.n,
