@@ -697,20 +697,7 @@ impl QMatMul {
                 );
                 f(&Int8Cols::with_codes(codes, k, n, scales, zero))
             }
-            Form::NBits { bits, block } => {
-                let zero = rams.get(2).map(|z| z.as_slice::<u8>()).transpose()?;
-                let w = NBits::new(
-                    rams[0].as_slice::<u8>()?,
-                    rams[1].as_slice::<f32>()?,
-                    zero,
-                    k,
-                    n,
-                    *bits,
-                    *block,
-                )
-                .map_err(|e| anyhow!(e))?;
-                f(&w)
-            }
+            Form::NBits { .. } => self.nbits_view(|w| f(w)),
             Form::Codebook {
                 k_padded,
                 dim,
