@@ -1,7 +1,8 @@
-//! quench's tract kernels for compressed weights, end to end: zoo models quantized with the w8, w4 and
-//! vq2 recipes for the tract target run with the kernels (weights kept compressed) and with tract's own
-//! operators on the same graph; the outputs agree to float rounding, and the weight products were
-//! really taken over by the kernels.
+//! quench's tract kernels for compressed weights, end to end: zoo models quantized with the w8, w4, vq2
+//! and dynamic recipes for the tract target run with the kernels (weights kept compressed) and with
+//! tract's own operators on the same graph; the outputs agree to float rounding (exactly, for the
+//! integer products of the dynamic form), and the weight products were really taken over by the
+//! kernels.
 
 mod common;
 
@@ -17,7 +18,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
             return;
         };
         let dir = tempdir();
-        for recipe in ["w8", "w4", "vq2"] {
+        for recipe in ["w8", "w4", "vq2", "dynamic"] {
             let out = dir.path().join(format!("{zoo_name}.{recipe}.onnx"));
             let o = quench(&[
                 "quantize",
@@ -51,9 +52,13 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                 .map(|(_, v)| v)
                 .unwrap();
             // Every weight MatMul of these models is one of the forms the kernels take.
+            let taken = if recipe == "dynamic" {
+                !kernels.contains("(0 MatMulInteger") && !kernels.contains(", 0 DynamicQuantize")
+            } else {
+                !kernels.contains("(0 int8, 0 MatMulNBits, 0 codebook")
+            };
             assert!(
-                kernels.starts_with("quench")
-                    && !kernels.contains("(0 int8, 0 MatMulNBits, 0 codebook"),
+                kernels.starts_with("quench") && taken,
                 "{zoo_name} {recipe}: {kernels}"
             );
             let set = inputs::open(&Source::Random { count: 2 }, &prep.inputs, &opts).unwrap();
@@ -70,7 +75,12 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                         .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
                     // tract's MatMulNBits rounds scales to f16 (see docs/tract-kernels.md); the
                     // kernels use the f32 scales the file holds, so w4 differs by that rounding.
-                    let tol = if recipe == "w4" { 2e-2 } else { 1e-4 };
+                    // The integer products are exact and the quantizer is tract's arithmetic.
+                    let tol = match recipe {
+                        "w4" => 2e-2,
+                        "dynamic" => 0.0,
+                        _ => 1e-4,
+                    };
                     assert!(
                         worst <= tol * scale,
                         "{zoo_name} {recipe} {name}: max difference {worst} (output scale {scale})"

@@ -17,9 +17,11 @@ use tract_onnx::pb::{self, AttributeProto, ModelProto, NodeProto, attribute_prot
 use tract_onnx::tract_hir::internal::*;
 
 use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Cols, NBits, NibblesK};
+use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
 use crate::kernels::{self, Panels};
 
 const OP: &str = "QuenchMatMul";
+const OP_INT: &str = "QuenchMatMulInteger";
 const DOMAIN: &str = "ai.quench";
 
 /// What [`rewrite`] did.
@@ -31,17 +33,26 @@ pub struct Rewrites {
     pub nbits: usize,
     /// MatMuls over a codebook lookup.
     pub codebook: usize,
+    /// MatMulIntegers over a constant 8-bit weight (exact i32 products on 8-bit operands).
+    pub integer: usize,
+    /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
+    pub quantize: usize,
 }
 
 impl Rewrites {
     pub fn total(&self) -> usize {
-        self.int8 + self.nbits + self.codebook
+        self.int8 + self.nbits + self.codebook + self.integer
     }
 }
 
 /// Adds the `QuenchMatMul` builder to a tract-onnx parser.
 pub fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(OP, build);
+    onnx.op_register.insert(OP_INT, build_integer);
+    // tract's own rounds one value at a time through libm; this one is the same arithmetic, in SIMD.
+    onnx.op_register.insert("DynamicQuantizeLinear", |_, _| {
+        Ok((expand(DynamicQuantize), vec![]))
+    });
 }
 
 // ONNX TensorProto data types.
@@ -199,6 +210,7 @@ enum Kind {
     Int8,
     NBits,
     Codebook,
+    Integer,
 }
 
 /// The weight a MatMul reads, seen through Identity nodes (tied weights).
@@ -435,19 +447,30 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     let Some(g) = model.graph.as_mut() else {
         return done;
     };
+    done.quantize = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DynamicQuantizeLinear" && n.domain.is_empty())
+        .count();
+    let mut packs = Packs::default();
     let plans: Vec<Plan> = {
         let ix = Index::new(g);
         (0..g.node.len())
             .filter_map(|i| match g.node[i].op_type.as_str() {
                 "MatMul" => plan_int8(g, &ix, i).or_else(|| plan_codebook(g, &ix, i)),
                 "MatMulNBits" => plan_nbits(g, &ix, i),
+                "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
                 _ => None,
             })
             .collect()
     };
     for p in plans {
         let node = &mut g.node[p.node];
-        node.op_type = OP.into();
+        node.op_type = match p.kind {
+            Kind::Integer => OP_INT,
+            _ => OP,
+        }
+        .into();
         node.domain = DOMAIN.into();
         node.input = p.inputs;
         node.attribute = p.attrs;
@@ -455,12 +478,28 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Int8 => done.int8 += 1,
             Kind::NBits => done.nbits += 1,
             Kind::Codebook => done.codebook += 1,
+            Kind::Integer => done.integer += 1,
         }
     }
     if done.total() == 0 {
         return done;
     }
+    g.initializer.extend(packs.made);
     remove_dead_nodes(g);
+    // The 8-bit weights now packed: their original layout goes (unless something else reads it).
+    if !packs.replaced.is_empty() {
+        let read = Index::new(g).readers;
+        let inputs: std::collections::HashSet<&str> =
+            g.input.iter().map(|i| i.name.as_str()).collect();
+        let keep = |t: &pb::TensorProto| {
+            !packs.replaced.contains(&t.name)
+                || inputs.contains(t.name.as_str())
+                || read.get(t.name.as_str()).is_some_and(|&r| r > 0)
+        };
+        let kept: Vec<bool> = g.initializer.iter().map(keep).collect();
+        let mut it = kept.into_iter();
+        g.initializer.retain(|_| it.next().unwrap());
+    }
     if !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
         model.opset_import.push(pb::OperatorSetIdProto {
             domain: DOMAIN.into(),
@@ -817,6 +856,467 @@ impl TypedOp for QMatMul {
         let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
         shape[rank - 1] = self.n.to_dim();
         Ok(tvec![f32::fact(shape)])
+    }
+
+    as_op!();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MatMulInteger over a constant 8-bit weight.
+
+/// Weights packed for the integer kernels while planning, one per distinct (weight, zero point).
+#[derive(Default)]
+struct Packs {
+    /// (weight, zero point) → names of the packed weight and of its i32 zero point, if any.
+    by_source: HashMap<(String, String), (String, Option<String>)>,
+    /// The new initializers.
+    made: Vec<pb::TensorProto>,
+    /// The weights now read packed.
+    replaced: std::collections::HashSet<String>,
+}
+
+/// The values of an 8-bit constant, whether stored raw or in `int32_data`.
+fn bytes_of(t: &pb::TensorProto) -> Option<Vec<u8>> {
+    let len: i64 = t.dims.iter().product();
+    if t.data_location == Some(1) || !matches!(t.data_type, INT8 | UINT8) {
+        return None;
+    }
+    if t.raw_data.len() as i64 == len {
+        Some(t.raw_data.clone())
+    } else if t.int32_data.len() as i64 == len {
+        Some(t.int32_data.iter().map(|&v| v as u8).collect())
+    } else {
+        None
+    }
+}
+
+/// `MatMulInteger(A, B[, a₀[, b₀]])` with B a constant `[K, N]` of 8 bits, `b₀` a constant (one value or
+/// one per column) and `a₀` one value: a constant, or DynamicQuantizeLinear's zero point.
+fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
+    let mm = &g.node[i];
+    let a = mm.input.first().filter(|a| !a.is_empty())?;
+    let b = weight_value(g, ix, mm.input.get(1)?);
+    let bk = ix
+        .konst(b)
+        .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))?;
+    let (k, n) = (bk.t.dims[0], bk.t.dims[1]);
+    let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
+    if let Some(z) = a_zero {
+        match ix.konst(z) {
+            Some(zk) if zk.len() == 1 => {}
+            Some(_) => return None,
+            None => {
+                let d = ix.made_by(g, z, "DynamicQuantizeLinear")?;
+                if g.node[d].output.get(2) != Some(z) {
+                    return None;
+                }
+            }
+        }
+    }
+    let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
+    let b_zero_values: Option<Vec<u8>> = match b_zero {
+        None => None,
+        Some(z) => {
+            let zk = ix.konst(z)?;
+            if zk.t.data_type != bk.t.data_type || !(zk.len() == 1 || zk.len() == n) {
+                return None;
+            }
+            Some(bytes_of(zk.t)?)
+        }
+    };
+    let layout = kernels::integer::IntIsa::detect().layout();
+    let key = (b.to_string(), b_zero.cloned().unwrap_or_default());
+    let (packed, zero) = match packs.by_source.get(&key) {
+        Some(names) => names.clone(),
+        None => {
+            let raw = bytes_of(bk.t)?;
+            let (ku, nu) = (k as usize, n as usize);
+            let (w, shift) = if bk.t.data_type == INT8 {
+                let v: Vec<i8> = raw.iter().map(|&x| x as i8).collect();
+                (kernels::integer::pack(Weight::I8(&v), ku, nu, layout), 0)
+            } else {
+                let w = Weight::U8(&raw);
+                (kernels::integer::pack(w, ku, nu, layout), w.shift())
+            };
+            let tag = format!("{}x{}", layout.nr, layout.group);
+            let packed = format!("{b}::quench_packed_{tag}");
+            packs.made.push(pb::TensorProto {
+                name: packed.clone(),
+                data_type: INT8,
+                dims: vec![w.len() as i64],
+                raw_data: w.iter().map(|&x| x as u8).collect(),
+                ..Default::default()
+            });
+            // The zero point in the packed (i8) domain: u8 weights moved by −128, and so does theirs.
+            let zeros: Vec<i32> = match &b_zero_values {
+                Some(z) if bk.t.data_type == INT8 => z.iter().map(|&v| v as i8 as i32).collect(),
+                Some(z) => z.iter().map(|&v| v as i32 + shift).collect(),
+                None if shift != 0 => vec![shift],
+                None => vec![],
+            };
+            let zero = (!zeros.is_empty()).then(|| {
+                let name = format!("{packed}::zero");
+                packs.made.push(pb::TensorProto {
+                    name: name.clone(),
+                    data_type: INT32,
+                    dims: vec![zeros.len() as i64],
+                    raw_data: zeros.iter().flat_map(|z| z.to_le_bytes()).collect(),
+                    ..Default::default()
+                });
+                name
+            });
+            packs.replaced.insert(b.to_string());
+            packs.by_source.insert(key, (packed.clone(), zero.clone()));
+            (packed, zero)
+        }
+    };
+    let mut inputs = vec![a.clone()];
+    inputs.extend(a_zero.cloned());
+    inputs.push(packed);
+    inputs.extend(zero.clone());
+    Some(Plan {
+        node: i,
+        inputs,
+        attrs: vec![
+            int_attr("K", k),
+            int_attr("N", n),
+            int_attr("nr", layout.nr as i64),
+            int_attr("group", layout.group as i64),
+            int_attr("a_zero", a_zero.is_some() as i64),
+            int_attr("b_zero", zero.is_some() as i64),
+        ],
+        kind: Kind::Integer,
+    })
+}
+
+fn build_integer(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let layout = Layout {
+        nr: node.get_attr("nr")?,
+        group: node.get_attr("group")?,
+    };
+    let a_zero: i64 = node.get_attr("a_zero")?;
+    let b_zero: i64 = node.get_attr("b_zero")?;
+    Ok((
+        expand(IntegerExpansion {
+            k: node.get_attr("K")?,
+            n: node.get_attr("N")?,
+            layout,
+            a_zero: a_zero != 0,
+            b_zero: b_zero != 0,
+        }),
+        vec![],
+    ))
+}
+
+/// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32].
+#[derive(Clone, Debug)]
+struct IntegerExpansion {
+    k: usize,
+    n: usize,
+    layout: Layout,
+    a_zero: bool,
+    b_zero: bool,
+}
+
+impl Expansion for IntegerExpansion {
+    fn name(&self) -> StaticName {
+        OP_INT.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 2 + self.a_zero as usize + self.b_zero as usize)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, i32::datum_type())?;
+        let n = self.n.to_dim();
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            s.equals(&outputs[0].rank, rank as i64)?;
+            for ax in 0..rank - 1 {
+                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+            }
+            s.equals(&outputs[0].shape[rank - 1], n.clone())
+        })
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let konst = |i: usize| -> TractResult<Arc<Tensor>> {
+            model
+                .outlet_fact(inputs[i])?
+                .konst
+                .clone()
+                .with_context(|| format!("{prefix}: input {i} must be a constant"))
+        };
+        let pi = 1 + self.a_zero as usize;
+        let packed = konst(pi)?;
+        let b_zero = if self.b_zero {
+            let z = konst(pi + 1)?;
+            ensure!(
+                z.datum_type() == i32::datum_type() && (z.len() == 1 || z.len() == self.n),
+                "{prefix}: zero point of the weight: {} values of {:?}",
+                z.len(),
+                z.datum_type()
+            );
+            Some(z)
+        } else {
+            None
+        };
+        let isa = IntIsa::for_layout(self.layout).with_context(|| {
+            format!(
+                "{prefix}: no integer kernel of this CPU reads panels of {} × groups of {}",
+                self.layout.nr, self.layout.group
+            )
+        })?;
+        let sums = {
+            let ram = packed.try_as_plain_ram()?;
+            let b = Packed {
+                data: ram.as_slice::<i8>()?,
+                k: self.k,
+                n: self.n,
+                layout: self.layout,
+            };
+            // Fails at load, not at the first run, when the constant does not fit.
+            b.check().map_err(|e| anyhow!("{prefix}: {e}"))?;
+            Arc::new(b.column_sums())
+        };
+        let op = QMatMulInteger {
+            k: self.k,
+            n: self.n,
+            layout: self.layout,
+            isa,
+            packed,
+            sums,
+            b_zero,
+        };
+        let wired: TVec<OutletId> = inputs[..pi].iter().copied().collect();
+        model.wire_node(prefix, op, &wired)
+    }
+}
+
+/// `Y[.., N] = (A[.., K] − a₀) · (B − b₀)` in i32, over B packed for the integer kernels.
+#[derive(Clone, Debug)]
+pub struct QMatMulInteger {
+    k: usize,
+    n: usize,
+    layout: Layout,
+    isa: IntIsa,
+    packed: Arc<Tensor>,
+    sums: Arc<Vec<i32>>,
+    b_zero: Option<Arc<Tensor>>,
+}
+
+impl PartialEq for QMatMulInteger {
+    fn eq(&self, other: &Self) -> bool {
+        self.k == other.k
+            && self.n == other.n
+            && self.layout == other.layout
+            && Arc::ptr_eq(&self.packed, &other.packed)
+            && match (&self.b_zero, &other.b_zero) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+impl Eq for QMatMulInteger {}
+
+impl Op for QMatMulInteger {
+    fn name(&self) -> StaticName {
+        OP_INT.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{}×{}, {} weight bytes, {} kernels",
+            self.k,
+            self.n,
+            self.packed.len(),
+            self.isa.name()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMatMulInteger {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let a = &inputs[0];
+        let a0: i32 = match inputs.get(1) {
+            None => 0,
+            Some(z) => {
+                ensure!(
+                    z.len() == 1,
+                    "{OP_INT}: zero point of A has {} values",
+                    z.len()
+                );
+                let ram = z.try_as_plain_ram()?;
+                match z.datum_type() {
+                    DatumType::U8 => ram.as_slice::<u8>()?[0] as i32,
+                    DatumType::I8 => ram.as_slice::<i8>()?[0] as i32,
+                    dt => bail!("{OP_INT}: zero point of A of type {dt:?}"),
+                }
+            }
+        };
+        let rank = a.rank();
+        ensure!(
+            rank >= 1 && a.shape()[rank - 1] == self.k,
+            "{OP_INT}: input shape {:?} for K {}",
+            a.shape(),
+            self.k
+        );
+        let mut shape: TVec<usize> = a.shape().into();
+        shape[rank - 1] = self.n;
+        let m = a.len() / self.k;
+        let mut y = Tensor::zero::<i32>(&shape)?;
+        {
+            let a_ram = a.try_as_plain_ram()?;
+            let acts = match a.datum_type() {
+                DatumType::U8 => Acts::U8(a_ram.as_slice::<u8>()?),
+                DatumType::I8 => Acts::I8(a_ram.as_slice::<i8>()?),
+                dt => bail!("{OP_INT} takes u8 or i8 input, not {dt:?}"),
+            };
+            let p_ram = self.packed.try_as_plain_ram()?;
+            let b = Packed {
+                data: p_ram.as_slice::<i8>()?,
+                k: self.k,
+                n: self.n,
+                layout: self.layout,
+            };
+            let z_ram = self
+                .b_zero
+                .as_ref()
+                .map(|z| z.try_as_plain_ram())
+                .transpose()?;
+            let zeros = Zeros {
+                a: a0,
+                b: match &z_ram {
+                    Some(z) => z.as_slice::<i32>()?,
+                    None => &[],
+                },
+                column_sums: &self.sums,
+            };
+            let mut y_ram = y.try_as_plain_ram_mut()?;
+            kernels::integer::matmul(self.isa, acts, m, &b, zeros, y_ram.as_slice_mut::<i32>()?);
+        }
+        Ok(tvec![y.into_tvalue()])
+    }
+}
+
+impl TypedOp for QMatMulInteger {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let a = inputs[0];
+        ensure!(
+            a.datum_type == u8::datum_type() || a.datum_type == i8::datum_type(),
+            "{OP_INT} takes u8 or i8 input"
+        );
+        let rank = a.rank();
+        ensure!(rank >= 1, "{OP_INT} takes an input of rank ≥ 1");
+        let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
+        shape[rank - 1] = self.n.to_dim();
+        Ok(tvec![i32::fact(shape)])
+    }
+
+    as_op!();
+}
+
+/// ONNX `DynamicQuantizeLinear` (f32 → u8, scale, zero point) through
+/// [`kernels::integer::dynamic_quantize`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct DynamicQuantize;
+
+impl Expansion for DynamicQuantize {
+    fn name(&self) -> StaticName {
+        "DynamicQuantizeLinear".into()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(3)
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 3)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        s.equals(&outputs[1].datum_type, f32::datum_type())?;
+        s.equals(&outputs[1].rank, 0)?;
+        s.equals(&outputs[2].datum_type, u8::datum_type())?;
+        s.equals(&outputs[2].rank, 0)
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, QDynamicQuantize, &inputs[..1])
+    }
+}
+
+/// The typed operator of [`DynamicQuantize`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct QDynamicQuantize;
+
+impl Op for QDynamicQuantize {
+    fn name(&self) -> StaticName {
+        "QuenchDynamicQuantizeLinear".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QDynamicQuantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = &inputs[0];
+        let mut y = Tensor::zero::<u8>(x.shape())?;
+        let (scale, zero) = {
+            let x_ram = x.try_as_plain_ram()?;
+            let mut y_ram = y.try_as_plain_ram_mut()?;
+            kernels::integer::dynamic_quantize(
+                x_ram.as_slice::<f32>()?,
+                y_ram.as_slice_mut::<u8>()?,
+            )
+        };
+        Ok(tvec![
+            y.into_tvalue(),
+            tensor0(scale).into_tvalue(),
+            tensor0(zero).into_tvalue()
+        ])
+    }
+}
+
+impl TypedOp for QDynamicQuantize {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs[0].datum_type == f32::datum_type(),
+            "DynamicQuantizeLinear takes f32 input"
+        );
+        let mut y = inputs[0].without_value();
+        y.datum_type = u8::datum_type();
+        Ok(tvec![y, f32::scalar_fact(), u8::scalar_fact()])
     }
 
     as_op!();

@@ -11,6 +11,7 @@
 //! aarch64). All of them are checked against [`reference`] in the tests, ragged sizes included.
 
 pub mod formats;
+pub mod integer;
 
 /// Rows of the reduction axis decoded per panel.
 const KC: usize = 128;
