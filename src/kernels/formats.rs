@@ -1,7 +1,7 @@
 //! The compressed weight forms quench writes, as [`Panels`] sources over borrowed bytes: nothing here
 //! copies a weight, so the running model holds exactly what the file holds.
 
-use super::Panels;
+use super::{Isa, Panels};
 
 /// 8-bit codes, signed or not.
 #[derive(Clone, Copy, Debug)]
@@ -133,11 +133,12 @@ fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out:
         fn mid<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
             body(q, at, s, z, out)
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        // Isa::detect() names a family only on a CPU that has it (and may be capped lower).
+        if Isa::detect() == Isa::Avx512 {
             // SAFETY: the feature was detected.
             return unsafe { wide(q, at, s, z, out) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if Isa::detect() != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the feature was detected.
             return unsafe { mid(q, at, s, z, out) };
         }
@@ -495,13 +496,11 @@ impl Panels for NibblesK {
             fn mid(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
                 body(w, k0, kc, n0, nr, out)
             }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
+            if Isa::detect() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the features were detected.
                 return unsafe { wide(self, k0, kc, n0, nr, out) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if Isa::detect() != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the feature was detected.
                 return unsafe { mid(self, k0, kc, n0, nr, out) };
             }

@@ -35,10 +35,19 @@ pub struct Layout {
 }
 
 impl IntIsa {
-    /// The best family this CPU supports (detected once).
+    /// The best family this CPU supports (detected once), or a lesser one named by `QUENCH_KERNELS`
+    /// (`avx2` or `portable`; see [`super::Isa::detect`]).
     pub fn detect() -> IntIsa {
         static BEST: std::sync::OnceLock<IntIsa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| IntIsa::available()[0])
+        *BEST.get_or_init(|| {
+            let all = IntIsa::available();
+            let wanted = match super::capped_to().as_deref() {
+                Some("avx2") => Some(IntIsa::Avx2),
+                Some("portable") => Some(IntIsa::Portable),
+                _ => None,
+            };
+            wanted.filter(|w| all.contains(w)).unwrap_or(all[0])
+        })
     }
 
     /// Every family this CPU can run, the best first.

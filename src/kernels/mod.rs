@@ -13,6 +13,10 @@
 pub mod formats;
 pub mod integer;
 
+/// Columns of the portable tile: 4 × 16 accumulators fill half of NEON's 32 registers; x86-64's
+/// baseline (SSE2) has 16, so it takes 4 × 8 and keeps them all in registers.
+const PORTABLE_NR: usize = if cfg!(target_arch = "x86_64") { 8 } else { 16 };
+
 /// Rows of the reduction axis decoded per panel.
 const KC: usize = 128;
 
@@ -25,10 +29,18 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best family this CPU supports (detected once).
+    /// The best family this CPU supports (detected once), or a lesser one named by the environment
+    /// variable `QUENCH_KERNELS` (`avx2` or `portable`), to measure what other machines would run.
     pub fn detect() -> Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(Isa::probe)
+        *BEST.get_or_init(|| {
+            let best = Isa::probe();
+            match capped_to().as_deref() {
+                Some("avx2") if best == Isa::Avx512 => Isa::Avx2,
+                Some("portable") => Isa::Portable,
+                _ => best,
+            }
+        })
     }
 
     fn probe() -> Isa {
@@ -48,7 +60,7 @@ impl Isa {
 
     /// Every family this CPU can run (the best first), for tests and benchmarks.
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
+        let best = Isa::probe();
         [Isa::Avx512, Isa::Avx2, Isa::Portable]
             .into_iter()
             .skip_while(|i| *i != best)
@@ -59,7 +71,7 @@ impl Isa {
         match self {
             Isa::Avx512 => (8, 32),
             Isa::Avx2 => (6, 16),
-            Isa::Portable => (4, 16),
+            Isa::Portable => (4, PORTABLE_NR),
         }
     }
 
@@ -70,6 +82,13 @@ impl Isa {
             Isa::Portable => "portable",
         }
     }
+}
+
+/// The kernel family `QUENCH_KERNELS` asks for, if set.
+fn capped_to() -> Option<String> {
+    std::env::var("QUENCH_KERNELS")
+        .ok()
+        .map(|v| v.to_ascii_lowercase())
 }
 
 /// A weight `W[K, N]` that can be decoded panel by panel.
@@ -96,7 +115,7 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
     assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
     // The families are ordered: a CPU runs its best one and every one after it.
     assert!(
-        isa as usize >= Isa::detect() as usize,
+        isa as usize >= Isa::probe() as usize,
         "{} kernels on a CPU without them",
         isa.name()
     );
@@ -149,15 +168,17 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
     }
 }
 
-/// `tile[i * 16 + j] = Σ_r rows[i][r] · panel[r * 16 + j]`.
+/// `tile[i * NR + j] = Σ_r rows[i][r] · panel[r * NR + j]`.
 fn tile_portable(kc: usize, rows: &[&[f32]; 4], panel: &[f32], tile: &mut [f32]) {
-    const NR: usize = 16;
+    const NR: usize = PORTABLE_NR;
     let mut acc = [[0f32; NR]; 4];
     for (r, p) in panel[..kc * NR].chunks_exact(NR).enumerate() {
         for (i, acc) in acc.iter_mut().enumerate() {
             let x = rows[i][r];
             for (a, w) in acc.iter_mut().zip(p) {
-                *a = x.mul_add(*w, *a);
+                // Not `mul_add`: without a hardware FMA in the build target (x86-64's baseline has
+                // none) that is a libm call per product.
+                *a += x * *w;
             }
         }
     }
