@@ -630,7 +630,7 @@ impl Expansion for Expansion_ {
             }
         }
         // Fail at load, not at the first run, when the constants do not fit the form.
-        op.with_panels(|_| Ok(()))
+        op.with_panels(true, |_, _| Ok(()))
             .with_context(|| format!("{prefix}: weight does not fit {OP}"))?;
         model.wire_node(prefix, op, &inputs[..1])
     }
@@ -699,10 +699,15 @@ impl QMatMul {
                 .sum::<usize>()
     }
 
-    /// Runs `f` over the panel source of the weight.
-    fn with_panels<R>(&self, f: impl FnOnce(&dyn Panels) -> TractResult<R>) -> TractResult<R> {
+    /// Runs `f` over the panel source of the weight. `verify` checks every code against its codebook
+    /// (done once, at load: the constants do not change after).
+    fn with_panels<R>(
+        &self,
+        verify: bool,
+        f: impl FnOnce(&dyn Panels, Option<&Codebook>) -> TractResult<R>,
+    ) -> TractResult<R> {
         if let Some(r) = &self.relaid {
-            return f(&**r);
+            return f(&**r, None);
         }
         let rams: Vec<_> = self
             .konsts
@@ -734,9 +739,9 @@ impl QMatMul {
                     rams[0].len(),
                     scales.len()
                 );
-                f(&Int8Cols::with_codes(codes, k, n, scales, zero))
+                f(&Int8Cols::with_codes(codes, k, n, scales, zero), None)
             }
-            Form::NBits { .. } => self.nbits_view(|w| f(w)),
+            Form::NBits { .. } => self.nbits_view(|w| f(w, None)),
             Form::Codebook {
                 k_padded,
                 dim,
@@ -764,8 +769,10 @@ impl QMatMul {
                     subspaces: *subspaces,
                     size: *size,
                 };
-                w.check().map_err(|e| anyhow!(e))?;
-                f(&w)
+                if verify {
+                    w.check().map_err(|e| anyhow!(e))?;
+                }
+                f(&w, Some(&w))
             }
         }
     }
@@ -838,8 +845,11 @@ impl EvalOp for QMatMul {
             let a = a_ram.as_slice::<f32>()?;
             let mut y_ram = y.try_as_plain_ram_mut()?;
             let c = y_ram.as_slice_mut::<f32>()?;
-            self.with_panels(|w| {
-                kernels::matmul(a, m, w, c);
+            self.with_panels(false, |w, book| {
+                // A codebook weight is multiplied without decoding where the CPU allows.
+                if !book.is_some_and(|b| kernels::codebook::matmul(a, m, b, c)) {
+                    kernels::matmul(a, m, w, c);
+                }
                 Ok(())
             })?;
         }

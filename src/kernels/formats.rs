@@ -275,7 +275,7 @@ pub enum CodeSlice<'a> {
 }
 
 impl CodeSlice<'_> {
-    fn get(&self, i: usize) -> usize {
+    pub fn get(&self, i: usize) -> usize {
         match self {
             CodeSlice::U8(c) => c[i] as usize,
             CodeSlice::U16(c) => c[i] as usize,
@@ -348,46 +348,94 @@ impl Panels for Codebook<'_> {
         self.n
     }
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        #[inline(always)]
+        fn body(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+            w.decode_rows(k0, kc, n0, nr, out)
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            fn wide(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+                body(w, k0, kc, n0, nr, out)
+            }
+            #[target_feature(enable = "avx2")]
+            fn mid(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+                body(w, k0, kc, n0, nr, out)
+            }
+            if Isa::detect() == Isa::Avx512 {
+                // SAFETY: the feature was detected.
+                return unsafe { wide(self, k0, kc, n0, nr, out) };
+            }
+            if Isa::detect() != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected.
+                return unsafe { mid(self, k0, kc, n0, nr, out) };
+            }
+        }
+        body(self, k0, kc, n0, nr, out)
+    }
+}
+
+impl Codebook<'_> {
+    /// The panel a row of K at a time: for each piece, the codebook row of every column is looked up
+    /// once per stage, then each of the piece's rows of K is a contiguous run of `nw` stores (gathered
+    /// from the codebook, which is small enough to stay in L1).
+    #[inline(always)]
+    fn decode_rows(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
         let dim = self.dim;
         let pieces = self.k_padded / dim;
         let pps = pieces / self.subspaces;
         let nw = nr.min(self.n.saturating_sub(n0));
-        for j in 0..nw {
-            let col = n0 + j;
-            let s = self.scales[col];
-            let first = k0 / dim;
-            let last = (k0 + kc).div_ceil(dim);
-            for p in first..last {
-                let mut piece = [0f32; 16];
-                let piece = &mut piece[..dim.min(16)];
-                let mut wide;
-                let piece: &mut [f32] = if dim <= 16 {
-                    piece
-                } else {
-                    wide = vec![0f32; dim];
-                    &mut wide
-                };
-                for (codes, book) in &self.stages {
-                    let mut row = codes.get(col * pieces + p);
-                    if self.size > 0 {
-                        row += (p / pps) * self.size;
-                    }
-                    for (v, b) in piece.iter_mut().zip(&book[row * dim..(row + 1) * dim]) {
-                        *v += b;
-                    }
+        let scales = &self.scales[n0..n0 + nw];
+        let mut rows = [0u32; 64];
+        let mut heap;
+        let rows: &mut [u32] = if nw <= 64 {
+            &mut rows[..nw]
+        } else {
+            heap = vec![0u32; nw];
+            &mut heap
+        };
+        for p in k0 / dim..(k0 + kc).div_ceil(dim) {
+            // The piece's rows of K that fall in the panel.
+            let d_lo = k0.saturating_sub(p * dim);
+            let d_hi = (k0 + kc - p * dim).min(dim);
+            let offset = if self.size > 0 {
+                (p / pps) * self.size
+            } else {
+                0
+            };
+            for (stage, (codes, book)) in self.stages.iter().enumerate() {
+                let mut top = 0;
+                for (j, r) in rows.iter_mut().enumerate() {
+                    *r = ((codes.get((n0 + j) * pieces + p) + offset) * dim) as u32;
+                    top = top.max(*r);
                 }
-                for (d, v) in piece.iter().enumerate() {
-                    let kk = p * dim + d;
-                    if kk >= k0 && kk < k0 + kc {
-                        out[(kk - k0) * nr + j] = v * s;
+                // Every lookup below reads book[r + d] with d < dim.
+                assert!(
+                    top as usize + dim <= book.len(),
+                    "code past the end of its codebook"
+                );
+                for d in d_lo..d_hi {
+                    let o = &mut out[(p * dim + d - k0) * nr..][..nw];
+                    let book = &book[d..];
+                    // SAFETY: r + d ≤ top + dim − 1 < book.len() (asserted above), so r < book[d..].len().
+                    let at = |r: u32| unsafe { *book.get_unchecked(r as usize) };
+                    if stage == 0 {
+                        for (o, &r) in o.iter_mut().zip(rows.iter()) {
+                            *o = at(r);
+                        }
+                    } else {
+                        for (o, &r) in o.iter_mut().zip(rows.iter()) {
+                            *o += at(r);
+                        }
                     }
                 }
             }
         }
-        if nw < nr {
-            for r in 0..kc {
-                out[r * nr + nw..(r + 1) * nr].fill(0.0);
+        for row in out[..kc * nr].chunks_exact_mut(nr) {
+            for (o, s) in row.iter_mut().zip(scales) {
+                *o *= s;
             }
+            row[nw..].fill(0.0);
         }
     }
 }

@@ -10,6 +10,7 @@
 //! FMA (6 × 16), and a portable one the compiler vectorises for whatever the build targets (NEON on
 //! aarch64). All of them are checked against [`reference`] in the tests, ragged sizes included.
 
+pub mod codebook;
 pub mod formats;
 pub mod integer;
 

@@ -1,0 +1,232 @@
+//! `C[M, N] = A[M, K] · W` over a codebook weight without decoding it: the product is taken with the
+//! output's rows along the vector lanes, so every weight is a scalar that the FMA broadcasts straight
+//! from the codebook (`vfmadd231ps` with an embedded `{1to16}` broadcast). The codebook of a piece is
+//! looked up once per column and piece, then serves its `dim` rows of K. Column scales multiply the
+//! finished output. A is transposed once per product (`K × M`, a small copy next to the weight).
+//!
+//! This replaces the panel decode ([`super::Panels`] on [`Codebook`]) where AVX-512 is present: there
+//! the decode, about one gather per weight per product, cost as much as the multiply-adds at a few
+//! dozen rows.
+
+use super::formats::Codebook;
+
+/// Columns per tile; 8 × 3 zmm of rows = 24 accumulators.
+#[cfg(target_arch = "x86_64")]
+const NR: usize = 8;
+
+/// Whether [`matmul`] runs on this CPU (else use the panel decode).
+pub fn available() -> bool {
+    super::Isa::detect() == super::Isa::Avx512
+}
+
+/// `c[M, N] = a[M, K] · W`; `false` (and `c` untouched) when this CPU lacks the kernel.
+pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
+    if !available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (k, n) = (w.k, w.n);
+        assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
+        assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
+        // The shapes only: each code is bounds-checked where it is looked up.
+        assert!(
+            w.dim > 0
+                && w.k_padded.is_multiple_of(w.dim)
+                && w.k <= w.k_padded
+                && w.subspaces > 0
+                && (w.k_padded / w.dim).is_multiple_of(w.subspaces)
+                && w.scales.len() == n
+                && w.stages
+                    .iter()
+                    .all(|(c, _)| c.len() == n * (w.k_padded / w.dim)),
+            "codebook weight of inconsistent shapes"
+        );
+        if m == 0 || n == 0 {
+            return true;
+        }
+        if k == 0 {
+            c.fill(0.0);
+            return true;
+        }
+        // Aᵀ, rows padded to K padded (zeros meet the padding pieces) and columns to a whole zmm.
+        let mp = m.div_ceil(16) * 16;
+        let mut at = vec![0f32; w.k_padded * mp];
+        for (i, row) in a.chunks_exact(k).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                at[r * mp + i] = v;
+            }
+        }
+        let zero_row = vec![0f32; w.dim];
+        let mut tile = [0f32; NR * 48];
+        for j0 in (0..n).step_by(NR) {
+            let nw = NR.min(n - j0);
+            for m0 in (0..mp).step_by(48) {
+                let vecs = ((mp - m0) / 16).min(3);
+                // SAFETY: avx512f was checked by `available`; Aᵀ holds k_padded × mp values and
+                // m0 + 16·vecs ≤ mp.
+                unsafe {
+                    match vecs {
+                        3 => x86::tile::<3>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                        2 => x86::tile::<2>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                        _ => x86::tile::<1>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                    }
+                }
+                let scales = &w.scales[j0..j0 + nw];
+                for i in 0..(16 * vecs).min(m - m0) {
+                    let out = &mut c[(m0 + i) * n + j0..][..nw];
+                    for (j, (o, s)) in out.iter_mut().zip(scales).enumerate() {
+                        *o = tile[j * 48 + i] * s;
+                    }
+                }
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, m, w, c);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Codebook, NR};
+    use std::arch::x86_64::*;
+
+    /// `tile[j * 48 + i] = Σ_r Aᵀ[r, m0 + i] · W[r, j0 + j]` (unscaled) for `i < 16·V`, `j < nw`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `at` must hold `k_padded × mp` values,
+    /// `m0 + 16·V ≤ mp`, `zero_row` `dim` values.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile<const V: usize>(
+        w: &Codebook,
+        at: &[f32],
+        mp: usize,
+        m0: usize,
+        j0: usize,
+        nw: usize,
+        zero_row: &[f32],
+        tile: &mut [f32; NR * 48],
+    ) {
+        let dim = w.dim;
+        let pieces = w.k_padded / dim;
+        let pps = pieces / w.subspaces;
+        let mut acc = [[_mm512_setzero_ps(); V]; NR];
+        let mut rows = [zero_row.as_ptr(); NR];
+        for p in 0..pieces {
+            let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
+            for (codes, book) in &w.stages {
+                for (j, row) in rows.iter_mut().enumerate().take(nw) {
+                    let code = codes.get((j0 + j) * pieces + p) + offset;
+                    // A checked slice: a code past its codebook panics rather than reads out of it.
+                    *row = book[code * dim..][..dim].as_ptr();
+                }
+                for d in 0..dim {
+                    let r = p * dim + d;
+                    let mut x = [_mm512_setzero_ps(); V];
+                    for (v, x) in x.iter_mut().enumerate() {
+                        // SAFETY: r < k_padded and m0 + 16v + 15 < mp, so the 16 values are in `at`.
+                        *x = unsafe { _mm512_loadu_ps(at.as_ptr().add(r * mp + m0 + 16 * v)) };
+                    }
+                    for j in 0..NR {
+                        // SAFETY: rows[j] points at `dim` values of a codebook (or of zero_row).
+                        let b = _mm512_set1_ps(unsafe { *rows[j].add(d) });
+                        for v in 0..V {
+                            acc[j][v] = _mm512_fmadd_ps(x[v], b, acc[j][v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: j * 48 + 16v + 15 < NR * 48.
+                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(j * 48 + 16 * v), *acc) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::formats::{CodeSlice, Codebook};
+    use super::super::{Panels, reference};
+    use super::*;
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::{Rng, SeedableRng};
+
+    fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// Multi-stage, subspace, padded and ragged codebook weights, against the f64 reference over the
+    /// decoded weight, through both the broadcast kernel (where the CPU has it) and the panel decode.
+    #[test]
+    fn codebook_products_match_the_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for &(m, k, n, dim, subspaces, stages) in &[
+            (1usize, 8usize, 3usize, 4usize, 1usize, 1usize),
+            (5, 30, 17, 4, 2, 1),
+            (17, 64, 9, 8, 1, 2),
+            (48, 128, 40, 4, 4, 1),
+            (50, 66, 33, 2, 3, 2),
+        ] {
+            let k_padded = k.div_ceil(dim * subspaces) * dim * subspaces;
+            let pieces = k_padded / dim;
+            let size = 16;
+            let codes: Vec<Vec<u8>> = (0..stages)
+                .map(|_| {
+                    (0..n * pieces)
+                        .map(|_| (rng.next_u32() % 16) as u8)
+                        .collect()
+                })
+                .collect();
+            let books: Vec<Vec<f32>> = (0..stages)
+                .map(|_| uniform(&mut rng, size * subspaces * dim))
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 0.01).collect();
+            let w = Codebook {
+                stages: codes
+                    .iter()
+                    .zip(&books)
+                    .map(|(c, b)| (CodeSlice::U8(c), &b[..]))
+                    .collect(),
+                scales: &scales,
+                k,
+                n,
+                k_padded,
+                dim,
+                subspaces,
+                size,
+            };
+            w.check().unwrap();
+            let a = uniform(&mut rng, m * k);
+            let want = reference(&a, m, &w);
+            let tol = 1e-5 * (k * stages) as f32;
+            let mut c = vec![f32::NAN; m * n];
+            if matmul(&a, m, &w, &mut c) {
+                for (i, (g, e)) in c.iter().zip(&want).enumerate() {
+                    assert!((g - e).abs() <= tol, "broadcast kernel at {i}: {g} vs {e}");
+                }
+            }
+            for isa in super::super::Isa::available() {
+                let mut c = vec![f32::NAN; m * n];
+                super::super::matmul_with(isa, &a, m, &w, &mut c);
+                for (i, (g, e)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= tol,
+                        "{} panels at {i}: {g} vs {e}",
+                        isa.name()
+                    );
+                }
+            }
+            assert_eq!(w.k(), k);
+        }
+    }
+}
