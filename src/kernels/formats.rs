@@ -441,8 +441,10 @@ impl Codebook<'_> {
 }
 
 /// [`NBits`] codes laid out along K for panel decoding: row `k` holds the codes of every column, two to a
-/// byte (even column in the low bits), so a panel row is a contiguous run of bytes; the scales and zero
-/// points become `[blocks, N]` rows. Same size as the MatMulNBits B it is made from (4-bit codes).
+/// byte, in groups of 32 columns in 16 bytes: byte `i` of group `g` holds column `32g + i` in its low
+/// bits and column `32g + 16 + i` in its high bits. A run of up to 16 columns is then one shift of 16
+/// contiguous bytes, which vectorises. The scales and zero points become `[blocks, N]` rows. Same size
+/// as the MatMulNBits B it is made from (4-bit codes; a ragged last group is padded).
 pub struct NibblesK {
     codes: Vec<u8>,
     scales: Vec<f32>,
@@ -466,15 +468,16 @@ impl NibblesK {
         }
         let (k, n, block) = (w.k, w.n, w.block);
         let blocks = k.div_ceil(block);
-        let half = n.div_ceil(2);
-        let mut codes = vec![0u8; k * half];
+        let row = Self::row_bytes(n);
+        let mut codes = vec![0u8; k * row];
         let blob = block / 2;
         for col in 0..n {
             let src = &w.b[col * blocks * blob..(col + 1) * blocks * blob];
+            let (at, shift) = Self::place(col);
             for kk in 0..k {
                 let (blk, i) = (kk / block, kk % block);
                 let code = (src[blk * blob + i / 2] >> (4 * (i % 2))) & 15;
-                codes[kk * half + col / 2] |= code << (4 * (col % 2));
+                codes[kk * row + at] |= code << shift;
             }
         }
         let mut scales = vec![0f32; blocks * n];
@@ -501,6 +504,17 @@ impl NibblesK {
     pub fn bytes(&self) -> usize {
         self.codes.len() + 4 * (self.scales.len() + self.zero.len())
     }
+
+    /// Bytes of one row of K: whole groups of 32 columns.
+    fn row_bytes(n: usize) -> usize {
+        n.div_ceil(32) * 16
+    }
+
+    /// The byte of a row holding `col`, and the shift of its 4 bits.
+    fn place(col: usize) -> (usize, u32) {
+        let (g, i) = (col / 32, col % 32);
+        (g * 16 + i % 16, 4 * (i / 16) as u32)
+    }
 }
 
 impl Panels for NibblesK {
@@ -514,22 +528,29 @@ impl Panels for NibblesK {
         #[inline(always)]
         fn body(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
             let nw = nr.min(w.n.saturating_sub(n0));
-            let half = w.n.div_ceil(2);
-            // n0 is a multiple of the (even) panel width, so each row starts on a byte.
-            debug_assert!(n0.is_multiple_of(2));
+            let row = NibblesK::row_bytes(w.n);
             for r in 0..kc {
                 let kk = k0 + r;
                 let blk = kk / w.block;
                 let s = &w.scales[blk * w.n + n0..blk * w.n + n0 + nw];
                 let z = &w.zero[blk * w.n + n0..blk * w.n + n0 + nw];
-                let bytes = &w.codes[kk * half + n0 / 2..kk * half + (n0 + nw).div_ceil(2)];
+                let codes = &w.codes[kk * row..(kk + 1) * row];
                 let o = &mut out[r * nr..(r + 1) * nr];
-                for (p, &b) in bytes.iter().enumerate() {
-                    let j = 2 * p;
-                    o[j] = ((b & 15) as f32 - z[j]) * s[j];
-                    if j + 1 < nw {
-                        o[j + 1] = ((b >> 4) as f32 - z[j + 1]) * s[j + 1];
+                // Runs of columns that share one half of a group: contiguous bytes, one shift.
+                let mut j = 0;
+                while j < nw {
+                    let (at, shift) = NibblesK::place(n0 + j);
+                    let len = (16 - (n0 + j) % 16).min(nw - j);
+                    let bytes = &codes[at..at + len];
+                    for (((o, &b), &z), &s) in o[j..j + len]
+                        .iter_mut()
+                        .zip(bytes)
+                        .zip(&z[j..])
+                        .zip(&s[j..])
+                    {
+                        *o = (((b >> shift) & 15) as f32 - z) * s;
                     }
+                    j += len;
                 }
                 o[nw..].fill(0.0);
             }

@@ -278,7 +278,7 @@ pub fn reference(a: &[f32], m: usize, w: &dyn Panels) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::formats::{Int8Cols, NBits};
+    use super::formats::{Int8Cols, NBits, NibblesK};
     use super::*;
     use rand_chacha::ChaCha8Rng;
     use rand_core::{Rng, SeedableRng};
@@ -330,6 +330,7 @@ mod tests {
             (5, 100, 19, 32),
             (4, 256, 40, 64),
             (1, 48, 3, 16),
+            (3, 64, 75, 32),
         ] {
             let blocks = k.div_ceil(block);
             let blob = block / 2;
@@ -342,12 +343,15 @@ mod tests {
                 .collect();
             for zp in [None, Some(&zp[..])] {
                 let w = NBits::new(&b, &scales, zp, k, n, 4, block).unwrap();
+                let relaid = NibblesK::from_nbits(&w).unwrap();
                 let a = uniform(&mut rng, m * k);
                 let want = reference(&a, m, &w);
                 for isa in Isa::available() {
-                    let mut c = vec![0f32; m * n];
-                    matmul_with(isa, &a, m, &w, &mut c);
-                    close(&c, &want, k * 8);
+                    for panels in [&w as &dyn Panels, &relaid] {
+                        let mut c = vec![0f32; m * n];
+                        matmul_with(isa, &a, m, panels, &mut c);
+                        close(&c, &want, k * 8);
+                    }
                 }
             }
         }
