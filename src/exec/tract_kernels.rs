@@ -528,6 +528,43 @@ fn remove_dead_nodes(g: &mut pb::GraphProto) {
     }
 }
 
+/// Shape rules of a product over a `[K, N]` weight: the output is the input with its last axis `N`.
+fn last_axis_becomes<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    n: usize,
+) -> InferenceResult {
+    let n = n.to_dim();
+    s.given(&inputs[0].rank, move |s, rank| {
+        let rank = rank as usize;
+        s.equals(&outputs[0].rank, rank as i64)?;
+        for ax in 0..rank - 1 {
+            s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+        }
+        s.equals(&outputs[0].shape[rank - 1], n.clone())
+    })
+}
+
+/// The output shape of a product over a `[K, N]` weight, for an input of `shape`.
+fn output_shape(shape: &[usize], k: usize, n: usize, op: &str) -> TractResult<TVec<usize>> {
+    ensure!(
+        shape.last() == Some(&k),
+        "{op}: input shape {shape:?} for K {k}"
+    );
+    let mut out: TVec<usize> = shape.into();
+    *out.last_mut().unwrap() = n;
+    Ok(out)
+}
+
+/// [`output_shape`] for typed facts.
+fn output_fact_shape(a: &TypedFact, n: usize, op: &str) -> TractResult<TVec<TDim>> {
+    ensure!(a.rank() >= 1, "{op} takes an input of rank ≥ 1");
+    let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
+    *shape.last_mut().unwrap() = n.to_dim();
+    Ok(shape)
+}
+
 #[derive(Clone, Debug)]
 enum Form {
     Int8,
@@ -590,15 +627,7 @@ impl Expansion for Expansion_ {
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        let n = self.n.to_dim();
-        s.given(&inputs[0].rank, move |s, rank| {
-            let rank = rank as usize;
-            s.equals(&outputs[0].rank, rank as i64)?;
-            for ax in 0..rank - 1 {
-                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
-            }
-            s.equals(&outputs[0].shape[rank - 1], n.clone())
-        })
+        last_axis_becomes(s, inputs, outputs, self.n)
     }
 
     fn wire(
@@ -829,15 +858,7 @@ impl EvalOp for QMatMul {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let a = args_1!(inputs);
         ensure!(a.datum_type() == f32::datum_type(), "{OP} takes f32 input");
-        let rank = a.rank();
-        ensure!(
-            rank >= 1 && a.shape()[rank - 1] == self.k,
-            "{OP}: input shape {:?} for K {}",
-            a.shape(),
-            self.k
-        );
-        let mut shape: TVec<usize> = a.shape().into();
-        shape[rank - 1] = self.n;
+        let shape = output_shape(a.shape(), self.k, self.n, OP)?;
         let m = a.len() / self.k;
         let mut y = Tensor::zero::<f32>(&shape)?;
         {
@@ -861,11 +882,7 @@ impl TypedOp for QMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let a = inputs[0];
         ensure!(a.datum_type == f32::datum_type(), "{OP} takes f32 input");
-        let rank = a.rank();
-        ensure!(rank >= 1, "{OP} takes an input of rank ≥ 1");
-        let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
-        shape[rank - 1] = self.n.to_dim();
-        Ok(tvec![f32::fact(shape)])
+        Ok(tvec![f32::fact(output_fact_shape(a, self.n, OP)?)])
     }
 
     as_op!();
@@ -1045,15 +1062,7 @@ impl Expansion for IntegerExpansion {
         check_input_arity(inputs, 2 + self.a_zero as usize + self.b_zero as usize)?;
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, i32::datum_type())?;
-        let n = self.n.to_dim();
-        s.given(&inputs[0].rank, move |s, rank| {
-            let rank = rank as usize;
-            s.equals(&outputs[0].rank, rank as i64)?;
-            for ax in 0..rank - 1 {
-                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
-            }
-            s.equals(&outputs[0].shape[rank - 1], n.clone())
-        })
+        last_axis_becomes(s, inputs, outputs, self.n)
     }
 
     fn wire(
@@ -1181,15 +1190,7 @@ impl EvalOp for QMatMulInteger {
                 }
             }
         };
-        let rank = a.rank();
-        ensure!(
-            rank >= 1 && a.shape()[rank - 1] == self.k,
-            "{OP_INT}: input shape {:?} for K {}",
-            a.shape(),
-            self.k
-        );
-        let mut shape: TVec<usize> = a.shape().into();
-        shape[rank - 1] = self.n;
+        let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
         let m = a.len() / self.k;
         let mut y = Tensor::zero::<i32>(&shape)?;
         {
@@ -1233,11 +1234,7 @@ impl TypedOp for QMatMulInteger {
             a.datum_type == u8::datum_type() || a.datum_type == i8::datum_type(),
             "{OP_INT} takes u8 or i8 input"
         );
-        let rank = a.rank();
-        ensure!(rank >= 1, "{OP_INT} takes an input of rank ≥ 1");
-        let mut shape: TVec<TDim> = a.shape.iter().cloned().collect();
-        shape[rank - 1] = self.n.to_dim();
-        Ok(tvec![i32::fact(shape)])
+        Ok(tvec![i32::fact(output_fact_shape(a, self.n, OP_INT)?)])
     }
 
     as_op!();

@@ -159,16 +159,11 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::super::formats::{CodeSlice, Codebook};
+    use super::super::tests::uniform;
     use super::super::{Panels, reference};
     use super::*;
     use rand_chacha::ChaCha8Rng;
     use rand_core::{Rng, SeedableRng};
-
-    fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
-            .collect()
-    }
 
     /// Multi-stage, subspace, padded and ragged codebook weights, against the f64 reference over the
     /// decoded weight, through both the broadcast kernel (where the CPU has it) and the panel decode.

@@ -283,7 +283,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
     use rand_core::{Rng, SeedableRng};
 
-    fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    pub(super) fn uniform(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
             .collect()
