@@ -90,3 +90,102 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
         }
     }
 }
+
+/// The static QDQ form, `MatMul(DequantizeLinear(QuantizeLinear(x)), DequantizeLinear(w_q))`, on one
+/// layer: the kernels' integer product times `s_x · s_w` equals tract's float product of the
+/// dequantized operands up to float rounding, for signed and unsigned weights with zero points.
+#[test]
+fn qdq_matmul_is_taken_as_an_integer_product() {
+    use ndarray::{ArrayD, IxDyn};
+    use quench::exec::Tensor;
+    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
+
+    let (m, k, n) = (37usize, 75usize, 43usize);
+    let node = |op: &str, i: &[&str], o: &str, axis: Option<i64>| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("/{o}")),
+        input: i.iter().map(|s| s.to_string()).collect(),
+        output: vec![o.into()],
+        attribute: axis
+            .map(|a| AttributeProto {
+                name: "axis".into(),
+                r#type: Some(2),
+                i: Some(a),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let tensor = |name: &str, dt: i32, dims: &[i64], raw: Vec<u8>| TensorProto {
+        name: name.into(),
+        data_type: dt,
+        dims: dims.to_vec(),
+        raw_data: raw.into(),
+        ..Default::default()
+    };
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut seed = 1u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    for (dt, zero) in [(3, 0u8), (2, 131u8)] {
+        let q: Vec<u8> = (0..k * n).map(|_| next() as u8).collect();
+        let sw: Vec<f32> = (0..n).map(|j| 0.002 + j as f32 * 1e-4).collect();
+        let graph = GraphProto {
+            name: Some("qdq".into()),
+            node: vec![
+                node("QuantizeLinear", &["x", "sx", "zx"], "xq", None),
+                node("DequantizeLinear", &["xq", "sx", "zx"], "xd", None),
+                node("DequantizeLinear", &["wq", "sw", "zw"], "wd", Some(1)),
+                node("MatMul", &["xd", "wd"], "y", None),
+            ],
+            initializer: vec![
+                tensor("sx", 1, &[], f32s(&[0.0123])),
+                tensor("zx", 2, &[], vec![117]),
+                tensor("wq", dt, &[k as i64, n as i64], q),
+                tensor("sw", 1, &[n as i64], f32s(&sw)),
+                tensor("zw", dt, &[n as i64], vec![zero; n]),
+            ],
+            input: vec![value_info("x", 1)],
+            output: vec![value_info("y", 1)],
+            ..Default::default()
+        };
+        let proto = model_of(graph);
+        let model = Model::load_bytes(prost::Message::encode_to_vec(&proto), None).unwrap();
+        let prep = Prepared::from_model(&model, "qdq");
+        let x = ArrayD::from_shape_fn(IxDyn(&[m, k]), |_| (next() % 2001) as f32 / 1000.0 - 1.3);
+        let feed = vec![("x".to_string(), Tensor::F32(x))];
+        let plain_opts = SessionOptions {
+            tract_kernels: false,
+            ..Default::default()
+        };
+        let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+        let kernels = fast
+            .settings()
+            .into_iter()
+            .find(|(k, _)| k == "weight kernels")
+            .map(|(_, v)| v)
+            .unwrap();
+        assert!(kernels.contains(", 1 QDQ MatMul"), "{kernels}");
+        let got = fast.run(&feed).unwrap().remove(0).1;
+        let want = exec::open(&prep, RuntimeKind::Tract, &plain_opts)
+            .unwrap()
+            .run(&feed)
+            .unwrap()
+            .remove(0)
+            .1;
+        let (got, want) = (got.to_f32(), want.to_f32());
+        assert_eq!(got.shape(), &[m, n]);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * scale,
+                "weights of type {dt}, at {i}: {g} vs {w}"
+            );
+        }
+    }
+}

@@ -188,13 +188,14 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} DynamicQuantizeLinear)",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} DynamicQuantizeLinear)",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
                         r.codebook,
                         crate::kernels::integer::IntIsa::detect().name(),
                         r.integer,
+                        r.qdq,
                         r.quantize
                     ),
                 },

@@ -35,13 +35,15 @@ pub struct Rewrites {
     pub codebook: usize,
     /// MatMulIntegers over a constant 8-bit weight (exact i32 products on 8-bit operands).
     pub integer: usize,
+    /// MatMuls over two DequantizeLinear (static QDQ), taken as integer products.
+    pub qdq: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
 }
 
 impl Rewrites {
     pub fn total(&self) -> usize {
-        self.int8 + self.nbits + self.codebook + self.integer
+        self.int8 + self.nbits + self.codebook + self.integer + self.qdq
     }
 }
 
@@ -211,6 +213,7 @@ enum Kind {
     NBits,
     Codebook,
     Integer,
+    Qdq,
 }
 
 /// The weight a MatMul reads, seen through Identity nodes (tied weights).
@@ -457,7 +460,9 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         let ix = Index::new(g);
         (0..g.node.len())
             .filter_map(|i| match g.node[i].op_type.as_str() {
-                "MatMul" => plan_int8(g, &ix, i).or_else(|| plan_codebook(g, &ix, i)),
+                "MatMul" => plan_qdq(g, &ix, i, &mut packs)
+                    .or_else(|| plan_int8(g, &ix, i))
+                    .or_else(|| plan_codebook(g, &ix, i)),
                 "MatMulNBits" => plan_nbits(g, &ix, i),
                 "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
                 _ => None,
@@ -467,7 +472,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     for p in plans {
         let node = &mut g.node[p.node];
         node.op_type = match p.kind {
-            Kind::Integer => OP_INT,
+            Kind::Integer | Kind::Qdq => OP_INT,
             _ => OP,
         }
         .into();
@@ -479,6 +484,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::NBits => done.nbits += 1,
             Kind::Codebook => done.codebook += 1,
             Kind::Integer => done.integer += 1,
+            Kind::Qdq => done.qdq += 1,
         }
     }
     if done.total() == 0 {
@@ -923,11 +929,82 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
     let mm = &g.node[i];
     let a = mm.input.first().filter(|a| !a.is_empty())?;
     let b = weight_value(g, ix, mm.input.get(1)?);
+    let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
+    let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
+    integer_plan(g, ix, i, packs, a, a_zero, b, b_zero, None)
+}
+
+/// `MatMul(DequantizeLinear(x_q, s_x, z_x), DequantizeLinear(w_q, s_w, z_w))` with `s_x`, `z_x` one
+/// constant value and `w_q` a constant 8-bit `[K, N]` (scale and zero point per tensor or per column,
+/// axis 1): the static QDQ form. It becomes the integer product over `x_q`, times `s_x · s_w` per
+/// column — the same value as the float product of the dequantized operands, up to float rounding.
+fn plan_qdq(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
+    let mm = &g.node[i];
+    let dx = &g.node[ix.made_by(g, mm.input.first()?, "DequantizeLinear")?];
+    let dw = &g.node[ix.made_by(g, weight_value(g, ix, mm.input.get(1)?), "DequantizeLinear")?];
+    let (x, sx) = (dx.input.first()?, ix.konst(dx.input.get(1)?)?);
+    // The zero point's type is the activations' type: it must be there and 8-bit.
+    let x_zero = dx.input.get(2).filter(|z| !z.is_empty());
+    let zx = ix.konst(x_zero?)?;
+    if sx.t.data_type != FLOAT
+        || sx.len() != 1
+        || !(zx.is(UINT8, None) || zx.is(INT8, None))
+        || attr_i(dx, "block_size").unwrap_or(0) != 0
+    {
+        return None;
+    }
+    let sx = floats_of(sx.t)?[0];
+    let (w, sw) = (dw.input.first()?, ix.konst(dw.input.get(1)?)?);
+    let wk = ix.konst(w)?;
+    let n = *wk.t.dims.get(1)?;
+    let axis = attr_i(dw, "axis").unwrap_or(1);
+    if sw.t.data_type != FLOAT
+        || !column_scales(sw.t, n)
+        || (sw.len() > 1 && axis != 1 && axis != -1)
+        || attr_i(dw, "block_size").unwrap_or(0) != 0
+    {
+        return None;
+    }
+    let scales: Vec<f32> = floats_of(sw.t)?.iter().map(|s| sx * s).collect();
+    let w_zero = dw.input.get(2).filter(|z| !z.is_empty());
+    integer_plan(g, ix, i, packs, x, x_zero, w, w_zero, Some(scales))
+}
+
+/// The values of a float constant.
+fn floats_of(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    let len: i64 = t.dims.iter().product();
+    if t.data_type != FLOAT || t.data_location == Some(1) {
+        return None;
+    }
+    let v: Vec<f32> = if !t.float_data.is_empty() {
+        t.float_data.clone()
+    } else {
+        t.raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    (v.len() as i64 == len).then_some(v)
+}
+
+/// The `QuenchMatMulInteger` plan for node `i`: activations `a` (zero point `a_zero`), weight `b` (a
+/// constant 8-bit `[K, N]`, zero point `b_zero`), and, for a float result, the scale of each column.
+#[allow(clippy::too_many_arguments)]
+fn integer_plan(
+    g: &pb::GraphProto,
+    ix: &Index,
+    i: usize,
+    packs: &mut Packs,
+    a: &String,
+    a_zero: Option<&String>,
+    b: &str,
+    b_zero: Option<&String>,
+    scales: Option<Vec<f32>>,
+) -> Option<Plan> {
     let bk = ix
         .konst(b)
         .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))?;
     let (k, n) = (bk.t.dims[0], bk.t.dims[1]);
-    let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
     if let Some(z) = a_zero {
         match ix.konst(z) {
             Some(zk) if zk.len() == 1 => {}
@@ -940,7 +1017,6 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
             }
         }
     }
-    let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
     let b_zero_values: Option<Vec<u8>> = match b_zero {
         None => None,
         Some(z) => {
@@ -1001,6 +1077,18 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
     inputs.extend(a_zero.cloned());
     inputs.push(packed);
     inputs.extend(zero.clone());
+    let scaled = scales.is_some();
+    if let Some(scales) = scales {
+        let name = format!("{b}::quench_scale::{i}");
+        packs.made.push(pb::TensorProto {
+            name: name.clone(),
+            data_type: FLOAT,
+            dims: vec![scales.len() as i64],
+            raw_data: scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        inputs.push(name);
+    }
     Some(Plan {
         node: i,
         inputs,
@@ -1011,8 +1099,9 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
             int_attr("group", layout.group as i64),
             int_attr("a_zero", a_zero.is_some() as i64),
             int_attr("b_zero", zero.is_some() as i64),
+            int_attr("scaled", scaled as i64),
         ],
-        kind: Kind::Integer,
+        kind: if scaled { Kind::Qdq } else { Kind::Integer },
     })
 }
 
@@ -1026,6 +1115,7 @@ fn build_integer(
     };
     let a_zero: i64 = node.get_attr("a_zero")?;
     let b_zero: i64 = node.get_attr("b_zero")?;
+    let scaled: i64 = node.get_attr_opt("scaled")?.unwrap_or(0);
     Ok((
         expand(IntegerExpansion {
             k: node.get_attr("K")?,
@@ -1033,12 +1123,14 @@ fn build_integer(
             layout,
             a_zero: a_zero != 0,
             b_zero: b_zero != 0,
+            scaled: scaled != 0,
         }),
         vec![],
     ))
 }
 
-/// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32].
+/// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32],
+/// [column scales: the result is then f32, not i32].
 #[derive(Clone, Debug)]
 struct IntegerExpansion {
     k: usize,
@@ -1046,6 +1138,7 @@ struct IntegerExpansion {
     layout: Layout,
     a_zero: bool,
     b_zero: bool,
+    scaled: bool,
 }
 
 impl Expansion for IntegerExpansion {
@@ -1059,9 +1152,17 @@ impl Expansion for IntegerExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 2 + self.a_zero as usize + self.b_zero as usize)?;
+        check_input_arity(
+            inputs,
+            2 + self.a_zero as usize + self.b_zero as usize + self.scaled as usize,
+        )?;
         check_output_arity(outputs, 1)?;
-        s.equals(&outputs[0].datum_type, i32::datum_type())?;
+        let dt = if self.scaled {
+            f32::datum_type()
+        } else {
+            i32::datum_type()
+        };
+        s.equals(&outputs[0].datum_type, dt)?;
         last_axis_becomes(s, inputs, outputs, self.n)
     }
 
@@ -1080,6 +1181,18 @@ impl Expansion for IntegerExpansion {
         };
         let pi = 1 + self.a_zero as usize;
         let packed = konst(pi)?;
+        let scales = if self.scaled {
+            let t = konst(pi + 1 + self.b_zero as usize)?;
+            ensure!(
+                t.datum_type() == f32::datum_type() && (t.len() == 1 || t.len() == self.n),
+                "{prefix}: column scales: {} values of {:?}",
+                t.len(),
+                t.datum_type()
+            );
+            Some(t)
+        } else {
+            None
+        };
         let b_zero = if self.b_zero {
             let z = konst(pi + 1)?;
             ensure!(
@@ -1118,6 +1231,7 @@ impl Expansion for IntegerExpansion {
             packed,
             sums,
             b_zero,
+            scales,
         };
         let wired: TVec<OutletId> = inputs[..pi].iter().copied().collect();
         model.wire_node(prefix, op, &wired)
@@ -1134,6 +1248,8 @@ pub struct QMatMulInteger {
     packed: Arc<Tensor>,
     sums: Arc<Vec<i32>>,
     b_zero: Option<Arc<Tensor>>,
+    /// Column scales of an f32 result (the QDQ form); none for MatMulInteger's i32.
+    scales: Option<Arc<Tensor>>,
 }
 
 impl PartialEq for QMatMulInteger {
@@ -1142,14 +1258,19 @@ impl PartialEq for QMatMulInteger {
             && self.n == other.n
             && self.layout == other.layout
             && Arc::ptr_eq(&self.packed, &other.packed)
-            && match (&self.b_zero, &other.b_zero) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            }
+            && same(&self.b_zero, &other.b_zero)
+            && same(&self.scales, &other.scales)
     }
 }
 impl Eq for QMatMulInteger {}
+
+fn same(a: &Option<Arc<Tensor>>, b: &Option<Arc<Tensor>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
 
 impl Op for QMatMulInteger {
     fn name(&self) -> StaticName {
@@ -1223,7 +1344,32 @@ impl EvalOp for QMatMulInteger {
             let mut y_ram = y.try_as_plain_ram_mut()?;
             kernels::integer::matmul(self.isa, acts, m, &b, zeros, y_ram.as_slice_mut::<i32>()?);
         }
-        Ok(tvec![y.into_tvalue()])
+        let Some(scales) = &self.scales else {
+            return Ok(tvec![y.into_tvalue()]);
+        };
+        // The QDQ form: the exact sums times s_x · s_w of their column.
+        let mut f = Tensor::zero::<f32>(&shape)?;
+        {
+            let s_ram = scales.try_as_plain_ram()?;
+            let s = s_ram.as_slice::<f32>()?;
+            let y_ram = y.try_as_plain_ram()?;
+            let mut f_ram = f.try_as_plain_ram_mut()?;
+            let out = f_ram.as_slice_mut::<f32>()?;
+            for (o, v) in out
+                .chunks_exact_mut(self.n)
+                .zip(y_ram.as_slice::<i32>()?.chunks_exact(self.n))
+            {
+                if s.len() == 1 {
+                    o.iter_mut().zip(v).for_each(|(o, &v)| *o = v as f32 * s[0]);
+                } else {
+                    o.iter_mut()
+                        .zip(v)
+                        .zip(s)
+                        .for_each(|((o, &v), &s)| *o = v as f32 * s);
+                }
+            }
+        }
+        Ok(tvec![f.into_tvalue()])
     }
 }
 
@@ -1234,7 +1380,12 @@ impl TypedOp for QMatMulInteger {
             a.datum_type == u8::datum_type() || a.datum_type == i8::datum_type(),
             "{OP_INT} takes u8 or i8 input"
         );
-        Ok(tvec![i32::fact(output_fact_shape(a, self.n, OP_INT)?)])
+        let shape = output_fact_shape(a, self.n, OP_INT)?;
+        Ok(tvec![if self.scales.is_some() {
+            f32::fact(shape)
+        } else {
+            i32::fact(shape)
+        }])
     }
 
     as_op!();
