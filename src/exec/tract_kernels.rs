@@ -995,7 +995,7 @@ fn integer_plan(
     ix: &Index,
     i: usize,
     packs: &mut Packs,
-    a: &String,
+    a: &str,
     a_zero: Option<&String>,
     b: &str,
     b_zero: Option<&String>,
@@ -1073,7 +1073,7 @@ fn integer_plan(
             (packed, zero)
         }
     };
-    let mut inputs = vec![a.clone()];
+    let mut inputs = vec![a.to_string()];
     inputs.extend(a_zero.cloned());
     inputs.push(packed);
     inputs.extend(zero.clone());
