@@ -869,7 +869,7 @@ fn bench_prints_figures_for_both_runtimes() {
 /// default options fuse it into MatMulNBits with int8 activations; quench's exact numerics must not.
 #[test]
 fn ort_exact_numerics_match_onnx_semantics_and_fast_is_reported_different() {
-    use quench::onnx::pb::{GraphProto, NodeProto, TensorProto};
+    use quench::onnx::pb::{GraphProto, NodeProto};
     if !ort_ready() {
         return;
     }
@@ -881,13 +881,7 @@ fn ort_exact_numerics_match_onnx_semantics_and_fast_is_reported_different() {
         (state >> 33) as u32
     };
     let w: Vec<u8> = (0..64 * 32).map(|_| (next() % 255) as u8).collect();
-    let tensor = |name: &str, dt: i32, dims: &[i64], raw: Vec<u8>| TensorProto {
-        name: name.into(),
-        data_type: dt,
-        dims: dims.to_vec(),
-        raw_data: raw.into(),
-        ..Default::default()
-    };
+    let tensor = raw_tensor;
     let node = |op: &str, i: &[&str], o: &str| NodeProto {
         op_type: Some(op.into()),
         input: i.iter().map(|s| s.to_string()).collect(),

@@ -11,6 +11,16 @@ use quench::Model;
 use quench::exec::inputs::{self, InputOptions, Source};
 use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
 
+/// What a tract session says about the kernels it took.
+fn kernels_of(session: &dyn exec::Session) -> String {
+    session
+        .settings()
+        .into_iter()
+        .find(|(k, _)| k == "weight kernels")
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
 #[test]
 fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
     for zoo_name in ["rxnmap", "magika"] {
@@ -45,12 +55,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
             let mut fast =
                 exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
             let mut plain = exec::open(&prep, RuntimeKind::Tract, &plain_opts).unwrap();
-            let kernels = fast
-                .settings()
-                .into_iter()
-                .find(|(k, _)| k == "weight kernels")
-                .map(|(_, v)| v)
-                .unwrap();
+            let kernels = kernels_of(&*fast);
             // Every weight MatMul of these models is one of the forms the kernels take.
             let taken = if recipe == "dynamic" {
                 !kernels.contains("(0 MatMulInteger") && !kernels.contains(", 0 DynamicQuantize")
@@ -98,7 +103,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
 fn qdq_matmul_is_taken_as_an_integer_product() {
     use ndarray::{ArrayD, IxDyn};
     use quench::exec::Tensor;
-    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
+    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
 
     let (m, k, n) = (37usize, 75usize, 43usize);
     let node = |op: &str, i: &[&str], o: &str, axis: Option<i64>| NodeProto {
@@ -117,13 +122,7 @@ fn qdq_matmul_is_taken_as_an_integer_product() {
             .collect(),
         ..Default::default()
     };
-    let tensor = |name: &str, dt: i32, dims: &[i64], raw: Vec<u8>| TensorProto {
-        name: name.into(),
-        data_type: dt,
-        dims: dims.to_vec(),
-        raw_data: raw.into(),
-        ..Default::default()
-    };
+    let tensor = raw_tensor;
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut seed = 1u64;
     let mut next = move || {
@@ -164,12 +163,7 @@ fn qdq_matmul_is_taken_as_an_integer_product() {
             ..Default::default()
         };
         let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
-        let kernels = fast
-            .settings()
-            .into_iter()
-            .find(|(k, _)| k == "weight kernels")
-            .map(|(_, v)| v)
-            .unwrap();
+        let kernels = kernels_of(&*fast);
         assert!(kernels.contains(", 1 QDQ MatMul"), "{kernels}");
         let got = fast.run(&feed).unwrap().remove(0).1;
         let want = exec::open(&prep, RuntimeKind::Tract, &plain_opts)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use quench::onnx::pb::{
-    GraphProto, ModelProto, OperatorSetIdProto, TypeProto, ValueInfoProto, type_proto,
+    GraphProto, ModelProto, OperatorSetIdProto, TensorProto, TypeProto, ValueInfoProto, type_proto,
 };
 use quench::zoo::Zoo;
 
@@ -130,6 +130,17 @@ pub fn value_info(name: &str, elem_type: i32) -> ValueInfoProto {
             })),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// An initializer of ONNX data type `dt` (1 float, 2 uint8, 3 int8, …) from its little-endian bytes.
+pub fn raw_tensor(name: &str, dt: i32, dims: &[i64], raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        data_type: dt,
+        dims: dims.to_vec(),
+        raw_data: raw.into(),
         ..Default::default()
     }
 }
