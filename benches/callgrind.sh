@@ -36,5 +36,5 @@ for spec in "${models[@]}"; do
     per=$(( (three - one) / 2 ))
     base=${base:-$per}
     awk -v m="$(basename "$model")${flag:+ (plain)}" -v p="$per" -v b="$base" \
-        'BEGIN { printf "%-40s %16d %8.2f\n", m, p, p / b }'
+        'BEGIN { printf "%-40s %16.0f %8.2f\n", m, p, p / b }'
 done
