@@ -188,7 +188,7 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} DynamicQuantizeLinear)",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} DynamicQuantizeLinear)",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
@@ -196,6 +196,7 @@ impl Session for TractSession {
                         crate::kernels::integer::IntIsa::detect().name(),
                         r.integer,
                         r.qdq,
+                        r.limbs,
                         r.quantize
                     ),
                 },

@@ -37,13 +37,16 @@ pub struct Rewrites {
     pub integer: usize,
     /// MatMuls over two DequantizeLinear (static QDQ), taken as integer products.
     pub qdq: usize,
+    /// MatMuls over DequantizeLinear of an 8-bit constant taken as integer products over f32
+    /// activations in 8-bit limbs (on VNNI; elsewhere they count in `int8`).
+    pub limbs: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
 }
 
 impl Rewrites {
     pub fn total(&self) -> usize {
-        self.int8 + self.nbits + self.codebook + self.integer + self.qdq
+        self.int8 + self.nbits + self.codebook + self.integer + self.qdq + self.limbs
     }
 }
 
@@ -214,6 +217,7 @@ enum Kind {
     Codebook,
     Integer,
     Qdq,
+    Limbs,
 }
 
 /// The weight a MatMul reads, seen through Identity nodes (tied weights).
@@ -238,6 +242,37 @@ fn column_scales(t: &pb::TensorProto, n: i64) -> bool {
 /// quench writes: `DequantizeLinear(q, scale[, zero point])` (axis 1), or `Mul(Cast(q) [− zero point],
 /// scale)`.
 fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+    let w = int8_weight(g, ix, i)?;
+    let mut inputs = vec![
+        g.node[i].input[0].clone(),
+        w.q.to_string(),
+        w.scale.to_string(),
+    ];
+    inputs.extend(w.zero.map(str::to_string));
+    Some(Plan {
+        node: i,
+        inputs,
+        attrs: vec![
+            str_attr("form", "int8"),
+            int_attr("K", w.k),
+            int_attr("N", w.n),
+        ],
+        kind: Kind::Int8,
+    })
+}
+
+/// The 8-bit weight of a MatMul, as [`plan_int8`] takes it.
+struct Int8Weight<'g> {
+    q: &'g str,
+    scale: &'g str,
+    zero: Option<&'g str>,
+    /// Whether the zero point has the codes' type (DequantizeLinear), not f32 (the Mul form).
+    zero_is_code: bool,
+    k: i64,
+    n: i64,
+}
+
+fn int8_weight<'g>(g: &'g pb::GraphProto, ix: &Index, i: usize) -> Option<Int8Weight<'g>> {
     let mm = &g.node[i];
     let b = weight_value(g, ix, mm.input.get(1)?);
     let is_codes = |name: &str| {
@@ -245,7 +280,8 @@ fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
             .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))
             .map(|q| (q.t.dims[0], q.t.dims[1]))
     };
-    let (q, scale, zero, k, n) = if let Some(d) = ix.made_by(g, b, "DequantizeLinear") {
+    let (q, scale, zero, k, n, zero_is_code) = if let Some(d) = ix.made_by(g, b, "DequantizeLinear")
+    {
         let dq = &g.node[d];
         let q = dq.input.first()?;
         let (k, n) = is_codes(q)?;
@@ -266,7 +302,7 @@ fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
                 return None;
             }
         }
-        (q, scale, zero, k, n)
+        (q, scale, zero, k, n, true)
     } else {
         let m = ix.made_by(g, b, "Mul")?;
         let mul = &g.node[m];
@@ -295,16 +331,34 @@ fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
                 return None;
             }
         }
-        (q, scale, zero, k, n)
+        (q, scale, zero, k, n, false)
     };
-    let mut inputs = vec![mm.input[0].clone(), q.clone(), scale.clone()];
-    inputs.extend(zero.cloned());
-    Some(Plan {
-        node: i,
-        inputs,
-        attrs: vec![str_attr("form", "int8"), int_attr("K", k), int_attr("N", n)],
-        kind: Kind::Int8,
+    Some(Int8Weight {
+        q,
+        scale,
+        zero: zero.map(String::as_str),
+        zero_is_code,
+        k,
+        n,
     })
+}
+
+/// An 8-bit weight-only MatMul on a CPU with VNNI: the integer product over the f32 activations in
+/// three 8-bit limbs ([`kernels::integer::matmul_f32`]), which is the f32 product to f32 rounding.
+fn plan_int8_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
+    if !kernels::integer::IntIsa::detect().limbs_pay() {
+        return None;
+    }
+    let w = int8_weight(g, ix, i)?;
+    if w.zero.is_some() && !w.zero_is_code {
+        return None;
+    }
+    let scales = floats_of(ix.konst(w.scale)?.t)?;
+    let a = g.node[i].input.first().filter(|a| !a.is_empty())?;
+    let zero = w.zero.map(str::to_string);
+    let mut plan = integer_plan(g, ix, i, packs, a, None, w.q, zero.as_ref(), Some(scales))?;
+    plan.kind = Kind::Limbs;
+    Some(plan)
 }
 
 /// com.microsoft `MatMulNBits` with constant B, scales and (u8) zero points, no g_idx, no bias.
@@ -461,6 +515,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         (0..g.node.len())
             .filter_map(|i| match g.node[i].op_type.as_str() {
                 "MatMul" => plan_qdq(g, &ix, i, &mut packs)
+                    .or_else(|| plan_int8_integer(g, &ix, i, &mut packs))
                     .or_else(|| plan_int8(g, &ix, i))
                     .or_else(|| plan_codebook(g, &ix, i)),
                 "MatMulNBits" => plan_nbits(g, &ix, i),
@@ -472,7 +527,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     for p in plans {
         let node = &mut g.node[p.node];
         node.op_type = match p.kind {
-            Kind::Integer | Kind::Qdq => OP_INT,
+            Kind::Integer | Kind::Qdq | Kind::Limbs => OP_INT,
             _ => OP,
         }
         .into();
@@ -485,6 +540,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Codebook => done.codebook += 1,
             Kind::Integer => done.integer += 1,
             Kind::Qdq => done.qdq += 1,
+            Kind::Limbs => done.limbs += 1,
         }
     }
     if done.total() == 0 {
@@ -1313,6 +1369,9 @@ impl EvalOp for QMatMulInteger {
         };
         let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
         let m = a.len() / self.k;
+        if a.datum_type() == DatumType::F32 {
+            return self.eval_f32(a, m, &shape);
+        }
         let mut y = Tensor::zero::<i32>(&shape)?;
         {
             let a_ram = a.try_as_plain_ram()?;
@@ -1373,12 +1432,57 @@ impl EvalOp for QMatMulInteger {
     }
 }
 
+impl QMatMulInteger {
+    /// f32 activations (an 8-bit weight-only MatMul): three limbs through the integer kernels.
+    fn eval_f32(&self, a: &TValue, m: usize, shape: &[usize]) -> TractResult<TVec<TValue>> {
+        let scales = self
+            .scales
+            .as_ref()
+            .with_context(|| format!("{OP_INT}: f32 input needs column scales"))?;
+        let mut y = Tensor::zero::<f32>(shape)?;
+        {
+            let a_ram = a.try_as_plain_ram()?;
+            let p_ram = self.packed.try_as_plain_ram()?;
+            let b = Packed {
+                data: p_ram.as_slice::<i8>()?,
+                k: self.k,
+                n: self.n,
+                layout: self.layout,
+            };
+            let z_ram = self
+                .b_zero
+                .as_ref()
+                .map(|z| z.try_as_plain_ram())
+                .transpose()?;
+            let zeros = match &z_ram {
+                Some(z) => z.as_slice::<i32>()?,
+                None => &[],
+            };
+            let s_ram = scales.try_as_plain_ram()?;
+            let mut y_ram = y.try_as_plain_ram_mut()?;
+            kernels::integer::matmul_f32(
+                self.isa,
+                a_ram.as_slice::<f32>()?,
+                m,
+                &b,
+                zeros,
+                &self.sums,
+                s_ram.as_slice::<f32>()?,
+                y_ram.as_slice_mut::<f32>()?,
+            );
+        }
+        Ok(tvec![y.into_tvalue()])
+    }
+}
+
 impl TypedOp for QMatMulInteger {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let a = inputs[0];
         ensure!(
-            a.datum_type == u8::datum_type() || a.datum_type == i8::datum_type(),
-            "{OP_INT} takes u8 or i8 input"
+            a.datum_type == u8::datum_type()
+                || a.datum_type == i8::datum_type()
+                || (a.datum_type == f32::datum_type() && self.scales.is_some()),
+            "{OP_INT} takes u8 or i8 input, or f32 with column scales"
         );
         let shape = output_fact_shape(a, self.n, OP_INT)?;
         Ok(tvec![if self.scales.is_some() {

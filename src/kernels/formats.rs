@@ -146,33 +146,6 @@ fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out:
     body(q, at, s, z, out)
 }
 
-/// Runs a panel decode `$body(w, k0, kc, n0, nr, out)` compiled for the widest vector unit
-/// [`Isa::detect`] allows (AVX-512 with BW, else AVX2), so its loops vectorise at that width.
-macro_rules! decode_for_cpu {
-    ($ty:ty, $body:ident, $w:expr, $k0:expr, $kc:expr, $n0:expr, $nr:expr, $out:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512bw")]
-            fn wide(w: &$ty, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
-                $body(w, k0, kc, n0, nr, out)
-            }
-            #[target_feature(enable = "avx2")]
-            fn mid(w: &$ty, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
-                $body(w, k0, kc, n0, nr, out)
-            }
-            if Isa::detect() == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
-                // SAFETY: the features were detected.
-                return unsafe { wide($w, $k0, $kc, $n0, $nr, $out) };
-            }
-            if Isa::detect() != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the feature was detected.
-                return unsafe { mid($w, $k0, $kc, $n0, $nr, $out) };
-            }
-        }
-        $body($w, $k0, $kc, $n0, $nr, $out)
-    }};
-}
-
 /// com.microsoft `MatMulNBits`: `B[N, blocks, blob]` holds `bits`-bit codes (low bits first) of `W^T`,
 /// with one scale per (column, block) and optional packed zero points (default `2^(bits-1)`):
 /// `W[k, n] = (code - zp) · scale`.
@@ -379,7 +352,7 @@ impl Panels for Codebook<'_> {
         fn body(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
             w.decode_rows(k0, kc, n0, nr, out)
         }
-        decode_for_cpu!(Codebook<'_>, body, self, k0, kc, n0, nr, out)
+        for_cpu!(body(w: &Codebook = self, k0: usize = k0, kc: usize = kc, n0: usize = n0, nr: usize = nr, out: &mut [f32] = out) -> ())
     }
 }
 
@@ -563,6 +536,6 @@ impl Panels for NibblesK {
                 o[nw..].fill(0.0);
             }
         }
-        decode_for_cpu!(NibblesK, body, self, k0, kc, n0, nr, out)
+        for_cpu!(body(w: &NibblesK = self, k0: usize = k0, kc: usize = kc, n0: usize = n0, nr: usize = nr, out: &mut [f32] = out) -> ())
     }
 }

@@ -16,7 +16,7 @@
 /// The integer kernel family this CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IntIsa {
-    /// AVX-512 VNNI: 8 rows × 32 columns, four rows of `K` per instruction.
+    /// AVX-512 VNNI: 12 rows × 32 columns, four rows of `K` per instruction.
     Avx512Vnni,
     /// AVX-VNNI (256-bit): 6 rows × 16 columns.
     AvxVnni,
@@ -91,7 +91,7 @@ impl IntIsa {
 
     fn rows(self) -> usize {
         match self {
-            IntIsa::Avx512Vnni => 8,
+            IntIsa::Avx512Vnni => 12,
             IntIsa::AvxVnni | IntIsa::Avx2 => 6,
             IntIsa::Portable => 4,
         }
@@ -104,6 +104,12 @@ impl IntIsa {
             IntIsa::Avx2 => "avx2",
             IntIsa::Portable => "portable",
         }
+    }
+
+    /// Whether [`matmul_f32`]'s three limbs take fewer instructions than an f32 product: with VNNI
+    /// (four products per lane), not with `vpmaddwd` (two) or scalar code.
+    pub fn limbs_pay(self) -> bool {
+        matches!(self, IntIsa::Avx512Vnni | IntIsa::AvxVnni)
     }
 
     /// The family whose kernels read `layout` best on this CPU, if any does.
@@ -207,6 +213,13 @@ impl Packed<'_> {
         sums
     }
 
+    /// `B[r, j]` as packed (i8).
+    pub fn value(&self, r: usize, j: usize) -> i8 {
+        let Layout { nr, group } = self.layout;
+        let kp = self.layout.k_padded(self.k);
+        self.data[(j / nr) * kp * nr + (r / group) * group * nr + (j % nr) * group + r % group]
+    }
+
     /// Whether the data fits the shape and layout.
     pub fn check(&self) -> Result<(), String> {
         if self.data.len() != self.layout.packed_len(self.k, self.n) {
@@ -272,34 +285,49 @@ pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut 
     if m == 0 || n == 0 {
         return;
     }
-    let Layout { nr, group } = b.layout;
     let kp = b.layout.k_padded(k);
     // A as u8, padded to whole groups; i8 activations shift by +128 and so does their zero point.
-    let (rows_u8, a0): (Vec<u8>, i32) = {
-        let mut v = vec![0u8; m * kp];
-        let shift = match a {
-            Acts::U8(s) => {
-                for (dst, src) in v.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
-                    dst[..k].copy_from_slice(src);
-                }
-                0
+    let mut rows_u8 = vec![0u8; m * kp];
+    let shift = match a {
+        Acts::U8(s) => {
+            for (dst, src) in rows_u8.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
+                dst[..k].copy_from_slice(src);
             }
-            Acts::I8(s) => {
-                for (dst, src) in v.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
-                    for (d, &x) in dst.iter_mut().zip(src) {
-                        *d = (x as u8) ^ 0x80;
-                    }
+            0
+        }
+        Acts::I8(s) => {
+            for (dst, src) in rows_u8.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = (x as u8) ^ 0x80;
                 }
-                128
             }
-        };
-        (v, zeros.a + shift)
+            128
+        }
     };
-    let b0 = |j: usize| match zeros.b.len() {
-        0 => 0,
-        1 => zeros.b[0],
-        _ => zeros.b[j],
+    product(isa, &rows_u8, zeros.a + shift, m, b, zeros, c);
+}
+
+/// The product over A already as u8 rows padded to whole groups (`m` rows of `K` rounded up to the
+/// layout's group, padding 0), `a0` its zero point in that domain (`zeros.a` is not read).
+fn product(
+    isa: IntIsa,
+    rows_u8: &[u8],
+    a0: i32,
+    m: usize,
+    b: &Packed,
+    zeros: Zeros,
+    c: &mut [i32],
+) {
+    let (k, n) = (b.k, b.n);
+    let Layout { nr, group } = b.layout;
+    let kp = b.layout.k_padded(k);
+    debug_assert_eq!(rows_u8.len(), m * kp);
+    let b0s: Vec<i32> = match zeros.b.len() {
+        0 => vec![0; n],
+        1 => vec![zeros.b[0]; n],
+        _ => zeros.b.to_vec(),
     };
+    let b0 = |j: usize| b0s[j];
     let row_sums: Vec<i32> = if zeros.b.iter().any(|&z| z != 0) {
         rows_u8
             .chunks_exact(kp)
@@ -321,6 +349,25 @@ pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut 
         _ => Vec::new(),
     };
     let mr = isa.rows();
+    // For AVX-512 VNNI, each tile of rows interleaved by groups of 4: one pointer walks all its rows.
+    let interleaved: Vec<u8> = match isa {
+        IntIsa::Avx512Vnni => {
+            let mut v = vec![0u8; m.div_ceil(mr) * mr * kp];
+            debug_assert_eq!((group, mr), (4, 12));
+            for (t, dst) in v.chunks_exact_mut(12 * kp).enumerate() {
+                // Rows past M repeat the last row: computed, never stored.
+                let rows: [&[u8]; 12] =
+                    std::array::from_fn(|i| &rows_u8[(t * 12 + i).min(m - 1) * kp..][..kp]);
+                for (q, out) in dst.chunks_exact_mut(48).enumerate() {
+                    for (o, row) in out.chunks_exact_mut(4).zip(&rows) {
+                        o.copy_from_slice(&row[q * 4..q * 4 + 4]);
+                    }
+                }
+            }
+            v
+        }
+        _ => Vec::new(),
+    };
     let mut tile = vec![0i32; mr * nr];
     let panel_len = kp * nr;
     for (p, panel) in b.data.chunks_exact(panel_len).enumerate() {
@@ -333,10 +380,11 @@ pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut 
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 IntIsa::Avx512Vnni => {
-                    let rows: [&[u8]; 8] = std::array::from_fn(|i| &rows_u8[r(i) * kp..][..kp]);
-                    // SAFETY: avx512f and avx512vnni were checked above; rows hold kp values and the
-                    // panel kp × 32 (kp a multiple of 4), which is what the kernel reads.
-                    unsafe { x86::tile_vnni512(kp / group, &rows, panel, &mut tile) }
+                    let rows = &interleaved[m0 * kp..][..mr * kp];
+                    // SAFETY: avx512f and avx512vnni were checked above; the rows hold kp × 12
+                    // values and the panel kp × 32 (kp a multiple of 4), which is what the kernel
+                    // reads.
+                    unsafe { x86::tile_vnni512(kp / group, rows, panel, &mut tile) }
                 }
                 #[cfg(target_arch = "x86_64")]
                 IntIsa::AvxVnni => {
@@ -357,16 +405,202 @@ pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut 
                 }
             }
             for i in 0..mw {
-                let rs = row_sums[m0 + i];
-                let out = &mut c[(m0 + i) * n + n0..][..nw];
-                for (j, (o, &t)) in out.iter_mut().zip(&tile[i * nr..][..nw]).enumerate() {
-                    *o = t
-                        .wrapping_sub(col_term[n0 + j])
-                        .wrapping_sub(b0(n0 + j).wrapping_mul(rs));
-                }
+                finish_row(
+                    &tile[i * nr..][..nw],
+                    &col_term[n0..][..nw],
+                    &b0s[n0..][..nw],
+                    row_sums[m0 + i],
+                    &mut c[(m0 + i) * n + n0..][..nw],
+                );
             }
         }
     }
+}
+
+/// `out[j] = tile[j] − col_term[j] − b0[j] · row_sum`: one row of a tile with its zero points applied.
+fn finish_row(tile: &[i32], col_term: &[i32], b0: &[i32], row_sum: i32, out: &mut [i32]) {
+    #[inline(always)]
+    fn body(tile: &[i32], col_term: &[i32], b0: &[i32], row_sum: i32, out: &mut [i32]) {
+        for (((o, &t), &c), &z) in out.iter_mut().zip(tile).zip(col_term).zip(b0) {
+            *o = t.wrapping_sub(c).wrapping_sub(z.wrapping_mul(row_sum));
+        }
+    }
+    for_cpu!(body(tile: &[i32] = tile, col_term: &[i32] = col_term, b0: &[i32] = b0, row_sum: i32 = row_sum, out: &mut [i32] = out) -> ())
+}
+
+/// How many 8-bit limbs an f32 activation is split into by [`matmul_f32`].
+pub const LIMBS: usize = 3;
+/// Each limb's step is the previous one's over this: a residual, at most half a step, then spans at
+/// most ±127 steps of the next limb.
+const LIMB_RATIO: f32 = 254.0;
+const ROUND: f32 = 12582912.0;
+
+/// `c[M, N] = a · ((B − b₀) · scale)` for f32 activations `a[M, K]`, on the integer kernels, to f32
+/// rounding.
+///
+/// Each row of `a` is split into three signed 8-bit limbs, `x ≈ s₁q₁ + s₂q₂ + s₃q₃` with
+/// `s₁ = max|x| / 127` and `s₂ = s₁ / 254`, `s₃ = s₂ / 254`: each limb holds the rounded residual of
+/// the ones before (each residual rounded once, by an FMA), so what is left out is at most `s₃ / 2`, about
+/// `2⁻²⁴ · max|x|` — f32's own rounding at the row's largest value. The three limb rows go through
+/// the exact integer product, and `c = scale · (s₁S₁ + s₂S₂ + s₃S₃)`. On VNNI, which adds four
+/// products per lane where an FMA adds one, three limbs still take fewer instructions than the f32
+/// product, and the weight stays 8-bit. Rows holding a NaN or an infinity (or nothing but values
+/// under 1e-30, whose limb steps would underflow) are computed in f32 instead, so they come out as
+/// an f32 product would. `b_zeros` and `column_sums` are as in [`Zeros`]; `scales` holds one value
+/// or one per column.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32(
+    isa: IntIsa,
+    a: &[f32],
+    m: usize,
+    b: &Packed,
+    b_zeros: &[i32],
+    column_sums: &[i32],
+    scales: &[f32],
+    c: &mut [f32],
+) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
+    assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
+    assert!(
+        scales.len() == 1 || scales.len() == n,
+        "{} scales",
+        scales.len()
+    );
+    assert!(matches!(b_zeros.len(), 0 | 1) || b_zeros.len() == n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = b.layout.k_padded(k);
+    let zeros = Zeros {
+        a: 0,
+        b: b_zeros,
+        column_sums,
+    };
+    let column_scales: std::borrow::Cow<[f32]> = if scales.len() == n {
+        scales.into()
+    } else {
+        vec![scales[0]; n].into()
+    };
+    // Rows at a time: the i32 sums of their limbs stay near 256 KiB, whole kernel tiles of rows.
+    let mr = isa.rows();
+    let chunk = ((65536 / (LIMBS * n)).max(1)).div_ceil(mr) * mr;
+    let mut rows_u8 = vec![0u8; chunk * LIMBS * kp];
+    let mut sums = vec![0i32; chunk * LIMBS * n];
+    let mut steps = vec![[0f32; LIMBS]; chunk];
+    for m0 in (0..m).step_by(chunk) {
+        let mw = chunk.min(m - m0);
+        let mut in_float = Vec::new();
+        for (i, (row, st)) in a[m0 * k..(m0 + mw) * k]
+            .chunks_exact(k)
+            .zip(&mut steps)
+            .enumerate()
+        {
+            let limbs = &mut rows_u8[i * LIMBS * kp..][..LIMBS * kp];
+            match split_in_limbs(row, limbs, kp) {
+                Some(s) => *st = s,
+                None => {
+                    *st = [0.0; LIMBS];
+                    in_float.push(i);
+                }
+            }
+        }
+        let rows = mw * LIMBS;
+        let out = &mut sums[..rows * n];
+        product(isa, &rows_u8[..rows * kp], 128, rows, b, zeros, out);
+        for (i, st) in steps[..mw].iter().enumerate() {
+            let s: [&[i32]; LIMBS] = std::array::from_fn(|l| &out[(i * LIMBS + l) * n..][..n]);
+            combine(st, s, &column_scales, &mut c[(m0 + i) * n..][..n]);
+        }
+        for i in in_float {
+            let row = &a[(m0 + i) * k..][..k];
+            let dst = &mut c[(m0 + i) * n..][..n];
+            for (j, d) in dst.iter_mut().enumerate() {
+                let z = match b_zeros.len() {
+                    0 => 0,
+                    1 => b_zeros[0],
+                    _ => b_zeros[j],
+                };
+                let mut acc = 0f32;
+                for (r, &x) in row.iter().enumerate() {
+                    acc += x * (b.value(r, j) as i32 - z) as f32;
+                }
+                *d = acc * column_scales[j];
+            }
+        }
+    }
+}
+
+/// Writes a row's three limbs (`LIMBS` rows of `kp` u8, each value `q + 128`, padding 0) and returns
+/// their steps, or `None` for a row the limbs cannot hold (NaN, infinities, magnitudes under 1e-30).
+fn split_in_limbs(row: &[f32], limbs: &mut [u8], kp: usize) -> Option<[f32; LIMBS]> {
+    #[inline(always)]
+    fn body(row: &[f32], limbs: &mut [u8], kp: usize) -> Option<[f32; LIMBS]> {
+        let k = row.len();
+        // max|x| on the bits: magnitudes order as integers, and any NaN (above infinity) wins.
+        let amax = f32::from_bits(
+            row.iter()
+                .map(|x| x.to_bits() & 0x7fff_ffff)
+                .fold(0, u32::max),
+        );
+        if !amax.is_finite() || amax < 1e-30 {
+            for l in limbs.chunks_exact_mut(kp) {
+                l[..k].fill(128);
+                l[k..].fill(0);
+            }
+            return (amax == 0.0).then_some([0.0; LIMBS]);
+        }
+        let s1 = amax / 127.0;
+        let steps = [s1, s1 / LIMB_RATIO, s1 / (LIMB_RATIO * LIMB_RATIO)];
+        let inv = steps.map(|s| 1.0 / s);
+        let (l0, rest) = limbs.split_at_mut(kp);
+        let (l1, l2) = rest.split_at_mut(kp);
+        // Rounds v·inv (clamped to ±127) half to even by adding 1.5·2²³: the sum's low mantissa bits
+        // then hold the integer, whose low byte, with its top bit flipped, is q + 128.
+        let limb = |v: f32, inv: f32| {
+            let y = (v * inv).clamp(-127.0, 127.0) + ROUND;
+            (y - ROUND, (y.to_bits() as u8) ^ 0x80)
+        };
+        for (((&x, d0), d1), d2) in row
+            .iter()
+            .zip(&mut l0[..k])
+            .zip(&mut l1[..k])
+            .zip(&mut l2[..k])
+        {
+            // Each residual x − q·s is rounded once (FMA), an error of 2⁻²⁴ of a residual already
+            // under half a step: far below the last limb's step.
+            let (q0, c0) = limb(x, inv[0]);
+            let r = (-q0).mul_add(steps[0], x);
+            let (q1, c1) = limb(r, inv[1]);
+            let r = (-q1).mul_add(steps[1], r);
+            let (_, c2) = limb(r, inv[2]);
+            (*d0, *d1, *d2) = (c0, c1, c2);
+        }
+        for l in [l0, l1, l2] {
+            l[k..].fill(0);
+        }
+        Some(steps)
+    }
+    for_cpu!(body(row: &[f32] = row, limbs: &mut [u8] = limbs, kp: usize = kp) -> Option<[f32; LIMBS]>)
+}
+
+/// `dst[j] = scale[j] · (s₁S₁[j] + s₂S₂[j] + s₃S₃[j])`: one row's f32 result from its limbs' sums.
+fn combine(steps: &[f32; LIMBS], sums: [&[i32]; LIMBS], scales: &[f32], dst: &mut [f32]) {
+    #[inline(always)]
+    fn body(steps: &[f32; LIMBS], sums: [&[i32]; LIMBS], scales: &[f32], dst: &mut [f32]) {
+        let n = dst.len();
+        let [a, b, c] = sums;
+        for ((((d, &x), &y), &z), &s) in dst
+            .iter_mut()
+            .zip(&a[..n])
+            .zip(&b[..n])
+            .zip(&c[..n])
+            .zip(&scales[..n])
+        {
+            *d = (steps[0] * x as f32 + (steps[1] * y as f32 + steps[2] * z as f32)) * s;
+        }
+    }
+    for_cpu!(body(steps: &[f32; LIMBS] = steps, sums: [&[i32]; LIMBS] = sums, scales: &[f32] = scales, dst: &mut [f32] = dst) -> ())
 }
 
 /// ONNX `DynamicQuantizeLinear`: `y = saturate(round(x / s) + z)` over u8, with `s = (max − min) / 255`
@@ -472,35 +706,34 @@ mod x86 {
         }
     }
 
-    /// 8 rows × 32 columns, 16 zmm accumulators, `vpdpbusd`.
+    /// 12 rows × 32 columns, 24 zmm accumulators, `vpdpbusd`: per group of 4 values of `K`, two
+    /// loads of the panel and 12 broadcasts feed 24 instructions.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 VNNI; each row must hold `groups * 4` values, `panel`
-    /// `groups * 128` and `tile` 256.
+    /// The CPU must have AVX-512F and AVX-512 VNNI; `rows` must hold `groups * 48` values (12 rows
+    /// interleaved by groups of 4), `panel` `groups * 128` and `tile` 384.
     #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn tile_vnni512(groups: usize, rows: &[&[u8]; 8], panel: &[i8], tile: &mut [i32]) {
-        debug_assert!(panel.len() >= groups * 128 && tile.len() >= 256);
-        debug_assert!(rows.iter().all(|r| r.len() >= groups * 4));
-        let mut acc = [[_mm512_setzero_si512(); 2]; 8];
-        let p = panel.as_ptr();
+    pub unsafe fn tile_vnni512(groups: usize, rows: &[u8], panel: &[i8], tile: &mut [i32]) {
+        debug_assert!(panel.len() >= groups * 128 && tile.len() >= 384);
+        debug_assert!(rows.len() >= groups * 48);
+        let mut acc = [[_mm512_setzero_si512(); 2]; 12];
+        let (p, a) = (panel.as_ptr(), rows.as_ptr());
         for q in 0..groups {
-            // SAFETY: q < groups, so the 128 bytes at q * 128 are in the panel and the 4 at q * 4
-            // in each row.
+            // SAFETY: q < groups, so the 128 bytes at q * 128 are in the panel and the 48 at q * 48
+            // in the rows.
             unsafe {
                 let b0 = _mm512_loadu_si512(p.add(q * 128).cast());
                 let b1 = _mm512_loadu_si512(p.add(q * 128 + 64).cast());
-                for i in 0..8 {
-                    let x = _mm512_set1_epi32(
-                        rows[i].as_ptr().add(q * 4).cast::<i32>().read_unaligned(),
-                    );
-                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], x, b0);
-                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], x, b1);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32(a.add(q * 48 + i * 4).cast::<i32>().read_unaligned());
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], x, b0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], x, b1);
                 }
             }
         }
         let t = tile.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: i * 32 + 31 < 256 ≤ tile.len().
+            // SAFETY: i * 32 + 31 < 384 ≤ tile.len().
             unsafe {
                 _mm512_storeu_si512(t.add(i * 32).cast(), acc[0]);
                 _mm512_storeu_si512(t.add(i * 32 + 16).cast(), acc[1]);
@@ -678,6 +911,77 @@ mod tests {
             }
         }
     }
+    /// The three-limb f32 product against an f64 product of the same operands: within f32 rounding
+    /// of the row's scale, and NaN / infinite / zero rows as an f32 product gives them.
+    #[test]
+    fn f32_activations_in_limbs_match_the_float_product() {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let mut unit = move || rng.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 129, 33),
+            (7, 301, 31),
+            (50, 256, 97),
+            (2, 1027, 1100),
+        ] {
+            let mut a: Vec<f32> = (0..m * k)
+                .map(|i| unit() * [1.0, 1e-3, 3e4][i % 3] * if i % 7 == 0 { 40.0 } else { 1.0 })
+                .collect();
+            let bi: Vec<i8> = (0..k * n).map(|_| (unit() * 127.0) as i8).collect();
+            let zeros: Vec<i32> = (0..n).map(|j| (j % 5) as i32 - 2).collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+            if m > 2 {
+                a[k..2 * k].fill(0.0);
+                a[2 * k + k / 2] = f32::NAN;
+            }
+            if m > 3 {
+                a[3 * k] = f32::INFINITY;
+            }
+            for isa in IntIsa::available() {
+                let layout = isa.layout();
+                let data = pack(Weight::I8(&bi), k, n, layout);
+                let b = Packed {
+                    data: &data,
+                    k,
+                    n,
+                    layout,
+                };
+                let sums = b.column_sums();
+                for z in [&[][..], &zeros[..1], &zeros[..]] {
+                    let mut c = vec![f32::MIN; m * n];
+                    matmul_f32(isa, &a, m, &b, z, &sums, &scales, &mut c);
+                    for i in 0..m {
+                        let row = &a[i * k..][..k];
+                        let amax = row.iter().fold(0f64, |x, &v| x.max(v.abs() as f64));
+                        for j in 0..n {
+                            let zj = match z.len() {
+                                0 => 0,
+                                1 => z[0],
+                                _ => z[j],
+                            };
+                            let w =
+                                |r: usize| (bi[r * n + j] as i32 - zj) as f64 * scales[j] as f64;
+                            let want: f64 = (0..k).map(|r| row[r] as f64 * w(r)).sum();
+                            let bound: f64 = (0..k).map(|r| w(r).abs()).sum::<f64>() * amax;
+                            let got = c[i * n + j] as f64;
+                            if want.is_nan() {
+                                assert!(got.is_nan(), "{} row {i} col {j}: {got}", isa.name());
+                            } else if want.is_infinite() {
+                                assert_eq!(got, want, "{} row {i} col {j}", isa.name());
+                            } else {
+                                assert!(
+                                    (got - want).abs() <= 2e-7 * bound,
+                                    "{} {m}×{k}×{n} row {i} col {j}: {got} vs {want} (bound {bound})",
+                                    isa.name()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn dynamic_quantize_reproduces_the_scalar_formula() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);

@@ -10,6 +10,43 @@
 //! FMA (6 × 16), and a portable one the compiler vectorises for whatever the build targets (NEON on
 //! aarch64). All of them are checked against [`reference`] in the tests, ragged sizes included.
 
+/// Calls `$body(args…)`, an `#[inline(always)]` function of plain loops, compiled for the widest
+/// vector unit [`Isa::detect`] allows (AVX-512 with BW, else AVX2 + FMA), so LLVM vectorises it at that
+/// width; the crate's own baseline is SSE2. Each argument is named, typed and given its value:
+/// `for_cpu!(body(x: &[f32] = row, n: usize = 3) -> f32)`.
+macro_rules! for_cpu {
+    ($body:ident($($arg:ident : $ty:ty = $val:expr),* $(,)?) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+            fn wide($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn mid($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            use crate::kernels::Isa;
+            if Isa::detect() == Isa::Avx512
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the features were detected.
+                return unsafe { wide($($val),*) };
+            }
+            if Isa::detect() != Isa::Portable
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the features were detected.
+                return unsafe { mid($($val),*) };
+            }
+        }
+        $body($($val),*)
+    }};
+}
+
 pub mod codebook;
 pub mod formats;
 pub mod integer;

@@ -1,0 +1,104 @@
+//! Matrix-product kernel figures. Run with `cargo bench --bench kernels`; prints figures, asserts
+//! nothing.
+//!
+//! For the matrix shapes of the zoo's transformer layers at batch 1 and a few sequence lengths, the
+//! median time of one product and its rate in multiply-adds per second, for:
+//! - `f32 (int8 decode)`: the f32 FMA kernels over an int8 per-column weight decoded panel by panel;
+//! - `f32 in limbs`: the same product on the integer kernels, activations split in three 8-bit limbs;
+//! - `u8 × i8`: the exact integer product over activations already quantized (MatMulInteger).
+//!
+//! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
+
+use std::time::Instant;
+
+use quench::kernels::formats::Int8Cols;
+use quench::kernels::integer::{self, Acts, IntIsa, Packed, Weight, Zeros};
+use quench::kernels::{self, Isa};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median seconds of `f` over enough runs to fill about 0.3 s.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    f();
+    let once = start.elapsed().as_secs_f64().max(1e-7);
+    let runs = ((0.3 / once) as usize).clamp(5, 2000);
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[runs / 2]
+}
+
+fn main() {
+    let isa = IntIsa::detect();
+    println!(
+        "kernels: f32 {}, integer {} (1 thread)",
+        Isa::detect().name(),
+        isa.name()
+    );
+    println!(
+        "{:>16} {:>22} {:>22} {:>22} {:>8}",
+        "M×K×N", "f32 (int8 decode)", "f32 in limbs", "u8 × i8", "limbs ×"
+    );
+    for &(m, k, n) in &[
+        (1, 256, 1024),
+        (8, 256, 1024),
+        (48, 256, 256),
+        (48, 256, 1024),
+        (48, 1024, 256),
+        (384, 256, 1024),
+        (384, 1024, 256),
+    ] {
+        let a = values(m * k, 1);
+        let w = values(k * n, 2);
+        let q: Vec<i8> = w.iter().map(|&x| (x * 127.0).round() as i8).collect();
+        let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-5).collect();
+        let mut c = vec![0f32; m * n];
+        let cols = Int8Cols::new(&q, k, n, &scales, None);
+        let t_f32 = time(|| kernels::matmul(&a, m, &cols, &mut c));
+        let layout = isa.layout();
+        let data = integer::pack(Weight::I8(&q), k, n, layout);
+        let b = Packed {
+            data: &data,
+            k,
+            n,
+            layout,
+        };
+        let sums = b.column_sums();
+        let t_limbs = time(|| integer::matmul_f32(isa, &a, m, &b, &[], &sums, &scales, &mut c));
+        let au: Vec<u8> = a.iter().map(|&x| (x * 127.0 + 128.0) as u8).collect();
+        let mut ci = vec![0i32; m * n];
+        let zeros = Zeros {
+            a: 128,
+            b: &[],
+            column_sums: &sums,
+        };
+        let t_int = time(|| integer::matmul(isa, Acts::U8(&au), m, &b, zeros, &mut ci));
+        let macs = (m * k * n) as f64;
+        let cell = |t: f64| format!("{:>8.1} µs {:>6.1} G/s", t * 1e6, macs / t / 1e9);
+        println!(
+            "{:>16} {:>22} {:>22} {:>22} {:>8.2}",
+            format!("{m}×{k}×{n}"),
+            cell(t_f32),
+            cell(t_limbs),
+            cell(t_int),
+            t_limbs / t_f32
+        );
+    }
+}
