@@ -3,8 +3,9 @@
 #
 #   benches/callgrind.sh MODEL[+plain]... -- BENCH_OPTIONS...
 #
-# Each model runs in `quench bench --in-process` once with --runs 1 and once with --runs 3 (no warm-up);
-# the difference, halved, is what one inference costs, without loading or input generation. MODEL+plain
+# Each model runs in `quench bench --in-process --warmup 0 --runs 2`, with instructions collected only
+# inside the tract session's `run` (callgrind's --toggle-collect): half the count is what one inference
+# costs, without loading or input generation. MODEL+plain
 # runs it with --tract-plain (tract's own operators instead of quench's kernels). The first model is the
 # baseline of the ratio column.
 #
@@ -19,9 +20,10 @@ while [[ $# -gt 0 && $1 != -- ]]; do models+=("$1"); shift; done
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-count() { # model flag runs
-    valgrind --tool=callgrind --callgrind-out-file="$tmp/out" "$QUENCH" bench "$1" "${@:4}" \
-        --in-process --warmup 0 --runs "$3" $2 >/dev/null 2>"$tmp/err" ||
+count() { # model flag
+    valgrind --tool=callgrind --callgrind-out-file="$tmp/out" \
+        --toggle-collect='*TractSession*as*quench::exec::Session*::run' \
+        "$QUENCH" bench "$1" "${@:3}" --in-process --warmup 0 --runs 2 $2 >/dev/null 2>"$tmp/err" ||
         { cat "$tmp/err" >&2; exit 1; }
     grep -o 'Collected : [0-9]*' "$tmp/err" | grep -o '[0-9]*$'
 }
@@ -31,9 +33,7 @@ for spec in "${models[@]}"; do
     model=${spec%+plain}
     flag=
     [[ $spec == *+plain ]] && flag=--tract-plain
-    one=$(count "$model" "$flag" 1 "$@")
-    three=$(count "$model" "$flag" 3 "$@")
-    per=$(( (three - one) / 2 ))
+    per=$(( $(count "$model" "$flag" "$@") / 2 ))
     base=${base:-$per}
     awk -v m="$(basename "$model")${flag:+ (plain)}" -v p="$per" -v b="$base" \
         'BEGIN { printf "%-40s %16.0f %8.2f\n", m, p, p / b }'

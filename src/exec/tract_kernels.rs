@@ -16,6 +16,7 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, AttributeProto, ModelProto, NodeProto, attribute_proto::AttributeType};
 use tract_onnx::tract_hir::internal::*;
 
+use crate::kernels::conv::{AutoPad, Geometry};
 use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Cols, NBits, NibblesK};
 use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
 use crate::kernels::{self, Panels};
@@ -40,13 +41,16 @@ pub struct Rewrites {
     /// MatMuls over DequantizeLinear of an 8-bit constant taken as integer products over f32
     /// activations in 8-bit limbs (on VNNI; elsewhere they count in `int8`).
     pub limbs: usize,
+    /// Conv and ConvInteger over a constant 8-bit weight (one group), as products over im2col rows:
+    /// integer activations, static QDQ, or, on VNNI, f32 activations in limbs.
+    pub conv: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
 }
 
 impl Rewrites {
     pub fn total(&self) -> usize {
-        self.int8 + self.nbits + self.codebook + self.integer + self.qdq + self.limbs
+        self.int8 + self.nbits + self.codebook + self.integer + self.qdq + self.limbs + self.conv
     }
 }
 
@@ -184,6 +188,22 @@ fn attr_ints<'a>(n: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
         .map(|a| a.ints.as_slice())
 }
 
+fn ints_attr(name: &str, v: Vec<i64>) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v,
+        ..Default::default()
+    }
+}
+
+fn attr_s<'a>(n: &'a NodeProto, name: &str) -> Option<&'a str> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .and_then(|a| std::str::from_utf8(&a.s).ok())
+}
+
 fn int_attr(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
@@ -218,6 +238,7 @@ enum Kind {
     Integer,
     Qdq,
     Limbs,
+    Conv,
 }
 
 /// The weight a MatMul reads, seen through Identity nodes (tied weights).
@@ -356,7 +377,11 @@ fn plan_int8_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs
     let scales = floats_of(ix.konst(w.scale)?.t)?;
     let a = g.node[i].input.first().filter(|a| !a.is_empty())?;
     let zero = w.zero.map(str::to_string);
-    let mut plan = integer_plan(g, ix, i, packs, a, None, w.q, zero.as_ref(), Some(scales))?;
+    let site = Site {
+        scales: Some(scales),
+        ..Site::new(a, w.q, zero.as_ref())
+    };
+    let mut plan = integer_plan(g, ix, i, packs, site)?;
     plan.kind = Kind::Limbs;
     Some(plan)
 }
@@ -520,6 +545,8 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
                     .or_else(|| plan_codebook(g, &ix, i)),
                 "MatMulNBits" => plan_nbits(g, &ix, i),
                 "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
+                "Conv" => plan_conv(g, &ix, i, &mut packs),
+                "ConvInteger" => plan_conv_integer(g, &ix, i, &mut packs),
                 _ => None,
             })
             .collect()
@@ -527,7 +554,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     for p in plans {
         let node = &mut g.node[p.node];
         node.op_type = match p.kind {
-            Kind::Integer | Kind::Qdq | Kind::Limbs => OP_INT,
+            Kind::Integer | Kind::Qdq | Kind::Limbs | Kind::Conv => OP_INT,
             _ => OP,
         }
         .into();
@@ -541,6 +568,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Integer => done.integer += 1,
             Kind::Qdq => done.qdq += 1,
             Kind::Limbs => done.limbs += 1,
+            Kind::Conv => done.conv += 1,
         }
     }
     if done.total() == 0 {
@@ -987,7 +1015,11 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
     let b = weight_value(g, ix, mm.input.get(1)?);
     let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
     let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
-    integer_plan(g, ix, i, packs, a, a_zero, b, b_zero, None)
+    let site = Site {
+        a_zero,
+        ..Site::new(a, b, b_zero)
+    };
+    integer_plan(g, ix, i, packs, site)
 }
 
 /// `MatMul(DequantizeLinear(x_q, s_x, z_x), DequantizeLinear(w_q, s_w, z_w))` with `s_x`, `z_x` one
@@ -1023,7 +1055,148 @@ fn plan_qdq(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Opti
     }
     let scales: Vec<f32> = floats_of(sw.t)?.iter().map(|s| sx * s).collect();
     let w_zero = dw.input.get(2).filter(|z| !z.is_empty());
-    integer_plan(g, ix, i, packs, x, x_zero, w, w_zero, Some(scales))
+    let site = Site {
+        a_zero: x_zero,
+        scales: Some(scales),
+        ..Site::new(x, w, w_zero)
+    };
+    integer_plan(g, ix, i, packs, site)
+}
+
+/// The geometry of a Conv / ConvInteger with one group over a weight of dims `w` (`[M, C, KH(, KW)]`).
+fn conv_geometry(node: &NodeProto, w: &[i64]) -> Option<Geometry> {
+    if attr_i(node, "group").unwrap_or(1) != 1 || !(3..=4).contains(&w.len()) {
+        return None;
+    }
+    if attr_ints(node, "kernel_shape").is_some_and(|k| k != &w[2..]) {
+        return None;
+    }
+    let auto_pad = AutoPad::parse(attr_s(node, "auto_pad").unwrap_or(""))?;
+    Geometry::new(
+        usize::try_from(w[1]).ok()?,
+        &w[2..],
+        attr_ints(node, "strides"),
+        attr_ints(node, "dilations"),
+        attr_ints(node, "pads"),
+        auto_pad,
+    )
+}
+
+/// The 8-bit weight `q[M, C, KH(, KW)]` of a convolution and its scales (one, or one per output
+/// channel), in the forms quench writes: `DequantizeLinear(q, scale[, zero point])` on axis 0, or
+/// `Mul(Cast(q), scale[M, 1, 1(, 1)])`.
+fn conv_weight<'g>(
+    g: &'g pb::GraphProto,
+    ix: &Index,
+    w: &'g str,
+) -> Option<(&'g str, Vec<f32>, Option<&'g String>)> {
+    let w = weight_value(g, ix, w);
+    let codes = |q: &str| {
+        let k = ix.konst(q)?;
+        (k.is(INT8, None) || k.is(UINT8, None))
+            .then(|| k.t.dims.clone())
+            .filter(|d| (3..=4).contains(&d.len()))
+    };
+    let per_channel = |t: &pb::TensorProto, m: i64| {
+        let len: i64 = t.dims.iter().product();
+        len == 1 || (len == m && t.dims.first() == Some(&m))
+    };
+    if let Some(d) = ix.made_by(g, w, "DequantizeLinear") {
+        let dq = &g.node[d];
+        let q = dq.input.first()?;
+        let dims = codes(q)?;
+        let sk = ix.konst(dq.input.get(1)?)?;
+        if sk.t.data_type != FLOAT
+            || attr_i(dq, "block_size").unwrap_or(0) != 0
+            || !per_channel(sk.t, dims[0])
+            || (sk.len() > 1 && attr_i(dq, "axis").unwrap_or(1) != 0)
+        {
+            return None;
+        }
+        let zero = dq.input.get(2).filter(|z| !z.is_empty());
+        if let Some(z) = zero {
+            let zk = ix.konst(z)?;
+            if zk.t.data_type != ix.konst(q)?.t.data_type || zk.len() != sk.len() {
+                return None;
+            }
+        }
+        return Some((q, floats_of(sk.t)?, zero));
+    }
+    let mul = &g.node[ix.made_by(g, w, "Mul")?];
+    let (x, scale) = match (ix.konst(&mul.input[0]), mul.input.get(1)) {
+        (None, Some(s)) => (&mul.input[0], s),
+        (Some(_), Some(x)) => (x, &mul.input[0]),
+        _ => return None,
+    };
+    let c = &g.node[ix.made_by(g, x, "Cast")?];
+    if attr_i(c, "to") != Some(FLOAT as i64) {
+        return None;
+    }
+    let q = c.input.first()?;
+    let dims = codes(q)?;
+    let sk = ix.konst(scale)?;
+    if sk.t.data_type != FLOAT || !per_channel(sk.t, dims[0]) {
+        return None;
+    }
+    Some((q, floats_of(sk.t)?, None))
+}
+
+/// `Conv(X, W[, bias])` over an 8-bit constant weight, one group: with X from a DequantizeLinear of
+/// one constant scale and 8-bit zero point, the static QDQ form as an exact integer product; with f32
+/// X, on VNNI, the weight-only form in limbs.
+fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
+    let node = &g.node[i];
+    let (x, w) = (node.input.first()?, node.input.get(1)?);
+    let (q, w_scales, w_zero) = conv_weight(g, ix, w)?;
+    let conv = Some(conv_geometry(node, &ix.konst(q)?.t.dims)?);
+    let bias = node.input.get(2).filter(|b| !b.is_empty());
+    if let Some(d) = ix.made_by(g, x, "DequantizeLinear") {
+        let dx = &g.node[d];
+        let sx = ix.konst(dx.input.get(1)?)?;
+        let x_zero = dx.input.get(2).filter(|z| !z.is_empty());
+        let zx = ix.konst(x_zero?)?;
+        if sx.t.data_type != FLOAT
+            || sx.len() != 1
+            || !(zx.is(UINT8, None) || zx.is(INT8, None))
+            || zx.len() != 1
+            || attr_i(dx, "block_size").unwrap_or(0) != 0
+        {
+            return None;
+        }
+        let sx = floats_of(sx.t)?[0];
+        let site = Site {
+            a_zero: x_zero,
+            scales: Some(w_scales.iter().map(|s| sx * s).collect()),
+            conv,
+            bias,
+            ..Site::new(dx.input.first()?, q, w_zero)
+        };
+        return integer_plan(g, ix, i, packs, site);
+    }
+    if !kernels::integer::IntIsa::detect().limbs_pay() {
+        return None;
+    }
+    let site = Site {
+        scales: Some(w_scales),
+        conv,
+        bias,
+        ..Site::new(x, q, w_zero)
+    };
+    integer_plan(g, ix, i, packs, site)
+}
+
+/// `ConvInteger(x, w[, x₀[, w₀]])` with `w` an 8-bit constant, one group.
+fn plan_conv_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
+    let node = &g.node[i];
+    let a = node.input.first().filter(|a| !a.is_empty())?;
+    let w = weight_value(g, ix, node.input.get(1)?);
+    let conv = Some(conv_geometry(node, &ix.konst(w)?.t.dims)?);
+    let site = Site {
+        a_zero: node.input.get(2).filter(|z| !z.is_empty()),
+        conv,
+        ..Site::new(a, w, node.input.get(3).filter(|z| !z.is_empty()))
+    };
+    integer_plan(g, ix, i, packs, site)
 }
 
 /// The values of a float constant.
@@ -1043,24 +1216,67 @@ fn floats_of(t: &pb::TensorProto) -> Option<Vec<f32>> {
     (v.len() as i64 == len).then_some(v)
 }
 
-/// The `QuenchMatMulInteger` plan for node `i`: activations `a` (zero point `a_zero`), weight `b` (a
-/// constant 8-bit `[K, N]`, zero point `b_zero`), and, for a float result, the scale of each column.
-#[allow(clippy::too_many_arguments)]
+/// What a `QuenchMatMulInteger` reads: activations `a` (zero point `a_zero`), weight `b` (a constant
+/// 8-bit `[K, N]`, or `[M, C, KH(, KW)]` for a convolution, zero point `b_zero`), and, for a float
+/// result, the scale of each column (and a bias, for a convolution).
+struct Site<'a> {
+    a: &'a str,
+    a_zero: Option<&'a String>,
+    b: &'a str,
+    b_zero: Option<&'a String>,
+    scales: Option<Vec<f32>>,
+    conv: Option<Geometry>,
+    bias: Option<&'a String>,
+}
+
+impl<'a> Site<'a> {
+    fn new(a: &'a str, b: &'a str, b_zero: Option<&'a String>) -> Site<'a> {
+        Site {
+            a,
+            a_zero: None,
+            b,
+            b_zero,
+            scales: None,
+            conv: None,
+            bias: None,
+        }
+    }
+}
+
+/// The `QuenchMatMulInteger` plan for node `i` over `site`.
 fn integer_plan(
     g: &pb::GraphProto,
     ix: &Index,
     i: usize,
     packs: &mut Packs,
-    a: &str,
-    a_zero: Option<&String>,
-    b: &str,
-    b_zero: Option<&String>,
-    scales: Option<Vec<f32>>,
+    site: Site,
 ) -> Option<Plan> {
+    let Site {
+        a,
+        a_zero,
+        b,
+        b_zero,
+        scales,
+        conv,
+        bias,
+    } = site;
+    let rank = if conv.is_some() { None } else { Some(2) };
     let bk = ix
         .konst(b)
-        .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))?;
-    let (k, n) = (bk.t.dims[0], bk.t.dims[1]);
+        .filter(|q| q.is(INT8, rank) || q.is(UINT8, rank))?;
+    let (k, n) = match &conv {
+        // W[M, C, KH, KW] is B[C·KH·KW, M] transposed.
+        Some(_) => {
+            let m = bk.t.dims[0];
+            (bk.len() / m.max(1), m)
+        }
+        None => (bk.t.dims[0], bk.t.dims[1]),
+    };
+    if let Some(geo) = &conv
+        && (k as usize != geo.k() || bk.t.dims.get(1) != Some(&(geo.channels as i64)))
+    {
+        return None;
+    }
     if let Some(z) = a_zero {
         match ix.konst(z) {
             Some(zk) if zk.len() == 1 => {}
@@ -1088,8 +1304,11 @@ fn integer_plan(
     let (packed, zero) = match packs.by_source.get(&key) {
         Some(names) => names.clone(),
         None => {
-            let raw = bytes_of(bk.t)?;
+            let mut raw = bytes_of(bk.t)?;
             let (ku, nu) = (k as usize, n as usize);
+            if conv.is_some() {
+                raw = (0..ku * nu).map(|t| raw[(t % nu) * ku + t / nu]).collect();
+            }
             let (w, shift) = if bk.t.data_type == INT8 {
                 let v: Vec<i8> = raw.iter().map(|&x| x as i8).collect();
                 (kernels::integer::pack(Weight::I8(&v), ku, nu, layout), 0)
@@ -1134,6 +1353,21 @@ fn integer_plan(
     inputs.push(packed);
     inputs.extend(zero.clone());
     let scaled = scales.is_some();
+    let mut attrs = vec![];
+    if let Some(geo) = &conv {
+        let mut v = vec![geo.rank as i64, geo.channels as i64, geo.auto_pad.code()];
+        for x in geo
+            .kernel
+            .iter()
+            .chain(&geo.strides)
+            .chain(&geo.dilations)
+            .chain(&geo.pads)
+        {
+            v.push(*x as i64);
+        }
+        attrs.push(ints_attr("conv", v));
+        attrs.push(int_attr("bias", bias.is_some() as i64));
+    }
     if let Some(scales) = scales {
         let name = format!("{b}::quench_scale::{i}");
         packs.made.push(pb::TensorProto {
@@ -1145,19 +1379,26 @@ fn integer_plan(
         });
         inputs.push(name);
     }
+    inputs.extend(bias.cloned());
+    let kind = match (&conv, scaled) {
+        (Some(_), _) => Kind::Conv,
+        (None, true) => Kind::Qdq,
+        (None, false) => Kind::Integer,
+    };
+    attrs.extend([
+        int_attr("K", k),
+        int_attr("N", n),
+        int_attr("nr", layout.nr as i64),
+        int_attr("group", layout.group as i64),
+        int_attr("a_zero", a_zero.is_some() as i64),
+        int_attr("b_zero", zero.is_some() as i64),
+        int_attr("scaled", scaled as i64),
+    ]);
     Some(Plan {
         node: i,
         inputs,
-        attrs: vec![
-            int_attr("K", k),
-            int_attr("N", n),
-            int_attr("nr", layout.nr as i64),
-            int_attr("group", layout.group as i64),
-            int_attr("a_zero", a_zero.is_some() as i64),
-            int_attr("b_zero", zero.is_some() as i64),
-            int_attr("scaled", scaled as i64),
-        ],
-        kind: if scaled { Kind::Qdq } else { Kind::Integer },
+        attrs,
+        kind,
     })
 }
 
@@ -1172,8 +1413,15 @@ fn build_integer(
     let a_zero: i64 = node.get_attr("a_zero")?;
     let b_zero: i64 = node.get_attr("b_zero")?;
     let scaled: i64 = node.get_attr_opt("scaled")?.unwrap_or(0);
+    let conv = match node.get_attr_opt_vec::<i64>("conv")? {
+        None => None,
+        Some(v) => Some(geometry_of(&v).with_context(|| format!("{}: conv {v:?}", node.name))?),
+    };
+    let bias: i64 = node.get_attr_opt("bias")?.unwrap_or(0);
     Ok((
         expand(IntegerExpansion {
+            conv,
+            bias: bias != 0,
             k: node.get_attr("K")?,
             n: node.get_attr("N")?,
             layout,
@@ -1185,10 +1433,76 @@ fn build_integer(
     ))
 }
 
+/// The geometry a plan wrote in the `conv` attribute: rank, channels, auto_pad, then kernel, strides,
+/// dilations (two each) and pads (four).
+fn geometry_of(v: &[i64]) -> Option<Geometry> {
+    if v.len() != 13 || v.iter().any(|&x| x < 0) {
+        return None;
+    }
+    let two = |i: usize| [v[i] as usize, v[i + 1] as usize];
+    let geo = Geometry {
+        rank: v[0] as usize,
+        channels: v[1] as usize,
+        auto_pad: AutoPad::from_code(v[2])?,
+        kernel: two(3),
+        strides: two(5),
+        dilations: two(7),
+        pads: [v[9], v[10], v[11], v[12]].map(|x| x as usize),
+    };
+    let ok = (1..=2).contains(&geo.rank)
+        && geo
+            .kernel
+            .iter()
+            .chain(&geo.strides)
+            .chain(&geo.dilations)
+            .all(|&x| x >= 1);
+    ok.then_some(geo)
+}
+
+/// The output shape of a convolution over an input of `shape` `[N, C, spatial…]`.
+fn conv_output_shape(
+    geo: &Geometry,
+    shape: &[TDim],
+    m: usize,
+    op: &str,
+) -> TractResult<TVec<TDim>> {
+    ensure!(
+        shape.len() == geo.rank + 2,
+        "{op}: a convolution of {} spatial axes over an input of rank {}",
+        geo.rank,
+        shape.len()
+    );
+    let mut out: TVec<TDim> = tvec![shape[0].clone(), m.to_dim()];
+    for (ax, d) in shape[2..].iter().enumerate() {
+        out.push(match d.to_i64() {
+            Ok(len) => geo
+                .out_len(ax, len as usize)
+                .with_context(|| format!("{op}: the kernel does not fit an extent of {len}"))?
+                .to_dim(),
+            Err(_) => match geo.auto_pad {
+                AutoPad::SameUpper | AutoPad::SameLower => {
+                    d.clone().div_ceil(geo.strides[ax] as u64)
+                }
+                _ => {
+                    let pads = if geo.auto_pad == AutoPad::Valid {
+                        0
+                    } else {
+                        geo.pads[ax] + geo.pads[ax + 2]
+                    };
+                    (d.clone() + pads as i64 - geo.span(ax) as i64) / geo.strides[ax] as u64 + 1
+                }
+            },
+        });
+    }
+    Ok(out)
+}
+
 /// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32],
-/// [column scales: the result is then f32, not i32].
+/// [column scales: the result is then f32, not i32], [bias, for a convolution with a float result].
 #[derive(Clone, Debug)]
 struct IntegerExpansion {
+    conv: Option<Geometry>,
+    bias: bool,
     k: usize,
     n: usize,
     layout: Layout,
@@ -1210,7 +1524,10 @@ impl Expansion for IntegerExpansion {
     ) -> InferenceResult {
         check_input_arity(
             inputs,
-            2 + self.a_zero as usize + self.b_zero as usize + self.scaled as usize,
+            2 + self.a_zero as usize
+                + self.b_zero as usize
+                + self.scaled as usize
+                + self.bias as usize,
         )?;
         check_output_arity(outputs, 1)?;
         let dt = if self.scaled {
@@ -1219,7 +1536,18 @@ impl Expansion for IntegerExpansion {
             i32::datum_type()
         };
         s.equals(&outputs[0].datum_type, dt)?;
-        last_axis_becomes(s, inputs, outputs, self.n)
+        let Some(geo) = self.conv.clone() else {
+            return last_axis_becomes(s, inputs, outputs, self.n);
+        };
+        let m = self.n;
+        s.equals(&inputs[0].rank, geo.rank as i64 + 2)?;
+        s.equals(&outputs[0].rank, geo.rank as i64 + 2)?;
+        s.given(&inputs[0].shape, move |s, shape| {
+            s.equals(
+                &outputs[0].shape,
+                conv_output_shape(&geo, &shape, m, OP_INT)?,
+            )
+        })
     }
 
     fn wire(
@@ -1279,6 +1607,17 @@ impl Expansion for IntegerExpansion {
             b.check().map_err(|e| anyhow!("{prefix}: {e}"))?;
             Arc::new(b.column_sums())
         };
+        ensure!(
+            !self.bias || self.scaled,
+            "{prefix}: a bias needs a float result"
+        );
+        if let Some(geo) = &self.conv {
+            ensure!(
+                geo.k() == self.k,
+                "{prefix}: conv geometry for K {}",
+                self.k
+            );
+        }
         let op = QMatMulInteger {
             k: self.k,
             n: self.n,
@@ -1288,8 +1627,14 @@ impl Expansion for IntegerExpansion {
             sums,
             b_zero,
             scales,
+            a_zero: self.a_zero,
+            conv: self.conv.clone(),
+            bias: self.bias,
         };
-        let wired: TVec<OutletId> = inputs[..pi].iter().copied().collect();
+        let mut wired: TVec<OutletId> = inputs[..pi].iter().copied().collect();
+        if self.bias {
+            wired.push(*inputs.last().unwrap());
+        }
         model.wire_node(prefix, op, &wired)
     }
 }
@@ -1306,6 +1651,12 @@ pub struct QMatMulInteger {
     b_zero: Option<Arc<Tensor>>,
     /// Column scales of an f32 result (the QDQ form); none for MatMulInteger's i32.
     scales: Option<Arc<Tensor>>,
+    /// Whether input 1 is A's zero point.
+    a_zero: bool,
+    /// A convolution over im2col rows of an `[N, C, spatial…]` input, not a product over its last axis.
+    conv: Option<Geometry>,
+    /// Whether the last input is a bias (one value per output channel) added to a float result.
+    bias: bool,
 }
 
 impl PartialEq for QMatMulInteger {
@@ -1316,6 +1667,9 @@ impl PartialEq for QMatMulInteger {
             && Arc::ptr_eq(&self.packed, &other.packed)
             && same(&self.b_zero, &other.b_zero)
             && same(&self.scales, &other.scales)
+            && self.a_zero == other.a_zero
+            && self.conv == other.conv
+            && self.bias == other.bias
     }
 }
 impl Eq for QMatMulInteger {}
@@ -1350,27 +1704,125 @@ impl EvalOp for QMatMulInteger {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let a = &inputs[0];
-        let a0: i32 = match inputs.get(1) {
-            None => 0,
-            Some(z) => {
-                ensure!(
-                    z.len() == 1,
-                    "{OP_INT}: zero point of A has {} values",
-                    z.len()
-                );
-                let ram = z.try_as_plain_ram()?;
-                match z.datum_type() {
-                    DatumType::U8 => ram.as_slice::<u8>()?[0] as i32,
-                    DatumType::I8 => ram.as_slice::<i8>()?[0] as i32,
-                    dt => bail!("{OP_INT}: zero point of A of type {dt:?}"),
+        let a0: i32 = if self.a_zero {
+            let z = &inputs[1];
+            ensure!(
+                z.len() == 1,
+                "{OP_INT}: zero point of A has {} values",
+                z.len()
+            );
+            let ram = z.try_as_plain_ram()?;
+            match z.datum_type() {
+                DatumType::U8 => ram.as_slice::<u8>()?[0] as i32,
+                DatumType::I8 => ram.as_slice::<i8>()?[0] as i32,
+                dt => bail!("{OP_INT}: zero point of A of type {dt:?}"),
+            }
+        } else {
+            0
+        };
+        let Some(geo) = &self.conv else {
+            return Ok(tvec![self.product(&inputs[0], a0)?.into_tvalue()]);
+        };
+        let x = &inputs[0];
+        let shape = x.shape();
+        ensure!(
+            shape.len() == geo.rank + 2 && shape[1] == geo.channels,
+            "{OP_INT}: input of shape {shape:?} for a convolution over {} channels",
+            geo.channels
+        );
+        let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
+        let fits = |ax: usize| geo.out_len(ax, hw[ax]);
+        let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
+            bail!("{OP_INT}: the kernel does not fit an input of shape {shape:?}");
+        };
+        let rows = batch * oh * ow;
+        let ram = x.try_as_plain_ram()?;
+        // Padding is a real 0: a zero point in the quantized domain.
+        let cols = match x.datum_type() {
+            DatumType::F32 => {
+                let c = geo.im2col(ram.as_slice::<f32>()?, batch, hw, 0.0).unwrap();
+                Tensor::from_shape(&[rows, geo.k()], &c)?
+            }
+            DatumType::U8 => {
+                let c = geo
+                    .im2col(ram.as_slice::<u8>()?, batch, hw, a0 as u8)
+                    .unwrap();
+                Tensor::from_shape(&[rows, geo.k()], &c)?
+            }
+            DatumType::I8 => {
+                let c = geo
+                    .im2col(ram.as_slice::<i8>()?, batch, hw, a0 as i8)
+                    .unwrap();
+                Tensor::from_shape(&[rows, geo.k()], &c)?
+            }
+            dt => bail!("{OP_INT} takes f32, u8 or i8 input, not {dt:?}"),
+        };
+        let y = self.product(&cols, a0)?;
+        let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
+        if geo.rank == 2 {
+            out_shape.push(ow);
+        }
+        let plane = oh * ow;
+        // [N·OH·OW, M] → [N, M, OH(, OW)], plus the bias of each channel.
+        let out = match y.datum_type() {
+            DatumType::F32 => {
+                let bias = match self.bias {
+                    true => {
+                        let b = inputs.last().unwrap();
+                        ensure!(
+                            b.len() == self.n,
+                            "{OP_INT}: bias of {} values for {} channels",
+                            b.len(),
+                            self.n
+                        );
+                        let b = b.cast_to::<f32>()?;
+                        b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
+                    }
+                    false => vec![0.0; self.n],
+                };
+                let y_ram = y.try_as_plain_ram()?;
+                let y = y_ram.as_slice::<f32>()?;
+                let mut v = vec![0f32; y.len()];
+                for b in 0..batch {
+                    for (p, row) in y[b * plane * self.n..][..plane * self.n]
+                        .chunks_exact(self.n)
+                        .enumerate()
+                    {
+                        for (ch, (&val, &bv)) in row.iter().zip(&bias).enumerate() {
+                            v[(b * self.n + ch) * plane + p] = val + bv;
+                        }
+                    }
                 }
+                Tensor::from_shape(&out_shape, &v)?
+            }
+            _ => {
+                let y_ram = y.try_as_plain_ram()?;
+                let y = y_ram.as_slice::<i32>()?;
+                let mut v = vec![0i32; y.len()];
+                for b in 0..batch {
+                    for (p, row) in y[b * plane * self.n..][..plane * self.n]
+                        .chunks_exact(self.n)
+                        .enumerate()
+                    {
+                        for (ch, &val) in row.iter().enumerate() {
+                            v[(b * self.n + ch) * plane + p] = val;
+                        }
+                    }
+                }
+                Tensor::from_shape(&out_shape, &v)?
             }
         };
+        Ok(tvec![out.into_tvalue()])
+    }
+}
+
+impl QMatMulInteger {
+    /// The product over the last axis of `a` (u8 or i8 with zero point `a0`, or f32 in limbs).
+    fn product(&self, a: &Tensor, a0: i32) -> TractResult<Tensor> {
         let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
         let m = a.len() / self.k;
         if a.datum_type() == DatumType::F32 {
-            return self.eval_f32(a, m, &shape);
+            return self.product_f32(a, m, &shape);
         }
         let mut y = Tensor::zero::<i32>(&shape)?;
         {
@@ -1404,7 +1856,7 @@ impl EvalOp for QMatMulInteger {
             kernels::integer::matmul(self.isa, acts, m, &b, zeros, y_ram.as_slice_mut::<i32>()?);
         }
         let Some(scales) = &self.scales else {
-            return Ok(tvec![y.into_tvalue()]);
+            return Ok(y);
         };
         // The QDQ form: the exact sums times s_x · s_w of their column.
         let mut f = Tensor::zero::<f32>(&shape)?;
@@ -1428,13 +1880,11 @@ impl EvalOp for QMatMulInteger {
                 }
             }
         }
-        Ok(tvec![f.into_tvalue()])
+        Ok(f)
     }
-}
 
-impl QMatMulInteger {
     /// f32 activations (an 8-bit weight-only MatMul): three limbs through the integer kernels.
-    fn eval_f32(&self, a: &TValue, m: usize, shape: &[usize]) -> TractResult<TVec<TValue>> {
+    fn product_f32(&self, a: &Tensor, m: usize, shape: &[usize]) -> TractResult<Tensor> {
         let scales = self
             .scales
             .as_ref()
@@ -1471,7 +1921,7 @@ impl QMatMulInteger {
                 y_ram.as_slice_mut::<f32>()?,
             );
         }
-        Ok(tvec![y.into_tvalue()])
+        Ok(y)
     }
 }
 
@@ -1484,7 +1934,13 @@ impl TypedOp for QMatMulInteger {
                 || (a.datum_type == f32::datum_type() && self.scales.is_some()),
             "{OP_INT} takes u8 or i8 input, or f32 with column scales"
         );
-        let shape = output_fact_shape(a, self.n, OP_INT)?;
+        let shape = match &self.conv {
+            Some(geo) => {
+                let dims: TVec<TDim> = a.shape.iter().cloned().collect();
+                conv_output_shape(geo, &dims, self.n, OP_INT)?
+            }
+            None => output_fact_shape(a, self.n, OP_INT)?,
+        };
         Ok(tvec![if self.scales.is_some() {
             f32::fact(shape)
         } else {

@@ -48,6 +48,7 @@ macro_rules! for_cpu {
 }
 
 pub mod codebook;
+pub mod conv;
 pub mod formats;
 pub mod integer;
 
