@@ -1817,6 +1817,27 @@ impl EvalOp for QMatMulInteger {
 }
 
 impl QMatMulInteger {
+    /// Calls `f` with the packed weight and its zero points (as packed, i32; empty for none).
+    fn with_weight<R>(&self, f: impl FnOnce(&Packed, &[i32]) -> TractResult<R>) -> TractResult<R> {
+        let p_ram = self.packed.try_as_plain_ram()?;
+        let b = Packed {
+            data: p_ram.as_slice::<i8>()?,
+            k: self.k,
+            n: self.n,
+            layout: self.layout,
+        };
+        let z_ram = self
+            .b_zero
+            .as_ref()
+            .map(|z| z.try_as_plain_ram())
+            .transpose()?;
+        let zeros = match &z_ram {
+            Some(z) => z.as_slice::<i32>()?,
+            None => &[],
+        };
+        f(&b, zeros)
+    }
+
     /// The product over the last axis of `a` (u8 or i8 with zero point `a0`, or f32 in limbs).
     fn product(&self, a: &Tensor, a0: i32) -> TractResult<Tensor> {
         let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
@@ -1832,28 +1853,17 @@ impl QMatMulInteger {
                 DatumType::I8 => Acts::I8(a_ram.as_slice::<i8>()?),
                 dt => bail!("{OP_INT} takes u8 or i8 input, not {dt:?}"),
             };
-            let p_ram = self.packed.try_as_plain_ram()?;
-            let b = Packed {
-                data: p_ram.as_slice::<i8>()?,
-                k: self.k,
-                n: self.n,
-                layout: self.layout,
-            };
-            let z_ram = self
-                .b_zero
-                .as_ref()
-                .map(|z| z.try_as_plain_ram())
-                .transpose()?;
-            let zeros = Zeros {
-                a: a0,
-                b: match &z_ram {
-                    Some(z) => z.as_slice::<i32>()?,
-                    None => &[],
-                },
-                column_sums: &self.sums,
-            };
             let mut y_ram = y.try_as_plain_ram_mut()?;
-            kernels::integer::matmul(self.isa, acts, m, &b, zeros, y_ram.as_slice_mut::<i32>()?);
+            let c = y_ram.as_slice_mut::<i32>()?;
+            self.with_weight(|b, b_zeros| {
+                let zeros = Zeros {
+                    a: a0,
+                    b: b_zeros,
+                    column_sums: &self.sums,
+                };
+                kernels::integer::matmul(self.isa, acts, m, b, zeros, c);
+                Ok(())
+            })?;
         }
         let Some(scales) = &self.scales else {
             return Ok(y);
@@ -1892,34 +1902,14 @@ impl QMatMulInteger {
         let mut y = Tensor::zero::<f32>(shape)?;
         {
             let a_ram = a.try_as_plain_ram()?;
-            let p_ram = self.packed.try_as_plain_ram()?;
-            let b = Packed {
-                data: p_ram.as_slice::<i8>()?,
-                k: self.k,
-                n: self.n,
-                layout: self.layout,
-            };
-            let z_ram = self
-                .b_zero
-                .as_ref()
-                .map(|z| z.try_as_plain_ram())
-                .transpose()?;
-            let zeros = match &z_ram {
-                Some(z) => z.as_slice::<i32>()?,
-                None => &[],
-            };
             let s_ram = scales.try_as_plain_ram()?;
             let mut y_ram = y.try_as_plain_ram_mut()?;
-            kernels::integer::matmul_f32(
-                self.isa,
-                a_ram.as_slice::<f32>()?,
-                m,
-                &b,
-                zeros,
-                &self.sums,
-                s_ram.as_slice::<f32>()?,
-                y_ram.as_slice_mut::<f32>()?,
-            );
+            let (a, scales) = (a_ram.as_slice::<f32>()?, s_ram.as_slice::<f32>()?);
+            let c = y_ram.as_slice_mut::<f32>()?;
+            self.with_weight(|b, zeros| {
+                kernels::integer::matmul_f32(self.isa, a, m, b, zeros, &self.sums, scales, c);
+                Ok(())
+            })?;
         }
         Ok(y)
     }
