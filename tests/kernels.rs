@@ -67,9 +67,8 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                 kernels.starts_with("quench") && taken,
                 "{zoo_name} {recipe}: {kernels}"
             );
-            // magika's convolution: ConvInteger always, the weight-only Conv where limbs pay (VNNI).
-            let vnni = kernels.contains("vnni (");
-            if zoo_name == "magika" && (recipe == "dynamic" || (recipe == "w8" && vnni)) {
+            // magika's convolution, as ConvInteger.
+            if zoo_name == "magika" && recipe == "dynamic" {
                 assert!(
                     !kernels.contains(", 0 Conv"),
                     "{zoo_name} {recipe}: {kernels}"

@@ -1141,9 +1141,8 @@ fn conv_weight<'g>(
     Some((q, floats_of(sk.t)?, None))
 }
 
-/// `Conv(X, W[, bias])` over an 8-bit constant weight, one group: with X from a DequantizeLinear of
-/// one constant scale and 8-bit zero point, the static QDQ form as an exact integer product; with f32
-/// X, on VNNI, the weight-only form in limbs.
+/// `Conv(X, W[, bias])` over an 8-bit constant weight, one group, with X from a DequantizeLinear of
+/// one constant scale and 8-bit zero point: the static QDQ form as an exact integer product.
 fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
     let node = &g.node[i];
     let (x, w) = (node.input.first()?, node.input.get(1)?);
@@ -1173,16 +1172,10 @@ fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Opt
         };
         return integer_plan(g, ix, i, packs, site);
     }
-    if !kernels::integer::IntIsa::detect().limbs_pay() {
-        return None;
-    }
-    let site = Site {
-        scales: Some(w_scales),
-        conv,
-        bias,
-        ..Site::new(x, q, w_zero)
-    };
-    integer_plan(g, ix, i, packs, site)
+    // A weight-only Conv (f32 X) stays with tract, which folds the weight to f32 at load: in limbs,
+    // the f32 im2col and three times its rows cost more than tract's convolution (PP-OCR det: 3.8×
+    // fp32 and 1.6× its RSS at 320×320; magika: about even).
+    None
 }
 
 /// `ConvInteger(x, w[, x₀[, w₀]])` with `w` an 8-bit constant, one group.
