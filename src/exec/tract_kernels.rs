@@ -263,56 +263,85 @@ fn column_scales(t: &pb::TensorProto, n: i64) -> bool {
 /// quench writes: `DequantizeLinear(q, scale[, zero point])` (axis 1), or `Mul(Cast(q) [− zero point],
 /// scale)`.
 fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
-    let w = int8_weight(g, ix, i)?;
+    let b = weight_value(g, ix, g.node[i].input.get(1)?);
+    let w = int8_weight(g, ix, b, ScaleAxis::Columns)?;
     let mut inputs = vec![
         g.node[i].input[0].clone(),
         w.q.to_string(),
         w.scale.to_string(),
     ];
-    inputs.extend(w.zero.map(str::to_string));
+    inputs.extend(w.zero.cloned());
     Some(Plan {
         node: i,
         inputs,
         attrs: vec![
             str_attr("form", "int8"),
-            int_attr("K", w.k),
-            int_attr("N", w.n),
+            int_attr("K", w.dims[0]),
+            int_attr("N", w.dims[1]),
         ],
         kind: Kind::Int8,
     })
 }
 
-/// The 8-bit weight of a MatMul, as [`plan_int8`] takes it.
+/// Which axis of an 8-bit weight its scales and zero points run along (one value, or one per index of
+/// that axis).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScaleAxis {
+    /// A MatMul weight `[K, N]`: per column (axis 1), laid out to broadcast along the last axis.
+    Columns,
+    /// A convolution weight `[M, C, KH(, KW)]`: per output channel (axis 0).
+    Channels,
+}
+
+/// An 8-bit constant weight behind its decode, as [`int8_weight`] finds it.
 struct Int8Weight<'g> {
     q: &'g str,
     scale: &'g str,
-    zero: Option<&'g str>,
+    zero: Option<&'g String>,
     /// Whether the zero point has the codes' type (DequantizeLinear), not f32 (the Mul form).
     zero_is_code: bool,
-    k: i64,
-    n: i64,
+    dims: &'g [i64],
 }
 
-fn int8_weight<'g>(g: &'g pb::GraphProto, ix: &Index, i: usize) -> Option<Int8Weight<'g>> {
-    let mm = &g.node[i];
-    let b = weight_value(g, ix, mm.input.get(1)?);
-    let is_codes = |name: &str| {
-        ix.konst(name)
-            .filter(|q| q.is(INT8, Some(2)) || q.is(UINT8, Some(2)))
-            .map(|q| (q.t.dims[0], q.t.dims[1]))
+/// The 8-bit constant `q` that `w` decodes, in either form quench writes:
+/// `DequantizeLinear(q, scale[, zero point])` on the axis `along` names, or
+/// `Mul(Cast(q) [− zero point], scale)` with the scale shaped to broadcast along it.
+fn int8_weight<'g>(
+    g: &'g pb::GraphProto,
+    ix: &Index<'g>,
+    w: &'g str,
+    along: ScaleAxis,
+) -> Option<Int8Weight<'g>> {
+    let codes = |name: &str| {
+        let q = ix.konst(name)?;
+        let rank_ok = match along {
+            ScaleAxis::Columns => q.t.dims.len() == 2,
+            ScaleAxis::Channels => (3..=4).contains(&q.t.dims.len()),
+        };
+        ((q.is(INT8, None) || q.is(UINT8, None)) && rank_ok).then_some(q.t.dims.as_slice())
     };
-    let (q, scale, zero, k, n, zero_is_code) = if let Some(d) = ix.made_by(g, b, "DequantizeLinear")
-    {
+    let scales_fit = |t: &pb::TensorProto, dims: &[i64]| match along {
+        ScaleAxis::Columns => column_scales(t, dims[1]),
+        ScaleAxis::Channels => {
+            let len: i64 = t.dims.iter().product();
+            len == 1 || (len == dims[0] && t.dims.first() == Some(&dims[0]))
+        }
+    };
+    if let Some(d) = ix.made_by(g, w, "DequantizeLinear") {
         let dq = &g.node[d];
         let q = dq.input.first()?;
-        let (k, n) = is_codes(q)?;
+        let dims = codes(q)?;
         let scale = dq.input.get(1)?;
         let sk = ix.konst(scale)?;
         let axis = attr_i(dq, "axis").unwrap_or(1);
+        let axis_ok = match along {
+            ScaleAxis::Columns => axis == 1 || axis == -1,
+            ScaleAxis::Channels => axis == 0,
+        };
         if sk.t.data_type != FLOAT
             || attr_i(dq, "block_size").unwrap_or(0) != 0
-            || !column_scales(sk.t, n)
-            || (sk.len() > 1 && axis != 1 && axis != -1)
+            || !scales_fit(sk.t, dims)
+            || (sk.len() > 1 && !axis_ok)
         {
             return None;
         }
@@ -323,44 +352,46 @@ fn int8_weight<'g>(g: &'g pb::GraphProto, ix: &Index, i: usize) -> Option<Int8We
                 return None;
             }
         }
-        (q, scale, zero, k, n, true)
-    } else {
-        let m = ix.made_by(g, b, "Mul")?;
-        let mul = &g.node[m];
-        let (x, scale) = match (ix.konst(&mul.input[0]), mul.input.get(1)) {
-            (None, Some(s)) => (&mul.input[0], s),
-            (Some(_), Some(x)) => (x, &mul.input[0]),
-            _ => return None,
-        };
-        let (x, zero) = match ix.made_by(g, x, "Sub") {
-            Some(s) => (g.node[s].input.first()?, Some(g.node[s].input.get(1)?)),
-            None => (x, None),
-        };
-        let c = ix.made_by(g, x, "Cast")?;
-        if attr_i(&g.node[c], "to") != Some(FLOAT as i64) {
-            return None;
-        }
-        let q = g.node[c].input.first()?;
-        let (k, n) = is_codes(q)?;
-        let sk = ix.konst(scale)?;
-        if sk.t.data_type != FLOAT || !column_scales(sk.t, n) {
-            return None;
-        }
-        if let Some(z) = zero {
-            let zk = ix.konst(z)?;
-            if zk.t.data_type != FLOAT || zk.len() != sk.len() || zk.t.dims != sk.t.dims {
-                return None;
-            }
-        }
-        (q, scale, zero, k, n, false)
+        return Some(Int8Weight {
+            q,
+            scale,
+            zero,
+            zero_is_code: true,
+            dims,
+        });
+    }
+    let mul = &g.node[ix.made_by(g, w, "Mul")?];
+    let (x, scale) = match (ix.konst(&mul.input[0]), mul.input.get(1)) {
+        (None, Some(s)) => (&mul.input[0], s),
+        (Some(_), Some(x)) => (x, &mul.input[0]),
+        _ => return None,
     };
+    let (x, zero) = match ix.made_by(g, x, "Sub") {
+        Some(s) => (g.node[s].input.first()?, Some(g.node[s].input.get(1)?)),
+        None => (x, None),
+    };
+    let c = ix.made_by(g, x, "Cast")?;
+    if attr_i(&g.node[c], "to") != Some(FLOAT as i64) {
+        return None;
+    }
+    let q = g.node[c].input.first()?;
+    let dims = codes(q)?;
+    let sk = ix.konst(scale)?;
+    if sk.t.data_type != FLOAT || !scales_fit(sk.t, dims) {
+        return None;
+    }
+    if let Some(z) = zero {
+        let zk = ix.konst(z)?;
+        if zk.t.data_type != FLOAT || zk.len() != sk.len() || zk.t.dims != sk.t.dims {
+            return None;
+        }
+    }
     Some(Int8Weight {
         q,
         scale,
-        zero: zero.map(String::as_str),
-        zero_is_code,
-        k,
-        n,
+        zero,
+        zero_is_code: false,
+        dims,
     })
 }
 
@@ -370,16 +401,16 @@ fn plan_int8_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs
     if !kernels::integer::IntIsa::detect().limbs_pay() {
         return None;
     }
-    let w = int8_weight(g, ix, i)?;
+    let b = weight_value(g, ix, g.node[i].input.get(1)?);
+    let w = int8_weight(g, ix, b, ScaleAxis::Columns)?;
     if w.zero.is_some() && !w.zero_is_code {
         return None;
     }
     let scales = floats_of(ix.konst(w.scale)?.t)?;
     let a = g.node[i].input.first().filter(|a| !a.is_empty())?;
-    let zero = w.zero.map(str::to_string);
     let site = Site {
         scales: Some(scales),
-        ..Site::new(a, w.q, zero.as_ref())
+        ..Site::new(a, w.q, w.zero)
     };
     let mut plan = integer_plan(g, ix, i, packs, site)?;
     plan.kind = Kind::Limbs;
@@ -1082,72 +1113,18 @@ fn conv_geometry(node: &NodeProto, w: &[i64]) -> Option<Geometry> {
     )
 }
 
-/// The 8-bit weight `q[M, C, KH(, KW)]` of a convolution and its scales (one, or one per output
-/// channel), in the forms quench writes: `DequantizeLinear(q, scale[, zero point])` on axis 0, or
-/// `Mul(Cast(q), scale[M, 1, 1(, 1)])`.
-fn conv_weight<'g>(
-    g: &'g pb::GraphProto,
-    ix: &Index,
-    w: &'g str,
-) -> Option<(&'g str, Vec<f32>, Option<&'g String>)> {
-    let w = weight_value(g, ix, w);
-    let codes = |q: &str| {
-        let k = ix.konst(q)?;
-        (k.is(INT8, None) || k.is(UINT8, None))
-            .then(|| k.t.dims.clone())
-            .filter(|d| (3..=4).contains(&d.len()))
-    };
-    let per_channel = |t: &pb::TensorProto, m: i64| {
-        let len: i64 = t.dims.iter().product();
-        len == 1 || (len == m && t.dims.first() == Some(&m))
-    };
-    if let Some(d) = ix.made_by(g, w, "DequantizeLinear") {
-        let dq = &g.node[d];
-        let q = dq.input.first()?;
-        let dims = codes(q)?;
-        let sk = ix.konst(dq.input.get(1)?)?;
-        if sk.t.data_type != FLOAT
-            || attr_i(dq, "block_size").unwrap_or(0) != 0
-            || !per_channel(sk.t, dims[0])
-            || (sk.len() > 1 && attr_i(dq, "axis").unwrap_or(1) != 0)
-        {
-            return None;
-        }
-        let zero = dq.input.get(2).filter(|z| !z.is_empty());
-        if let Some(z) = zero {
-            let zk = ix.konst(z)?;
-            if zk.t.data_type != ix.konst(q)?.t.data_type || zk.len() != sk.len() {
-                return None;
-            }
-        }
-        return Some((q, floats_of(sk.t)?, zero));
-    }
-    let mul = &g.node[ix.made_by(g, w, "Mul")?];
-    let (x, scale) = match (ix.konst(&mul.input[0]), mul.input.get(1)) {
-        (None, Some(s)) => (&mul.input[0], s),
-        (Some(_), Some(x)) => (x, &mul.input[0]),
-        _ => return None,
-    };
-    let c = &g.node[ix.made_by(g, x, "Cast")?];
-    if attr_i(c, "to") != Some(FLOAT as i64) {
-        return None;
-    }
-    let q = c.input.first()?;
-    let dims = codes(q)?;
-    let sk = ix.konst(scale)?;
-    if sk.t.data_type != FLOAT || !per_channel(sk.t, dims[0]) {
-        return None;
-    }
-    Some((q, floats_of(sk.t)?, None))
-}
-
 /// `Conv(X, W[, bias])` over an 8-bit constant weight, one group, with X from a DequantizeLinear of
 /// one constant scale and 8-bit zero point: the static QDQ form as an exact integer product.
 fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
     let node = &g.node[i];
     let (x, w) = (node.input.first()?, node.input.get(1)?);
-    let (q, w_scales, w_zero) = conv_weight(g, ix, w)?;
-    let conv = Some(conv_geometry(node, &ix.konst(q)?.t.dims)?);
+    let wt = int8_weight(g, ix, weight_value(g, ix, w), ScaleAxis::Channels)?;
+    if wt.zero.is_some() && !wt.zero_is_code {
+        return None;
+    }
+    let (q, w_zero) = (wt.q, wt.zero);
+    let w_scales = floats_of(ix.konst(wt.scale)?.t)?;
+    let conv = Some(conv_geometry(node, wt.dims)?);
     let bias = node.input.get(2).filter(|b| !b.is_empty());
     if let Some(d) = ix.made_by(g, x, "DequantizeLinear") {
         let dx = &g.node[d];
