@@ -5,14 +5,17 @@
 //! median time of one product and its rate in multiply-adds per second, for:
 //! - `f32 (int8 decode)`: the f32 FMA kernels over an int8 per-column weight decoded panel by panel;
 //! - `f32 in limbs`: the same product on the integer kernels, activations split in three 8-bit limbs;
-//! - `u8 × i8`: the exact integer product over activations already quantized (MatMulInteger).
+//! - `u8 × i8`: the exact integer product over activations already quantized (MatMulInteger);
+//! - `4-bit (decode)` and `4-bit in limbs`: a MatMulNBits weight (4 bits, blocks of 32), decoded to f32
+//!   panels, or multiplied on the integer kernels over limbs (AVX-512 VNNI only).
 //!
 //! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
 
 use std::time::Instant;
 
-use quench::kernels::formats::Int8Cols;
+use quench::kernels::formats::{Int8Cols, NBits, NibblesK};
 use quench::kernels::integer::{self, Acts, IntIsa, Packed, Weight, Zeros};
+use quench::kernels::nibbles::{self, BlockNibbles};
 use quench::kernels::{self, Isa};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -53,8 +56,14 @@ fn main() {
         isa.name()
     );
     println!(
-        "{:>16} {:>22} {:>22} {:>22} {:>8}",
-        "M×K×N", "f32 (int8 decode)", "f32 in limbs", "u8 × i8", "limbs ×"
+        "{:>16} {:>22} {:>22} {:>22} {:>8} {:>22} {:>22}",
+        "M×K×N",
+        "f32 (int8 decode)",
+        "f32 in limbs",
+        "u8 × i8",
+        "limbs ×",
+        "4-bit (decode)",
+        "4-bit in limbs"
     );
     for &(m, k, n) in &[
         (1, 256, 1024),
@@ -92,13 +101,32 @@ fn main() {
         let t_int = time(|| integer::matmul(isa, Acts::U8(&au), m, &b, zeros, &mut ci));
         let macs = (m * k * n) as f64;
         let cell = |t: f64| format!("{:>8.1} µs {:>6.1} G/s", t * 1e6, macs / t / 1e9);
+        // 4-bit codes of W^T in blocks of 32, one scale per column and block.
+        let nib: Vec<u8> = values(n * k / 2, 3)
+            .iter()
+            .map(|&x| ((x + 1.0) * 127.9) as u8)
+            .collect();
+        let block_scales: Vec<f32> = (0..n * k / 32)
+            .map(|i| 0.01 + (i % 97) as f32 * 1e-4)
+            .collect();
+        let w4 = NBits::new(&nib, &block_scales, None, k, n, 4, 32).unwrap();
+        let along_k = NibblesK::from_nbits(&w4).unwrap();
+        let t_w4 = time(|| kernels::matmul(&a, m, &along_k, &mut c));
+        let limbs4 = if nibbles::available() {
+            let blocks = BlockNibbles::from_nbits(&w4).unwrap();
+            cell(time(|| nibbles::matmul_f32(&a, m, &blocks, &mut c)))
+        } else {
+            "(no AVX-512 VNNI)".into()
+        };
         println!(
-            "{:>16} {:>22} {:>22} {:>22} {:>8.2}",
+            "{:>16} {:>22} {:>22} {:>22} {:>8.2} {:>22} {:>22}",
             format!("{m}×{k}×{n}"),
             cell(t_f32),
             cell(t_limbs),
             cell(t_int),
-            t_limbs / t_f32
+            t_limbs / t_f32,
+            cell(t_w4),
+            limbs4
         );
     }
 }

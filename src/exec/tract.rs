@@ -188,7 +188,7 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} Conv, {} DynamicQuantizeLinear)",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear)",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
@@ -197,6 +197,7 @@ impl Session for TractSession {
                         r.integer,
                         r.qdq,
                         r.limbs,
+                        r.nbits_limbs,
                         r.conv,
                         r.quantize
                     ),

@@ -19,6 +19,7 @@ use tract_onnx::tract_hir::internal::*;
 use crate::kernels::conv::{AutoPad, Geometry};
 use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Cols, NBits, NibblesK};
 use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
+use crate::kernels::nibbles::{self, BlockNibbles};
 use crate::kernels::{self, Panels};
 
 const OP: &str = "QuenchMatMul";
@@ -30,8 +31,11 @@ const DOMAIN: &str = "ai.quench";
 pub struct Rewrites {
     /// MatMuls over DequantizeLinear of an 8-bit constant.
     pub int8: usize,
-    /// com.microsoft MatMulNBits.
+    /// com.microsoft MatMulNBits, over weights decoded to f32 panels.
     pub nbits: usize,
+    /// 4-bit MatMulNBits taken as integer products over f32 activations in 8-bit limbs (on AVX-512
+    /// VNNI; elsewhere they count in `nbits`).
+    pub nbits_limbs: usize,
     /// MatMuls over a codebook lookup.
     pub codebook: usize,
     /// MatMulIntegers over a constant 8-bit weight (exact i32 products on 8-bit operands).
@@ -50,7 +54,14 @@ pub struct Rewrites {
 
 impl Rewrites {
     pub fn total(&self) -> usize {
-        self.int8 + self.nbits + self.codebook + self.integer + self.qdq + self.limbs + self.conv
+        self.int8
+            + self.nbits
+            + self.nbits_limbs
+            + self.codebook
+            + self.integer
+            + self.qdq
+            + self.limbs
+            + self.conv
     }
 }
 
@@ -447,6 +458,15 @@ fn plan_nbits(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
     })
 }
 
+/// Whether a planned MatMulNBits runs in limbs ([`BlockNibbles`]): 4 bits in blocks of whole groups
+/// of 4 rows, on AVX-512 VNNI.
+fn nbits_in_limbs(attrs: &[AttributeProto]) -> bool {
+    let get = |key: &str| attrs.iter().find(|a| a.name == key).map(|a| a.i);
+    nibbles::available()
+        && get("bits") == Some(4)
+        && get("block_size").is_some_and(|b| b > 0 && b % 4 == 0)
+}
+
 /// `MatMul(A, B)` where B is quench's codebook decode of a `[K, N]` weight:
 /// `Transpose([1, 0]) ← Reshape([N, K]) ← [Slice(.., 0..K, axis 1)] ← Mul(·, scales[N, 1])
 /// ← Reshape([N, K padded]) ← Gather(book, Cast(codes) [+ offsets]) [+ more stages]`.
@@ -594,6 +614,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         node.attribute = p.attrs;
         match p.kind {
             Kind::Int8 => done.int8 += 1,
+            Kind::NBits if nbits_in_limbs(&node.attribute) => done.nbits_limbs += 1,
             Kind::NBits => done.nbits += 1,
             Kind::Codebook => done.codebook += 1,
             Kind::Integer => done.integer += 1,
@@ -793,24 +814,49 @@ pub struct QMatMul {
     k: usize,
     n: usize,
     konsts: Vec<Arc<Tensor>>,
-    /// 4-bit codes re-laid along K, shared by every node reading the same constants.
-    relaid: Option<Arc<NibblesK>>,
+    /// 4-bit codes re-laid for quench's kernels, shared by every node reading the same constants.
+    relaid: Option<Arc<Relaid>>,
 }
 
-/// The K-major copy of a 4-bit MatMulNBits weight, made once per set of constants: tied weights (one
-/// initializer read by several nodes) share it. The operator then lets go of the MatMulNBits layout;
+/// A 4-bit MatMulNBits weight re-laid at load: along K for the f32 panel kernels, or in VNNI blocks
+/// for products in limbs.
+#[derive(Debug)]
+enum Relaid {
+    Panels(NibblesK),
+    Blocks(BlockNibbles),
+}
+
+impl Relaid {
+    fn bytes(&self) -> usize {
+        match self {
+            Relaid::Panels(r) => r.bytes(),
+            Relaid::Blocks(r) => r.bytes(),
+        }
+    }
+}
+
+/// The re-laid copy of a 4-bit MatMulNBits weight ([`Relaid`]), made once per set of constants: tied
+/// weights (one initializer read by several nodes) share it. The operator then lets go of the MatMulNBits layout;
 /// the parsed model a session keeps to re-plan for new shapes still holds it, so 4-bit codes are
 /// resident twice (1 byte per weight in all).
-fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<NibblesK>>> {
+fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<Relaid>>> {
     use std::sync::{Mutex, OnceLock, Weak};
-    type Cache = Mutex<HashMap<Vec<usize>, Weak<NibblesK>>>;
+    type Cache = Mutex<HashMap<Vec<usize>, Weak<Relaid>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let key: Vec<usize> = op.konsts.iter().map(|t| Arc::as_ptr(t) as usize).collect();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(w) = cache.lock().unwrap().get(&key).and_then(Weak::upgrade) {
         return Ok(Some(w));
     }
-    let made = op.nbits_view(|w| Ok(NibblesK::from_nbits(w).map(Arc::new)))?;
+    let made = op.nbits_view(|w| {
+        let blocks = nibbles::available()
+            .then(|| BlockNibbles::from_nbits(w))
+            .flatten();
+        Ok(match blocks {
+            Some(b) => Some(Arc::new(Relaid::Blocks(b))),
+            None => NibblesK::from_nbits(w).map(|r| Arc::new(Relaid::Panels(r))),
+        })
+    })?;
     if let Some(m) = &made {
         let mut c = cache.lock().unwrap();
         c.retain(|_, w| w.strong_count() > 0);
@@ -856,8 +902,10 @@ impl QMatMul {
         verify: bool,
         f: impl FnOnce(&dyn Panels, Option<&Codebook>) -> TractResult<R>,
     ) -> TractResult<R> {
-        if let Some(r) = &self.relaid {
-            return f(&**r, None);
+        match self.relaid.as_deref() {
+            Some(Relaid::Panels(r)) => return f(r, None),
+            Some(Relaid::Blocks(r)) => return f(r, None),
+            None => {}
         }
         let rams: Vec<_> = self
             .konsts
@@ -987,13 +1035,17 @@ impl EvalOp for QMatMul {
             let a = a_ram.as_slice::<f32>()?;
             let mut y_ram = y.try_as_plain_ram_mut()?;
             let c = y_ram.as_slice_mut::<f32>()?;
-            self.with_panels(false, |w, book| {
-                // A codebook weight is multiplied without decoding where the CPU allows.
-                if !book.is_some_and(|b| kernels::codebook::matmul(a, m, b, c)) {
-                    kernels::matmul(a, m, w, c);
-                }
-                Ok(())
-            })?;
+            if let Some(Relaid::Blocks(w)) = self.relaid.as_deref() {
+                nibbles::matmul_f32(a, m, w, c);
+            } else {
+                self.with_panels(false, |w, book| {
+                    // A codebook weight is multiplied without decoding where the CPU allows.
+                    if !book.is_some_and(|b| kernels::codebook::matmul(a, m, b, c)) {
+                        kernels::matmul(a, m, w, c);
+                    }
+                    Ok(())
+                })?;
+            }
         }
         Ok(tvec![y.into_tvalue()])
     }

@@ -204,6 +204,43 @@ impl<'a> NBits<'a> {
     }
 }
 
+impl NBits<'_> {
+    pub fn bits(&self) -> usize {
+        self.bits
+    }
+
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// The scale of column `col`'s block `blk`.
+    pub fn scale(&self, col: usize, blk: usize) -> f32 {
+        self.scales[col * self.k.div_ceil(self.block) + blk]
+    }
+
+    /// The zero point of column `col`'s block `blk` (`2^(bits-1)` when the model gives none).
+    pub fn zero_point(&self, col: usize, blk: usize) -> u8 {
+        let per_byte = 8 / self.bits;
+        match self.zero {
+            Some(zp) => {
+                let byte =
+                    zp[col * self.k.div_ceil(self.block).div_ceil(per_byte) + blk / per_byte];
+                (byte >> (self.bits * (blk % per_byte))) & ((1u16 << self.bits) - 1) as u8
+            }
+            None => 1 << (self.bits - 1),
+        }
+    }
+
+    /// The code of `W[kk, col]`.
+    pub fn code(&self, kk: usize, col: usize) -> u8 {
+        let per_byte = 8 / self.bits;
+        let blob = self.block / per_byte;
+        let (blk, i) = (kk / self.block, kk % self.block);
+        let byte = self.b[(col * self.k.div_ceil(self.block) + blk) * blob + i / per_byte];
+        (byte >> (self.bits * (i % per_byte))) & ((1u16 << self.bits) - 1) as u8
+    }
+}
+
 impl Panels for NBits<'_> {
     fn k(&self) -> usize {
         self.k

@@ -533,7 +533,7 @@ pub fn matmul_f32(
 
 /// Writes a row's three limbs (`LIMBS` rows of `kp` u8, each value `q + 128`, padding 0) and returns
 /// their steps, or `None` for a row the limbs cannot hold (NaN, infinities, magnitudes under 1e-30).
-fn split_in_limbs(row: &[f32], limbs: &mut [u8], kp: usize) -> Option<[f32; LIMBS]> {
+pub(super) fn split_in_limbs(row: &[f32], limbs: &mut [u8], kp: usize) -> Option<[f32; LIMBS]> {
     #[inline(always)]
     fn body(row: &[f32], limbs: &mut [u8], kp: usize) -> Option<[f32; LIMBS]> {
         let k = row.len();

@@ -51,6 +51,7 @@ pub mod codebook;
 pub mod conv;
 pub mod formats;
 pub mod integer;
+pub mod nibbles;
 
 /// Columns of the portable tile: 4 × 16 accumulators fill half of NEON's 32 registers; x86-64's
 /// baseline (SSE2) has 16, so it takes 4 × 8 and keeps them all in registers.
