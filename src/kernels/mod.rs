@@ -124,6 +124,23 @@ impl Isa {
     }
 }
 
+/// Asks the CPU to bring `data` towards the caches (L2), a 64-byte line at a time; nothing on CPUs
+/// without a prefetch instruction here.
+pub fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        let bytes = std::mem::size_of_val(data);
+        let p = data.as_ptr().cast::<i8>();
+        for at in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing, and the address is inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.add(at)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// The kernel family `QUENCH_KERNELS` asks for, if set.
 fn capped_to() -> Option<String> {
     std::env::var("QUENCH_KERNELS")

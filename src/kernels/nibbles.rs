@@ -124,13 +124,8 @@ impl BlockNibbles {
 
     /// Asks the CPU to bring groups `g0..g1` of panel `p` towards the caches.
     fn prefetch(&self, p: usize, g0: usize, g1: usize) {
-        let codes = &self.codes[(p * self.groups() + g0) * 64..(p * self.groups() + g1) * 64];
-        #[cfg(target_arch = "x86_64")]
-        for line in codes.chunks(64) {
-            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-            // SAFETY: a prefetch reads nothing and the address is inside `codes`.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
-        }
+        let at = p * self.groups();
+        super::prefetch(&self.codes[(at + g0) * 64..(at + g1) * 64]);
     }
 
     /// Unpacks groups `g0..g1` (from a block's start) of panel `p` to `q − z`, laid as
