@@ -21,6 +21,18 @@ fn kernels_of(session: &dyn exec::Session) -> String {
         .unwrap()
 }
 
+/// The largest |x − y| and the largest |y| (at least 1e-6): the difference and the scale it is read
+/// against.
+fn max_difference(x: &quench::exec::Tensor, y: &quench::exec::Tensor) -> (f32, f32) {
+    let (x, y) = (x.to_f32(), y.to_f32());
+    let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let worst = x
+        .iter()
+        .zip(y.iter())
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    (worst, scale)
+}
+
 #[test]
 fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
     for zoo_name in ["rxnmap", "magika"] {
@@ -86,12 +98,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                 if let Some(ort) = exact.as_mut() {
                     let e = ort.run(&batch).unwrap();
                     for ((name, x), (_, y)) in a.iter().zip(&e) {
-                        let (x, y) = (x.to_f32(), y.to_f32());
-                        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-                        let worst = x
-                            .iter()
-                            .zip(y.iter())
-                            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                        let (worst, scale) = max_difference(x, y);
                         assert!(
                             worst <= 1e-4 * scale,
                             "{zoo_name} w4 {name} vs onnxruntime: max difference {worst} (output scale {scale})"
@@ -104,12 +111,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                 }
                 let b = plain.run(&batch).unwrap();
                 for ((name, x), (_, y)) in a.iter().zip(&b) {
-                    let (x, y) = (x.to_f32(), y.to_f32());
-                    let scale = y.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-                    let worst = x
-                        .iter()
-                        .zip(y.iter())
-                        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                    let (worst, scale) = max_difference(x, y);
                     // tract's MatMulNBits rounds scales to f16 (see docs/tract-kernels.md); the
                     // kernels use the f32 scales the file holds, so w4 differs by that rounding.
                     // The integer products are exact and the quantizer is tract's arithmetic; int8
