@@ -208,7 +208,6 @@ pub fn matmul_f32(a: &[f32], m: usize, w: &BlockNibbles, c: &mut [f32]) {
     let chunk = (174_762 / kp).max(2) / 2 * 2;
     let chunk = chunk.min(m.div_ceil(2) * 2);
     let mut limbs = vec![0u8; chunk * LIMBS * kp];
-    let mut tiles = vec![0u8; chunk * LIMBS * kp];
     let mut steps = vec![[0f32; LIMBS]; chunk];
     let mut panel = vec![0i8; slice * 128];
     let mut init = vec![0i32; slice.div_ceil(per_block) * NR];
@@ -230,16 +229,6 @@ pub fn matmul_f32(a: &[f32], m: usize, w: &BlockNibbles, c: &mut [f32]) {
                 }
             }
         }
-        // Each tile's rows interleaved by groups of 4 bytes: one pointer walks them all.
-        for (t0, dst) in (0..rows).step_by(MR).zip(tiles.chunks_mut(MR * kp)) {
-            let r = MR.min(rows - t0);
-            for g in 0..groups {
-                for i in 0..r {
-                    let src = &limbs[(t0 + i) * kp + 4 * g..][..4];
-                    dst[(g * r + i) * 4..][..4].copy_from_slice(src);
-                }
-            }
-        }
         for p in 0..w.panels() {
             sums[..rows * NR].fill(0.0);
             for g0 in (0..groups).step_by(slice) {
@@ -256,19 +245,22 @@ pub fn matmul_f32(a: &[f32], m: usize, w: &BlockNibbles, c: &mut [f32]) {
                 let scales = &w.scales[(p * blocks + blk0) * NR..(p + 1) * blocks * NR];
                 for t0 in (0..rows).step_by(MR) {
                     let r = MR.min(rows - t0);
-                    let rows_in = &tiles[t0 * kp + g0 * r * 4..][..(g1 - g0) * r * 4];
-                    let out = &mut sums[t0 * NR..][..r * NR];
                     let gs = g1 - g0;
-                    // SAFETY: `available` checked avx512f and avx512vnni; the rows hold gs × r × 4
-                    // bytes, the panel gs × 128, init and scales a value per column of each of the
-                    // slice's blocks, out r × 32.
+                    // The tile's rows from group g0 on, `kp` bytes apart.
+                    let rows_in = &limbs[t0 * kp + g0 * 4..(t0 + r - 1) * kp + g1 * 4];
+                    let out = &mut sums[t0 * NR..][..r * NR];
+                    // SAFETY: `available` checked avx512f and avx512vnni; the rows hold (r − 1) · kp
+                    // + gs · 4 bytes, the panel gs × 128, init and scales a value per column of each
+                    // of the slice's blocks, out r × 32.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         match r {
-                            MR => {
-                                x86::tile::<MR>(gs, per_block, rows_in, &panel, &init, scales, out)
-                            }
-                            3 => x86::tile::<3>(gs, per_block, rows_in, &panel, &init, scales, out),
+                            MR => x86::tile::<MR>(
+                                gs, per_block, rows_in, kp, &panel, &init, scales, out,
+                            ),
+                            3 => x86::tile::<3>(
+                                gs, per_block, rows_in, kp, &panel, &init, scales, out,
+                            ),
                             _ => unreachable!("limb rows come in threes"),
                         }
                     }
@@ -368,20 +360,23 @@ mod x86 {
     /// block's scales, into f32 accumulators, which start from and end in `out` (`R` rows of 32).
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and AVX-512 VNNI; `rows` must hold `groups · R · 4` bytes, `panel`
+    /// The CPU must have AVX-512F and AVX-512 VNNI; `rows` must hold `R` rows `stride` bytes apart,
+    /// each of `groups · 4` bytes, `panel`
     /// `groups · 128`, `init` and `scales` `⌈groups / per_block⌉ · 32` values, `out` `R · 32`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn tile<const R: usize>(
         groups: usize,
         per_block: usize,
         rows: &[u8],
+        stride: usize,
         panel: &[i8],
         init: &[i32],
         scales: &[f32],
         out: &mut [f32],
     ) {
         let blocks = groups.div_ceil(per_block);
-        debug_assert!(rows.len() >= groups * R * 4 && panel.len() >= groups * 128);
+        debug_assert!(rows.len() >= (R - 1) * stride + groups * 4 && panel.len() >= groups * 128);
         debug_assert!(init.len() >= blocks * NR && scales.len() >= blocks * NR);
         debug_assert!(out.len() >= R * NR);
         // SAFETY: out holds R · 32 values.
@@ -392,7 +387,7 @@ mod x86 {
         let (p, a) = (panel.as_ptr(), rows.as_ptr());
         for blk in 0..blocks {
             // SAFETY: blk < blocks, so the 32 values at blk · 32 are in init and scales; each group
-            // g < groups has its 128 bytes in the panel and R · 4 in the rows.
+            // g < groups has its 128 bytes in the panel and 4 in each row.
             unsafe {
                 let i0 = _mm512_loadu_si512(init.as_ptr().add(blk * NR).cast());
                 let i1 = _mm512_loadu_si512(init.as_ptr().add(blk * NR + 16).cast());
@@ -402,7 +397,7 @@ mod x86 {
                     let b1 = _mm512_loadu_si512(p.add(g * 128 + 64).cast());
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let x = _mm512_set1_epi32(
-                            a.add((g * R + i) * 4).cast::<i32>().read_unaligned(),
+                            a.add(i * stride + g * 4).cast::<i32>().read_unaligned(),
                         );
                         acc[0] = _mm512_dpbusd_epi32(acc[0], x, b0);
                         acc[1] = _mm512_dpbusd_epi32(acc[1], x, b1);
