@@ -12,8 +12,9 @@
 //! out at most `2⁻²⁴ · max|x|` per value).
 //!
 //! The weight stays 4-bit in memory ([`BlockNibbles`], re-laid at load from the MatMulNBits bytes).
-//! A panel of 32 columns is unpacked to `q − z` bytes (and its blocks' column sums) once per chunk of
-//! rows, into a scratch buffer the tiles then read from L1.
+//! For each chunk of rows, a panel of 32 columns is unpacked a slice of K (whole blocks, about 256
+//! rows) at a time to `q − z` bytes (and its blocks' column sums), into a scratch buffer the tiles
+//! then read from L1; the next slice's codes are prefetched meanwhile.
 
 use super::Panels;
 use super::formats::NBits;
