@@ -462,9 +462,10 @@ fn plan_nbits(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
 /// of 4 rows, on AVX-512 VNNI.
 fn nbits_in_limbs(attrs: &[AttributeProto]) -> bool {
     let get = |key: &str| attrs.iter().find(|a| a.name == key).map(|a| a.i);
-    nibbles::available()
-        && get("bits") == Some(4)
-        && get("block_size").is_some_and(|b| b > 0 && b % 4 == 0)
+    let (Some(bits), Some(block)) = (get("bits"), get("block_size")) else {
+        return false;
+    };
+    nibbles::available() && BlockNibbles::takes(bits as usize, block as usize)
 }
 
 /// `MatMul(A, B)` where B is quench's codebook decode of a `[K, N]` weight:
@@ -836,9 +837,9 @@ impl Relaid {
 }
 
 /// The re-laid copy of a 4-bit MatMulNBits weight ([`Relaid`]), made once per set of constants: tied
-/// weights (one initializer read by several nodes) share it. The operator then lets go of the MatMulNBits layout;
-/// the parsed model a session keeps to re-plan for new shapes still holds it, so 4-bit codes are
-/// resident twice (1 byte per weight in all).
+/// weights (one initializer read by several nodes) share it. The operator then lets go of the
+/// MatMulNBits layout; the parsed model a session keeps to re-plan for new shapes still holds it, so
+/// 4-bit codes are resident twice (1 byte per weight in all).
 fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<Relaid>>> {
     use std::sync::{Mutex, OnceLock, Weak};
     type Cache = Mutex<HashMap<Vec<usize>, Weak<Relaid>>>;

@@ -253,7 +253,6 @@ impl Panels for NBits<'_> {
         let per_byte = 8 / self.bits;
         let blob = self.block / per_byte;
         let mask = (1u32 << self.bits) - 1;
-        let default_zero = 1i32 << (self.bits - 1);
         let nw = nr.min(self.n.saturating_sub(n0));
         for j in 0..nw {
             let col = n0 + j;
@@ -262,14 +261,7 @@ impl Panels for NBits<'_> {
             while r < kc {
                 let kk = k0 + r;
                 let blk = kk / self.block;
-                let s = self.scales[col * blocks + blk];
-                let z = match self.zero {
-                    Some(zp) => {
-                        let byte = zp[col * blocks.div_ceil(per_byte) + blk / per_byte];
-                        ((byte as u32 >> (self.bits * (blk % per_byte))) & mask) as i32
-                    }
-                    None => default_zero,
-                };
+                let (s, z) = (self.scale(col, blk), self.zero_point(col, blk) as i32);
                 let end = kc.min((blk + 1) * self.block - k0);
                 for r in r..end {
                     let i = k0 + r - blk * self.block;
@@ -488,25 +480,18 @@ impl NibblesK {
         let blocks = k.div_ceil(block);
         let row = Self::row_bytes(n);
         let mut codes = vec![0u8; k * row];
-        let blob = block / 2;
         for col in 0..n {
-            let src = &w.b[col * blocks * blob..(col + 1) * blocks * blob];
             let (at, shift) = Self::place(col);
             for kk in 0..k {
-                let (blk, i) = (kk / block, kk % block);
-                let code = (src[blk * blob + i / 2] >> (4 * (i % 2))) & 15;
-                codes[kk * row + at] |= code << shift;
+                codes[kk * row + at] |= w.code(kk, col) << shift;
             }
         }
         let mut scales = vec![0f32; blocks * n];
-        let mut zero = vec![8f32; blocks * n];
+        let mut zero = vec![0f32; blocks * n];
         for col in 0..n {
             for blk in 0..blocks {
-                scales[blk * n + col] = w.scales[col * blocks + blk];
-                if let Some(zp) = w.zero {
-                    let byte = zp[col * blocks.div_ceil(2) + blk / 2];
-                    zero[blk * n + col] = ((byte >> (4 * (blk % 2))) & 15) as f32;
-                }
+                scales[blk * n + col] = w.scale(col, blk);
+                zero[blk * n + col] = w.zero_point(col, blk) as f32;
             }
         }
         Some(NibblesK {

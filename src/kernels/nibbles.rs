@@ -51,11 +51,17 @@ impl std::fmt::Debug for BlockNibbles {
 }
 
 impl BlockNibbles {
+    /// Whether a `MatMulNBits` of `bits` and `block` can be re-laid: 4 bits, blocks of whole groups of
+    /// 4 rows.
+    pub fn takes(bits: usize, block: usize) -> bool {
+        bits == 4 && block > 0 && block.is_multiple_of(4)
+    }
+
     /// Re-lays a 4-bit `MatMulNBits` weight; `None` for other widths, or blocks that are not whole
     /// groups of 4 rows.
     pub fn from_nbits(w: &NBits) -> Option<BlockNibbles> {
         let (k, n, block) = (w.k(), w.n(), w.block());
-        if w.bits() != 4 || !block.is_multiple_of(4) || k == 0 {
+        if !BlockNibbles::takes(w.bits(), block) || k == 0 {
             return None;
         }
         let mut out = BlockNibbles {
@@ -87,14 +93,6 @@ impl BlockNibbles {
             }
         }
         Some(out)
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
     }
 
     /// Bytes held: the codes (half a byte per weight), scales and zero points.
@@ -149,8 +147,8 @@ impl BlockNibbles {
     }
 }
 
-/// The f32 panels of the weight (for the kernels of [`super::matmul`], which the limb products do
-/// not need; rows past `K` and columns past `N` decode as 0).
+/// The f32 panels of the weight, for the kernels of [`super::matmul`]: the rows the limbs cannot
+/// hold go through them (rows past `K` and columns past `N` decode as 0).
 impl Panels for BlockNibbles {
     fn k(&self) -> usize {
         self.k
@@ -276,13 +274,7 @@ pub fn matmul_f32(a: &[f32], m: usize, w: &BlockNibbles, c: &mut [f32]) {
         }
         for i in in_float {
             let row = &a[(m0 + i) * k..][..k];
-            for (j, d) in c[(m0 + i) * n..][..n].iter_mut().enumerate() {
-                *d = row
-                    .iter()
-                    .enumerate()
-                    .map(|(r, &x)| x * w.value(r, j))
-                    .sum();
-            }
+            super::matmul(row, 1, w, &mut c[(m0 + i) * n..][..n]);
         }
     }
 }
