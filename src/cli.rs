@@ -742,9 +742,9 @@ fn vq_energy(
     }
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
-    let energy = quench::calib::channel_energy(reference, &wanted, &mut set, rt, &session)
+    let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
         .context("measuring the input-channel energy for VQ failed")?;
-    Ok(Some(energy))
+    Ok(Some(quench::calib::energy_of(stats)))
 }
 
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
@@ -761,7 +761,7 @@ fn quantize_activations_cli(
     quench::passes::quantize_activations::ActivationReport,
 )> {
     use quench::passes::quantize_activations::{
-        Mode, plan, quantize_activations, tensors_to_calibrate,
+        Mode, plan, quantize_activations, smooth, tensors_to_calibrate,
     };
     let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
@@ -769,7 +769,15 @@ fn quantize_activations_cli(
             let mut none = |_: &Model, _: Option<usize>| -> Result<quench::calib::Retention> {
                 unreachable!("without calibration data nothing is scored")
             };
-            return quantize_activations(reference, policy, args.target, None, finish, &mut none);
+            return quantize_activations(
+                reference,
+                None,
+                policy,
+                args.target,
+                None,
+                finish,
+                &mut none,
+            );
         }
         bail!(
             "recipe {} quantizes activations statically: give calibration data with --calib DATA \
@@ -779,18 +787,39 @@ fn quantize_activations_cli(
     }
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
+    // Smoothing changes the tensors calibration sees: measure channel ranges on the original, smooth,
+    // then calibrate the smoothed model (it computes what the original does).
+    let smoothing = match (policy.mode, policy.smooth) {
+        (Mode::Static, Some(strength)) => {
+            let (sites, _) = plan(reference, policy);
+            let wanted = smooth::tensors_to_measure(reference, &sites);
+            let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
+                .context("measuring channel ranges for smoothing failed")?;
+            Some(smooth::Smoothing {
+                reference,
+                sites,
+                stats,
+                strength,
+            })
+        }
+        _ => None,
+    };
+    let smoothed = smoothing.as_ref().map(|s| s.all()).transpose()?;
+    let model = smoothed.as_ref().map_or(reference, |m| &m.0);
     let calib = if policy.mode == Mode::Static {
-        let (sites, _) = plan(reference, policy);
+        let (sites, _) = plan(model, policy);
         let tensors = tensors_to_calibrate(&sites);
-        quench::calib::calibrate(reference, &tensors, &mut set, rt, &session)
+        quench::calib::calibrate(model, &tensors, &mut set, rt, &session)
             .context("calibration failed")?
     } else {
         quench::calib::Calibration::default()
     };
+    drop(smoothed);
     let check = quench::calib::OutputCheck::new(reference, &mut set, 256, rt, &session)?;
     let mut score = |m: &Model, limit: Option<usize>| check.retention(m, limit);
     quantize_activations(
         reference,
+        smoothing.as_ref(),
         policy,
         args.target,
         Some(&calib),
@@ -822,6 +851,25 @@ fn render_activations(a: &quench::passes::quantize_activations::ActivationReport
         if let Some(n) = &s.note {
             let _ = writeln!(out, "    note: {n}");
         }
+    }
+    for g in &a.smoothing {
+        let what = format!(
+            "{} ({} tensor{}, {} weight{})",
+            short(&g.tensors[0], 40),
+            g.tensors.len(),
+            if g.tensors.len() == 1 { "" } else { "s" },
+            g.weights.len(),
+            if g.weights.len() == 1 { "" } else { "s" }
+        );
+        let _ = match &g.note {
+            Some(n) => writeln!(out, "smoothing {what}: left alone, {n}"),
+            None => writeln!(
+                out,
+                "smoothing {what}: α {:.2}, {}/{} channels scaled, channel range spread \
+                 {:.1}× → {:.1}×, estimated product error −{:.1} dB",
+                g.alpha, g.scaled, g.channels, g.spread_before, g.spread_after, g.estimated_gain_db
+            ),
+        };
     }
     let float: Vec<_> = a.tensors.iter().filter(|t| !t.quantized).collect();
     if !a.tensors.is_empty() {

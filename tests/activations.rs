@@ -93,12 +93,25 @@ fn rxnmap_integer_matmuls() {
             "{recipe}: file {:.3}×",
             after / before
         );
+        // w8a8 smooths the LayerNorm and GELU outputs' outlier channels into the weights: measured
+        // cosine 0.99905 (ORT) and 0.99929 (tract) on these batches, 0.9986 without smoothing.
+        let floor = if recipe == "w8a8" { 0.998 } else { 0.995 };
         for rt in ["tract", "ort"] {
             let c = r["retention"]["runtimes"][rt]["outputs"]["attention"]["cosine"]
                 .as_f64()
                 .unwrap();
             eprintln!("rxnmap {recipe} in {rt}: cosine {c:.5}");
-            assert!(c >= 0.995, "{recipe} in {rt}: cosine {c}");
+            assert!(c >= floor, "{recipe} in {rt}: cosine {c}");
+        }
+        if recipe == "w8a8" {
+            let groups = r["activations"]["smoothing"].as_array().unwrap();
+            let smoothed = groups
+                .iter()
+                .filter(|g| g["scaled"].as_u64().unwrap() > 0)
+                .count();
+            // 8 groups (each of the tied weights with its 7–8 layers' tensors).
+            assert_eq!(groups.len(), 8, "{groups:?}");
+            assert!(smoothed >= 4, "{smoothed} groups smoothed: {groups:?}");
         }
         let cross = r["retention"]["cross_runtime"]["candidate"]["attention"]["sqnr_db"]
             .as_f64()

@@ -122,30 +122,39 @@ fn for_each_batch(
     Ok(total)
 }
 
-/// The mean of x² per channel of each `(tensor, axis)` (a negative axis counts from the end) over
-/// every batch of `inputs`: the input-channel energy that weights VQ clustering. Tensors that never
-/// appear, or whose rank does not have the axis, get no entry.
-pub fn channel_energy(
+/// Per-channel statistics of one tensor along one axis, over every value seen.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChannelStats {
+    /// The mean of x²: the input-channel energy that weights VQ clustering.
+    pub mean_square: Vec<f64>,
+    /// The largest finite |x|: the channel ranges activation smoothing evens out.
+    pub absmax: Vec<f64>,
+}
+
+/// [`ChannelStats`] of each `(tensor, axis)` (a negative axis counts from the end) over every batch of
+/// `inputs`. Tensors that never appear, or whose rank does not have the axis, get no entry.
+pub fn channel_stats(
     model: &Model,
     wanted: &[(String, i64)],
     inputs: &mut InputSet,
     runtime: RuntimeKind,
     session: &SessionOptions,
-) -> Result<BTreeMap<(String, i64), Vec<f64>>> {
+) -> Result<BTreeMap<(String, i64), ChannelStats>> {
     let mut names: Vec<String> = wanted.iter().map(|(t, _)| t.clone()).collect();
     names.sort();
     names.dedup();
-    // (sums of squares, values per channel) per request.
-    let mut acc: BTreeMap<(String, i64), (Vec<f64>, u64)> = BTreeMap::new();
+    // (sums of squares, maxima, values per channel) per request.
+    type Acc = (Vec<f64>, Vec<f64>, u64);
+    let mut acc: BTreeMap<(String, i64), Acc> = BTreeMap::new();
     for_each_batch(
         model,
         &names,
         inputs,
         runtime,
         session,
-        "input energy",
+        "channel statistics",
         |found| {
-            let done: Vec<((String, i64), Vec<f64>, u64)> = wanted
+            let done: Vec<((String, i64), Acc)> = wanted
                 .par_iter()
                 .filter_map(|(t, axis)| {
                     let (_, x) = found.iter().find(|(n, _)| n == t)?;
@@ -156,27 +165,54 @@ pub fn channel_energy(
                         return None;
                     }
                     let a = ndarray::Axis(a as usize);
-                    let sums: Vec<f64> = v
+                    let (sums, maxima): (Vec<f64>, Vec<f64>) = v
                         .axis_iter(a)
-                        .map(|lane| lane.iter().map(|&y| (y as f64) * (y as f64)).sum())
-                        .collect();
+                        .map(|lane| {
+                            lane.iter().fold((0f64, 0f64), |(s, m), &y| {
+                                let y = y as f64;
+                                // NaN never wins a max: a channel holding only NaN reads 0.
+                                (s + y * y, if y.is_finite() { m.max(y.abs()) } else { m })
+                            })
+                        })
+                        .unzip();
                     let per = (v.len() / v.len_of(a).max(1)) as u64;
-                    Some(((t.clone(), *axis), sums, per))
+                    Some(((t.clone(), *axis), (sums, maxima, per)))
                 })
                 .collect();
-            for (key, sums, per) in done {
-                let e = acc.entry(key).or_insert_with(|| (vec![0.0; sums.len()], 0));
+            for (key, (sums, maxima, per)) in done {
+                let e = acc
+                    .entry(key)
+                    .or_insert_with(|| (vec![0.0; sums.len()], vec![0.0; sums.len()], 0));
                 if e.0.len() == sums.len() {
                     e.0.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
-                    e.1 += per;
+                    e.1.iter_mut()
+                        .zip(&maxima)
+                        .for_each(|(a, b)| *a = a.max(*b));
+                    e.2 += per;
                 }
             }
         },
     )?;
     Ok(acc
         .into_iter()
-        .map(|(k, (sums, n))| (k, sums.iter().map(|s| s / n.max(1) as f64).collect()))
+        .map(|(k, (sums, absmax, n))| {
+            let mean_square = sums.iter().map(|s| s / n.max(1) as f64).collect();
+            (
+                k,
+                ChannelStats {
+                    mean_square,
+                    absmax,
+                },
+            )
+        })
         .collect())
+}
+
+/// The mean of x² per channel of each entry: the input-channel energy that weights VQ clustering.
+pub fn energy_of(
+    stats: BTreeMap<(String, i64), ChannelStats>,
+) -> BTreeMap<(String, i64), Vec<f64>> {
+    stats.into_iter().map(|(k, s)| (k, s.mean_square)).collect()
 }
 
 /// How closely a candidate reproduces the reference on the check batches: the lowest cosine over the

@@ -172,10 +172,10 @@ fn run_sensitivity<'m>(
     let energy = if wanted.is_empty() {
         None
     } else {
-        Some(
-            quench::calib::channel_energy(model, &wanted, &mut set, runtime, &lean)
+        Some(quench::calib::energy_of(
+            quench::calib::channel_stats(model, &wanted, &mut set, runtime, &lean)
                 .context("measuring the input-channel energy failed")?,
-        )
+        ))
     };
     let batches = read_batches(&mut set, s.sens.sensitivity_batches.max(1))?;
     let model_key =

@@ -37,6 +37,7 @@
 //!   exclude: [ { op: [Gemm], node: "*head*", tensor: "re:...", role: [head], position: last } ]
 //!   fallback: { sqnr_db: 20, weight_sqnr_db: 30, cosine: 0.995, top1: 0.998 }
 //!   saturation: fix           # or ignore
+//!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (static)
 //! ```
 
 use std::path::Path;
@@ -44,6 +45,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::calib::Method;
+use crate::passes::quantize_activations::smooth::Strength;
 use crate::passes::quantize_activations::{
     ActivationPolicy, Exclusion, Mode, Position, Saturation,
 };
@@ -170,6 +172,8 @@ pub struct ActivationSpec {
     pub fallback: Option<FallbackSpec>,
     /// fix or ignore.
     pub saturation: Option<String>,
+    /// Smoothing: `auto` or a strength α in (0, 1) (static).
+    pub smooth: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -631,6 +635,31 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
             ));
         }
     };
+    if let Some(v) = &a.smooth {
+        if p.mode == Mode::Dynamic {
+            return Err(format!(
+                "{place}: `smooth` needs calibrated ranges (static mode)"
+            ));
+        }
+        p.smooth = match v {
+            serde_yaml::Value::String(x) if x == "auto" => Some(Strength::Auto),
+            serde_yaml::Value::Bool(false) => None,
+            serde_yaml::Value::Number(n) => match n.as_f64() {
+                Some(alpha) if alpha > 0.0 && alpha < 1.0 => Some(Strength::Alpha(alpha)),
+                _ => {
+                    return Err(format!(
+                        "{place}: smooth must be strictly between 0 and 1 (the strength α), got {n}"
+                    ));
+                }
+            },
+            other => {
+                return Err(format!(
+                    "{place}: smooth must be `auto`, `false` or a strength α in (0, 1), got {}",
+                    serde_yaml::to_string(other).unwrap_or_default().trim()
+                ));
+            }
+        };
+    }
     for (i, e) in a.exclude.iter().enumerate() {
         let at = format!("{place}: exclude[{i}]");
         let pat = |x: &Option<String>| x.as_deref().map(|x| Pattern::parse(x, &at)).transpose();
@@ -1041,6 +1070,34 @@ mod tests {
         let e = Recipe::parse("t", "defaults: { bits: 8, granularity: blok }\n").unwrap_err();
         assert!(e.contains("blok"), "{e}");
         assert!(Recipe::load("no-such-recipe").unwrap_err().contains("w8"));
+    }
+
+    #[test]
+    fn smooth_takes_auto_false_or_a_strength() {
+        let act = |v: &str| {
+            Recipe::parse(
+                "t",
+                &format!("defaults: {{ bits: 8 }}\nactivations: {{ smooth: {v} }}\n"),
+            )
+            .map(|r| r.activations.unwrap().smooth)
+        };
+        assert_eq!(act("auto").unwrap(), Some(Strength::Auto));
+        assert_eq!(act("0.5").unwrap(), Some(Strength::Alpha(0.5)));
+        assert_eq!(act("false").unwrap(), None);
+        for bad in ["1.5", "0", "sometimes", "true"] {
+            let e = act(bad).unwrap_err();
+            assert!(e.contains("smooth"), "{bad}: {e}");
+        }
+        let e = Recipe::parse(
+            "t",
+            "defaults: { bits: 8 }\nactivations: { mode: dynamic, smooth: auto }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("static"), "{e}");
+        assert_eq!(
+            Recipe::load("w8a8").unwrap().activations.unwrap().smooth,
+            Some(Strength::Auto)
+        );
     }
 
     #[test]

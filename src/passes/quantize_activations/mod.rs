@@ -19,6 +19,8 @@
 //! overflow for some u8 activation and widens only their scale until none can; other channels keep
 //! their full 8-bit precision.
 
+pub mod smooth;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
@@ -95,6 +97,9 @@ pub struct ActivationPolicy {
     /// Likewise the top-1 agreement of outputs that look like class scores.
     pub min_top1: Option<f64>,
     pub saturation: Saturation,
+    /// Static: move each input channel's range between activation and weight by the factor
+    /// `max|X_j|^α / max|W_j|^(1−α)` before calibrating ([`smooth`]).
+    pub smooth: Option<smooth::Strength>,
 }
 
 impl Default for ActivationPolicy {
@@ -112,6 +117,7 @@ impl Default for ActivationPolicy {
             min_cosine: Some(0.995),
             min_top1: Some(0.998),
             saturation: Saturation::Fix,
+            smooth: None,
         }
     }
 }
@@ -210,6 +216,9 @@ pub struct ActivationReport {
     pub weight_bytes_after: u64,
     /// Output cosine on the calibration data, each time the fallback check measured it.
     pub checks: Vec<FallbackCheck>,
+    /// Groups of tensors and weights smoothed before calibration (static with `smooth`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub smoothing: Vec<smooth::SmoothReport>,
     pub notes: Vec<String>,
 }
 
@@ -1120,12 +1129,23 @@ const ALONE_BATCHES: usize = 32;
 /// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
 pub fn quantize_activations(
     model: &Model,
+    smoothing: Option<&smooth::Smoothing>,
     policy: &ActivationPolicy,
     target: Target,
     calib: Option<&Calibration>,
     finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>,
     score: &mut dyn FnMut(&Model, Option<usize>) -> anyhow::Result<Retention>,
 ) -> anyhow::Result<(Model, ActivationReport)> {
+    // With smoothing, `model` is the fully smoothed one (calibration saw it); each candidate
+    // smooths only the groups with integer tensors.
+    let (smoothed_model, smooth_reports) = match smoothing {
+        Some(s) => {
+            let (m, r) = s.all()?;
+            (Some(m), r)
+        }
+        None => (None, Vec::new()),
+    };
+    let model = smoothed_model.as_ref().unwrap_or(model);
     let (sites, declined) = plan(model, policy);
     let mut tensors = Vec::new();
     let mut ranges = BTreeMap::new();
@@ -1202,7 +1222,10 @@ pub fn quantize_activations(
     let build = |ranges: &BTreeMap<String, Range>,
                  finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>|
      -> anyhow::Result<(Model, Vec<SiteReport>)> {
-        let mut m = model.clone();
+        let mut m = match smoothing {
+            Some(s) => s.model_for(&smooth_reports, &|t| ranges.contains_key(t))?,
+            None => model.clone(),
+        };
         let reports = apply(&mut m, &sites, ranges, policy, target)?;
         finish(&mut m)?;
         Ok((m, reports))
@@ -1303,6 +1326,7 @@ pub fn quantize_activations(
         sites: reports,
         tensors,
         checks,
+        smoothing: smooth_reports,
         notes,
     };
     Ok((candidate, report))
