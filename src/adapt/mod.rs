@@ -29,10 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::exec::{self, Named, RuntimeKind, Session, SessionOptions, Tensor};
 use crate::ir::{Model, WeightSite};
-use crate::onnx::pb::{
-    GraphProto, ModelProto, TensorShapeProto, TypeProto, ValueInfoProto, tensor_shape_proto,
-    type_proto,
-};
+use crate::onnx::pb::{GraphProto, ModelProto};
 use crate::passes::quantize_weights::importance::ChannelEnergy;
 use crate::passes::quantize_weights::{
     Decision, SiteInfo, WeightPolicy, simulate, site_info, sites_with_roles,
@@ -273,26 +270,11 @@ fn lift(model: &Model, weights: &[&WeightSite]) -> ModelProto {
         if declared.contains(&w.constant.name) {
             continue;
         }
-        g.input.push(ValueInfoProto {
-            name: w.constant.name.clone(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: t.data_type,
-                    shape: Some(TensorShapeProto {
-                        dim: t
-                            .dims
-                            .iter()
-                            .map(|&d| tensor_shape_proto::Dimension {
-                                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        g.input.push(crate::onnx::tensor::tensor_value_info(
+            &w.constant.name,
+            t.data_type,
+            &t.dims,
+        ));
     }
     proto
 }

@@ -242,6 +242,30 @@ pub fn to_f32(t: &TensorProto) -> Result<Vec<f32>, String> {
 }
 
 /// A float32 tensor with raw_data, the form passes emit.
+/// The declaration of a tensor value: its name, element type and fixed dims.
+pub fn tensor_value_info(name: &str, elem_type: i32, dims: &[i64]) -> super::pb::ValueInfoProto {
+    use super::pb::{TensorShapeProto, TypeProto, tensor_shape_proto, type_proto};
+    super::pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub fn from_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
     let mut raw = Vec::with_capacity(values.len() * 4);
     values

@@ -569,33 +569,12 @@ fn collect_inputs(g: &Graph, out: &mut BTreeSet<String>) {
 mod tests {
     use super::*;
     use crate::exec::{self, RuntimeKind, SessionOptions, Tensor};
-    use crate::onnx::pb::{
-        GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
-        ValueInfoProto, tensor_shape_proto, type_proto,
-    };
+    use crate::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
     use crate::onnx::tensor::from_f32;
     use crate::passes::quantize_activations::{ActivationPolicy, plan};
 
-    fn vi(name: &str, dims: &[i64]) -> ValueInfoProto {
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| tensor_shape_proto::Dimension {
-                                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+    fn vi(name: &str, dims: &[i64]) -> crate::onnx::pb::ValueInfoProto {
+        crate::onnx::tensor::tensor_value_info(name, DataType::Float as i32, dims)
     }
 
     fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
