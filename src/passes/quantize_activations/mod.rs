@@ -1127,6 +1127,10 @@ const ALONE_BATCHES: usize = 32;
 /// retention on the calibration data (its first batches only, given a limit). When the whole candidate misses the policy's floors, each
 /// quantized tensor is measured alone (the model with only that tensor's sites integer); the tensors
 /// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
+///
+/// With `smoothing`, `calib` must come from its fully smoothed model ([`smooth::Smoothing::all`]),
+/// sites are planned on that model, and each candidate smooths only the groups that keep an integer
+/// tensor; `model` is then not read.
 pub fn quantize_activations(
     model: &Model,
     smoothing: Option<&smooth::Smoothing>,
