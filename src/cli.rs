@@ -789,23 +789,18 @@ fn quantize_activations_cli(
     let mut set = ca.open(reference, spec)?;
     // Smoothing changes the tensors calibration sees: measure channel ranges on the original, smooth,
     // then calibrate the smoothed model (it computes what the original does).
-    let smoothing = match (policy.mode, policy.smooth) {
+    let (smoothing, smoothed) = match (policy.mode, policy.smooth) {
         (Mode::Static, Some(strength)) => {
             let (sites, _) = plan(reference, policy);
             let wanted = smooth::tensors_to_measure(reference, &sites);
             let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
                 .context("measuring channel ranges for smoothing failed")?;
-            Some(smooth::Smoothing {
-                reference,
-                sites,
-                stats,
-                strength,
-            })
+            let (s, m) = smooth::Smoothing::new(reference, sites, stats, strength)?;
+            (Some(s), Some(m))
         }
-        _ => None,
+        _ => (None, None),
     };
-    let smoothed = smoothing.as_ref().map(|s| s.all()).transpose()?;
-    let model = smoothed.as_ref().map_or(reference, |m| &m.0);
+    let model = smoothed.as_ref().unwrap_or(reference);
     let calib = if policy.mode == Mode::Static {
         let (sites, _) = plan(model, policy);
         let tensors = tensors_to_calibrate(&sites);
@@ -814,11 +809,10 @@ fn quantize_activations_cli(
     } else {
         quench::calib::Calibration::default()
     };
-    drop(smoothed);
     let check = quench::calib::OutputCheck::new(reference, &mut set, 256, rt, &session)?;
     let mut score = |m: &Model, limit: Option<usize>| check.retention(m, limit);
     quantize_activations(
-        reference,
+        model,
         smoothing.as_ref(),
         policy,
         args.target,

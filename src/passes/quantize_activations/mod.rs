@@ -232,15 +232,9 @@ fn is_std(domain: &str) -> bool {
     matches!(domain, "" | "ai.onnx")
 }
 
-/// Finds the sites of the main graph the policy quantizes; the others come back with why not.
-pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteReport>) {
-    let g = &model.graph;
-    let consts: HashMap<String, crate::ir::ConstantRef> = constants(model)
-        .into_iter()
-        .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
-        .map(|c| (c.name.clone(), c))
-        .collect();
-    // Exporters tie repeated layers' weights through Identity nodes: see through them.
+/// Exporters tie repeated layers' weights through `Identity` nodes: the outputs of such chains, each
+/// with the constant (by `is_const`) it passes on.
+fn tie_aliases(g: &crate::ir::Graph, is_const: impl Fn(&str) -> bool) -> HashMap<String, String> {
     let mut alias: HashMap<String, String> = HashMap::new();
     for (_, n) in g.nodes() {
         if n.op_type == "Identity"
@@ -249,11 +243,23 @@ pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteRep
         {
             let src = g.value_name(i).to_string();
             let src = alias.get(&src).cloned().unwrap_or(src);
-            if consts.contains_key(&src) {
+            if is_const(&src) {
                 alias.insert(g.value_name(*o).to_string(), src);
             }
         }
     }
+    alias
+}
+
+/// Finds the sites of the main graph the policy quantizes; the others come back with why not.
+pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteReport>) {
+    let g = &model.graph;
+    let consts: HashMap<String, crate::ir::ConstantRef> = constants(model)
+        .into_iter()
+        .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    let alias = tie_aliases(g, |n| consts.contains_key(n));
     let resolve = |name: String| alias.get(&name).cloned().unwrap_or(name);
     let is_float_const = |name: &str, rank: Option<usize>| {
         consts.get(name).is_some_and(|c| {
@@ -1128,9 +1134,8 @@ const ALONE_BATCHES: usize = 32;
 /// quantized tensor is measured alone (the model with only that tensor's sites integer); the tensors
 /// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
 ///
-/// With `smoothing`, `calib` must come from its fully smoothed model ([`smooth::Smoothing::all`]),
-/// sites are planned on that model, and each candidate smooths only the groups that keep an integer
-/// tensor; `model` is then not read.
+/// With `smoothing`, `model` is its fully smoothed model ([`smooth::Smoothing::new`]), which `calib`
+/// must come from; each candidate smooths only the groups that keep an integer tensor.
 pub fn quantize_activations(
     model: &Model,
     smoothing: Option<&smooth::Smoothing>,
@@ -1140,16 +1145,6 @@ pub fn quantize_activations(
     finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>,
     score: &mut dyn FnMut(&Model, Option<usize>) -> anyhow::Result<Retention>,
 ) -> anyhow::Result<(Model, ActivationReport)> {
-    // With smoothing, `model` is the fully smoothed one (calibration saw it); each candidate
-    // smooths only the groups with integer tensors.
-    let (smoothed_model, smooth_reports) = match smoothing {
-        Some(s) => {
-            let (m, r) = s.all()?;
-            (Some(m), r)
-        }
-        None => (None, Vec::new()),
-    };
-    let model = smoothed_model.as_ref().unwrap_or(model);
     let (sites, declined) = plan(model, policy);
     let mut tensors = Vec::new();
     let mut ranges = BTreeMap::new();
@@ -1227,7 +1222,7 @@ pub fn quantize_activations(
                  finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>|
      -> anyhow::Result<(Model, Vec<SiteReport>)> {
         let mut m = match smoothing {
-            Some(s) => s.model_for(&smooth_reports, &|t| ranges.contains_key(t))?,
+            Some(s) => s.model_for(&|t| ranges.contains_key(t))?,
             None => model.clone(),
         };
         let reports = apply(&mut m, &sites, ranges, policy, target)?;
@@ -1330,7 +1325,7 @@ pub fn quantize_activations(
         sites: reports,
         tensors,
         checks,
-        smoothing: smooth_reports,
+        smoothing: smoothing.map(|s| s.reports.clone()).unwrap_or_default(),
         notes,
     };
     Ok((candidate, report))

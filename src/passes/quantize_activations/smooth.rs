@@ -44,6 +44,9 @@ pub struct SmoothReport {
     /// The strength α chosen, and by how much it lowers the estimated product error.
     pub alpha: f64,
     pub estimated_gain_db: f64,
+    /// The factor per input channel (empty when left alone).
+    #[serde(skip)]
+    pub factors: Vec<f32>,
     /// Why the group was left alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -197,56 +200,68 @@ fn factor(a: f32, w: f32, alpha: f64) -> f32 {
     (log2.round().clamp(-24.0, 24.0) as i32 as f32).exp2()
 }
 
-/// Smoothing of one model: its sites, their channel statistics and the strength, so that the model can
-/// be smoothed again with some groups left alone (when the fallback sends their tensors back to
-/// float, their weights go back to the unsmoothed ones).
+/// Smoothing of one model, decided once: its sites, their channel statistics and each group's
+/// factors, so that the model can be smoothed again with some groups left alone (when the fallback
+/// sends their tensors back to float, their weights go back to the unsmoothed ones).
 pub struct Smoothing<'a> {
     pub reference: &'a Model,
     pub sites: Vec<Site>,
     pub stats: BTreeMap<(String, i64), ChannelStats>,
-    pub strength: Strength,
+    /// What was decided per group (with the factors) when every group was smoothed.
+    pub reports: Vec<SmoothReport>,
 }
 
-impl Smoothing<'_> {
-    /// The reference with every group smoothed, and what was done per group.
-    pub fn all(&self) -> Result<(Model, Vec<SmoothReport>)> {
-        let mut m = self.reference.clone();
-        let r = smooth(
-            &mut m,
-            &self.sites,
-            &self.stats,
-            self.strength,
-            &BTreeSet::new(),
-        )?;
-        Ok((m, r))
+impl<'a> Smoothing<'a> {
+    /// Decides every group's factors; returns them with the reference fully smoothed.
+    pub fn new(
+        reference: &'a Model,
+        sites: Vec<Site>,
+        stats: BTreeMap<(String, i64), ChannelStats>,
+        strength: Strength,
+    ) -> Result<(Smoothing<'a>, Model)> {
+        let mut m = reference.clone();
+        let reports = smooth(&mut m, &sites, &stats, Decide::Search(strength))?;
+        let s = Smoothing {
+            reference,
+            sites,
+            stats,
+            reports,
+        };
+        Ok((s, m))
     }
 
-    /// The reference with only the groups smoothed some of whose smoothed tensors `integer` holds.
-    pub fn model_for(
-        &self,
-        reports: &[SmoothReport],
-        integer: &dyn Fn(&str) -> bool,
-    ) -> Result<Model> {
-        let skip: BTreeSet<String> = reports
+    /// The reference with only the groups smoothed some of whose smoothed tensors `integer` holds,
+    /// with the factors decided in [`Smoothing::new`].
+    pub fn model_for(&self, integer: &dyn Fn(&str) -> bool) -> Result<Model> {
+        let keep: Vec<&SmoothReport> = self
+            .reports
             .iter()
-            .filter(|r| !r.smoothed.iter().any(|t| integer(t)))
-            .flat_map(|r| r.tensors.iter().cloned())
+            .filter(|r| r.smoothed.iter().any(|t| integer(t)))
             .collect();
         let mut m = self.reference.clone();
-        smooth(&mut m, &self.sites, &self.stats, self.strength, &skip)?;
+        smooth(&mut m, &self.sites, &self.stats, Decide::Given(&keep))?;
         Ok(m)
     }
 }
 
+/// Where a group's factors come from.
+#[derive(Clone, Copy)]
+pub enum Decide<'r> {
+    /// Chosen by the strength (a search over [`AUTO_GRID`] for `Auto`).
+    Search(Strength),
+    /// Taken from these reports (matched by the group's tensors); groups not among them are left
+    /// alone.
+    Given(&'r [&'r SmoothReport]),
+}
+
 /// Smooths `model`'s sites given each measured tensor's channel statistics (keyed as
-/// [`tensors_to_measure`] names them), leaving alone the groups of the tensors in `skip`. Returns
-/// what was done per group; the model is changed only where a group was smoothed.
+/// [`tensors_to_measure`] names them), with factors as `decide` says. Returns what was done per
+/// group; the model is changed only where a group was smoothed.
 pub fn smooth(
     model: &mut Model,
     sites: &[Site],
     stats: &BTreeMap<(String, i64), ChannelStats>,
-    strength: Strength,
-    skip: &BTreeSet<String>,
+    decide: Decide,
 ) -> Result<Vec<SmoothReport>> {
     // Static weights get one scale per output channel from opset 13, one per tensor before.
     let per_channel = model.opset("").unwrap_or(1) >= 13;
@@ -299,19 +314,7 @@ pub fn smooth(
         groups.entry(root(&mut parent, i)).or_default().push(i);
     }
     // Who reads each constant, seeing through Identity ties: (node, slot) of every non-Identity reader.
-    let mut alias: HashMap<String, String> = HashMap::new();
-    for (_, n) in g.nodes() {
-        if n.op_type == "Identity"
-            && matches!(n.domain.as_str(), "" | "ai.onnx")
-            && let (Some(i), Some(Some(o))) = (n.input(0), n.outputs().first())
-        {
-            let src = g.value_name(i).to_string();
-            let src = alias.get(&src).cloned().unwrap_or(src);
-            if consts.contains_key(&src) {
-                alias.insert(g.value_name(*o).to_string(), src);
-            }
-        }
-    }
+    let alias = super::tie_aliases(g, |n| consts.contains_key(n));
     let mut readers: HashMap<String, Vec<(crate::ir::NodeId, usize)>> = HashMap::new();
     for (id, n) in g.nodes() {
         let tie = n.op_type == "Identity"
@@ -360,13 +363,20 @@ pub fn smooth(
             spread_after: 1.0,
             alpha: 0.0,
             estimated_gain_db: 0.0,
+            factors: Vec::new(),
             note: None,
         };
-        if tensors.iter().any(|t| skip.contains(*t)) {
-            report.note = Some("its tensors stay float".into());
-            reports.push(report);
-            continue;
-        }
+        let given = match decide {
+            Decide::Search(_) => None,
+            Decide::Given(rs) => match rs.iter().find(|r| r.tensors == report.tensors) {
+                Some(r) => Some(*r),
+                None => {
+                    report.note = Some("its tensors stay float".into());
+                    reports.push(report);
+                    continue;
+                }
+            },
+        };
         // Every reader of every weight must be one of the group's products, at the weight's slot.
         let products: BTreeSet<(crate::ir::NodeId, usize)> = members
             .iter()
@@ -421,9 +431,7 @@ pub fn smooth(
                 tensor: w.to_string(),
                 reason: e,
             })?;
-            let mut kk = 0;
             let channels = for_each_channel(s.layout, c.shape(), |j, _, at| {
-                kk = kk.max(j + 1);
                 if j < k {
                     wmax[j] = wmax[j].max(v[at].abs());
                 }
@@ -441,33 +449,47 @@ pub fn smooth(
             reports.push(report);
             continue;
         }
-        // The factors: the given strength, or the one of a grid (none included) with the lowest
-        // estimated product error.
-        let candidates: Vec<f64> = match strength {
-            Strength::Alpha(a) => vec![a],
-            Strength::Auto => AUTO_GRID.to_vec(),
-        };
-        let ones = vec![1f32; k];
-        let base = estimated_noise(&ones, &act, &energy, &decoded, per_channel);
-        let mut best: Option<(f64, f64, Vec<f32>)> = None;
-        for &alpha in &candidates {
-            let s: Vec<f32> = act
-                .iter()
-                .zip(&wmax)
-                .map(|(&a, &w)| factor(a, w, alpha))
-                .collect();
-            let noise = estimated_noise(&s, &act, &energy, &decoded, per_channel);
-            if best.as_ref().is_none_or(|b| noise < b.1) {
-                best = Some((alpha, noise, s));
+        // The factors: decided before, the given strength, or the one of a grid (none included)
+        // with the lowest estimated product error.
+        let s = match (decide, given) {
+            (_, Some(r)) => {
+                report.alpha = r.alpha;
+                report.estimated_gain_db = r.estimated_gain_db;
+                r.factors.clone()
             }
-        }
-        let (alpha, noise, s) = best.unwrap();
-        report.alpha = alpha;
-        report.estimated_gain_db = 10.0 * (base / noise).log10();
-        let s = if strength == Strength::Auto && report.estimated_gain_db < AUTO_MIN_GAIN_DB {
-            ones
-        } else {
-            s
+            (Decide::Search(strength), None) => {
+                let candidates: Vec<f64> = match strength {
+                    Strength::Alpha(a) => vec![a],
+                    Strength::Auto => AUTO_GRID.to_vec(),
+                };
+                let ones = vec![1f32; k];
+                let base = estimated_noise(&ones, &act, &energy, &decoded, per_channel);
+                let mut best: Option<(f64, f64, Vec<f32>)> = None;
+                for &alpha in &candidates {
+                    let s: Vec<f32> = act
+                        .iter()
+                        .zip(&wmax)
+                        .map(|(&a, &w)| factor(a, w, alpha))
+                        .collect();
+                    let noise = estimated_noise(&s, &act, &energy, &decoded, per_channel);
+                    if best.as_ref().is_none_or(|b| noise < b.1) {
+                        best = Some((alpha, noise, s));
+                    }
+                }
+                let (alpha, noise, s) = best.unwrap();
+                report.alpha = alpha;
+                report.estimated_gain_db = 10.0 * (base / noise).log10();
+                if strength == Strength::Auto && report.estimated_gain_db < AUTO_MIN_GAIN_DB {
+                    report.note = Some(format!(
+                        "the best strength lowers the estimated error by less than \
+                         {AUTO_MIN_GAIN_DB} dB"
+                    ));
+                    ones
+                } else {
+                    s
+                }
+            }
+            (Decide::Given(_), None) => unreachable!("groups not given were left alone above"),
         };
         report.channels = k;
         report.scaled = s.iter().filter(|&&x| x != 1.0).count();
@@ -475,16 +497,13 @@ pub fn smooth(
         let after: Vec<f32> = act.iter().zip(&s).map(|(a, s)| a / s).collect();
         report.spread_after = spread(&after);
         if report.scaled == 0 {
-            report.note = Some(if strength == Strength::Auto {
-                format!(
-                    "the best strength lowers the estimated error by less than {AUTO_MIN_GAIN_DB} dB"
-                )
-            } else {
-                "every factor is 1".into()
-            });
+            report
+                .note
+                .get_or_insert_with(|| "every factor is 1".into());
             reports.push(report);
             continue;
         }
+        report.factors = s.clone();
         // Weights: row j times s_j (exact: powers of two).
         for (w, (layout, mut v, dims)) in decoded {
             for_each_channel(layout, &dims, |j, _, at| v[at] *= s[j]);
@@ -675,14 +694,7 @@ mod tests {
             })
             .collect();
         let mut m = reference.clone();
-        let reports = smooth(
-            &mut m,
-            &sites,
-            &stats,
-            Strength::Alpha(0.5),
-            &BTreeSet::new(),
-        )
-        .unwrap();
+        let reports = smooth(&mut m, &sites, &stats, Decide::Search(Strength::Alpha(0.5))).unwrap();
         assert_eq!(reports.len(), 2, "{reports:?}");
         let tied = reports.iter().find(|r| r.tensors == ["a", "b"]).unwrap();
         assert_eq!(tied.weights, ["W"]);
@@ -718,10 +730,12 @@ mod tests {
                 _ => {}
             }
         }
-        // Skipping a group leaves the model as it was.
+        // Given the decided factors the same model comes back; given none, the model as it was.
+        let mut again = reference.clone();
+        smooth(&mut again, &sites, &stats, Decide::Given(&[tied])).unwrap();
+        assert_eq!(again.to_proto(), m.to_proto());
         let mut same = reference.clone();
-        let skip: BTreeSet<String> = ["a".to_string()].into_iter().collect();
-        smooth(&mut same, &sites, &stats, Strength::Alpha(0.5), &skip).unwrap();
+        smooth(&mut same, &sites, &stats, Decide::Given(&[])).unwrap();
         assert_eq!(
             same.graph.node_ids().len(),
             reference.graph.node_ids().len()
@@ -743,7 +757,7 @@ mod tests {
             })
             .collect();
         let mut m = reference.clone();
-        let reports = smooth(&mut m, &sites, &stats, Strength::Auto, &BTreeSet::new()).unwrap();
+        let reports = smooth(&mut m, &sites, &stats, Decide::Search(Strength::Auto)).unwrap();
         let tied = reports.iter().find(|r| r.tensors == ["a", "b"]).unwrap();
         assert_eq!(tied.scaled, 0, "{tied:?}");
         assert!(tied.note.is_some());
