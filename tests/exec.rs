@@ -37,6 +37,13 @@ fn every_zoo_model_runs_in_tract_and_ort_and_they_agree() {
         let set = inputs::open(&Source::Random { count: 2 }, &prep.inputs, &opts).unwrap();
         let mut tract = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
         let mut ort = exec::open(&prep, RuntimeKind::Ort, &SessionOptions::default()).unwrap();
+        // onnxruntime maps the weights from a temporary model file; a "model" setting says it fell
+        // back to the encoded bytes, and why.
+        assert!(
+            !ort.settings().iter().any(|(k, _)| k == "model"),
+            "{name}: {:?}",
+            ort.settings()
+        );
         let mut worst = 0f64;
         for batch in set {
             let batch = batch.unwrap();

@@ -8,7 +8,6 @@ pub mod stats;
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use rayon::prelude::*;
 
 use crate::exec::inputs::InputSet;
 use crate::exec::{self, RuntimeKind, SessionOptions};
@@ -44,26 +43,13 @@ pub fn calibrate(
         runtime,
         session,
         "calibrating",
-        |mut found| {
-            for (n, _) in &found {
-                stats.entry(n.clone()).or_default();
+        |name, t| {
+            let s = stats.entry(name.to_string()).or_default();
+            let v = t.to_f32();
+            match v.as_slice() {
+                Some(x) => s.add(x),
+                None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
             }
-            // Tensors are independent: fold them in parallel.
-            let mut slots: Vec<(&String, &mut TensorStats)> = stats
-                .iter_mut()
-                .filter(|(n, _)| found.iter().any(|(f, _)| f == *n))
-                .collect();
-            found.sort_by(|a, b| a.0.cmp(&b.0));
-            slots
-                .par_iter_mut()
-                .zip(found.par_iter())
-                .for_each(|((_, s), (_, t))| {
-                    let v = t.to_f32();
-                    match v.as_slice() {
-                        Some(x) => s.add(x),
-                        None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
-                    }
-                });
         },
     )?;
     Ok(Calibration {
@@ -74,28 +60,31 @@ pub fn calibrate(
     })
 }
 
-/// Runs `model` over every batch with `tensors` exposed, handing each batch's float values of them
-/// (graph inputs read from the batch itself) to `fold`; returns the number of batches.
+/// Runs `model` over every batch with `tensors` exposed, handing each float value of them (graph inputs
+/// read from the batch itself) to `fold` as soon as the runtime gives it out; returns the number of
+/// batches.
 fn for_each_batch(
     model: &Model,
     tensors: &[String],
     inputs: &mut InputSet,
     runtime: RuntimeKind,
-    session: &SessionOptions,
+    session_opts: &SessionOptions,
     label: &str,
-    mut fold: impl FnMut(Vec<(String, exec::Tensor)>),
+    mut fold: impl FnMut(&str, &exec::Tensor),
 ) -> Result<usize> {
-    let mut session = {
+    let lean = session_opts.lean;
+    let (mut session, info) = {
         let prepared = exec::expose_values(model, tensors, "calibration");
-        exec::open(&prepared, runtime, session).context("cannot open the calibration session")?
+        let session = exec::open(&prepared, runtime, session_opts)
+            .context("cannot open the calibration session")?;
+        (session, prepared.inputs)
     };
-    // Encoding the model for the runtime read every weight; the runtime has its own copy now, so the
+    // Writing the model for the runtime read every weight; the runtime has its own copy now, so the
     // pages of quench's read-only file mappings can go (they are read again if ever touched).
     for c in crate::ir::constants(model) {
         crate::onnx::release_pages(&c.tensor.raw_data);
     }
     let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
-    let info = exec::Prepared::from_model(model, "").inputs;
     let total = inputs.len();
     let progress = Progress::new(total as u64, label);
     for b in 0..total {
@@ -103,23 +92,38 @@ fn for_each_batch(
             .batch(b)
             .with_context(|| format!("calibration batch {b}"))?;
         exec::check_batch(&info, &batch).with_context(|| format!("calibration batch {b}"))?;
-        let outputs = session
-            .run(&batch)
+        let mut returned = std::collections::HashSet::new();
+        session
+            .run_each(&batch, &mut |name, t| {
+                if wanted.contains(name.as_str()) && t.is_float() {
+                    fold(&name, &t);
+                }
+                returned.insert(name);
+                Ok(())
+            })
             .with_context(|| format!("{runtime}: calibration batch {b}"))?;
-        let fed: Vec<exec::Named> = batch
-            .into_iter()
-            .filter(|(n, _)| !outputs.iter().any(|(o, _)| o == n))
-            .collect();
-        let found: Vec<(String, exec::Tensor)> = outputs
-            .into_iter()
-            .chain(fed)
-            .filter(|(n, t)| wanted.contains(n.as_str()) && t.is_float())
-            .collect();
-        fold(found);
+        for (name, t) in &batch {
+            if !returned.contains(name) && wanted.contains(name.as_str()) && t.is_float() {
+                fold(name, t);
+            }
+        }
+        if lean {
+            release_freed_memory();
+        }
         progress.inc(1);
     }
     progress.finish();
     Ok(total)
+}
+
+/// Hands memory the allocator keeps after frees back to the system (glibc; elsewhere a no-op), so the
+/// resident size of a long calibration does not keep the small blocks of past batches.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Per-channel statistics of one tensor along one axis, over every value seen.
@@ -153,35 +157,28 @@ pub fn channel_stats(
         runtime,
         session,
         "channel statistics",
-        |found| {
-            let done: Vec<((String, i64), Acc)> = wanted
-                .par_iter()
-                .filter_map(|(t, axis)| {
-                    let (_, x) = found.iter().find(|(n, _)| n == t)?;
-                    let v = x.to_f32();
-                    let rank = v.ndim() as i64;
-                    let a = if *axis < 0 { rank + axis } else { *axis };
-                    if !(0..rank).contains(&a) {
-                        return None;
-                    }
-                    let a = ndarray::Axis(a as usize);
-                    let (sums, maxima): (Vec<f64>, Vec<f64>) = v
-                        .axis_iter(a)
-                        .map(|lane| {
-                            lane.iter().fold((0f64, 0f64), |(s, m), &y| {
-                                let y = y as f64;
-                                // NaN never wins a max: a channel holding only NaN reads 0.
-                                (s + y * y, if y.is_finite() { m.max(y.abs()) } else { m })
-                            })
+        |name, x| {
+            for (t, axis) in wanted.iter().filter(|(t, _)| t == name) {
+                let v = x.to_f32();
+                let rank = v.ndim() as i64;
+                let a = if *axis < 0 { rank + axis } else { *axis };
+                if !(0..rank).contains(&a) {
+                    continue;
+                }
+                let a = ndarray::Axis(a as usize);
+                let (sums, maxima): (Vec<f64>, Vec<f64>) = v
+                    .axis_iter(a)
+                    .map(|lane| {
+                        lane.iter().fold((0f64, 0f64), |(s, m), &y| {
+                            let y = y as f64;
+                            // NaN never wins a max: a channel holding only NaN reads 0.
+                            (s + y * y, if y.is_finite() { m.max(y.abs()) } else { m })
                         })
-                        .unzip();
-                    let per = (v.len() / v.len_of(a).max(1)) as u64;
-                    Some(((t.clone(), *axis), (sums, maxima, per)))
-                })
-                .collect();
-            for (key, (sums, maxima, per)) in done {
+                    })
+                    .unzip();
+                let per = (v.len() / v.len_of(a).max(1)) as u64;
                 let e = acc
-                    .entry(key)
+                    .entry((t.clone(), *axis))
                     .or_insert_with(|| (vec![0.0; sums.len()], vec![0.0; sums.len()], 0));
                 if e.0.len() == sums.len() {
                     e.0.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);

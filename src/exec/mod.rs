@@ -15,7 +15,7 @@ pub mod tract_kernels;
 use std::collections::HashMap;
 use std::fmt;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use prost::Message;
 use serde::Serialize;
 
@@ -74,8 +74,9 @@ pub struct SessionOptions {
     /// Threads for one inference (intra-op); 0 lets the runtime decide.
     pub threads: usize,
     pub numerics: Numerics,
-    /// Trade speed for memory (onnxruntime: no graph rewrites, arena, memory pattern or weight
-    /// pre-packing), for long runs that keep many intermediate values, such as calibration.
+    /// Trade speed for memory (onnxruntime: no graph rewrites, memory pattern or weight pre-packing, so
+    /// that the weights are only ever mapped from the session's model file), for long runs that keep
+    /// many intermediate values, such as calibration.
     pub lean: bool,
     /// tract: run weight products over compressed weights (int8 DequantizeLinear, MatMulNBits, codebook
     /// lookups) with quench's own kernels, keeping the weights compressed in memory. Off gives tract's
@@ -101,6 +102,19 @@ pub trait Session {
     fn output_names(&self) -> &[String];
     /// Runs one batch. Inputs are matched by name; the caller has checked them with [`check_batch`].
     fn run(&mut self, inputs: &[Named]) -> Result<Vec<Named>>;
+    /// Runs one batch and hands the outputs to `each` one at a time, in graph-output order. A runtime
+    /// that owns its output buffers converts and releases them one by one, so a caller folding outputs
+    /// into statistics never holds a second copy of them all.
+    fn run_each(
+        &mut self,
+        inputs: &[Named],
+        each: &mut dyn FnMut(String, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        for (name, t) in self.run(inputs)? {
+            each(name, t)?;
+        }
+        Ok(())
+    }
     /// The settings that can change numerics or speed, as the runtime was configured (for reports).
     fn settings(&self) -> Vec<(String, String)>;
 }
@@ -192,13 +206,16 @@ impl InputInfo {
     }
 }
 
-/// A model ready to be handed to a runtime: its ONNX bytes and what it declares.
+/// A model ready to be handed to a runtime: its ONNX form and what it declares. The protobuf shares
+/// the model's tensor data; the encoded bytes are made only when a runtime asks for them, and shared by
+/// clones.
 #[derive(Clone)]
 pub struct Prepared {
     pub label: String,
-    pub bytes: std::sync::Arc<Vec<u8>>,
     pub inputs: Vec<InputInfo>,
     pub outputs: Vec<String>,
+    proto: std::sync::Arc<ModelProto>,
+    encoded: std::sync::Arc<std::sync::OnceLock<Vec<u8>>>,
 }
 
 impl Prepared {
@@ -225,10 +242,30 @@ impl Prepared {
             .unwrap_or_default();
         Prepared {
             label: label.to_string(),
-            bytes: std::sync::Arc::new(proto.encode_to_vec()),
             inputs,
             outputs,
+            proto: std::sync::Arc::new(proto),
+            encoded: Default::default(),
         }
+    }
+
+    /// The model as ONNX bytes (encoded on first use).
+    pub fn bytes(&self) -> &[u8] {
+        self.encoded.get_or_init(|| self.proto.encode_to_vec())
+    }
+
+    /// Writes the model into `folder` as `model.onnx` with its tensors in `model.onnx.data`, so that a
+    /// runtime can map the weights from the file instead of holding a copy of the encoded model.
+    pub fn write_to(&self, folder: &std::path::Path) -> Result<std::path::PathBuf> {
+        let path = folder.join("model.onnx");
+        crate::onnx::write_model_file(
+            (*self.proto).clone(),
+            &path,
+            &[],
+            &crate::onnx::SaveOptions::external(1024),
+        )
+        .with_context(|| format!("cannot write {} for the runtime", self.label))?;
+        Ok(path)
     }
 }
 
@@ -348,6 +385,130 @@ pub fn expose_values(model: &Model, names: &[String], label: &str) -> Prepared {
                 });
             }
         }
+        read_tied_constants_directly(g);
     }
     Prepared::from_proto(proto, label)
+}
+
+/// Drops the `Identity` nodes that copy an initializer (exporters tie repeated layers' weights this
+/// way): their readers read the initializer itself. A runtime that runs the graph as written (such as
+/// onnxruntime without graph rewrites, as lean sessions do) would otherwise copy every tied weight on
+/// every run. Identities read inside subgraphs or whose output is a graph output are kept.
+fn read_tied_constants_directly(g: &mut crate::onnx::pb::GraphProto) {
+    use crate::onnx::pb::NodeProto;
+    fn subgraph_reads(nodes: &[NodeProto], into: &mut std::collections::HashSet<String>) {
+        for n in nodes {
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    into.extend(sub.node.iter().flat_map(|m| m.input.iter().cloned()));
+                    into.extend(sub.output.iter().map(|o| o.name.clone()));
+                    subgraph_reads(&sub.node, into);
+                }
+            }
+        }
+    }
+    let mut keep: std::collections::HashSet<String> =
+        g.output.iter().map(|o| o.name.clone()).collect();
+    subgraph_reads(&g.node, &mut keep);
+    let mut alias: HashMap<String, String> = g
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.name.clone()))
+        .collect();
+    g.node.retain(|n| {
+        let tie = n.op_type.as_deref() == Some("Identity")
+            && matches!(n.domain.as_deref(), None | Some("") | Some("ai.onnx"))
+            && n.input.len() == 1
+            && n.output.len() == 1
+            && !keep.contains(&n.output[0]);
+        match alias
+            .get(n.input.first().map_or("", String::as_str))
+            .cloned()
+        {
+            Some(src) if tie => {
+                alias.insert(n.output[0].clone(), src);
+                false
+            }
+            _ => true,
+        }
+    });
+    for n in &mut g.node {
+        for i in &mut n.input {
+            if let Some(src) = alias.get(i.as_str()) {
+                i.clone_from(src);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb::{AttributeProto, GraphProto, NodeProto};
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tied_constants_are_read_directly_except_where_named_elsewhere() {
+        let sub = GraphProto {
+            node: vec![node("Neg", &["in_sub"], "neg")],
+            output: vec![ValueInfoProto {
+                name: "neg".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut cond = node("If", &["c"], "branch");
+        cond.attribute.push(AttributeProto {
+            name: "then_branch".into(),
+            g: Some(sub.clone()),
+            ..Default::default()
+        });
+        let mut g = GraphProto {
+            initializer: vec![crate::onnx::tensor::from_f32("w", &[2, 2], &[1.0; 4])],
+            node: vec![
+                node("Identity", &["w"], "w1"),
+                node("Identity", &["w1"], "w2"),
+                node("MatMul", &["x", "w2"], "y"),
+                node("Identity", &["w"], "out"),
+                node("Identity", &["w"], "in_sub"),
+                cond,
+                node("Identity", &["x"], "x1"),
+                node("Add", &["x1", "w1"], "z"),
+            ],
+            output: vec![ValueInfoProto {
+                name: "out".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        read_tied_constants_directly(&mut g);
+        let listed: Vec<(String, Vec<String>)> = g
+            .node
+            .iter()
+            .map(|n| (n.output[0].clone(), n.input.clone()))
+            .collect();
+        let expect =
+            |o: &str, i: &[&str]| (o.to_string(), i.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            listed,
+            vec![
+                expect("y", &["x", "w"]),
+                // A graph output and a value a subgraph reads keep their Identity.
+                expect("out", &["w"]),
+                expect("in_sub", &["w"]),
+                expect("branch", &["c"]),
+                // An Identity of a graph input is not a tie.
+                expect("x1", &["x"]),
+                expect("z", &["x1", "w"]),
+            ]
+        );
+    }
 }

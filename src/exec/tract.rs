@@ -42,12 +42,12 @@ impl TractSession {
         let parsed = if opts.tract_kernels {
             super::tract_kernels::register(&mut onnx);
             let mut proto = onnx
-                .proto_model_for_read(&mut model.bytes.as_slice())
+                .proto_model_for_read(&mut model.bytes())
                 .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
             onnx.model_for_proto_model(&proto)
         } else {
-            onnx.model_for_read(&mut model.bytes.as_slice())
+            onnx.model_for_read(&mut model.bytes())
         }
         .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
         let input_names = model

@@ -241,7 +241,6 @@ pub fn to_f32(t: &TensorProto) -> Result<Vec<f32>, String> {
     Ok(v)
 }
 
-/// A float32 tensor with raw_data, the form passes emit.
 /// The declaration of a tensor value: its name, element type and fixed dims.
 pub fn tensor_value_info(name: &str, elem_type: i32, dims: &[i64]) -> super::pb::ValueInfoProto {
     use super::pb::{TensorShapeProto, TypeProto, tensor_shape_proto, type_proto};
@@ -266,6 +265,7 @@ pub fn tensor_value_info(name: &str, elem_type: i32, dims: &[i64]) -> super::pb:
     }
 }
 
+/// A float32 tensor with raw_data, the form passes emit.
 pub fn from_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
     let mut raw = Vec::with_capacity(values.len() * 4);
     values
