@@ -79,11 +79,7 @@ fn for_each_batch(
             .context("cannot open the calibration session")?;
         (session, prepared.inputs)
     };
-    // Writing the model for the runtime read every weight; the runtime has its own copy now, so the
-    // pages of quench's read-only file mappings can go (they are read again if ever touched).
-    for c in crate::ir::constants(model) {
-        crate::onnx::release_pages(&c.tensor.raw_data);
-    }
+    exec::release_model_pages(model);
     let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
     let total = inputs.len();
     let progress = Progress::new(total as u64, label);

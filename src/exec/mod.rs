@@ -207,15 +207,13 @@ impl InputInfo {
 }
 
 /// A model ready to be handed to a runtime: its ONNX form and what it declares. The protobuf shares
-/// the model's tensor data; the encoded bytes are made only when a runtime asks for them, and shared by
-/// clones.
+/// the model's tensor data; encoded bytes are made only when a runtime asks for them, and not kept.
 #[derive(Clone)]
 pub struct Prepared {
     pub label: String,
     pub inputs: Vec<InputInfo>,
     pub outputs: Vec<String>,
     proto: std::sync::Arc<ModelProto>,
-    encoded: std::sync::Arc<std::sync::OnceLock<Vec<u8>>>,
 }
 
 impl Prepared {
@@ -245,13 +243,13 @@ impl Prepared {
             inputs,
             outputs,
             proto: std::sync::Arc::new(proto),
-            encoded: Default::default(),
         }
     }
 
-    /// The model as ONNX bytes (encoded on first use).
-    pub fn bytes(&self) -> &[u8] {
-        self.encoded.get_or_init(|| self.proto.encode_to_vec())
+    /// The model encoded as ONNX bytes. A runtime that parses them should drop them as soon as it has:
+    /// they are as large as the model.
+    pub fn encode(&self) -> Vec<u8> {
+        self.proto.encode_to_vec()
     }
 
     /// Writes the model into `folder` as `model.onnx` with its tensors in `model.onnx.data`, so that a
@@ -266,6 +264,16 @@ impl Prepared {
         )
         .with_context(|| format!("cannot write {} for the runtime", self.label))?;
         Ok(path)
+    }
+}
+
+/// Lets the pages of `model`'s weights that lie in quench's read-only file mappings go (they are read
+/// again if ever touched). Handing a model to a runtime reads every weight, and the runtime holds its
+/// own copy or mapping afterwards, so callers that keep the model while its sessions run call this once
+/// the sessions are open.
+pub fn release_model_pages(model: &Model) {
+    for c in crate::ir::constants(model) {
+        crate::onnx::release_pages(&c.tensor.raw_data);
     }
 }
 

@@ -204,7 +204,7 @@ impl OrtSession {
             Ok((path, dir)) => (builder.commit_from_file(&path), Some(dir)),
             Err(e) => {
                 settings.push(("model".to_string(), format!("in memory ({e:#})")));
-                (builder.commit_from_memory(model.bytes()), None)
+                (builder.commit_from_memory(&model.encode()), None)
             }
         };
         let session =

@@ -39,17 +39,20 @@ impl TractSession {
     pub fn new(model: &Prepared, opts: &SessionOptions) -> Result<TractSession> {
         let mut onnx = onnx();
         let mut rewrites = None;
-        let parsed = if opts.tract_kernels {
+        if opts.tract_kernels {
             super::tract_kernels::register(&mut onnx);
-            let mut proto = onnx
-                .proto_model_for_read(&mut model.bytes())
-                .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
-            rewrites = Some(super::tract_kernels::rewrite(&mut proto));
-            onnx.model_for_proto_model(&proto)
-        } else {
-            onnx.model_for_read(&mut model.bytes())
         }
-        .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
+        // The encoded bytes go as soon as tract has its own protobuf of them.
+        let mut proto = onnx
+            .proto_model_for_read(&mut model.encode().as_slice())
+            .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
+        if opts.tract_kernels {
+            rewrites = Some(super::tract_kernels::rewrite(&mut proto));
+        }
+        let parsed = onnx
+            .model_for_proto_model(&proto)
+            .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
+        drop(proto);
         let input_names = model
             .inputs
             .iter()
