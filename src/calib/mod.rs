@@ -79,7 +79,6 @@ fn for_each_batch(
             .context("cannot open the calibration session")?;
         (session, prepared.inputs)
     };
-    exec::release_model_pages(model);
     let wanted: std::collections::HashSet<&str> = tensors.iter().map(String::as_str).collect();
     let total = inputs.len();
     let progress = Progress::new(total as u64, label);

@@ -252,6 +252,21 @@ impl Prepared {
         self.proto.encode_to_vec()
     }
 
+    /// Lets the pages of the model's tensors that lie in quench's read-only file mappings go (they are
+    /// read again if ever touched). A runtime calls this once it has encoded or written the model: the
+    /// encoding read every weight, and the runtime holds its own copy or mapping from then on.
+    pub fn release_pages(&self) {
+        let Some(g) = &self.proto.graph else { return };
+        let attrs = g.node.iter().flat_map(|n| n.attribute.iter());
+        for t in g
+            .initializer
+            .iter()
+            .chain(attrs.filter_map(|a| a.t.as_ref()))
+        {
+            crate::onnx::release_pages(&t.raw_data);
+        }
+    }
+
     /// Writes the model into `folder` as `model.onnx` with its tensors in `model.onnx.data`, so that a
     /// runtime can map the weights from the file instead of holding a copy of the encoded model.
     pub fn write_to(&self, folder: &std::path::Path) -> Result<std::path::PathBuf> {
@@ -264,16 +279,6 @@ impl Prepared {
         )
         .with_context(|| format!("cannot write {} for the runtime", self.label))?;
         Ok(path)
-    }
-}
-
-/// Lets the pages of `model`'s weights that lie in quench's read-only file mappings go (they are read
-/// again if ever touched). Handing a model to a runtime reads every weight, and the runtime holds its
-/// own copy or mapping afterwards, so callers that keep the model while its sessions run call this once
-/// the sessions are open.
-pub fn release_model_pages(model: &Model) {
-    for c in crate::ir::constants(model) {
-        crate::onnx::release_pages(&c.tensor.raw_data);
     }
 }
 

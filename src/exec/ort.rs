@@ -201,10 +201,15 @@ impl OrtSession {
             .map_err(anyhow::Error::from)
             .and_then(|dir| Ok((model.write_to(dir.path())?, dir)));
         let (session, files) = match written {
-            Ok((path, dir)) => (builder.commit_from_file(&path), Some(dir)),
+            Ok((path, dir)) => {
+                model.release_pages();
+                (builder.commit_from_file(&path), Some(dir))
+            }
             Err(e) => {
                 settings.push(("model".to_string(), format!("in memory ({e:#})")));
-                (builder.commit_from_memory(&model.encode()), None)
+                let bytes = model.encode();
+                model.release_pages();
+                (builder.commit_from_memory(&bytes), None)
             }
         };
         let session =

@@ -42,10 +42,14 @@ impl TractSession {
         if opts.tract_kernels {
             super::tract_kernels::register(&mut onnx);
         }
-        // The encoded bytes go as soon as tract has its own protobuf of them.
+        // The encoded bytes go as soon as tract has its own protobuf of them, and the weights' file
+        // pages as soon as they are encoded.
+        let bytes = model.encode();
+        model.release_pages();
         let mut proto = onnx
-            .proto_model_for_read(&mut model.encode().as_slice())
+            .proto_model_for_read(&mut bytes.as_slice())
             .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
+        drop(bytes);
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
         }

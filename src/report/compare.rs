@@ -216,8 +216,6 @@ pub fn compare(
         sessions.push((rt, r, c));
     }
     drop((ref_prep, cand_prep));
-    exec::release_model_pages(reference);
-    exec::release_model_pages(candidate);
 
     let pairs = if opts.layers.is_some() {
         layer_pairs(reference, candidate)
@@ -296,8 +294,6 @@ pub fn compare(
             rt,
             &opts.session,
         )?;
-        exec::release_model_pages(reference);
-        exec::release_model_pages(candidate);
         for b in 0..total {
             let batch = inputs
                 .batch(b)
