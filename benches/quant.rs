@@ -2,7 +2,8 @@
 //! one thread and all threads; then the whole weight pass with each built-in recipe on the largest
 //! fetched zoo model (load, quantize, save — no verification), each in a fresh process so its peak RSS
 //! can be set against the model's size; then calibration of that model's w8a8 activations on 256
-//! generated samples (fresh process: time, peak RSS, the time of every method's ranges). Run with `cargo bench --bench quant`; prints figures, asserts
+//! generated samples, plain and as `w8a8` runs it with smoothing (fresh process each: time, peak RSS,
+//! the time of every method's ranges). Run with `cargo bench --bench quant`; prints figures, asserts
 //! nothing.
 
 use std::time::Instant;
@@ -100,8 +101,9 @@ fn whole_pass() {
 }
 
 /// Child: load, calibrate the w8a8 tensors on `batches` generated batches, compute every method's
-/// ranges; print seconds, peak RSS and the runtime used.
-fn calib_child(name: &str, model: &str, batches: usize) {
+/// ranges; print seconds, peak RSS and the runtime used. With `smooth`, as `quantize --recipe w8a8`
+/// does: channel statistics first, smoothing, then calibration of the smoothed model.
+fn calib_child(name: &str, model: &str, batches: usize, smooth: bool) {
     use quench::calib::Method;
     use quench::exec::{RuntimeKind, SessionOptions};
     use quench::passes::quantize_activations::{plan, tensors_to_calibrate};
@@ -111,8 +113,6 @@ fn calib_child(name: &str, model: &str, batches: usize) {
         .unwrap()
         .activations
         .unwrap();
-    let (sites, _) = plan(&m, &policy);
-    let tensors = tensors_to_calibrate(&sites);
     let info = quench::exec::Prepared::from_model(&m, "").inputs;
     let opts = quench::exec::inputs::InputOptions {
         spec: zoo.model(name).unwrap().inputs.clone(),
@@ -135,7 +135,19 @@ fn calib_child(name: &str, model: &str, batches: usize) {
         lean: true,
         ..Default::default()
     };
-    let c = quench::calib::calibrate(&m, &tensors, &mut set, rt, &session).unwrap();
+    let spill = tempfile::tempdir().unwrap();
+    let smoothed = smooth.then(|| {
+        use quench::passes::quantize_activations::smooth::{Strength, measure_and_smooth};
+        let (sites, _) = plan(&m, &policy);
+        let strength = policy.smooth.unwrap_or(Strength::Auto);
+        measure_and_smooth(&m, sites, strength, &mut set, rt, &session, spill.path())
+            .unwrap()
+            .1
+    });
+    let model = smoothed.as_ref().unwrap_or(&m);
+    let (sites, _) = plan(model, &policy);
+    let tensors = tensors_to_calibrate(&sites);
+    let c = quench::calib::calibrate(model, &tensors, &mut set, rt, &session).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for method in [
@@ -159,35 +171,48 @@ fn calibration() {
     };
     let size = std::fs::metadata(&path).unwrap().len() as f64;
     let batches = 256;
-    let o = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(
-            "QUENCH_BENCH_CALIB",
-            format!("{name}\n{}\n{batches}", path.display()),
-        )
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8_lossy(&o.stdout);
-    let f: Vec<&str> = text.split_whitespace().collect();
-    let num = |i: usize| f[i].parse::<f64>().unwrap();
-    println!(
-        "\ncalibration of {name} ({:.1} MB): {} tensors, {batches} generated samples in {}: {:.2} s \
-         ({:.1} ms per sample); ranges of all 4 methods {:.3} s; peak RSS {:.1} MB = {:.2}× the model",
-        size / 1e6,
-        f[3],
-        f[4],
-        num(0),
-        1e3 * num(0) / batches as f64,
-        num(1),
-        num(2) / 1e6,
-        num(2) / size
-    );
+    for smooth in [false, true] {
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(
+                "QUENCH_BENCH_CALIB",
+                format!("{name}\n{}\n{batches}\n{smooth}", path.display()),
+            )
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let num = |i: usize| f[i].parse::<f64>().unwrap();
+        println!(
+            "\ncalibration of {name} ({:.1} MB){}: {} tensors, {batches} generated samples in {}: \
+             {:.2} s ({:.1} ms per sample); ranges of all 4 methods {:.3} s; peak RSS {:.1} MB = {:.2}× \
+             the model",
+            size / 1e6,
+            if smooth {
+                ", smoothed as w8a8 does (channel statistics, smoothing, calibration)"
+            } else {
+                ""
+            },
+            f[3],
+            f[4],
+            num(0),
+            1e3 * num(0) / batches as f64,
+            num(1),
+            num(2) / 1e6,
+            num(2) / size
+        );
+    }
 }
 
 fn main() {
     if let Ok(job) = std::env::var("QUENCH_BENCH_CALIB") {
         let parts: Vec<&str> = job.split('\n').collect();
-        calib_child(parts[0], parts[1], parts[2].parse().unwrap());
+        calib_child(
+            parts[0],
+            parts[1],
+            parts[2].parse().unwrap(),
+            parts[3].parse().unwrap(),
+        );
         return;
     }
     if let Ok(job) = std::env::var("QUENCH_BENCH_PASS") {

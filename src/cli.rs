@@ -789,13 +789,22 @@ fn quantize_activations_cli(
     let mut set = ca.open(reference, spec)?;
     // Smoothing changes the tensors calibration sees: measure channel ranges on the original, smooth,
     // then calibrate the smoothed model (it computes what the original does).
+    let spill = tempfile::Builder::new()
+        .prefix("quench-smoothed-")
+        .tempdir()
+        .context("cannot make a temporary folder for the smoothed model")?;
     let (smoothing, smoothed) = match (policy.mode, policy.smooth) {
         (Mode::Static, Some(strength)) => {
             let (sites, _) = plan(reference, policy);
-            let wanted = smooth::tensors_to_measure(reference, &sites);
-            let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
-                .context("measuring channel ranges for smoothing failed")?;
-            let (s, m) = smooth::Smoothing::new(reference, sites, stats, strength)?;
+            let (s, m) = smooth::measure_and_smooth(
+                reference,
+                sites,
+                strength,
+                &mut set,
+                rt,
+                &session,
+                spill.path(),
+            )?;
             (Some(s), Some(m))
         }
         _ => (None, None),

@@ -71,6 +71,70 @@ impl Model {
         write_model_file(self.to_proto(), path.as_ref(), &self.sources, opts)
     }
 
+    /// Moves the main graph's initializers held in memory (1 MiB and larger) into one file in `folder`
+    /// and maps it: the same bytes, but as file pages, which the system can drop and read again
+    /// rather than memory the process must hold. For a model built in memory (a rewrite of every
+    /// weight) that lives while runtimes, each with its own copy, run it. Nothing else changes. On
+    /// systems that cannot remove a mapped file, `folder` must outlive the model.
+    pub fn spill(&mut self, folder: impl AsRef<Path>) -> Result<()> {
+        use std::io::Write;
+        const MIN: usize = 1 << 20;
+        const ALIGN: u64 = 4096;
+        let path = folder.as_ref().join("tensors.data");
+        let werr = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let ids: Vec<_> = self
+            .graph
+            .initializers
+            .iter()
+            .copied()
+            .filter(|&id| {
+                self.graph.value(id).initializer().is_some_and(|t| {
+                    t.raw_data.len() >= MIN && !crate::onnx::is_mapped(&t.raw_data)
+                })
+            })
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut at = Vec::with_capacity(ids.len());
+        {
+            let file = std::fs::File::create(&path).map_err(werr)?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut offset = 0u64;
+            for &id in &ids {
+                let raw = &self.graph.value(id).initializer().unwrap().raw_data;
+                let start = offset.div_ceil(ALIGN) * ALIGN;
+                out.write_all(&vec![0u8; (start - offset) as usize])
+                    .map_err(werr)?;
+                out.write_all(raw).map_err(werr)?;
+                offset = start + raw.len() as u64;
+                at.push(start as usize);
+            }
+            out.flush().map_err(werr)?;
+        }
+        let mapped = crate::onnx::file_bytes(&path)?;
+        for (&id, start) in ids.iter().zip(at) {
+            if let Some(Some(v)) = self.graph.values.get_mut(id.index())
+                && let Some(t) = v.initializer.as_mut()
+            {
+                let len = t.raw_data.len();
+                t.raw_data = mapped.slice(start..start + len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the pages of the model's tensors that lie in quench's read-only file mappings go (they are
+    /// read again if ever touched): after a pass that read every weight, while the model waits.
+    pub fn release_pages(&self) {
+        for c in crate::ir::constants(self) {
+            crate::onnx::release_pages(&c.tensor.raw_data);
+        }
+    }
+
     /// The files this model was read from (model file first, then external data).
     pub fn sources(&self) -> &[PathBuf] {
         &self.sources
@@ -117,5 +181,69 @@ impl Model {
             (Some(v), Some(first)) => v >= first,
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb::{GraphProto, NodeProto};
+    use crate::onnx::tensor::{from_f32, tensor_value_info};
+    use prost::Message;
+
+    #[test]
+    fn spill_moves_large_heap_tensors_into_a_mapped_file_and_changes_nothing_else() {
+        let big: Vec<f32> = (0..512 * 600)
+            .map(|i| (i % 97) as f32 * 0.25 - 3.0)
+            .collect();
+        let small = vec![0.5f32; 600];
+        let proto = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(13),
+            }],
+            graph: Some(GraphProto {
+                name: Some("g".into()),
+                node: vec![
+                    NodeProto {
+                        op_type: Some("MatMul".into()),
+                        input: vec!["x".into(), "w".into()],
+                        output: vec!["xw".into()],
+                        ..Default::default()
+                    },
+                    NodeProto {
+                        op_type: Some("Add".into()),
+                        input: vec!["xw".into(), "b".into()],
+                        output: vec!["y".into()],
+                        ..Default::default()
+                    },
+                ],
+                initializer: vec![
+                    from_f32("w", &[512, 600], &big),
+                    from_f32("b", &[600], &small),
+                ],
+                input: vec![tensor_value_info("x", 1, &[1, 512])],
+                output: vec![tensor_value_info("y", 1, &[1, 600])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut m = Model::load_bytes(proto.encode_to_vec(), None).unwrap();
+        let before = m.to_proto().encode_to_vec();
+        let dir = tempfile::tempdir().unwrap();
+        m.spill(dir.path()).unwrap();
+        let data = |m: &Model, name: &str| {
+            let id = m.graph.value_id(name).unwrap();
+            m.graph.value(id).initializer().unwrap().raw_data.clone()
+        };
+        assert!(crate::onnx::is_mapped(&data(&m, "w")));
+        // Small tensors stay where they are.
+        assert!(!crate::onnx::is_mapped(&data(&m, "b")));
+        assert_eq!(m.to_proto().encode_to_vec(), before);
+        // Spilling again finds nothing left to move.
+        let dir2 = tempfile::tempdir().unwrap();
+        m.spill(dir2.path()).unwrap();
+        assert!(!dir2.path().join("tensors.data").exists());
     }
 }

@@ -81,6 +81,16 @@ pub fn release_pages(data: &[u8]) {
     }
 }
 
+/// Whether `data` lies inside a read-only file mapping made by [`file_bytes`].
+pub(crate) fn is_mapped(data: &[u8]) -> bool {
+    let (start, end) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+    let maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.iter().filter_map(Weak::upgrade).any(|map| {
+        let base = map.as_ptr() as usize;
+        start >= base && end <= base + map.len()
+    })
+}
+
 pub(crate) struct Resolver {
     base: Option<PathBuf>,
     files: BTreeMap<PathBuf, Bytes>,

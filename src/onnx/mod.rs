@@ -17,5 +17,6 @@ pub mod pb {
 
 pub use dtype::DataType;
 pub use external::release_pages;
+pub(crate) use external::{file_bytes, is_mapped};
 pub use load::{LoadedProto, read_model_bytes, read_model_file};
 pub use save::{ExternalData, PROTOBUF_LIMIT, SaveOptions, write_model_file};

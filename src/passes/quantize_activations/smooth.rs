@@ -244,6 +244,31 @@ impl<'a> Smoothing<'a> {
     }
 }
 
+/// Smoothing as static quantization uses it: channel statistics of `reference` over `inputs`, every
+/// group's factors decided, and the fully smoothed model, spilled into `folder` (see [`Model::spill`])
+/// so that its new weights are file pages rather than memory held beside a runtime's copy. The
+/// reference's weight pages are let go too (smoothing read them all).
+pub fn measure_and_smooth<'a>(
+    reference: &'a Model,
+    sites: Vec<Site>,
+    strength: Strength,
+    inputs: &mut crate::exec::inputs::InputSet,
+    runtime: crate::exec::RuntimeKind,
+    session: &crate::exec::SessionOptions,
+    folder: &std::path::Path,
+) -> anyhow::Result<(Smoothing<'a>, Model)> {
+    use anyhow::Context;
+    let wanted = tensors_to_measure(reference, &sites);
+    let stats = crate::calib::channel_stats(reference, &wanted, inputs, runtime, session)
+        .context("measuring channel ranges for smoothing failed")?;
+    let (smoothing, mut smoothed) = Smoothing::new(reference, sites, stats, strength)?;
+    smoothed
+        .spill(folder)
+        .context("cannot write the smoothed weights")?;
+    reference.release_pages();
+    Ok((smoothing, smoothed))
+}
+
 /// Where a group's factors come from.
 #[derive(Clone, Copy)]
 pub enum Decide<'r> {
@@ -431,6 +456,8 @@ pub fn smooth(
                 tensor: w.to_string(),
                 reason: e,
             })?;
+            // The decoded copy is what is read from here on.
+            crate::onnx::release_pages(&c.tensor.raw_data);
             let channels = for_each_channel(s.layout, c.shape(), |j, _, at| {
                 if j < k {
                     wmax[j] = wmax[j].max(v[at].abs());
@@ -570,6 +597,13 @@ pub fn smooth(
         patch.replace_all_uses(from, to);
     }
     model.graph.apply(patch)?;
+    // The unsmoothed weights are read by nothing now; kept, they would double what the model carries
+    // (and what a runtime is handed) until the final clean-up.
+    for (from, _) in &scaled_weights {
+        if let Some(id) = model.graph.value_id(from) {
+            model.graph.remove_unused_value(id);
+        }
+    }
     Ok(reports)
 }
 
@@ -710,6 +744,9 @@ mod tests {
             "{foreign:?}"
         );
         crate::ir::check_model(&m).unwrap();
+        // The unsmoothed W is gone (nothing reads it); W3, left alone, stays.
+        assert!(m.graph.value_id("W").is_none());
+        assert!(m.graph.value_id("W3").is_some());
         // Powers of two: the smoothed float model computes the same bits.
         let x: Vec<f32> = (0..24)
             .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37)
