@@ -3,9 +3,9 @@
 //! Nothing links against onnxruntime: the library is found through `ORT_DYLIB_PATH` or in the `capi/`
 //! folder of an installed `onnxruntime` Python package, and loaded once per process. A session is made
 //! from a temporary copy of the model whose tensors sit in an external data file: onnxruntime maps that
-//! file rather than parsing a copy of the encoded model and copying every weight out of it, which halves
-//! the memory a session takes to build. If the copy cannot be written, the session is made from the
-//! encoded bytes.
+//! file rather than parsing a copy of the encoded model and copying every weight out of it (building a
+//! lean session of rxnmap took 13 MB this way, 170 MB from the bytes). If the copy cannot be written,
+//! the session is made from the encoded bytes.
 //!
 //! Numerics: by default (`Numerics::Exact`) quench switches off the session options under which ORT
 //! computes something other than the graph's ONNX semantics — QDQ fusion into integer kernels and the
