@@ -153,8 +153,8 @@ pub fn channel_stats(
         session,
         "channel statistics",
         |name, x| {
+            let v = x.to_f32();
             for (t, axis) in wanted.iter().filter(|(t, _)| t == name) {
-                let v = x.to_f32();
                 let rank = v.ndim() as i64;
                 let a = if *axis < 0 { rank + axis } else { *axis };
                 if !(0..rank).contains(&a) {

@@ -251,14 +251,19 @@ fn tie_aliases(g: &crate::ir::Graph, is_const: impl Fn(&str) -> bool) -> HashMap
     alias
 }
 
-/// Finds the sites of the main graph the policy quantizes; the others come back with why not.
-pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteReport>) {
-    let g = &model.graph;
-    let consts: HashMap<String, crate::ir::ConstantRef> = constants(model)
+/// The dense constants of the main graph by name: what a site's weight can be.
+fn main_graph_constants(model: &Model) -> HashMap<String, crate::ir::ConstantRef> {
+    constants(model)
         .into_iter()
         .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
         .map(|c| (c.name.clone(), c))
-        .collect();
+        .collect()
+}
+
+/// Finds the sites of the main graph the policy quantizes; the others come back with why not.
+pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteReport>) {
+    let g = &model.graph;
+    let consts = main_graph_constants(model);
     let alias = tie_aliases(g, |n| consts.contains_key(n));
     let resolve = |name: String| alias.get(&name).cloned().unwrap_or(name);
     let is_float_const = |name: &str, rank: Option<usize>| {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::{Layout, Site};
 use crate::calib::ChannelStats;
 use crate::error::Result;
-use crate::ir::{ConstantSource, Graph, Model, Patch, constants};
+use crate::ir::{Graph, Model, Patch};
 use crate::onnx::dtype::DataType;
 use crate::onnx::tensor::to_f32;
 use crate::passes::quantize_weights::emit::f32_tensor;
@@ -291,11 +291,7 @@ pub fn smooth(
     // Static weights get one scale per output channel from opset 13, one per tensor before.
     let per_channel = model.opset("").unwrap_or(1) >= 13;
     let g = &model.graph;
-    let consts: HashMap<String, crate::ir::ConstantRef> = constants(model)
-        .into_iter()
-        .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
-        .map(|c| (c.name.clone(), c))
-        .collect();
+    let consts = super::main_graph_constants(model);
     // Sites that can be smoothed, with their activation's maxima.
     let mut ok: Vec<(&Site, i64, &ChannelStats)> = Vec::new();
     for s in sites {
