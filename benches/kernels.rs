@@ -3,7 +3,9 @@
 //!
 //! For the matrix shapes of the zoo's transformer layers at batch 1 and a few sequence lengths, the
 //! median time of one product and its rate in multiply-adds per second, for:
-//! - `f32 (int8 decode)`: the f32 FMA kernels over an int8 per-column weight decoded panel by panel;
+//! - `f32 (int8 decode)`: the f32 FMA kernels over an int8 per-column weight decoded panel by panel,
+//!   from the copy re-laid in blocks of 32 columns that tract sessions hold; `rows ×`: the same from
+//!   the file's row-major codes, relative to it;
 //! - `f32 in limbs`: the same product on the integer kernels, activations split in three 8-bit limbs;
 //! - `u8 × i8`: the exact integer product over activations already quantized (MatMulInteger);
 //! - `4-bit (decode)` and `4-bit in limbs`: a MatMulNBits weight (4 bits, blocks of 32), decoded to f32
@@ -13,7 +15,7 @@
 
 use std::time::Instant;
 
-use quench::kernels::formats::{Int8Cols, NBits, NibblesK};
+use quench::kernels::formats::{Int8Blocked, Int8Cols, NBits, NibblesK};
 use quench::kernels::integer::{self, Acts, IntIsa, Packed, Weight, Zeros};
 use quench::kernels::nibbles::{self, BlockNibbles};
 use quench::kernels::{self, Isa};
@@ -56,9 +58,10 @@ fn main() {
         isa.name()
     );
     println!(
-        "{:>16} {:>22} {:>22} {:>22} {:>8} {:>22} {:>22}",
+        "{:>16} {:>22} {:>7} {:>22} {:>22} {:>8} {:>22} {:>22}",
         "M×K×N",
         "f32 (int8 decode)",
+        "rows ×",
         "f32 in limbs",
         "u8 × i8",
         "limbs ×",
@@ -73,6 +76,9 @@ fn main() {
         (48, 1024, 256),
         (384, 256, 1024),
         (384, 1024, 256),
+        (20, 1024, 8210),
+        (20, 1024, 256),
+        (24, 1024, 8210),
     ] {
         let a = values(m * k, 1);
         let w = values(k * n, 2);
@@ -80,7 +86,9 @@ fn main() {
         let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-5).collect();
         let mut c = vec![0f32; m * n];
         let cols = Int8Cols::new(&q, k, n, &scales, None);
-        let t_f32 = time(|| kernels::matmul(&a, m, &cols, &mut c));
+        let t_rows = time(|| kernels::matmul(&a, m, &cols, &mut c));
+        let blocked = Int8Blocked::from_cols(&cols);
+        let t_f32 = time(|| kernels::matmul(&a, m, &blocked, &mut c));
         let layout = isa.layout();
         let data = integer::pack(Weight::I8(&q), k, n, layout);
         let b = Packed {
@@ -119,9 +127,10 @@ fn main() {
             "(no AVX-512 VNNI)".into()
         };
         println!(
-            "{:>16} {:>22} {:>22} {:>22} {:>8.2} {:>22} {:>22}",
+            "{:>16} {:>22} {:>7.2} {:>22} {:>22} {:>8.2} {:>22} {:>22}",
             format!("{m}×{k}×{n}"),
             cell(t_f32),
+            t_rows / t_f32,
             cell(t_limbs),
             cell(t_int),
             t_limbs / t_f32,

@@ -218,3 +218,142 @@ fn qdq_matmul_is_taken_as_an_integer_product() {
         }
     }
 }
+
+/// Gemm over a compressed weight (a PyTorch `Linear` on 2-D input, a classifier head): with `transB`,
+/// α and β·C, and without, over int8 and codebook weights. The tract session rewrites each Gemm as a
+/// MatMul the kernels take, and its output equals tract's own operators on the same graph.
+#[test]
+fn gemm_over_compressed_weights_is_taken() {
+    use ndarray::{ArrayD, IxDyn};
+    use quench::exec::Tensor;
+    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
+
+    let (m, k, n, n2) = (5usize, 128usize, 300usize, 120usize);
+    let attr_f = |name: &str, v: f32| AttributeProto {
+        name: name.into(),
+        r#type: Some(1),
+        f: Some(v),
+        ..Default::default()
+    };
+    let attr_i = |name: &str, v: i64| AttributeProto {
+        name: name.into(),
+        r#type: Some(2),
+        i: Some(v),
+        ..Default::default()
+    };
+    let mut seed = 3u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as u32 % 2001) as f32 / 1000.0 - 1.0
+    };
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let w1: Vec<f32> = (0..n * k).map(|_| next() * 0.1).collect();
+    let c1: Vec<f32> = (0..n).map(|_| next()).collect();
+    let w2: Vec<f32> = (0..n * n2).map(|_| next() * 0.1).collect();
+    // x: float[5, 128].
+    let mut x_info = value_info("x", 1);
+    if let Some(quench::onnx::pb::type_proto::Value::TensorType(t)) =
+        x_info.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        use quench::onnx::pb::tensor_shape_proto::{Dimension, dimension::Value};
+        t.shape = Some(quench::onnx::pb::TensorShapeProto {
+            dim: [m, k]
+                .iter()
+                .map(|&d| Dimension {
+                    value: Some(Value::DimValue(d as i64)),
+                    ..Default::default()
+                })
+                .collect(),
+        });
+    }
+    let graph = GraphProto {
+        name: Some("gemms".into()),
+        node: vec![
+            NodeProto {
+                op_type: Some("Gemm".into()),
+                name: Some("/head".into()),
+                input: vec!["x".into(), "w1".into(), "c1".into()],
+                output: vec!["h".into()],
+                attribute: vec![
+                    attr_i("transB", 1),
+                    attr_f("alpha", 0.5),
+                    attr_f("beta", 2.0),
+                ],
+                ..Default::default()
+            },
+            NodeProto {
+                op_type: Some("Gemm".into()),
+                name: Some("/tail".into()),
+                input: vec!["h".into(), "w2".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            },
+        ],
+        initializer: vec![
+            raw_tensor("w1", 1, &[n as i64, k as i64], f32s(&w1)),
+            raw_tensor("c1", 1, &[n as i64], f32s(&c1)),
+            raw_tensor("w2", 1, &[n as i64, n2 as i64], f32s(&w2)),
+        ],
+        input: vec![x_info],
+        output: vec![value_info("y", 1)],
+        ..Default::default()
+    };
+    let dir = tempdir();
+    let src = dir.path().join("gemms.onnx");
+    std::fs::write(&src, prost::Message::encode_to_vec(&model_of(graph))).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[m, k]), |_| next());
+    let feed = vec![("x".to_string(), Tensor::F32(x))];
+    // int8 weights: decoded panels, or (on VNNI) integer products over activations in limbs.
+    let int8 = |k: &str| k.contains("(2 int8") || k.contains("2 int8 MatMul in limbs");
+    let codebook = |k: &str| k.contains("2 codebook products");
+    // The tract target writes int8 as Cast·Mul, the portable one as DequantizeLinear.
+    for (recipe, target, taken) in [
+        ("w8", "tract", &int8 as &dyn Fn(&str) -> bool),
+        ("w8", "portable", &int8),
+        ("vq2", "tract", &codebook),
+    ] {
+        let out = dir.path().join(format!("gemms.{recipe}.{target}.onnx"));
+        let o = quench(&[
+            "quantize",
+            src.to_str().unwrap(),
+            "--recipe",
+            recipe,
+            "--target",
+            target,
+            "--random",
+            "1",
+            "--runtime",
+            "tract",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+        let model = Model::load(&out).unwrap();
+        let prep = Prepared::from_model(&model, recipe);
+        let plain_opts = SessionOptions {
+            tract_kernels: false,
+            ..Default::default()
+        };
+        let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+        let kernels = kernels_of(&*fast);
+        assert!(
+            taken(&kernels) && kernels.contains("2 Gemm as MatMul"),
+            "{recipe} {target}: {kernels}"
+        );
+        let got = fast.run(&feed).unwrap().remove(0).1;
+        let want = exec::open(&prep, RuntimeKind::Tract, &plain_opts)
+            .unwrap()
+            .run(&feed)
+            .unwrap()
+            .remove(0)
+            .1;
+        assert_eq!(got.to_f32().shape(), &[m, n2]);
+        let (worst, scale) = max_difference(&got, &want);
+        assert!(
+            worst <= 1e-5 * scale,
+            "{recipe} {target}: max difference {worst} (output scale {scale})"
+        );
+    }
+}

@@ -195,11 +195,12 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear)",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear)",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
                         r.codebook,
+                        r.gemm,
                         crate::kernels::integer::IntIsa::detect().name(),
                         r.integer,
                         r.qdq,

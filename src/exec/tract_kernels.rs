@@ -17,7 +17,7 @@ use tract_onnx::pb::{self, AttributeProto, ModelProto, NodeProto, attribute_prot
 use tract_onnx::tract_hir::internal::*;
 
 use crate::kernels::conv::{AutoPad, Geometry};
-use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Cols, NBits, NibblesK};
+use crate::kernels::formats::{CodeSlice, Codebook, Codes, Int8Blocked, Int8Cols, NBits, NibblesK};
 use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
 use crate::kernels::nibbles::{self, BlockNibbles};
 use crate::kernels::{self, Panels};
@@ -50,6 +50,9 @@ pub struct Rewrites {
     pub conv: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
+    /// Gemms over a compressed weight rewritten as MatMul (then Add) first; each also counts in the
+    /// form that took its product.
+    pub gemm: usize,
 }
 
 impl Rewrites {
@@ -302,6 +305,8 @@ enum ScaleAxis {
     Columns,
     /// A convolution weight `[M, C, KH(, KW)]`: per output channel (axis 0).
     Channels,
+    /// A Gemm weight read transposed (`transB`), `[N, K]`: per row (axis 0).
+    Rows,
 }
 
 /// An 8-bit constant weight behind its decode, as [`int8_weight`] finds it.
@@ -326,14 +331,14 @@ fn int8_weight<'g>(
     let codes = |name: &str| {
         let q = ix.konst(name)?;
         let rank_ok = match along {
-            ScaleAxis::Columns => q.t.dims.len() == 2,
+            ScaleAxis::Columns | ScaleAxis::Rows => q.t.dims.len() == 2,
             ScaleAxis::Channels => (3..=4).contains(&q.t.dims.len()),
         };
         ((q.is(INT8, None) || q.is(UINT8, None)) && rank_ok).then_some(q.t.dims.as_slice())
     };
     let scales_fit = |t: &pb::TensorProto, dims: &[i64]| match along {
         ScaleAxis::Columns => column_scales(t, dims[1]),
-        ScaleAxis::Channels => {
+        ScaleAxis::Channels | ScaleAxis::Rows => {
             let len: i64 = t.dims.iter().product();
             len == 1 || (len == dims[0] && t.dims.first() == Some(&dims[0]))
         }
@@ -347,7 +352,7 @@ fn int8_weight<'g>(
         let axis = attr_i(dq, "axis").unwrap_or(1);
         let axis_ok = match along {
             ScaleAxis::Columns => axis == 1 || axis == -1,
-            ScaleAxis::Channels => axis == 0,
+            ScaleAxis::Channels | ScaleAxis::Rows => axis == 0,
         };
         if sk.t.data_type != FLOAT
             || attr_i(dq, "block_size").unwrap_or(0) != 0
@@ -574,6 +579,228 @@ fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
     })
 }
 
+fn attr_f(n: &NodeProto, name: &str) -> Option<f32> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.f)
+}
+
+fn f32_scalar(name: &str, v: f32) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type: FLOAT,
+        raw_data: v.to_le_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A value name not yet in `taken` (which it joins), from `base`.
+fn fresh(taken: &mut std::collections::HashSet<String>, base: &str) -> String {
+    let mut name = base.to_string();
+    let mut i = 1;
+    while taken.contains(&name) {
+        name = format!("{base}_{i}");
+        i += 1;
+    }
+    taken.insert(name.clone());
+    name
+}
+
+/// Rewrites each main-graph `Gemm` over a compressed weight as `MatMul` (then `Mul` by α, then `Add`
+/// of β·C, as the attributes ask) so that the product plans take it. A transposed weight (`transB`,
+/// `[N, K]`) is laid out `[K, N]` first: 8-bit codes are transposed into a new constant, their row
+/// scales read as column scales; a codebook decode gets a `Transpose` after it, the form
+/// [`plan_codebook`] reads. Other Gemms are left alone. Returns how many were rewritten and the 8-bit
+/// constants now read transposed.
+fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
+    let mut taken: std::collections::HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .chain(g.initializer.iter().map(|t| &t.name))
+        .chain(g.input.iter().chain(&g.output).map(|v| &v.name))
+        .cloned()
+        .collect();
+    let mut edits: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut made = Vec::new();
+    let mut transposed = Vec::new();
+    {
+        let ix = Index::new(g);
+        for (i, n) in g.node.iter().enumerate() {
+            if n.op_type != "Gemm" || !n.domain.is_empty() || attr_i(n, "transA").unwrap_or(0) != 0
+            {
+                continue;
+            }
+            let (Some(a), Some(b), Some(y)) = (n.input.first(), n.input.get(1), n.output.first())
+            else {
+                continue;
+            };
+            let c = n.input.get(2).filter(|c| !c.is_empty());
+            let alpha = attr_f(n, "alpha").unwrap_or(1.0);
+            let beta = attr_f(n, "beta").unwrap_or(1.0);
+            let wv = weight_value(g, &ix, b);
+            let node = |op: &str, inputs: Vec<String>, out: &str, attribute| NodeProto {
+                name: format!("{}/quench_{}", n.name, op),
+                op_type: op.into(),
+                input: inputs,
+                output: vec![out.to_string()],
+                attribute,
+                ..Default::default()
+            };
+            let mut nodes = Vec::new();
+            // Constants and transposed codes of this Gemm, kept only if it is rewritten.
+            let mut mine = Vec::new();
+            let mut codes_read_transposed = None;
+            let weight = if attr_i(n, "transB").unwrap_or(0) == 0 {
+                // Already `[K, N]`: an 8-bit decode or a codebook decode (which ends transposed).
+                if int8_weight(g, &ix, wv, ScaleAxis::Columns).is_none()
+                    && ix.made_by(g, wv, "Transpose").is_none()
+                {
+                    continue;
+                }
+                b.clone()
+            } else if let Some(w) = int8_weight(g, &ix, wv, ScaleAxis::Rows) {
+                let Some(q) = ix.konst(w.q) else { continue };
+                let Some(codes) = bytes_of(q.t) else { continue };
+                let (rows, k) = (w.dims[0] as usize, w.dims[1] as usize);
+                let mut t = vec![0u8; codes.len()];
+                for (r, row) in codes.chunks_exact(k).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        t[j * rows + r] = v;
+                    }
+                }
+                let q2 = fresh(&mut taken, &format!("{}_kn", w.q));
+                mine.push(pb::TensorProto {
+                    name: q2.clone(),
+                    data_type: q.t.data_type,
+                    dims: vec![k as i64, rows as i64],
+                    raw_data: t,
+                    ..Default::default()
+                });
+                codes_read_transposed = Some(w.q.to_string());
+                let out = fresh(&mut taken, &format!("{y}_weight"));
+                if w.zero_is_code {
+                    // DequantizeLinear: the same scales and zero points, now along axis 1.
+                    let mut inputs = vec![q2, w.scale.to_string()];
+                    inputs.extend(w.zero.cloned());
+                    nodes.push(node(
+                        "DequantizeLinear",
+                        inputs,
+                        &out,
+                        vec![int_attr("axis", 1)],
+                    ));
+                } else {
+                    // Cast → (Sub zero point) → Mul scale, with `[N, 1]` row constants as `[1, N]`.
+                    let mut as_columns = |name: &str| -> Option<String> {
+                        let t = ix.konst(name)?.t;
+                        if t.dims.iter().product::<i64>() == 1 {
+                            return Some(name.to_string());
+                        }
+                        let v = floats_of(t)?;
+                        let fresh_name = fresh(&mut taken, &format!("{name}_columns"));
+                        mine.push(pb::TensorProto {
+                            name: fresh_name.clone(),
+                            data_type: FLOAT,
+                            dims: vec![1, v.len() as i64],
+                            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                            ..Default::default()
+                        });
+                        Some(fresh_name)
+                    };
+                    let Some(scale) = as_columns(w.scale) else {
+                        continue;
+                    };
+                    let zero = match w.zero {
+                        Some(z) => match as_columns(z) {
+                            Some(z) => Some(z),
+                            None => continue,
+                        },
+                        None => None,
+                    };
+                    let cast = fresh(&mut taken, &format!("{y}_weight_cast"));
+                    nodes.push(node(
+                        "Cast",
+                        vec![q2],
+                        &cast,
+                        vec![int_attr("to", FLOAT as i64)],
+                    ));
+                    let mut x = cast;
+                    if let Some(z) = zero {
+                        let sub = fresh(&mut taken, &format!("{y}_weight_centred"));
+                        nodes.push(node("Sub", vec![x, z], &sub, vec![]));
+                        x = sub;
+                    }
+                    nodes.push(node("Mul", vec![x, scale], &out, vec![]));
+                }
+                out
+            } else if let Some(r) = ix.made_by(g, wv, "Reshape")
+                && g.node[r]
+                    .input
+                    .get(1)
+                    .and_then(|s| ix.konst(s))
+                    .and_then(|s| s.ints())
+                    .is_some_and(|s| s.len() == 2)
+                && ix.made_by(g, &g.node[r].input[0], "Mul").is_some()
+            {
+                let out = fresh(&mut taken, &format!("{y}_weight"));
+                nodes.push(node(
+                    "Transpose",
+                    vec![wv.to_string()],
+                    &out,
+                    vec![ints_attr("perm", vec![1, 0])],
+                ));
+                out
+            } else {
+                continue;
+            };
+            let product = if alpha == 1.0 && c.is_none() {
+                y.clone()
+            } else {
+                fresh(&mut taken, &format!("{y}_product"))
+            };
+            nodes.push(node("MatMul", vec![a.clone(), weight], &product, vec![]));
+            let mut x = product;
+            if alpha != 1.0 {
+                let k = fresh(&mut taken, &format!("{y}_alpha"));
+                mine.push(f32_scalar(&k, alpha));
+                let out = if c.is_none() {
+                    y.clone()
+                } else {
+                    fresh(&mut taken, &format!("{y}_scaled"))
+                };
+                nodes.push(node("Mul", vec![x, k], &out, vec![]));
+                x = out;
+            }
+            if let Some(c) = c {
+                let c = if beta == 1.0 {
+                    c.clone()
+                } else {
+                    let k = fresh(&mut taken, &format!("{y}_beta"));
+                    mine.push(f32_scalar(&k, beta));
+                    let out = fresh(&mut taken, &format!("{y}_bias"));
+                    nodes.push(node("Mul", vec![c.clone(), k], &out, vec![]));
+                    out
+                };
+                nodes.push(node("Add", vec![x, c], y, vec![]));
+            }
+            edits.insert(i, nodes);
+            made.extend(mine);
+            transposed.extend(codes_read_transposed);
+        }
+    }
+    if edits.is_empty() {
+        return (0, transposed);
+    }
+    let count = edits.len();
+    let old = std::mem::take(&mut g.node);
+    for (i, n) in old.into_iter().enumerate() {
+        match edits.remove(&i) {
+            Some(nodes) => g.node.extend(nodes),
+            None => g.node.push(n),
+        }
+    }
+    g.initializer.extend(made);
+    (count, transposed)
+}
+
 /// Replaces, in the main graph, every weight product tract would decode to f32 by a `QuenchMatMul`
 /// over the same constants, then removes the nodes nothing reads any more (the decodes).
 pub fn rewrite(model: &mut ModelProto) -> Rewrites {
@@ -586,7 +813,10 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         .iter()
         .filter(|n| n.op_type == "DynamicQuantizeLinear" && n.domain.is_empty())
         .count();
+    let (gemms, transposed) = gemms_as_matmuls(g);
+    done.gemm = gemms;
     let mut packs = Packs::default();
+    packs.replaced.extend(transposed);
     let plans: Vec<Plan> = {
         let ix = Index::new(g);
         (0..g.node.len())
@@ -624,7 +854,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Conv => done.conv += 1,
         }
     }
-    if done.total() == 0 {
+    if done.total() == 0 && gemms == 0 {
         return done;
     }
     g.initializer.extend(packs.made);
@@ -643,7 +873,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         let mut it = kept.into_iter();
         g.initializer.retain(|_| it.next().unwrap());
     }
-    if !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
+    if done.total() > 0 && !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
         model.opset_import.push(pb::OperatorSetIdProto {
             domain: DOMAIN.into(),
             version: 1,
@@ -795,8 +1025,8 @@ impl Expansion for Expansion_ {
             konsts,
             relaid: None,
         };
-        if let Form::NBits { .. } = self.form {
-            op.relaid = relaid_nibbles(&op)?;
+        if let Form::NBits { .. } | Form::Int8 = self.form {
+            op.relaid = relaid_weight(&op)?;
             if op.relaid.is_some() {
                 op.konsts.clear();
             }
@@ -819,12 +1049,14 @@ pub struct QMatMul {
     relaid: Option<Arc<Relaid>>,
 }
 
-/// A 4-bit MatMulNBits weight re-laid at load: along K for the f32 panel kernels, or in VNNI blocks
-/// for products in limbs.
+/// A weight re-laid at load: 4-bit MatMulNBits codes along K for the f32 panel kernels or in VNNI
+/// blocks for products in limbs; 8-bit codes in blocks of columns.
 #[derive(Debug)]
 enum Relaid {
     Panels(NibblesK),
     Blocks(BlockNibbles),
+    /// An 8-bit weight in blocks of 32 columns, so that panels of a wide weight are read in order.
+    Int8(Int8Blocked),
 }
 
 impl Relaid {
@@ -832,6 +1064,7 @@ impl Relaid {
         match self {
             Relaid::Panels(r) => r.bytes(),
             Relaid::Blocks(r) => r.bytes(),
+            Relaid::Int8(r) => r.bytes(),
         }
     }
 }
@@ -840,7 +1073,7 @@ impl Relaid {
 /// weights (one initializer read by several nodes) share it. The operator then lets go of the
 /// MatMulNBits layout; the parsed model a session keeps to re-plan for new shapes still holds it, so
 /// 4-bit codes are resident twice (1 byte per weight in all).
-fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<Relaid>>> {
+fn relaid_weight(op: &QMatMul) -> TractResult<Option<Arc<Relaid>>> {
     use std::sync::{Mutex, OnceLock, Weak};
     type Cache = Mutex<HashMap<Vec<usize>, Weak<Relaid>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -849,15 +1082,20 @@ fn relaid_nibbles(op: &QMatMul) -> TractResult<Option<Arc<Relaid>>> {
     if let Some(w) = cache.lock().unwrap().get(&key).and_then(Weak::upgrade) {
         return Ok(Some(w));
     }
-    let made = op.nbits_view(|w| {
-        let blocks = nibbles::available()
-            .then(|| BlockNibbles::from_nbits(w))
-            .flatten();
-        Ok(match blocks {
-            Some(b) => Some(Arc::new(Relaid::Blocks(b))),
-            None => NibblesK::from_nbits(w).map(|r| Arc::new(Relaid::Panels(r))),
-        })
-    })?;
+    let made = match op.form {
+        Form::Int8 => {
+            op.int8_view(|w| Ok(Some(Arc::new(Relaid::Int8(Int8Blocked::from_cols(w))))))?
+        }
+        _ => op.nbits_view(|w| {
+            let blocks = nibbles::available()
+                .then(|| BlockNibbles::from_nbits(w))
+                .flatten();
+            Ok(match blocks {
+                Some(b) => Some(Arc::new(Relaid::Blocks(b))),
+                None => NibblesK::from_nbits(w).map(|r| Arc::new(Relaid::Panels(r))),
+            })
+        })?,
+    };
     if let Some(m) = &made {
         let mut c = cache.lock().unwrap();
         c.retain(|_, w| w.strong_count() > 0);
@@ -906,6 +1144,7 @@ impl QMatMul {
         match self.relaid.as_deref() {
             Some(Relaid::Panels(r)) => return f(r, None),
             Some(Relaid::Blocks(r)) => return f(r, None),
+            Some(Relaid::Int8(r)) => return f(r, None),
             None => {}
         }
         let rams: Vec<_> = self
@@ -915,31 +1154,7 @@ impl QMatMul {
             .collect::<TractResult<_>>()?;
         let (k, n) = (self.k, self.n);
         match &self.form {
-            Form::Int8 => {
-                let scales = rams[1].as_slice::<f32>()?;
-                let codes = match rams[0].datum_type() {
-                    DatumType::I8 => Codes::I8(rams[0].as_slice::<i8>()?),
-                    DatumType::U8 => Codes::U8(rams[0].as_slice::<u8>()?),
-                    dt => bail!("8-bit codes expected, found {dt:?}"),
-                };
-                // DequantizeLinear's zero point has the codes' type; the Cast·Mul form's is float.
-                let zero: Option<Vec<f32>> = match rams.get(2) {
-                    None => None,
-                    Some(z) => Some(match z.datum_type() {
-                        DatumType::I8 => z.as_slice::<i8>()?.iter().map(|&v| v as f32).collect(),
-                        DatumType::U8 => z.as_slice::<u8>()?.iter().map(|&v| v as f32).collect(),
-                        DatumType::F32 => z.as_slice::<f32>()?.to_vec(),
-                        dt => bail!("zero point of type {dt:?}"),
-                    }),
-                };
-                ensure!(
-                    rams[0].len() == k * n && (scales.len() == 1 || scales.len() == n),
-                    "codes of {} values and {} scales for {k}×{n}",
-                    rams[0].len(),
-                    scales.len()
-                );
-                f(&Int8Cols::with_codes(codes, k, n, scales, zero), None)
-            }
+            Form::Int8 => self.int8_view(|w| f(w, None)),
             Form::NBits { .. } => self.nbits_view(|w| f(w, None)),
             Form::Codebook {
                 k_padded,
@@ -978,6 +1193,45 @@ impl QMatMul {
 }
 
 impl QMatMul {
+    /// Runs `f` over the row-major view of the 8-bit constants (Int8 form only, before re-laying).
+    fn int8_view<R>(&self, f: impl FnOnce(&Int8Cols) -> TractResult<R>) -> TractResult<R> {
+        let rams: Vec<_> = self
+            .konsts
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<_>>()?;
+        let (k, n) = (self.k, self.n);
+        ensure!(rams.len() >= 2, "8-bit codes and scales expected");
+        let scales = rams[1].as_slice::<f32>()?;
+        let codes = match rams[0].datum_type() {
+            DatumType::I8 => Codes::I8(rams[0].as_slice::<i8>()?),
+            DatumType::U8 => Codes::U8(rams[0].as_slice::<u8>()?),
+            dt => bail!("8-bit codes expected, found {dt:?}"),
+        };
+        // DequantizeLinear's zero point has the codes' type; the Cast·Mul form's is float.
+        let zero: Option<Vec<f32>> = match rams.get(2) {
+            None => None,
+            Some(z) => Some(match z.datum_type() {
+                DatumType::I8 => z.as_slice::<i8>()?.iter().map(|&v| v as f32).collect(),
+                DatumType::U8 => z.as_slice::<u8>()?.iter().map(|&v| v as f32).collect(),
+                DatumType::F32 => z.as_slice::<f32>()?.to_vec(),
+                dt => bail!("zero point of type {dt:?}"),
+            }),
+        };
+        ensure!(
+            rams[0].len() == k * n && (scales.len() == 1 || scales.len() == n),
+            "codes of {} values and {} scales for {k}×{n}",
+            rams[0].len(),
+            scales.len()
+        );
+        ensure!(
+            zero.as_ref().is_none_or(|z| z.len() == 1 || z.len() == n),
+            "{} zero points for {n} columns",
+            zero.as_ref().map_or(0, |z| z.len())
+        );
+        f(&Int8Cols::with_codes(codes, k, n, scales, zero))
+    }
+
     /// Runs `f` over the MatMulNBits view of the constants (NBits form only).
     fn nbits_view<R>(&self, f: impl FnOnce(&NBits) -> TractResult<R>) -> TractResult<R> {
         let Form::NBits { bits, block } = self.form else {

@@ -84,7 +84,19 @@ impl Panels for Int8Cols<'_> {
     }
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
         let nw = nr.min(self.n.saturating_sub(n0));
-        let (s, z): (Vec<f32>, Vec<f32>) = (n0..n0 + nw).map(|j| self.column(j)).unzip();
+        // A kernel's panel is at most 32 columns wide: its scales stay on the stack.
+        let (mut s_small, mut z_small) = ([0f32; 32], [0f32; 32]);
+        let (mut s_big, mut z_big) = (Vec::new(), Vec::new());
+        let (s, z) = if nw <= 32 {
+            (&mut s_small[..nw], &mut z_small[..nw])
+        } else {
+            s_big.resize(nw, 0.0);
+            z_big.resize(nw, 0.0);
+            (&mut s_big[..], &mut z_big[..])
+        };
+        for (i, j) in (n0..n0 + nw).enumerate() {
+            (s[i], z[i]) = self.column(j);
+        }
         let rows = Rows {
             first: k0 * self.n + n0,
             stride: self.n,
@@ -92,8 +104,117 @@ impl Panels for Int8Cols<'_> {
             nr,
         };
         match self.q {
-            Codes::I8(q) => scale_rows(q, rows, &s, &z, out),
-            Codes::U8(q) => scale_rows(q, rows, &s, &z, out),
+            Codes::I8(q) => scale_rows(q, rows, s, z, out),
+            Codes::U8(q) => scale_rows(q, rows, s, z, out),
+        }
+    }
+}
+
+/// Columns per block of [`Int8Blocked`]: a multiple of every kernel's panel width.
+const BLOCK_COLS: usize = 32;
+
+/// An 8-bit weight [`Int8Cols`] re-laid once, at load, in blocks of 32 columns: block `b` holds rows
+/// `0..K` of columns `32b..32b + 32` one after the other. A panel then lies in consecutive bytes
+/// whatever `N` is; in the row-major layout each of its rows is `N` bytes from the last, which for a
+/// wide weight (a classifier's 8210 columns) defeats the hardware prefetcher. Same bytes per weight
+/// (the last block is padded to 32 columns).
+pub struct Int8Blocked {
+    codes: BlockedCodes,
+    k: usize,
+    n: usize,
+    scales: Vec<f32>,
+    zero: Vec<f32>,
+}
+
+enum BlockedCodes {
+    I8(Vec<i8>),
+    U8(Vec<u8>),
+}
+
+/// Where `W[r, c]` lies in a weight blocked by [`BLOCK_COLS`] columns with `k` rows.
+fn blocked_at(k: usize, r: usize, c: usize) -> usize {
+    ((c / BLOCK_COLS) * k + r) * BLOCK_COLS + c % BLOCK_COLS
+}
+
+fn relay<T: Copy + Default>(q: &[T], k: usize, n: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n.div_ceil(BLOCK_COLS) * k * BLOCK_COLS];
+    for (r, row) in q.chunks_exact(n).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[blocked_at(k, r, c)] = v;
+        }
+    }
+    out
+}
+
+impl Int8Blocked {
+    pub fn from_cols(w: &Int8Cols) -> Int8Blocked {
+        let (k, n) = (w.k, w.n);
+        let codes = match w.q {
+            Codes::I8(q) => BlockedCodes::I8(relay(q, k, n)),
+            Codes::U8(q) => BlockedCodes::U8(relay(q, k, n)),
+        };
+        let (scales, zero) = (0..n).map(|j| w.column(j)).unzip();
+        Int8Blocked {
+            codes,
+            k,
+            n,
+            scales,
+            zero,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        let codes = match &self.codes {
+            BlockedCodes::I8(c) => c.len(),
+            BlockedCodes::U8(c) => c.len(),
+        };
+        codes + 4 * (self.scales.len() + self.zero.len())
+    }
+}
+
+impl std::fmt::Debug for Int8Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8Blocked({}×{})", self.k, self.n)
+    }
+}
+
+impl Panels for Int8Blocked {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        let nw = nr.min(self.n.saturating_sub(n0));
+        let (s, z) = (&self.scales[n0..n0 + nw], &self.zero[n0..n0 + nw]);
+        if n0 % BLOCK_COLS + nr <= BLOCK_COLS {
+            // The kernels' panels: inside one block, rows 32 bytes apart.
+            let rows = Rows {
+                first: blocked_at(self.k, k0, n0),
+                stride: BLOCK_COLS,
+                kc,
+                nr,
+            };
+            match &self.codes {
+                BlockedCodes::I8(q) => scale_rows(q, rows, s, z, out),
+                BlockedCodes::U8(q) => scale_rows(q, rows, s, z, out),
+            }
+            return;
+        }
+        for r in 0..kc {
+            for j in 0..nr {
+                out[r * nr + j] = if j < nw {
+                    let at = blocked_at(self.k, k0 + r, n0 + j);
+                    let q = match &self.codes {
+                        BlockedCodes::I8(q) => q[at] as f32,
+                        BlockedCodes::U8(q) => q[at] as f32,
+                    };
+                    (q - z[j]) * s[j]
+                } else {
+                    0.0
+                };
+            }
         }
     }
 }

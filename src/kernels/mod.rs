@@ -183,14 +183,23 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
     let (mr, nr) = isa.tile();
     let mut panel = vec![0f32; KC * nr];
     let mut tile = vec![0f32; mr * nr];
+    // Row blocks as even as the tile allows (20 rows on a 6-row tile: 5, 5, 5, 5, not 6, 6, 6, 2), each
+    // run by a kernel of exactly its height, so no row is computed twice.
+    let blocks = m.div_ceil(mr);
+    let starts: Vec<(usize, usize)> = (0..blocks)
+        .scan(0, |at, b| {
+            let rows = m / blocks + usize::from(b < m % blocks);
+            let start = *at;
+            *at += rows;
+            Some((start, rows))
+        })
+        .collect();
     for n0 in (0..n).step_by(nr) {
         let nw = nr.min(n - n0);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             w.decode(k0, kc, n0, nr, &mut panel[..kc * nr]);
-            for m0 in (0..m).step_by(mr) {
-                let mw = mr.min(m - m0);
-                // Rows past M repeat the last row: computed, never stored.
+            for &(m0, mw) in &starts {
                 let row = |i: usize| {
                     let r = m0 + i.min(mw - 1);
                     &a[r * k + k0..r * k + k0 + kc]
@@ -198,16 +207,42 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => {
-                        let rows: [&[f32]; 8] = std::array::from_fn(row);
-                        // SAFETY: avx512f was checked above; every row holds kc values and the panel
-                        // kc × 32, which the kernel reads and no more.
-                        unsafe { x86::tile_avx512(kc, &rows, &panel, &mut tile) }
+                        macro_rules! run {
+                            ($r:literal) => {{
+                                let rows: [&[f32]; $r] = std::array::from_fn(row);
+                                // SAFETY: avx512f was checked above; every row holds kc values and
+                                // the panel kc × 32, which the kernel reads and no more.
+                                unsafe { x86::tile_avx512::<$r>(kc, &rows, &panel, &mut tile) }
+                            }};
+                        }
+                        match mw {
+                            1 => run!(1),
+                            2 => run!(2),
+                            3 => run!(3),
+                            4 => run!(4),
+                            5 => run!(5),
+                            6 => run!(6),
+                            7 => run!(7),
+                            _ => run!(8),
+                        }
                     }
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => {
-                        let rows: [&[f32]; 6] = std::array::from_fn(row);
-                        // SAFETY: avx2 and fma were checked above; lengths as for avx512.
-                        unsafe { x86::tile_avx2(kc, &rows, &panel, &mut tile) }
+                        macro_rules! run {
+                            ($r:literal) => {{
+                                let rows: [&[f32]; $r] = std::array::from_fn(row);
+                                // SAFETY: avx2 and fma were checked above; lengths as for avx512.
+                                unsafe { x86::tile_avx2::<$r>(kc, &rows, &panel, &mut tile) }
+                            }};
+                        }
+                        match mw {
+                            1 => run!(1),
+                            2 => run!(2),
+                            3 => run!(3),
+                            4 => run!(4),
+                            5 => run!(5),
+                            _ => run!(6),
+                        }
                     }
                     _ => {
                         let rows: [&[f32]; 4] = std::array::from_fn(row);
@@ -248,22 +283,27 @@ fn tile_portable(kc: usize, rows: &[&[f32]; 4], panel: &[f32], tile: &mut [f32])
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// 8 rows × 32 columns: 16 zmm accumulators.
+    /// `R` ≤ 8 rows × 32 columns: up to 16 zmm accumulators.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; each row must hold `kc` values, `panel` `kc * 32` and `tile` 256.
+    /// The CPU must have AVX-512F; each row must hold `kc` values, `panel` `kc * 32` and `tile` 32·R.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile_avx512(kc: usize, rows: &[&[f32]; 8], panel: &[f32], tile: &mut [f32]) {
-        debug_assert!(panel.len() >= kc * 32 && tile.len() >= 256);
+    pub unsafe fn tile_avx512<const R: usize>(
+        kc: usize,
+        rows: &[&[f32]; R],
+        panel: &[f32],
+        tile: &mut [f32],
+    ) {
+        debug_assert!(panel.len() >= kc * 32 && tile.len() >= 32 * R);
         debug_assert!(rows.iter().all(|r| r.len() >= kc));
-        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let p = panel.as_ptr();
         for r in 0..kc {
             // SAFETY: r < kc, so r * 32 + 31 < panel.len(); r < rows[i].len().
             unsafe {
                 let b0 = _mm512_loadu_ps(p.add(r * 32));
                 let b1 = _mm512_loadu_ps(p.add(r * 32 + 16));
-                for i in 0..8 {
+                for i in 0..R {
                     let x = _mm512_set1_ps(*rows[i].get_unchecked(r));
                     acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
                     acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
@@ -272,7 +312,7 @@ mod x86 {
         }
         let t = tile.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: i * 32 + 31 < 256 ≤ tile.len().
+            // SAFETY: i * 32 + 31 < 32·R ≤ tile.len().
             unsafe {
                 _mm512_storeu_ps(t.add(i * 32), acc[0]);
                 _mm512_storeu_ps(t.add(i * 32 + 16), acc[1]);
@@ -280,22 +320,27 @@ mod x86 {
         }
     }
 
-    /// 6 rows × 16 columns: 12 ymm accumulators.
+    /// `R` ≤ 6 rows × 16 columns: up to 12 ymm accumulators.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; each row must hold `kc` values, `panel` `kc * 16` and `tile` 96.
+    /// The CPU must have AVX2 and FMA; each row must hold `kc` values, `panel` `kc * 16` and `tile` 16·R.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_avx2(kc: usize, rows: &[&[f32]; 6], panel: &[f32], tile: &mut [f32]) {
-        debug_assert!(panel.len() >= kc * 16 && tile.len() >= 96);
+    pub unsafe fn tile_avx2<const R: usize>(
+        kc: usize,
+        rows: &[&[f32]; R],
+        panel: &[f32],
+        tile: &mut [f32],
+    ) {
+        debug_assert!(panel.len() >= kc * 16 && tile.len() >= 16 * R);
         debug_assert!(rows.iter().all(|r| r.len() >= kc));
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let p = panel.as_ptr();
         for r in 0..kc {
             // SAFETY: r < kc, so r * 16 + 15 < panel.len(); r < rows[i].len().
             unsafe {
                 let b0 = _mm256_loadu_ps(p.add(r * 16));
                 let b1 = _mm256_loadu_ps(p.add(r * 16 + 8));
-                for i in 0..6 {
+                for i in 0..R {
                     let x = _mm256_set1_ps(*rows[i].get_unchecked(r));
                     acc[i][0] = _mm256_fmadd_ps(x, b0, acc[i][0]);
                     acc[i][1] = _mm256_fmadd_ps(x, b1, acc[i][1]);
@@ -304,7 +349,7 @@ mod x86 {
         }
         let t = tile.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: i * 16 + 15 < 96 ≤ tile.len().
+            // SAFETY: i * 16 + 15 < 16·R ≤ tile.len().
             unsafe {
                 _mm256_storeu_ps(t.add(i * 16), acc[0]);
                 _mm256_storeu_ps(t.add(i * 16 + 8), acc[1]);
@@ -334,7 +379,7 @@ pub fn reference(a: &[f32], m: usize, w: &dyn Panels) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::formats::{Int8Cols, NBits, NibblesK};
+    use super::formats::{Int8Blocked, Int8Cols, NBits, NibblesK};
     use super::*;
     use rand_chacha::ChaCha8Rng;
     use rand_core::{Rng, SeedableRng};
@@ -364,16 +409,28 @@ mod tests {
             (9, 256, 64),
             (13, 33, 100),
             (48, 200, 47),
+            (20, 130, 70),
         ] {
             let a = uniform(&mut rng, m * k);
             let q: Vec<i8> = (0..k * n).map(|_| rng.next_u32() as i8).collect();
             let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
-            let w = Int8Cols::new(&q, k, n, &scales, None);
-            let want = reference(&a, m, &w);
-            for isa in Isa::available() {
-                let mut c = vec![f32::NAN; m * n];
-                matmul_with(isa, &a, m, &w, &mut c);
-                close(&c, &want, k);
+            let zero: Vec<i8> = (0..n).map(|j| (j % 7) as i8 - 3).collect();
+            for zero in [None, Some(&zero[..])] {
+                let w = Int8Cols::new(&q, k, n, &scales, zero);
+                let blocked = Int8Blocked::from_cols(&w);
+                let want = reference(&a, m, &w);
+                // The blocked copy decodes to the same weight, any panel included.
+                let (mut x, mut y) = (vec![0f32; k * n], vec![0f32; k * n]);
+                w.decode(0, k, 0, n, &mut x);
+                blocked.decode(0, k, 0, n, &mut y);
+                assert_eq!(x, y, "{k}×{n}");
+                for isa in Isa::available() {
+                    for panels in [&w as &dyn Panels, &blocked] {
+                        let mut c = vec![f32::NAN; m * n];
+                        matmul_with(isa, &a, m, panels, &mut c);
+                        close(&c, &want, k);
+                    }
+                }
             }
         }
     }
