@@ -1,4 +1,5 @@
-//! quench's tract kernels for compressed weights, end to end: zoo models quantized with the w8, w4, vq2
+//! quench's tract kernels for compressed weights, end to end: zoo models (a transformer, a byte
+//! classifier, an OCR model with a Gemm head) quantized with the w8, w4, vq2
 //! and dynamic recipes for the tract target run with the kernels (weights kept compressed) and with
 //! tract's own operators on the same graph; the outputs agree to float rounding (exactly, for the
 //! integer products of the dynamic form), and the weight products were really taken over by the
@@ -35,7 +36,8 @@ fn max_difference(x: &quench::exec::Tensor, y: &quench::exec::Tensor) -> (f32, f
 
 #[test]
 fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
-    for zoo_name in ["rxnmap", "magika"] {
+    // ddddocr: its 8210-way head is a Gemm (transB) over 34 MB of weights.
+    for zoo_name in ["rxnmap", "magika", "ddddocr"] {
         let Some(_) = zoo_model(zoo_name) else {
             return;
         };
@@ -80,6 +82,12 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                 kernels.starts_with("quench") && taken,
                 "{zoo_name} {recipe}: {kernels}"
             );
+            if zoo_name == "ddddocr" && recipe != "dynamic" {
+                assert!(
+                    kernels.contains("1 Gemm as MatMul"),
+                    "{zoo_name} {recipe}: {kernels}"
+                );
+            }
             // magika's convolution, as ConvInteger.
             if zoo_name == "magika" && recipe == "dynamic" {
                 assert!(

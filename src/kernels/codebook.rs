@@ -4,19 +4,27 @@
 //! looked up once per column and piece, then serves its `dim` rows of K. Column scales multiply the
 //! finished output. A is transposed once per product (`K × M`, a small copy next to the weight).
 //!
-//! This replaces the panel decode ([`super::Panels`] on [`Codebook`]) where AVX-512 is present: there
-//! the decode, about one gather per weight per product, cost as much as the multiply-adds at a few
-//! dozen rows.
+//! This replaces the panel decode ([`super::Panels`] on [`Codebook`]) on AVX-512 and on AVX2 + FMA
+//! (`vbroadcastss` from the codebook, 8 lanes): there the decode, about one gather per weight per
+//! product, cost as much as the multiply-adds at a few dozen rows.
 
 use super::formats::Codebook;
 
-/// Columns per tile; 8 × 3 zmm of rows = 24 accumulators.
+/// Columns per tile on AVX-512; 8 × 3 zmm of rows = 24 accumulators.
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
 
+/// Columns per tile on AVX2; 6 × 2 ymm of rows = 12 of the 16 registers.
+#[cfg(target_arch = "x86_64")]
+const NR_AVX2: usize = 6;
+
+/// Rows of the output per tile, at most: 3 zmm, or 2 ymm.
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 48;
+
 /// Whether [`matmul`] runs on this CPU (else use the panel decode).
 pub fn available() -> bool {
-    super::Isa::detect() == super::Isa::Avx512
+    matches!(super::Isa::detect(), super::Isa::Avx512 | super::Isa::Avx2)
 }
 
 /// Rows of A above which the panel decode wins: it decodes each weight once per product, this kernel
@@ -54,8 +62,11 @@ pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
             c.fill(0.0);
             return true;
         }
-        // Aᵀ, rows padded to K padded (zeros meet the padding pieces) and columns to a whole zmm.
-        let mp = m.div_ceil(16) * 16;
+        let wide = super::Isa::detect() == super::Isa::Avx512;
+        // Lanes per vector, columns per tile, vectors of rows per tile.
+        let (lanes, nr, vmax) = if wide { (16, NR, 3) } else { (8, NR_AVX2, 2) };
+        // Aᵀ, rows padded to K padded (zeros meet the padding pieces) and columns to a whole vector.
+        let mp = m.div_ceil(lanes) * lanes;
         let mut at = vec![0f32; w.k_padded * mp];
         for (i, row) in a.chunks_exact(k).enumerate() {
             for (r, &v) in row.iter().enumerate() {
@@ -63,25 +74,31 @@ pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
             }
         }
         let zero_row = vec![0f32; w.dim];
-        let mut tile = [0f32; NR * 48];
-        for j0 in (0..n).step_by(NR) {
-            let nw = NR.min(n - j0);
-            for m0 in (0..mp).step_by(48) {
-                let vecs = ((mp - m0) / 16).min(3);
-                // SAFETY: avx512f was checked by `available`; Aᵀ holds k_padded × mp values and
-                // m0 + 16·vecs ≤ mp.
+        let mut tile = [0f32; NR * TILE_ROWS];
+        for j0 in (0..n).step_by(nr) {
+            let nw = nr.min(n - j0);
+            for m0 in (0..mp).step_by(lanes * vmax) {
+                let vecs = ((mp - m0) / lanes).min(vmax);
+                // SAFETY: avx512f (wide) or avx2 and fma were checked by `available`; Aᵀ holds
+                // k_padded × mp values and m0 + lanes·vecs ≤ mp.
                 unsafe {
-                    match vecs {
-                        3 => x86::tile::<3>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
-                        2 => x86::tile::<2>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
-                        _ => x86::tile::<1>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                    match (wide, vecs) {
+                        (true, 3) => x86::tile::<3>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                        (true, 2) => x86::tile::<2>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                        (true, _) => x86::tile::<1>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile),
+                        (false, 2) => {
+                            x86::tile_avx2::<2>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile)
+                        }
+                        (false, _) => {
+                            x86::tile_avx2::<1>(w, &at, mp, m0, j0, nw, &zero_row, &mut tile)
+                        }
                     }
                 }
                 let scales = &w.scales[j0..j0 + nw];
-                for i in 0..(16 * vecs).min(m - m0) {
+                for i in 0..(lanes * vecs).min(m - m0) {
                     let out = &mut c[(m0 + i) * n + j0..][..nw];
                     for (j, (o, s)) in out.iter_mut().zip(scales).enumerate() {
-                        *o = tile[j * 48 + i] * s;
+                        *o = tile[j * TILE_ROWS + i] * s;
                     }
                 }
             }
@@ -97,10 +114,11 @@ pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Codebook, NR};
+    use super::{Codebook, NR, NR_AVX2, TILE_ROWS};
     use std::arch::x86_64::*;
 
-    /// `tile[j * 48 + i] = Σ_r Aᵀ[r, m0 + i] · W[r, j0 + j]` (unscaled) for `i < 16·V`, `j < nw`.
+    /// `tile[j * TILE_ROWS + i] = Σ_r Aᵀ[r, m0 + i] · W[r, j0 + j]` (unscaled) for `i < 16·V`,
+    /// `j < nw`.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `at` must hold `k_padded × mp` values,
@@ -115,7 +133,7 @@ mod x86 {
         j0: usize,
         nw: usize,
         zero_row: &[f32],
-        tile: &mut [f32; NR * 48],
+        tile: &mut [f32; NR * TILE_ROWS],
     ) {
         let dim = w.dim;
         let pieces = w.k_padded / dim;
@@ -149,8 +167,63 @@ mod x86 {
         }
         for (j, acc) in acc.iter().enumerate() {
             for (v, acc) in acc.iter().enumerate() {
-                // SAFETY: j * 48 + 16v + 15 < NR * 48.
-                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(j * 48 + 16 * v), *acc) };
+                // SAFETY: j * TILE_ROWS + 16v + 15 < NR * TILE_ROWS.
+                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(j * TILE_ROWS + 16 * v), *acc) };
+            }
+        }
+    }
+
+    /// [`tile`] on AVX2 + FMA: `NR_AVX2` columns × `8·V` rows (`V` ≤ 2), the same layout of `tile`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `at` must hold `k_padded × mp` values, `m0 + 8·V ≤ mp`,
+    /// `zero_row` `dim` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_avx2<const V: usize>(
+        w: &Codebook,
+        at: &[f32],
+        mp: usize,
+        m0: usize,
+        j0: usize,
+        nw: usize,
+        zero_row: &[f32],
+        tile: &mut [f32; NR * TILE_ROWS],
+    ) {
+        let dim = w.dim;
+        let pieces = w.k_padded / dim;
+        let pps = pieces / w.subspaces;
+        let mut acc = [[_mm256_setzero_ps(); V]; NR_AVX2];
+        let mut rows = [zero_row.as_ptr(); NR_AVX2];
+        for p in 0..pieces {
+            let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
+            for (codes, book) in &w.stages {
+                for (j, row) in rows.iter_mut().enumerate().take(nw) {
+                    let code = codes.get((j0 + j) * pieces + p) + offset;
+                    // A checked slice: a code past its codebook panics rather than reads out of it.
+                    *row = book[code * dim..][..dim].as_ptr();
+                }
+                for d in 0..dim {
+                    let r = p * dim + d;
+                    let mut x = [_mm256_setzero_ps(); V];
+                    for (v, x) in x.iter_mut().enumerate() {
+                        // SAFETY: r < k_padded and m0 + 8v + 7 < mp, so the 8 values are in `at`.
+                        *x = unsafe { _mm256_loadu_ps(at.as_ptr().add(r * mp + m0 + 8 * v)) };
+                    }
+                    for j in 0..NR_AVX2 {
+                        // SAFETY: rows[j] points at `dim` values of a codebook (or of zero_row).
+                        let b = _mm256_set1_ps(unsafe { *rows[j].add(d) });
+                        for v in 0..V {
+                            acc[j][v] = _mm256_fmadd_ps(x[v], b, acc[j][v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: j * TILE_ROWS + 8v + 7 < NR * TILE_ROWS.
+                unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(j * TILE_ROWS + 8 * v), *acc) };
             }
         }
     }

@@ -130,7 +130,8 @@ pub fn classify(weight: &str, readers: &[(&str, &str)]) -> Role {
 
 /// Roles the names cannot tell, from the graph around the readers (`readers`, nodes of `g`):
 /// - `Head`: some reader's output reaches a graph output without passing through another weighted
-///   layer (`weighted` holds every node that reads a weight);
+///   layer (`weighted` holds every node that reads a weight), not counting paths that only carry its
+///   shape (through Shape or Size);
 /// - `Embedding`: a MatMul/Gemm whose data input is a OneHot or an Equal (through Cast/Reshape-like
 ///   ops), which is a table lookup written as a product (jax2tf and TF exports).
 ///
@@ -165,7 +166,10 @@ pub fn structural(
                 return Role::Head;
             }
             for u in g.value(*v).uses() {
-                if !weighted.contains(&u.node) && seen.insert(u.node) {
+                // A Shape or Size reads only the dimensions: a layer whose values reach the output
+                // only as the shape of something else is not the head.
+                let shape_only = matches!(g.node(u.node).op_type.as_str(), "Shape" | "Size");
+                if !shape_only && !weighted.contains(&u.node) && seen.insert(u.node) {
                     queue.push_back(u.node);
                 }
             }
