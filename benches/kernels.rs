@@ -11,11 +11,15 @@
 //! - `4-bit (decode)` and `4-bit in limbs`: a MatMulNBits weight (4 bits, blocks of 32), decoded to f32
 //!   panels, or multiplied on the integer kernels over limbs (AVX-512 VNNI only).
 //!
+//! - `vq2 (panels)` and `vq2 (broadcast)`: a codebook weight (4-value pieces, 256 entries, as the vq2
+//!   recipe writes), decoded to f32 panels, or multiplied with each weight broadcast from the codebook
+//!   (AVX-512 and AVX2, up to 96 rows).
+//!
 //! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
 
 use std::time::Instant;
 
-use quench::kernels::formats::{Int8Blocked, Int8Cols, NBits, NibblesK};
+use quench::kernels::formats::{CodeSlice, Codebook, Int8Blocked, Int8Cols, NBits, NibblesK};
 use quench::kernels::integer::{self, Acts, IntIsa, Packed, Weight, Zeros};
 use quench::kernels::nibbles::{self, BlockNibbles};
 use quench::kernels::{self, Isa};
@@ -58,7 +62,7 @@ fn main() {
         isa.name()
     );
     println!(
-        "{:>16} {:>22} {:>7} {:>22} {:>22} {:>8} {:>22} {:>22}",
+        "{:>16} {:>22} {:>7} {:>22} {:>22} {:>8} {:>22} {:>22} {:>22} {:>22}",
         "M×K×N",
         "f32 (int8 decode)",
         "rows ×",
@@ -66,7 +70,9 @@ fn main() {
         "u8 × i8",
         "limbs ×",
         "4-bit (decode)",
-        "4-bit in limbs"
+        "4-bit in limbs",
+        "vq2 (panels)",
+        "vq2 (broadcast)"
     );
     for &(m, k, n) in &[
         (1, 256, 1024),
@@ -126,8 +132,32 @@ fn main() {
         } else {
             "(no AVX-512 VNNI)".into()
         };
+        let codes: Vec<u8> = values(n * k / 4, 4)
+            .iter()
+            .map(|&x| ((x + 1.0) * 127.9) as u8)
+            .collect();
+        let book = values(256 * 4, 5);
+        let vq_scales: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 1e-4).collect();
+        let vq = Codebook {
+            stages: vec![(CodeSlice::U8(&codes), &book[..])],
+            scales: &vq_scales,
+            k,
+            n,
+            k_padded: k,
+            dim: 4,
+            subspaces: 1,
+            size: 0,
+        };
+        let t_vq = time(|| kernels::matmul(&a, m, &vq, &mut c));
+        let vq_broadcast = if kernels::codebook::matmul(&a, m, &vq, &mut c) {
+            cell(time(|| {
+                kernels::codebook::matmul(&a, m, &vq, &mut c);
+            }))
+        } else {
+            "(not taken)".into()
+        };
         println!(
-            "{:>16} {:>22} {:>7.2} {:>22} {:>22} {:>8.2} {:>22} {:>22}",
+            "{:>16} {:>22} {:>7.2} {:>22} {:>22} {:>8.2} {:>22} {:>22} {:>22} {:>22}",
             format!("{m}×{k}×{n}"),
             cell(t_f32),
             t_rows / t_f32,
@@ -135,7 +165,9 @@ fn main() {
             cell(t_int),
             t_limbs / t_f32,
             cell(t_w4),
-            limbs4
+            limbs4,
+            cell(t_vq),
+            vq_broadcast
         );
     }
 }
