@@ -1147,11 +1147,7 @@ impl QMatMul {
             Some(Relaid::Int8(r)) => return f(r, None),
             None => {}
         }
-        let rams: Vec<_> = self
-            .konsts
-            .iter()
-            .map(|t| t.try_as_plain_ram())
-            .collect::<TractResult<_>>()?;
+        let rams = self.plain_konsts()?;
         let (k, n) = (self.k, self.n);
         match &self.form {
             Form::Int8 => self.int8_view(|w| f(w, None)),
@@ -1193,13 +1189,14 @@ impl QMatMul {
 }
 
 impl QMatMul {
+    /// The constants' plain storage, in input order.
+    fn plain_konsts(&self) -> TractResult<Vec<PlainView<'_>>> {
+        self.konsts.iter().map(|t| t.try_as_plain_ram()).collect()
+    }
+
     /// Runs `f` over the row-major view of the 8-bit constants (Int8 form only, before re-laying).
     fn int8_view<R>(&self, f: impl FnOnce(&Int8Cols) -> TractResult<R>) -> TractResult<R> {
-        let rams: Vec<_> = self
-            .konsts
-            .iter()
-            .map(|t| t.try_as_plain_ram())
-            .collect::<TractResult<_>>()?;
+        let rams = self.plain_konsts()?;
         let (k, n) = (self.k, self.n);
         ensure!(rams.len() >= 2, "8-bit codes and scales expected");
         let scales = rams[1].as_slice::<f32>()?;
@@ -1237,11 +1234,7 @@ impl QMatMul {
         let Form::NBits { bits, block } = self.form else {
             bail!("not a MatMulNBits weight");
         };
-        let rams: Vec<_> = self
-            .konsts
-            .iter()
-            .map(|t| t.try_as_plain_ram())
-            .collect::<TractResult<_>>()?;
+        let rams = self.plain_konsts()?;
         let zero = rams.get(2).map(|z| z.as_slice::<u8>()).transpose()?;
         let w = NBits::new(
             rams[0].as_slice::<u8>()?,

@@ -125,116 +125,86 @@ mod x86 {
     use super::{Codebook, NR, NR_AVX2, TILE_ROWS};
     use std::arch::x86_64::*;
 
-    /// `tile[j * TILE_ROWS + i] = Σ_r Aᵀ[r, m0 + i] · W[r, j0 + j]` (unscaled) for `i < 16·V`,
-    /// `j < nw`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `at` must hold `k_padded × mp` values,
-    /// `m0 + 16·V ≤ mp`, `zero_row` `dim` values.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile<const V: usize>(
-        w: &Codebook,
-        at: &[f32],
-        mp: usize,
-        m0: usize,
-        j0: usize,
-        nw: usize,
-        zero_row: &[f32],
-        tile: &mut [f32; NR * TILE_ROWS],
-    ) {
-        let dim = w.dim;
-        let pieces = w.k_padded / dim;
-        let pps = pieces / w.subspaces;
-        let mut acc = [[_mm512_setzero_ps(); V]; NR];
-        let mut rows = [zero_row.as_ptr(); NR];
-        for p in 0..pieces {
-            let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
-            for (codes, book) in &w.stages {
-                for (j, row) in rows.iter_mut().enumerate().take(nw) {
-                    let code = codes.get((j0 + j) * pieces + p) + offset;
-                    // A checked slice: a code past its codebook panics rather than reads out of it.
-                    *row = book[code * dim..][..dim].as_ptr();
-                }
-                for d in 0..dim {
-                    let r = p * dim + d;
-                    let mut x = [_mm512_setzero_ps(); V];
-                    for (v, x) in x.iter_mut().enumerate() {
-                        // SAFETY: r < k_padded and m0 + 16v + 15 < mp, so the 16 values are in `at`.
-                        *x = unsafe { _mm512_loadu_ps(at.as_ptr().add(r * mp + m0 + 16 * v)) };
-                    }
-                    for j in 0..NR {
-                        // SAFETY: rows[j] points at `dim` values of a codebook (or of zero_row).
-                        let b = _mm512_set1_ps(unsafe { *rows[j].add(d) });
-                        for v in 0..V {
-                            acc[j][v] = _mm512_fmadd_ps(x[v], b, acc[j][v]);
+    /// One codebook tile: `tile[j * TILE_ROWS + i] = Σ_r Aᵀ[r, m0 + i] · W[r, j0 + j]` (unscaled) for
+    /// `i < LANES·V`, `j < nw`, `COLS` columns of accumulators, each weight broadcast from its codebook.
+    macro_rules! codebook_tile {
+        ($(#[$doc:meta])* $name:ident, $feature:literal, $cols:ident, $lanes:literal, $vec:ty,
+         $setzero:ident, $loadu:ident, $set1:ident, $fmadd:ident, $storeu:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name<const V: usize>(
+                w: &Codebook,
+                at: &[f32],
+                mp: usize,
+                m0: usize,
+                j0: usize,
+                nw: usize,
+                zero_row: &[f32],
+                tile: &mut [f32; NR * TILE_ROWS],
+            ) {
+                let dim = w.dim;
+                let pieces = w.k_padded / dim;
+                let pps = pieces / w.subspaces;
+                let mut acc: [[$vec; V]; $cols] = [[$setzero(); V]; $cols];
+                let mut rows = [zero_row.as_ptr(); $cols];
+                for p in 0..pieces {
+                    let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
+                    for (codes, book) in &w.stages {
+                        for (j, row) in rows.iter_mut().enumerate().take(nw) {
+                            let code = codes.get((j0 + j) * pieces + p) + offset;
+                            // A checked slice: a code past its codebook panics rather than reads
+                            // out of it.
+                            *row = book[code * dim..][..dim].as_ptr();
+                        }
+                        for d in 0..dim {
+                            let r = p * dim + d;
+                            let mut x: [$vec; V] = [$setzero(); V];
+                            for (v, x) in x.iter_mut().enumerate() {
+                                // SAFETY: r < k_padded and m0 + LANES·(v + 1) ≤ mp, so the values
+                                // are in `at`.
+                                *x = unsafe { $loadu(at.as_ptr().add(r * mp + m0 + $lanes * v)) };
+                            }
+                            for j in 0..$cols {
+                                // SAFETY: rows[j] points at `dim` values of a codebook (or of
+                                // zero_row).
+                                let b = $set1(unsafe { *rows[j].add(d) });
+                                for v in 0..V {
+                                    acc[j][v] = $fmadd(x[v], b, acc[j][v]);
+                                }
+                            }
                         }
                     }
                 }
+                for (j, acc) in acc.iter().enumerate() {
+                    for (v, acc) in acc.iter().enumerate() {
+                        // SAFETY: j * TILE_ROWS + LANES·(v + 1) ≤ NR * TILE_ROWS.
+                        unsafe { $storeu(tile.as_mut_ptr().add(j * TILE_ROWS + $lanes * v), *acc) };
+                    }
+                }
             }
-        }
-        for (j, acc) in acc.iter().enumerate() {
-            for (v, acc) in acc.iter().enumerate() {
-                // SAFETY: j * TILE_ROWS + 16v + 15 < NR * TILE_ROWS.
-                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add(j * TILE_ROWS + 16 * v), *acc) };
-            }
-        }
+        };
     }
 
-    /// [`tile`] on AVX2 + FMA: `NR_AVX2` columns × `8·V` rows (`V` ≤ 2), the same layout of `tile`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `at` must hold `k_padded × mp` values, `m0 + 8·V ≤ mp`,
-    /// `zero_row` `dim` values.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_avx2<const V: usize>(
-        w: &Codebook,
-        at: &[f32],
-        mp: usize,
-        m0: usize,
-        j0: usize,
-        nw: usize,
-        zero_row: &[f32],
-        tile: &mut [f32; NR * TILE_ROWS],
-    ) {
-        let dim = w.dim;
-        let pieces = w.k_padded / dim;
-        let pps = pieces / w.subspaces;
-        let mut acc = [[_mm256_setzero_ps(); V]; NR_AVX2];
-        let mut rows = [zero_row.as_ptr(); NR_AVX2];
-        for p in 0..pieces {
-            let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
-            for (codes, book) in &w.stages {
-                for (j, row) in rows.iter_mut().enumerate().take(nw) {
-                    let code = codes.get((j0 + j) * pieces + p) + offset;
-                    // A checked slice: a code past its codebook panics rather than reads out of it.
-                    *row = book[code * dim..][..dim].as_ptr();
-                }
-                for d in 0..dim {
-                    let r = p * dim + d;
-                    let mut x = [_mm256_setzero_ps(); V];
-                    for (v, x) in x.iter_mut().enumerate() {
-                        // SAFETY: r < k_padded and m0 + 8v + 7 < mp, so the 8 values are in `at`.
-                        *x = unsafe { _mm256_loadu_ps(at.as_ptr().add(r * mp + m0 + 8 * v)) };
-                    }
-                    for j in 0..NR_AVX2 {
-                        // SAFETY: rows[j] points at `dim` values of a codebook (or of zero_row).
-                        let b = _mm256_set1_ps(unsafe { *rows[j].add(d) });
-                        for v in 0..V {
-                            acc[j][v] = _mm256_fmadd_ps(x[v], b, acc[j][v]);
-                        }
-                    }
-                }
-            }
-        }
-        for (j, acc) in acc.iter().enumerate() {
-            for (v, acc) in acc.iter().enumerate() {
-                // SAFETY: j * TILE_ROWS + 8v + 7 < NR * TILE_ROWS.
-                unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add(j * TILE_ROWS + 8 * v), *acc) };
-            }
-        }
-    }
+    codebook_tile!(
+        /// AVX-512: 8 columns × `V` ≤ 3 zmm of rows.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512F; `at` must hold `k_padded × mp` values, `m0 + 16·V ≤ mp`,
+        /// `zero_row` `dim` values.
+        tile, "avx512f", NR, 16, __m512,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps
+    );
+
+    codebook_tile!(
+        /// AVX2 + FMA: 6 columns × `V` ≤ 2 ymm of rows.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2 and FMA; `at` must hold `k_padded × mp` values, `m0 + 8·V ≤ mp`,
+        /// `zero_row` `dim` values.
+        tile_avx2, "avx2,fma", NR_AVX2, 8, __m256,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps
+    );
 }
 
 #[cfg(test)]

@@ -204,46 +204,30 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                     let r = m0 + i.min(mw - 1);
                     &a[r * k + k0..r * k + k0 + kc]
                 };
+                // A tile of exactly `mw` rows: `by_rows!(kernel, [heights below the most], most)`.
+                #[cfg(target_arch = "x86_64")]
+                macro_rules! by_rows {
+                    ($kernel:ident, [$($r:literal),*], $most:literal) => {{
+                        macro_rules! run {
+                            ($h:literal) => {{
+                                let rows: [&[f32]; $h] = std::array::from_fn(row);
+                                // SAFETY: `isa` is one this CPU runs (asserted above); every row
+                                // holds kc values and the panel kc × nr, which the kernel reads and
+                                // no more.
+                                unsafe { x86::$kernel::<$h>(kc, &rows, &panel, &mut tile) }
+                            }};
+                        }
+                        match mw {
+                            $($r => run!($r),)*
+                            _ => run!($most),
+                        }
+                    }};
+                }
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => {
-                        macro_rules! run {
-                            ($r:literal) => {{
-                                let rows: [&[f32]; $r] = std::array::from_fn(row);
-                                // SAFETY: avx512f was checked above; every row holds kc values and
-                                // the panel kc × 32, which the kernel reads and no more.
-                                unsafe { x86::tile_avx512::<$r>(kc, &rows, &panel, &mut tile) }
-                            }};
-                        }
-                        match mw {
-                            1 => run!(1),
-                            2 => run!(2),
-                            3 => run!(3),
-                            4 => run!(4),
-                            5 => run!(5),
-                            6 => run!(6),
-                            7 => run!(7),
-                            _ => run!(8),
-                        }
-                    }
+                    Isa::Avx512 => by_rows!(tile_avx512, [1, 2, 3, 4, 5, 6, 7], 8),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => {
-                        macro_rules! run {
-                            ($r:literal) => {{
-                                let rows: [&[f32]; $r] = std::array::from_fn(row);
-                                // SAFETY: avx2 and fma were checked above; lengths as for avx512.
-                                unsafe { x86::tile_avx2::<$r>(kc, &rows, &panel, &mut tile) }
-                            }};
-                        }
-                        match mw {
-                            1 => run!(1),
-                            2 => run!(2),
-                            3 => run!(3),
-                            4 => run!(4),
-                            5 => run!(5),
-                            _ => run!(6),
-                        }
-                    }
+                    Isa::Avx2 => by_rows!(tile_avx2, [1, 2, 3, 4, 5], 6),
                     _ => {
                         let rows: [&[f32]; 4] = std::array::from_fn(row);
                         tile_portable(kc, &rows, &panel, &mut tile)
