@@ -34,6 +34,44 @@ fn max_difference(x: &quench::exec::Tensor, y: &quench::exec::Tensor) -> (f32, f
     (worst, scale)
 }
 
+/// The first output of `prep` on `feed`, run by tract's own operators (no quench kernels).
+fn first_output_plain(
+    prep: &Prepared,
+    feed: &[(String, quench::exec::Tensor)],
+) -> quench::exec::Tensor {
+    let plain = SessionOptions {
+        tract_kernels: false,
+        ..Default::default()
+    };
+    let mut s = exec::open(prep, RuntimeKind::Tract, &plain).unwrap();
+    s.run(feed).unwrap().remove(0).1
+}
+
+/// `model` quantized by the CLI with `recipe` for `target` into `out`, prepared for sessions.
+fn quantized(
+    model: &str,
+    recipe: &str,
+    target: &str,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Prepared {
+    let mut args = vec![
+        "quantize",
+        model,
+        "--recipe",
+        recipe,
+        "--target",
+        target,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = quench(&args);
+    assert!(o.status.success(), "{model} {recipe}: {}", stderr_of(&o));
+    let model = Model::load(out).unwrap();
+    Prepared::from_model(&model, recipe)
+}
+
 #[test]
 fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
     // ddddocr: its 8210-way head is a Gemm (transB) over 34 MB of weights.
@@ -44,19 +82,7 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
         let dir = tempdir();
         for recipe in ["w8", "w4", "vq2", "dynamic"] {
             let out = dir.path().join(format!("{zoo_name}.{recipe}.onnx"));
-            let o = quench(&[
-                "quantize",
-                &format!("zoo:{zoo_name}"),
-                "--recipe",
-                recipe,
-                "--target",
-                "tract",
-                "-o",
-                out.to_str().unwrap(),
-            ]);
-            assert!(o.status.success(), "{}", stderr_of(&o));
-            let model = Model::load(&out).unwrap();
-            let prep = Prepared::from_model(&model, recipe);
+            let prep = quantized(&format!("zoo:{zoo_name}"), recipe, "tract", &out, &[]);
             let opts = InputOptions {
                 spec: zoo_spec(zoo_name),
                 seed: 5,
@@ -201,20 +227,11 @@ fn qdq_matmul_is_taken_as_an_integer_product() {
         let prep = Prepared::from_model(&model, "qdq");
         let x = ArrayD::from_shape_fn(IxDyn(&[m, k]), |_| (next() % 2001) as f32 / 1000.0 - 1.3);
         let feed = vec![("x".to_string(), Tensor::F32(x))];
-        let plain_opts = SessionOptions {
-            tract_kernels: false,
-            ..Default::default()
-        };
         let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
         let kernels = kernels_of(&*fast);
         assert!(kernels.contains(", 1 QDQ MatMul"), "{kernels}");
         let got = fast.run(&feed).unwrap().remove(0).1;
-        let want = exec::open(&prep, RuntimeKind::Tract, &plain_opts)
-            .unwrap()
-            .run(&feed)
-            .unwrap()
-            .remove(0)
-            .1;
+        let want = first_output_plain(&prep, &feed);
         let (got, want) = (got.to_f32(), want.to_f32());
         assert_eq!(got.shape(), &[m, n]);
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -323,27 +340,8 @@ fn gemm_over_compressed_weights_is_taken() {
         ("vq2", "tract", &codebook),
     ] {
         let out = dir.path().join(format!("gemms.{recipe}.{target}.onnx"));
-        let o = quench(&[
-            "quantize",
-            src.to_str().unwrap(),
-            "--recipe",
-            recipe,
-            "--target",
-            target,
-            "--random",
-            "1",
-            "--runtime",
-            "tract",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{}", stderr_of(&o));
-        let model = Model::load(&out).unwrap();
-        let prep = Prepared::from_model(&model, recipe);
-        let plain_opts = SessionOptions {
-            tract_kernels: false,
-            ..Default::default()
-        };
+        let extra = ["--random", "1", "--runtime", "tract"];
+        let prep = quantized(src.to_str().unwrap(), recipe, target, &out, &extra);
         let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
         let kernels = kernels_of(&*fast);
         assert!(
@@ -351,12 +349,7 @@ fn gemm_over_compressed_weights_is_taken() {
             "{recipe} {target}: {kernels}"
         );
         let got = fast.run(&feed).unwrap().remove(0).1;
-        let want = exec::open(&prep, RuntimeKind::Tract, &plain_opts)
-            .unwrap()
-            .run(&feed)
-            .unwrap()
-            .remove(0)
-            .1;
+        let want = first_output_plain(&prep, &feed);
         assert_eq!(got.to_f32().shape(), &[m, n2]);
         let (worst, scale) = max_difference(&got, &want);
         assert!(
