@@ -638,7 +638,7 @@ fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
             let beta = attr_f(n, "beta").unwrap_or(1.0);
             let wv = weight_value(g, &ix, b);
             let node = |op: &str, inputs: Vec<String>, out: &str, attribute| NodeProto {
-                name: format!("{}/quench_{}", n.name, op),
+                name: format!("{}/quench_{}_{}", n.name, op, out),
                 op_type: op.into(),
                 input: inputs,
                 output: vec![out.to_string()],
