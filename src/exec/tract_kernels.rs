@@ -661,6 +661,9 @@ fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
                 let Some(q) = ix.konst(w.q) else { continue };
                 let Some(codes) = bytes_of(q.t) else { continue };
                 let (rows, k) = (w.dims[0] as usize, w.dims[1] as usize);
+                if rows == 0 || k == 0 || codes.len() != rows * k {
+                    continue;
+                }
                 let mut t = vec![0u8; codes.len()];
                 for (r, row) in codes.chunks_exact(k).enumerate() {
                     for (j, &v) in row.iter().enumerate() {

@@ -138,6 +138,9 @@ fn blocked_at(k: usize, r: usize, c: usize) -> usize {
 
 fn relay<T: Copy + Default>(q: &[T], k: usize, n: usize) -> Vec<T> {
     let mut out = vec![T::default(); n.div_ceil(BLOCK_COLS) * k * BLOCK_COLS];
+    if n == 0 {
+        return out;
+    }
     for (r, row) in q.chunks_exact(n).enumerate() {
         for (c, &v) in row.iter().enumerate() {
             out[blocked_at(k, r, c)] = v;
