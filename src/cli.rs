@@ -718,33 +718,62 @@ fn calib_runtime(cal: &CalibArgs, rt: &RuntimeArgs) -> (RuntimeKind, SessionOpti
     (runtime, session)
 }
 
-/// The input-channel energy that weights the recipe's VQ sites, from --calib / --calib-random;
-/// None (data-free VQ, said in a note) without calibration data or VQ sites that want it.
-fn vq_energy(
+/// What the recipe's weight sites take from --calib / --calib-random: the input-channel energy that
+/// weights VQ sites, and the input Hessians of `gptq` sites. None of each (data-free, said in a note)
+/// without calibration data or sites that want it.
+type WeightCalibration = (
+    Option<quench::passes::quantize_weights::importance::ChannelEnergy>,
+    Option<std::collections::BTreeMap<String, quench::calib::Hessian>>,
+);
+
+fn weight_calibration(
     args: &QuantizeArgs,
     reference: &Model,
     spec: Vec<InputSpec>,
     recipe: &quench::recipes::Recipe,
     notes: &mut Vec<String>,
-) -> Result<Option<quench::passes::quantize_weights::importance::ChannelEnergy>> {
+) -> Result<WeightCalibration> {
     let wanted = quench::passes::quantize_weights::energy_requests(reference, recipe);
-    if wanted.is_empty() {
-        return Ok(None);
+    let hessian_requests = quench::passes::quantize_weights::hessian_requests(reference, recipe);
+    if wanted.is_empty() && hessian_requests.is_empty() {
+        return Ok((None, None));
     }
     let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
-        notes.push(
-            "VQ clustered data-free (plain weight error): --calib DATA weights it by the energy of \
-             each input channel"
-                .into(),
-        );
-        return Ok(None);
+        if !wanted.is_empty() {
+            notes.push(
+                "VQ clustered data-free (plain weight error): --calib DATA weights it by the \
+                 energy of each input channel"
+                    .into(),
+            );
+        }
+        if !hessian_requests.is_empty() {
+            notes.push(
+                "gptq sites rounded to nearest: --calib DATA gives the input Hessians their error \
+                 feedback needs"
+                    .into(),
+            );
+        }
+        return Ok((None, None));
     }
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
-    let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
-        .context("measuring the input-channel energy for VQ failed")?;
-    Ok(Some(quench::calib::energy_of(stats)))
+    let energy = if wanted.is_empty() {
+        None
+    } else {
+        let stats = quench::calib::channel_stats(reference, &wanted, &mut set, rt, &session)
+            .context("measuring the input-channel energy for VQ failed")?;
+        Some(quench::calib::energy_of(stats))
+    };
+    let hessians = if hessian_requests.is_empty() {
+        None
+    } else {
+        Some(
+            quench::calib::hessians(reference, &hessian_requests, &mut set, rt, &session)
+                .context("measuring the input Hessians for gptq failed")?,
+        )
+    };
+    Ok((energy, hessians))
 }
 
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
@@ -959,9 +988,11 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         allocation = Some(a);
         (m, None)
     } else {
-        let energy = vq_energy(&args, &reference, spec.clone(), &recipe, &mut notes)?;
+        let (energy, hessians) =
+            weight_calibration(&args, &reference, spec.clone(), &recipe, &mut notes)?;
         let mut finish = |m: &mut Model| -> Result<()> {
-            weights = quantize_weights_with(m, &recipe, args.target, energy.as_ref())?;
+            weights =
+                quantize_weights_with(m, &recipe, args.target, energy.as_ref(), hessians.as_ref())?;
             DeadNodeElimination.run(m)?;
             quench::ir::check_model(m)
                 .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))

@@ -432,3 +432,87 @@ fn magika_keeps_its_labels_on_real_files() {
         }
     }
 }
+
+/// GPTQ rounding (the `gptq: true` of the built-in 4-bit and int8 recipes) against plain rounding
+/// to nearest, on rxnmap with generated calibration batches: scored on other batches (the
+/// verification seed), it lowers the output error by several dB in int4 blocks and in int8, and the
+/// same data gives the same bytes.
+#[test]
+fn gptq_rounding_beats_nearest_on_data_it_did_not_see() {
+    let (Some(_), Some(_)) = (python(), zoo_model("rxnmap")) else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    let run = |recipe: &str, tag: &str| -> (f64, Value, Vec<u8>) {
+        let out = dir.path().join(format!("rx.{tag}.onnx"));
+        let report = dir.path().join(format!("rx.{tag}.json"));
+        let o = quench(&[
+            "quantize",
+            "zoo:rxnmap",
+            "-o",
+            &out.display().to_string(),
+            "--recipe",
+            recipe,
+            "--target",
+            "ort",
+            "--runtime",
+            "ort",
+            "--calib-random",
+            "12",
+            "--random",
+            "4",
+            "--report",
+            &report.display().to_string(),
+        ]);
+        assert!(o.status.success(), "{tag}: {}", stderr_of(&o));
+        let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let sqnr = r["retention"]["runtimes"]["ort"]["outputs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|m| f(&m["sqnr_db"]))
+            .fold(f64::INFINITY, f64::min);
+        (sqnr, r, std::fs::read(&out).unwrap())
+    };
+    for (builtin, gain) in [("w4", 5.0), ("w8", 2.0)] {
+        let text = quench::recipes::BUILTIN
+            .iter()
+            .find(|(n, _)| *n == builtin)
+            .unwrap()
+            .1;
+        assert!(
+            text.contains("gptq: true"),
+            "{builtin} rounds with feedback"
+        );
+        let nearest = dir.path().join(format!("{builtin}-nearest.yaml"));
+        std::fs::write(&nearest, text.replace("gptq: true", "gptq: false")).unwrap();
+        let (plain, _, _) = run(&nearest.display().to_string(), &format!("{builtin}-n"));
+        let (fed, r, bytes) = run(builtin, &format!("{builtin}-g"));
+        eprintln!("rxnmap {builtin}: output SQNR {plain:.2} dB nearest → {fed:.2} dB gptq");
+        assert!(fed > plain + gain, "{builtin}: {plain} → {fed} dB");
+        // Every MatMul site took the feedback, and says so in its scheme.
+        let sites = r["weights"]["sites"].as_array().unwrap();
+        let matmuls: Vec<&Value> = sites
+            .iter()
+            .filter(|s| {
+                s["op_types"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|o| o == "MatMul")
+            })
+            .filter(|s| s["form"].is_string())
+            .collect();
+        assert!(matmuls.len() >= 6, "{}", matmuls.len());
+        for s in matmuls {
+            assert_eq!(s["scheme"]["gptq"], true, "{s}");
+        }
+        if builtin == "w4" {
+            let (_, _, again) = run(builtin, "w4-again");
+            assert!(again == bytes, "gptq is deterministic");
+        }
+    }
+}

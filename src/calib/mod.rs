@@ -14,6 +14,7 @@ use crate::exec::{self, RuntimeKind, SessionOptions};
 use crate::ir::Model;
 use crate::util::Progress;
 
+pub use crate::quant::gptq::Hessian;
 pub use stats::{Method, Range, TensorStats};
 
 /// Statistics of every calibrated tensor, by name.
@@ -198,6 +199,105 @@ pub fn channel_stats(
             )
         })
         .collect())
+}
+
+/// One layer input's second moment to accumulate: the rows of each source tensor, with its channel
+/// axis (negative counts from the end) moved last, are folded into one `k × k` [`Hessian`] under
+/// `key` (a weight read by several layers sums their inputs' moments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HessianRequest {
+    pub key: String,
+    pub k: usize,
+    pub sources: Vec<(String, i64)>,
+}
+
+/// Bytes of accumulators one pass over the data may hold; more requests take more passes.
+pub const HESSIAN_BUDGET: usize = 1 << 31;
+
+/// The input Hessian `XᵀX / n` of every request over every batch of `inputs` (see
+/// [`HessianRequest`]). Requests whose sources never appear, or whose channel count is not `k`, get
+/// no entry. Requests are grouped so that one pass holds at most [`HESSIAN_BUDGET`] bytes of f64
+/// sums; each group is one pass over the data.
+pub fn hessians(
+    model: &Model,
+    requests: &[HessianRequest],
+    inputs: &mut InputSet,
+    runtime: RuntimeKind,
+    session: &SessionOptions,
+) -> Result<BTreeMap<String, Hessian>> {
+    let mut groups: Vec<Vec<&HessianRequest>> = vec![Vec::new()];
+    let mut held = 0usize;
+    for r in requests {
+        let bytes = r.k * r.k * 8;
+        if held + bytes > HESSIAN_BUDGET && !groups.last().is_some_and(|g| g.is_empty()) {
+            groups.push(Vec::new());
+            held = 0;
+        }
+        held += bytes;
+        groups.last_mut().expect("one group").push(r);
+    }
+    let mut out = BTreeMap::new();
+    for (gi, group) in groups.iter().enumerate() {
+        if group.is_empty() {
+            continue;
+        }
+        let mut names: Vec<String> = group
+            .iter()
+            .flat_map(|r| r.sources.iter().map(|(t, _)| t.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut acc: BTreeMap<&str, Hessian> = group
+            .iter()
+            .map(|r| (r.key.as_str(), Hessian::new(r.k)))
+            .collect();
+        let label = if groups.len() > 1 {
+            format!("input Hessians {}/{}", gi + 1, groups.len())
+        } else {
+            "input Hessians".to_string()
+        };
+        for_each_batch(
+            model,
+            &names,
+            inputs,
+            runtime,
+            session,
+            &label,
+            |name, x| {
+                let v = x.to_f32();
+                for r in group {
+                    for (t, axis) in r.sources.iter().filter(|(t, _)| t == name) {
+                        let rank = v.ndim() as i64;
+                        let a = if *axis < 0 { rank + axis } else { *axis };
+                        if !(0..rank).contains(&a) || v.len_of(ndarray::Axis(a as usize)) != r.k {
+                            continue;
+                        }
+                        let _ = t;
+                        let mut perm: Vec<usize> =
+                            (0..v.ndim()).filter(|&d| d != a as usize).collect();
+                        perm.push(a as usize);
+                        let moved = v.view().permuted_axes(perm);
+                        let rows = moved.len() / r.k.max(1);
+                        let flat = moved.as_standard_layout();
+                        let x2 = flat
+                            .view()
+                            .into_shape_with_order((rows, r.k))
+                            .expect("a standard-layout view reshapes");
+                        if let Some(h) = acc.get_mut(r.key.as_str()) {
+                            h.add_rows(x2);
+                        }
+                    }
+                }
+            },
+        )?;
+        for (k, mut h) in acc {
+            h.finish();
+            if h.rows > 0 {
+                out.insert(k.to_string(), h);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The mean of x² per channel of each entry: the input-channel energy that weights VQ clustering.

@@ -312,6 +312,7 @@ fn build(
         policy,
         args.target,
         energy,
+        None,
     )?;
     DeadNodeElimination.run(&mut m)?;
     quench::ir::check_model(&m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;

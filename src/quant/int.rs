@@ -99,7 +99,7 @@ fn params(scheme: &IntScheme, lo: f32, hi: f32) -> (f32, i32) {
 }
 
 #[inline]
-fn code(x: f32, s: f32, z: i32, qmin: i32, qmax: i32) -> i32 {
+pub(crate) fn code(x: f32, s: f32, z: i32, qmin: i32, qmax: i32) -> i32 {
     ((x / s).round() as i32 + z).clamp(qmin, qmax)
 }
 
@@ -189,7 +189,7 @@ impl IntQuantized {
     }
 
     /// Index of the group that element (row, col) belongs to.
-    fn group_of(&self, row: usize, col: usize) -> usize {
+    pub(crate) fn group_of(&self, row: usize, col: usize) -> usize {
         match self.scheme.granularity {
             Granularity::PerTensor => 0,
             Granularity::PerChannel => row,
@@ -209,6 +209,33 @@ impl IntQuantized {
         }
         out
     }
+}
+
+/// Re-chooses the codes of `q` (the quantization of the row-major `w`) by error-compensating rounding
+/// against the calibration Hessian `h` of the rows' columns ([`super::gptq`]); scales and zero
+/// points stay. Returns the damping used.
+pub fn refine_with_feedback(
+    w: &[f32],
+    q: &mut IntQuantized,
+    h: &super::gptq::Hessian,
+    damp: f64,
+) -> Result<f64, String> {
+    if q.scheme.granularity == Granularity::PerTensor {
+        return Err("error feedback needs the weight's rows: not per tensor".into());
+    }
+    let (qmin, qmax) = (q.scheme.qmin(), q.scheme.qmax());
+    let k = q.k.max(1);
+    let r = {
+        let q = &*q;
+        super::gptq::round_with_feedback(w, q.channels, q.k, h, damp, |i, v| {
+            let g = q.group_of(i / k, i % k);
+            let z = q.zero_points.as_ref().map_or(0, |z| z[g]);
+            let c = code(v, q.scales[g], z, qmin, qmax);
+            (c, q.scales[g] * (c - z) as f32)
+        })?
+    };
+    q.codes = r.codes;
+    Ok(r.damping)
 }
 
 /// Codes of `w` against the scales and zero points already in `q` (e.g. after rounding scales to f16).

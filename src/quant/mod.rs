@@ -3,6 +3,7 @@
 //! reduction axis) and returns codes and scales, so each can be tested against closed forms and measured
 //! alone.
 
+pub mod gptq;
 pub mod int;
 pub mod kmeans;
 pub mod pack;

@@ -47,6 +47,10 @@ pub struct WeightScheme {
     pub clip_search: bool,
     /// Quantize the group scales to 8 bits in groups of [`DOUBLE_QUANT_GROUP`].
     pub double_quant: bool,
+    /// Choose codes by error-compensating rounding against the calibration Hessian of the layer's
+    /// input ([`super::gptq`]) where calibration data reaches the weight; round to nearest otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gptq: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_zone: Option<DeadZone>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,6 +73,7 @@ impl WeightScheme {
             granularity,
             clip_search,
             double_quant: false,
+            gptq: false,
             dead_zone: None,
             outliers: None,
             vq: None,
@@ -84,6 +89,7 @@ impl WeightScheme {
             granularity: Granularity::PerChannel,
             clip_search: false,
             double_quant: false,
+            gptq: false,
             dead_zone: None,
             outliers: vq.outliers,
             vq: Some(vq),
@@ -111,8 +117,10 @@ impl WeightScheme {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.format == Format::Vq {
-            if self.dead_zone.is_some() || self.double_quant {
-                return Err("dead_zone and double_quant apply to scalar formats, not vq".into());
+            if self.dead_zone.is_some() || self.double_quant || self.gptq {
+                return Err(
+                    "dead_zone, double_quant and gptq apply to scalar formats, not vq".into(),
+                );
             }
             return match self.vq_scheme() {
                 Some(v) => v.validate(),
@@ -136,6 +144,12 @@ impl WeightScheme {
             if self.dead_zone.is_some() {
                 return Err("dead_zone applies to format int".into());
             }
+        }
+        if self.gptq && self.dead_zone.is_some() {
+            return Err("gptq re-chooses codes and would undo a dead_zone: use one".into());
+        }
+        if self.gptq && self.granularity == Granularity::PerTensor {
+            return Err("gptq needs per-channel or block scales".into());
         }
         match self.dead_zone {
             Some(DeadZone::Width(w)) if !(w.is_finite() && w >= 0.0) => {
@@ -174,6 +188,9 @@ impl WeightScheme {
         if self.double_quant {
             s += " dq";
         }
+        if self.gptq {
+            s += " gptq";
+        }
         match self.dead_zone {
             Some(DeadZone::Width(w)) => s += &format!(" deadzone {w}"),
             Some(DeadZone::Sparsity(f)) => s += &format!(" sparsity {f}"),
@@ -195,6 +212,8 @@ pub struct Encoded {
     pub k: usize,
     /// Values per scale along k (the last group of a row may be short).
     pub group: usize,
+    /// How codes map to levels (`Int`: consecutive integers).
+    pub format: Format,
     /// Code width: `levels` has `2^bits` entries.
     pub bits: u32,
     /// Row-major `[channels, k]` indices into `levels`.
@@ -217,6 +236,75 @@ pub struct Encoded {
 impl Encoded {
     pub fn groups_per_row(&self) -> usize {
         self.k.div_ceil(self.group)
+    }
+
+    /// Sets `sparsity` and `sqnr_db` from the decode against the original `w`.
+    fn measure(&mut self, w: &[f32]) {
+        let (mut zeros, mut signal, mut noise) = (0usize, 0f64, 0f64);
+        self.for_each_decoded(|i, v| {
+            zeros += usize::from(v == 0.0);
+            signal += (w[i] as f64).powi(2);
+            noise += ((w[i] - v) as f64).powi(2);
+        });
+        self.sparsity = zeros as f64 / w.len().max(1) as f64;
+        self.sqnr_db = if noise == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (signal / noise).log10()
+        };
+    }
+
+    /// Re-chooses every code by error-compensating rounding against the calibration Hessian `h` of
+    /// the rows' columns ([`super::gptq`]); scales, zero points and levels stay, and a kept outlier
+    /// stores the value its weight had when its turn came (its error is zero and compensates the
+    /// rounding before it). `w` is the matrix this was encoded from. Returns the damping used.
+    pub fn refine_with_feedback(
+        &mut self,
+        w: &[f32],
+        h: &super::gptq::Hessian,
+        damp: f64,
+    ) -> Result<f64, String> {
+        if self.channels == 1 && h.k != self.k {
+            return Err("error feedback needs the weight's rows: not per tensor".into());
+        }
+        let outliers: std::collections::HashSet<usize> =
+            self.outliers.iter().map(|&(i, _)| i).collect();
+        let (gpr, k) = (self.groups_per_row(), self.k.max(1));
+        let integer = self.format == Format::Int;
+        let r = {
+            let e = &*self;
+            super::gptq::round_with_feedback(w, e.channels, e.k, h, damp, |i, v| {
+                if outliers.contains(&i) {
+                    return (e.codes[i] as i32, v);
+                }
+                let g = (i / k) * gpr + (i % k) / e.group;
+                let z = e.zero_points.as_ref().map_or(0.0, |z| z[g] as f32);
+                let s = e.scales[g];
+                if s == 0.0 {
+                    return (e.codes[i] as i32, (e.levels[e.codes[i] as usize] - z) * s);
+                }
+                let t = v / s + z;
+                let c = if integer {
+                    // Consecutive integer levels.
+                    (t.round() - e.levels[0]).clamp(0.0, (e.levels.len() - 1) as f32) as usize
+                } else {
+                    let mut best = 0;
+                    for (j, &l) in e.levels.iter().enumerate() {
+                        if (l - t).abs() < (e.levels[best] - t).abs() {
+                            best = j;
+                        }
+                    }
+                    best
+                };
+                (c as i32, (e.levels[c] - z) * s)
+            })?
+        };
+        self.codes = r.codes.iter().map(|&c| c as u8).collect();
+        for (i, v) in self.outliers.iter_mut() {
+            *v = r.compensated[*i];
+        }
+        self.measure(w);
+        Ok(r.damping)
     }
 
     pub fn decode(&self) -> Vec<f32> {
@@ -349,6 +437,7 @@ pub fn encode(
         channels,
         k,
         group,
+        format: scheme.format,
         bits: if scheme.format == Format::Int {
             scheme.bits
         } else {
@@ -363,18 +452,7 @@ pub fn encode(
         sparsity: 0.0,
         sqnr_db: 0.0,
     };
-    let (mut zeros, mut signal, mut noise) = (0usize, 0f64, 0f64);
-    e.for_each_decoded(|i, v| {
-        zeros += usize::from(v == 0.0);
-        signal += (w[i] as f64).powi(2);
-        noise += ((w[i] - v) as f64).powi(2);
-    });
-    e.sparsity = zeros as f64 / w.len().max(1) as f64;
-    e.sqnr_db = if noise == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (signal / noise).log10()
-    };
+    e.measure(w);
     Ok(e)
 }
 

@@ -17,7 +17,8 @@
 //! regular expression), element-count bounds (`min_elements`, `max_elements`) and
 //! `subgraph: true|false`; every condition given must hold. Its action is `skip: true` or a `scheme`
 //! whose keys override the defaults: `format` (int, nf4, fp4, vq), `bits`, `granularity` (tensor, channel,
-//! block) and `block`, `symmetric`, `clip_search`, `double_quant`, `dead_zone` (`{ width: W }` in
+//! block) and `block`, `symmetric`, `clip_search`, `double_quant`, `gptq` (error-compensating
+//! rounding against the input Hessian of `--calib` data; round to nearest without it), `dead_zone` (`{ width: W }` in
 //! quantization steps or `{ sparsity: S }`) and `outliers` (`{ fraction: F }` or `{ threshold: T }` in
 //! standard deviations of the channel). `format: vq` takes instead `dim` (values per piece), `codebook_size`,
 //! `stages` (residual), `subspaces` (product), `importance` (calibration, none), `iterations`, `seed`
@@ -66,6 +67,8 @@ pub struct SchemeSpec {
     pub symmetric: Option<bool>,
     pub clip_search: Option<bool>,
     pub double_quant: Option<bool>,
+    /// Error-compensating rounding from the calibration data's input Hessian (scalar formats).
+    pub gptq: Option<bool>,
     pub dead_zone: Option<DeadZoneSpec>,
     pub outliers: Option<OutlierSpec>,
     /// Format vq: values per piece.
@@ -499,6 +502,7 @@ fn scheme(
         double_quant: spec
             .double_quant
             .unwrap_or(inherit(|b| b.double_quant, false)),
+        gptq: spec.gptq.unwrap_or(inherit(|b| b.gptq, false)),
         dead_zone: match &spec.dead_zone {
             None => base.and_then(|b| b.dead_zone).filter(|_| !table),
             Some(d) => match (d.width, d.sparsity) {
@@ -533,6 +537,7 @@ fn vq_scheme(
         ("symmetric", spec.symmetric.is_some()),
         ("clip_search", spec.clip_search.is_some()),
         ("double_quant", spec.double_quant.is_some()),
+        ("gptq", spec.gptq.is_some()),
         ("dead_zone", spec.dead_zone.is_some()),
     ];
     if let Some((key, _)) = scalar_keys.iter().find(|(_, given)| *given) {
@@ -994,11 +999,12 @@ pub fn scheme_yaml(s: &WeightScheme) -> String {
         None => String::new(),
     };
     format!(
-        "{{ format: {format}, bits: {}, {granularity}, symmetric: {}, clip_search: {}, double_quant: {}{dead_zone}{} }}",
+        "{{ format: {format}, bits: {}, {granularity}, symmetric: {}, clip_search: {}, double_quant: {}{}{dead_zone}{} }}",
         s.bits,
         s.symmetric,
         s.clip_search,
         s.double_quant,
+        if s.gptq { ", gptq: true" } else { "" },
         outliers(s.outliers)
     )
 }

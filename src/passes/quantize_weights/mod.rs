@@ -173,7 +173,7 @@ pub fn quantize_weights(
     policy: &dyn WeightPolicy,
     target: Target,
 ) -> Result<WeightReport> {
-    quantize_weights_with(model, policy, target, None)
+    quantize_weights_with(model, policy, target, None, None)
 }
 
 /// The role of a site, from names and, in the main graph, the structure around its readers.
@@ -244,13 +244,57 @@ pub fn energy_requests(model: &Model, policy: &dyn WeightPolicy) -> Vec<(String,
     out.into_iter().collect()
 }
 
-/// [`quantize_weights`] with the per-channel energy of calibration data, which weights the
-/// clustering of VQ sites (see [`importance`]).
+/// The input Hessians the policy's `gptq` sites would use: one request per weight (keyed by its
+/// name) over the inputs of all its readers. Readers this knows are MatMul and Gemm in the main graph
+/// ([`importance::multiplicand`] with one weight column per input channel).
+pub fn hessian_requests(
+    model: &Model,
+    policy: &dyn WeightPolicy,
+) -> Vec<crate::calib::HessianRequest> {
+    let weighted = super::roles::weighted_nodes(&model.graph);
+    let mut out = Vec::new();
+    for site in weight_sites(model) {
+        let role = site_role(model, &site, &weighted);
+        let Decision::Quantize(s) = policy.decide(&site_info(&site, role)) else {
+            continue;
+        };
+        if !s.gptq || s.format == Format::Vq || site.constant.in_subgraph() {
+            continue;
+        }
+        let Some(ms) = importance::multiplicands(model, &site) else {
+            continue;
+        };
+        let k = match (
+            site.constant.shape(),
+            site.uses.first().map(|u| u.channel_axis),
+        ) {
+            ([a, b], Some(Some(axis))) => (if axis == 0 { *b } else { *a }) as usize,
+            _ => continue,
+        };
+        if ms.iter().any(|m| m.repeat != 1) {
+            continue;
+        }
+        out.push(crate::calib::HessianRequest {
+            key: site.constant.name.clone(),
+            k,
+            sources: ms.into_iter().map(|m| (m.tensor, m.axis)).collect(),
+        });
+    }
+    out
+}
+
+/// Damping of the input Hessian, × its mean diagonal (GPTQ's default).
+pub const GPTQ_DAMP: f64 = 0.01;
+
+/// [`quantize_weights`] with what calibration data gives: the per-channel energy that weights the
+/// clustering of VQ sites (see [`importance`]), and the input Hessians of `gptq` sites
+/// ([`hessian_requests`]).
 pub fn quantize_weights_with(
     model: &mut Model,
     policy: &dyn WeightPolicy,
     target: Target,
     energy: Option<&importance::ChannelEnergy>,
+    hessians: Option<&std::collections::BTreeMap<String, crate::calib::Hessian>>,
 ) -> Result<WeightReport> {
     let opset = model.opset("").unwrap_or(1);
     let sites = weight_sites(model);
@@ -281,6 +325,7 @@ pub fn quantize_weights_with(
             site_patch,
             &mut shared,
             energy,
+            hessians.map(|h| h.get(&site.constant.name)),
         )?;
         report.bytes_before += r.bytes_before;
         report.bytes_after += r.bytes_after;
@@ -593,7 +638,10 @@ fn original_index(i: usize, dims: &[usize], axis: Option<usize>) -> Vec<i64> {
 }
 
 fn int8_channel(scheme: &WeightScheme) -> WeightScheme {
-    WeightScheme::int(8, scheme.symmetric, Granularity::PerChannel, false)
+    WeightScheme {
+        gptq: scheme.gptq,
+        ..WeightScheme::int(8, scheme.symmetric, Granularity::PerChannel, false)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -607,6 +655,8 @@ fn quantize_site(
     patch: &mut Patch,
     shared: &mut Shared,
     energy: Option<&importance::ChannelEnergy>,
+    // None without calibration data; Some(None) when calibration did not reach this weight.
+    hessian: Option<Option<&crate::calib::Hessian>>,
 ) -> Result<SiteReport> {
     let c = &site.constant;
     let shape = c.shape().to_vec();
@@ -644,6 +694,29 @@ fn quantize_site(
         Err(why) => return decline(out, why),
     };
     let mut notes: Vec<String> = Vec::new();
+    // Error feedback where the calibration data reached the weight's inputs; to nearest otherwise.
+    let hessian = match (scheme.gptq, hessian) {
+        (false, _) => None,
+        (true, Some(Some(h))) => Some(h),
+        (true, found) => {
+            // Without --calib one note for the model says so; tables read by Gather have no layer
+            // input to compensate over.
+            if found.is_some()
+                && site
+                    .uses
+                    .iter()
+                    .any(|u| matches!(u.op_type.as_str(), "MatMul" | "Gemm" | "Conv"))
+            {
+                notes.push(
+                    "gptq: no input Hessian for this reader (error feedback takes MatMul and Gemm \
+                     weights): rounded to nearest"
+                        .into(),
+                );
+            }
+            scheme.gptq = false;
+            None
+        }
+    };
     let nbits_candidate = scheme.format == Format::Int
         && scheme.bits == 4
         && matches!(scheme.granularity, Granularity::Block(_))
@@ -652,8 +725,17 @@ fn quantize_site(
         && !scheme.double_quant;
     // MatMulNBits takes float scales for a float A only.
     if nbits_candidate && target != Target::Portable && cast_back.is_none() && !c.in_subgraph() {
-        match matmul_nbits(model, site, &scheme, target, patch) {
+        match matmul_nbits(model, site, &scheme, target, patch, hessian) {
             Ok(done) => {
+                scheme.gptq = done.gptq.is_ok();
+                if let Err(why) = &done.gptq
+                    && !why.is_empty()
+                {
+                    notes.push(format!("gptq: {why}; rounded to nearest"));
+                }
+                if !notes.is_empty() {
+                    out.note = Some(notes.join("; "));
+                }
                 out.scheme = Some(scheme);
                 out.label = Some(scheme.label());
                 out.form = Some(done.form);
@@ -666,6 +748,9 @@ fn quantize_site(
         }
     }
     let axis = channel_axis(site, &mut scheme, &mut notes);
+    if scheme.granularity == Granularity::PerTensor && scheme.gptq {
+        scheme.gptq = false;
+    }
     let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
     let rows = to_rows(values, &dims, axis);
     let vq = scheme.vq_scheme();
@@ -682,8 +767,20 @@ fn quantize_site(
     }
     let mut attempt = scheme;
     let (decoded, bytes, form, enc) = loop {
-        let enc = encode(&rows.values, rows.channels, rows.k, &attempt)
+        let mut enc = encode(&rows.values, rows.channels, rows.k, &attempt)
             .map_err(|e| Error::Model(format!("weight '{}': {e}", c.name)))?;
+        if let Some(h) = hessian.filter(|_| attempt.gptq) {
+            match enc.refine_with_feedback(&rows.values, h, GPTQ_DAMP) {
+                Ok(d) if d > GPTQ_DAMP * 1.5 => {
+                    notes.push(format!("gptq: the input Hessian needed damping {d}"))
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    notes.push(format!("gptq: {why}; rounded to nearest"));
+                    attempt.gptq = false;
+                }
+            }
+        }
         let estimate = enc.bytes(emit::slot_bits(enc.bits));
         if estimate >= c.bytes() {
             return decline(
@@ -936,6 +1033,8 @@ struct NBitsDone {
     bytes: u64,
     sqnr_db: f64,
     sparsity: f64,
+    /// Whether the codes were chosen with error feedback, or why not.
+    gptq: Result<(), String>,
 }
 
 /// Replaces every MatMul reading the weight by com.microsoft MatMulNBits over shared packed 4-bit
@@ -946,7 +1045,9 @@ fn matmul_nbits(
     scheme: &WeightScheme,
     target: Target,
     patch: &mut Patch,
+    hessian: Option<&crate::calib::Hessian>,
 ) -> std::result::Result<NBitsDone, String> {
+    let gptq = scheme.gptq;
     let scheme = &scheme.int_scheme();
     let Granularity::Block(block) = scheme.granularity else {
         unreachable!("checked by the caller")
@@ -1038,6 +1139,10 @@ fn matmul_nbits(
         }
         q.codes = crate::quant::int::codes_for_scales(&wt, &q);
     }
+    let feedback = match hessian.filter(|_| gptq) {
+        Some(h) => crate::quant::int::refine_with_feedback(&wt, &mut q, h, GPTQ_DAMP).map(|_| ()),
+        None => Err(String::new()),
+    };
     let deq = q.dequantize();
     let sqnr_db = sqnr_db(&wt, &deq);
     let sparsity = deq.iter().filter(|v| **v == 0.0).count() as f64 / deq.len().max(1) as f64;
@@ -1104,6 +1209,7 @@ fn matmul_nbits(
         + q.scales.len() as u64 * 4
         + q.zero_points.as_ref().map_or(0, |z| z.len() as u64 / 2);
     Ok(NBitsDone {
+        gptq: feedback,
         form: format!(
             "MatMulNBits(4-bit, block {block}, {}) × {}",
             if scheme.symmetric {
