@@ -201,14 +201,22 @@ pub fn channel_stats(
         .collect())
 }
 
-/// One layer input's second moment to accumulate: the rows of each source tensor, with its channel
-/// axis (negative counts from the end) moved last, are folded into one `k × k` [`Hessian`] under
-/// `key` (a weight read by several layers sums their inputs' moments).
+/// One layer input's second moment to accumulate: the rows of each source are folded into one
+/// `k × k` [`Hessian`] under `key` (a weight read by several layers sums their inputs' moments).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HessianRequest {
     pub key: String,
     pub k: usize,
-    pub sources: Vec<(String, i64)>,
+    pub sources: Vec<HessianSource>,
+}
+
+/// A tensor whose rows are a layer's inputs: with its channel axis (negative counts from the end)
+/// moved last, or, for a convolution, its patches ([`Hessian::add_patches`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HessianSource {
+    pub tensor: String,
+    pub axis: i64,
+    pub conv: Option<crate::quant::gptq::ConvGeometry>,
 }
 
 /// Bytes of accumulators one pass over the data may hold; more requests take more passes.
@@ -243,7 +251,7 @@ pub fn hessians(
         }
         let mut names: Vec<String> = group
             .iter()
-            .flat_map(|r| r.sources.iter().map(|(t, _)| t.clone()))
+            .flat_map(|r| r.sources.iter().map(|src| src.tensor.clone()))
             .collect();
         names.sort();
         names.dedup();
@@ -266,13 +274,23 @@ pub fn hessians(
             |name, x| {
                 let v = x.to_f32();
                 for r in group {
-                    for (t, axis) in r.sources.iter().filter(|(t, _)| t == name) {
+                    for src in r.sources.iter().filter(|src| src.tensor == name) {
+                        let Some(h) = acc.get_mut(r.key.as_str()) else {
+                            continue;
+                        };
+                        if let Some(g) = &src.conv {
+                            h.add_patches(v.view(), g);
+                            continue;
+                        }
                         let rank = v.ndim() as i64;
-                        let a = if *axis < 0 { rank + axis } else { *axis };
+                        let a = if src.axis < 0 {
+                            rank + src.axis
+                        } else {
+                            src.axis
+                        };
                         if !(0..rank).contains(&a) || v.len_of(ndarray::Axis(a as usize)) != r.k {
                             continue;
                         }
-                        let _ = t;
                         let mut perm: Vec<usize> =
                             (0..v.ndim()).filter(|&d| d != a as usize).collect();
                         perm.push(a as usize);
@@ -283,9 +301,7 @@ pub fn hessians(
                             .view()
                             .into_shape_with_order((rows, r.k))
                             .expect("a standard-layout view reshapes");
-                        if let Some(h) = acc.get_mut(r.key.as_str()) {
-                            h.add_rows(x2);
-                        }
+                        h.add_rows(x2);
                     }
                 }
             },

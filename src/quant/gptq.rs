@@ -30,6 +30,30 @@ pub struct Hessian {
     pub rows: u64,
 }
 
+/// How a convolution pads its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoPad {
+    /// `pads` as given.
+    Explicit,
+    Valid,
+    SameUpper,
+    SameLower,
+}
+
+/// Kernel, strides, dilations and pads (`[begin…, end…]`) of a 1-D or 2-D convolution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pads: Vec<usize>,
+    pub auto_pad: AutoPad,
+}
+
+/// Most patch rows taken from one convolution input tensor (output positions are sampled evenly
+/// beyond this).
+pub const MAX_PATCH_ROWS: usize = 8192;
+
 /// Rows gathered before one `XᵀX` product: few-row products would spend their time on the `k × k`
 /// sum, not on the multiply-adds.
 pub const FOLD_ROWS: usize = 512;
@@ -79,6 +103,93 @@ impl Hessian {
             ndarray::linalg::general_mat_mul(1.0, &left.t(), &right, 1.0, &mut out);
         });
         self.pending.clear();
+    }
+
+    /// Folds in the patch rows of a convolution's input `x` (`[N, C, spatial…]`, 1-D or 2-D): one
+    /// row per output position (every `step`-th, so that at most [`MAX_PATCH_ROWS`] are taken from
+    /// one tensor), its columns in the weight's `(channel, kernel position)` order, zeros where the
+    /// patch reaches into padding. Returns false (nothing folded) when the shapes do not fit.
+    pub fn add_patches(&mut self, x: ndarray::ArrayViewD<f32>, g: &ConvGeometry) -> bool {
+        let sp = g.kernel.len();
+        if x.ndim() != 2 + sp || !(1..=2).contains(&sp) {
+            return false;
+        }
+        let (n, c) = (x.shape()[0], x.shape()[1]);
+        // Work in 2-D: a 1-D convolution is one of height 1.
+        let dims = |v: &[usize], one: usize| -> [usize; 2] {
+            if sp == 1 { [one, v[0]] } else { [v[0], v[1]] }
+        };
+        let size = dims(&x.shape()[2..], 1);
+        let kernel = dims(&g.kernel, 1);
+        let strides = dims(&g.strides, 1);
+        let dilations = dims(&g.dilations, 1);
+        if c * kernel[0] * kernel[1] != self.k {
+            return false;
+        }
+        let mut begin = [0usize; 2];
+        let mut out = [0usize; 2];
+        for a in 0..2 {
+            let reach = (kernel[a] - 1) * dilations[a] + 1;
+            let (b, e) = match g.auto_pad {
+                AutoPad::Explicit if sp == 1 && a == 0 => (0, 0),
+                AutoPad::Explicit => {
+                    let a2 = if sp == 1 { 0 } else { a };
+                    (g.pads[a2], g.pads[a2 + sp])
+                }
+                AutoPad::Valid => (0, 0),
+                AutoPad::SameUpper | AutoPad::SameLower => {
+                    let o = size[a].div_ceil(strides[a]);
+                    let total = ((o.max(1) - 1) * strides[a] + reach).saturating_sub(size[a]);
+                    let small = total / 2;
+                    if g.auto_pad == AutoPad::SameUpper {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    }
+                }
+            };
+            begin[a] = b;
+            let padded = size[a] + b + e;
+            if padded < reach {
+                return false;
+            }
+            out[a] = (padded - reach) / strides[a] + 1;
+        }
+        let x = x.as_standard_layout();
+        let xs = x.as_slice().expect("standard layout");
+        let positions = n * out[0] * out[1];
+        let step = positions.div_ceil(MAX_PATCH_ROWS).max(1);
+        let mut row = vec![0f32; self.k];
+        for p in (0..positions).step_by(step) {
+            let (b, rest) = (p / (out[0] * out[1]), p % (out[0] * out[1]));
+            let (oy, ox) = (rest / out[1], rest % out[1]);
+            let mut col = 0;
+            for ch in 0..c {
+                let plane = &xs[(b * c + ch) * size[0] * size[1]..][..size[0] * size[1]];
+                for i in 0..kernel[0] {
+                    let iy = (oy * strides[0] + i * dilations[0]) as isize - begin[0] as isize;
+                    for j in 0..kernel[1] {
+                        let ix = (ox * strides[1] + j * dilations[1]) as isize - begin[1] as isize;
+                        row[col] = if iy >= 0
+                            && ix >= 0
+                            && (iy as usize) < size[0]
+                            && (ix as usize) < size[1]
+                        {
+                            plane[iy as usize * size[1] + ix as usize]
+                        } else {
+                            0.0
+                        };
+                        col += 1;
+                    }
+                }
+            }
+            self.pending.extend_from_slice(&row);
+            self.rows += 1;
+            if self.pending.len() >= FOLD_ROWS * self.k {
+                self.fold();
+            }
+        }
+        true
     }
 
     /// Folds the rows still buffered; called before the sums are read.
@@ -485,5 +596,78 @@ mod tests {
                 .filter(|&j| j != 5)
                 .all(|j| u[5 * k + j] == 0.0 && u[j * k + 5] == 0.0)
         );
+    }
+
+    #[test]
+    fn convolution_patches_are_the_rows_the_kernel_multiplies() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (n, c, hh, ww) = (2, 3, 7, 6);
+        let x = ndarray::Array4::<f32>::from_shape_fn((n, c, hh, ww), |_| gaussian(&mut rng));
+        let g = ConvGeometry {
+            kernel: vec![3, 2],
+            strides: vec![2, 1],
+            dilations: vec![1, 2],
+            pads: vec![1, 0, 1, 1],
+            auto_pad: AutoPad::Explicit,
+        };
+        let k = c * 3 * 2;
+        let mut h = Hessian::new(k);
+        assert!(h.add_patches(x.view().into_dyn(), &g));
+        h.finish();
+        // Naive im2col: output positions from the padded size.
+        let (oh, ow) = ((hh + 1 + 1 - 3) / 2 + 1, (ww + 0 + 1 - 3) + 1);
+        let mut want = vec![0f64; k * k];
+        let mut rows = 0;
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut row = Vec::with_capacity(k);
+                    for ch in 0..c {
+                        for i in 0..3 {
+                            for j in 0..2 {
+                                let iy = (oy * 2 + i) as isize - 1;
+                                let ix = (ox + j * 2) as isize;
+                                let inside = iy >= 0 && (iy as usize) < hh && (ix as usize) < ww;
+                                row.push(if inside {
+                                    x[[b, ch, iy as usize, ix as usize]]
+                                } else {
+                                    0.0
+                                });
+                            }
+                        }
+                    }
+                    for p in 0..k {
+                        for q in 0..k {
+                            want[p * k + q] += row[p] as f64 * row[q] as f64;
+                        }
+                    }
+                    rows += 1;
+                }
+            }
+        }
+        assert_eq!(h.rows, rows);
+        for p in 0..k {
+            for q in 0..k {
+                let got = h.at(p, q) * rows as f64;
+                assert!(
+                    (got - want[p * k + q]).abs() < 1e-3,
+                    "({p},{q}) {got} vs {}",
+                    want[p * k + q]
+                );
+            }
+        }
+        // A 1-D convolution is one of height 1; a kernel that does not fit is refused.
+        let x1 = ndarray::Array3::<f32>::from_shape_fn((1, 2, 9), |_| gaussian(&mut rng));
+        let g1 = ConvGeometry {
+            kernel: vec![3],
+            strides: vec![1],
+            dilations: vec![1],
+            pads: vec![0, 0],
+            auto_pad: AutoPad::SameUpper,
+        };
+        let mut h1 = Hessian::new(6);
+        assert!(h1.add_patches(x1.view().into_dyn(), &g1));
+        assert_eq!(h1.rows, 9);
+        assert!(!Hessian::new(5).add_patches(x1.view().into_dyn(), &g1));
     }
 }

@@ -25,6 +25,8 @@ pub struct Multiplicand {
     pub axis: i64,
     /// Consecutive weight columns per input channel.
     pub repeat: usize,
+    /// A convolution's geometry: each weight row multiplies a patch of the input.
+    pub conv: Option<crate::quant::gptq::ConvGeometry>,
 }
 
 /// The multiplicand of one weight use, when the reader is one this module knows.
@@ -45,6 +47,7 @@ pub fn multiplicand(model: &Model, site: &WeightSite, u: &WeightUse) -> Option<M
             tensor: a,
             axis: -1,
             repeat: 1,
+            conv: None,
         }),
         "Gemm" if shape.len() == 2 => Some(Multiplicand {
             tensor: a,
@@ -54,12 +57,14 @@ pub fn multiplicand(model: &Model, site: &WeightSite, u: &WeightUse) -> Option<M
                 1
             },
             repeat: 1,
+            conv: None,
         }),
         "Conv" if shape.len() >= 3 && node.int_attribute("group").unwrap_or(1) == 1 => {
             Some(Multiplicand {
                 tensor: a,
                 axis: 1,
                 repeat: shape[2..].iter().product::<i64>().max(1) as usize,
+                conv: conv_geometry(node, &shape[2..]),
             })
         }
         _ => None,
@@ -103,4 +108,45 @@ pub fn column_importance(
             .map(|&v| (v / uses.len().max(1) as f64) as f32)
             .collect(),
     )
+}
+
+/// The patch geometry of a Conv node with kernel `kernel` (1-D and 2-D; None for others or for
+/// attributes it cannot read).
+fn conv_geometry(
+    node: &crate::ir::Node,
+    kernel: &[i64],
+) -> Option<crate::quant::gptq::ConvGeometry> {
+    use crate::quant::gptq::{AutoPad, ConvGeometry};
+    let n = kernel.len();
+    if !(1..=2).contains(&n) || kernel.iter().any(|&k| k < 1) {
+        return None;
+    }
+    let ints = |name: &str, default: i64, len: usize| -> Option<Vec<usize>> {
+        match node.attribute(name) {
+            None => Some(vec![default as usize; len]),
+            Some(a) if a.ints.len() == len && a.ints.iter().all(|&v| v >= 0) => {
+                Some(a.ints.iter().map(|&v| v as usize).collect())
+            }
+            Some(_) => None,
+        }
+    };
+    let auto_pad = match node.attribute("auto_pad").and_then(|a| a.s.as_deref()) {
+        None | Some(b"NOTSET") | Some(b"") => AutoPad::Explicit,
+        Some(b"VALID") => AutoPad::Valid,
+        Some(b"SAME_UPPER") => AutoPad::SameUpper,
+        Some(b"SAME_LOWER") => AutoPad::SameLower,
+        Some(_) => return None,
+    };
+    let strides = ints("strides", 1, n)?;
+    let dilations = ints("dilations", 1, n)?;
+    if strides.contains(&0) || dilations.contains(&0) {
+        return None;
+    }
+    Some(ConvGeometry {
+        kernel: kernel.iter().map(|&k| k as usize).collect(),
+        strides,
+        dilations,
+        pads: ints("pads", 0, 2 * n)?,
+        auto_pad,
+    })
 }

@@ -246,7 +246,8 @@ pub fn energy_requests(model: &Model, policy: &dyn WeightPolicy) -> Vec<(String,
 
 /// The input Hessians the policy's `gptq` sites would use: one request per weight (keyed by its
 /// name) over the inputs of all its readers. Readers this knows are MatMul and Gemm in the main graph
-/// ([`importance::multiplicand`] with one weight column per input channel).
+/// ([`importance::multiplicand`] with one weight column per input channel) and 1-D/2-D Conv of
+/// group 1 (one column per input channel and kernel position, over the input's patches).
 pub fn hessian_requests(
     model: &Model,
     policy: &dyn WeightPolicy,
@@ -264,20 +265,32 @@ pub fn hessian_requests(
         let Some(ms) = importance::multiplicands(model, &site) else {
             continue;
         };
-        let k = match (
-            site.constant.shape(),
-            site.uses.first().map(|u| u.channel_axis),
-        ) {
-            ([a, b], Some(Some(axis))) => (if axis == 0 { *b } else { *a }) as usize,
+        // The rows' width: everything but the output-channel axis.
+        let shape = site.constant.shape();
+        let axis = match site.uses.first().map(|u| u.channel_axis) {
+            Some(Some(a)) if a < shape.len() => a,
             _ => continue,
         };
-        if ms.iter().any(|m| m.repeat != 1) {
+        let k: i64 = shape
+            .iter()
+            .enumerate()
+            .filter(|(d, _)| *d != axis)
+            .map(|(_, v)| *v)
+            .product();
+        if ms.iter().any(|m| m.repeat != 1 && m.conv.is_none()) {
             continue;
         }
         out.push(crate::calib::HessianRequest {
             key: site.constant.name.clone(),
-            k,
-            sources: ms.into_iter().map(|m| (m.tensor, m.axis)).collect(),
+            k: k.max(0) as usize,
+            sources: ms
+                .into_iter()
+                .map(|m| crate::calib::HessianSource {
+                    tensor: m.tensor,
+                    axis: m.axis,
+                    conv: m.conv,
+                })
+                .collect(),
         });
     }
     out
@@ -708,8 +721,8 @@ fn quantize_site(
                     .any(|u| matches!(u.op_type.as_str(), "MatMul" | "Gemm" | "Conv"))
             {
                 notes.push(
-                    "gptq: no input Hessian for this reader (error feedback takes MatMul and Gemm \
-                     weights): rounded to nearest"
+                    "gptq: no input Hessian for this reader (error feedback takes MatMul, Gemm \
+                     and 1-D/2-D Conv of group 1): rounded to nearest"
                         .into(),
                 );
             }
