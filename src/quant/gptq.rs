@@ -615,7 +615,7 @@ mod tests {
         assert!(h.add_patches(x.view().into_dyn(), &g));
         h.finish();
         // Naive im2col: output positions from the padded size.
-        let (oh, ow) = ((hh + 1 + 1 - 3) / 2 + 1, (ww + 0 + 1 - 3) + 1);
+        let (oh, ow) = ((hh + 1 + 1 - 3) / 2 + 1, ww + 1 - 3 + 1);
         let mut want = vec![0f64; k * k];
         let mut rows = 0;
         for b in 0..n {
