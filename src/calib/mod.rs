@@ -219,13 +219,10 @@ pub struct HessianSource {
     pub conv: Option<crate::quant::gptq::ConvGeometry>,
 }
 
-/// Bytes of accumulators one pass over the data may hold; more requests take more passes.
-pub const HESSIAN_BUDGET: usize = 1 << 31;
-
 /// The input Hessian `XᵀX / n` of every request over every batch of `inputs` (see
-/// [`HessianRequest`]). Requests whose sources never appear, or whose channel count is not `k`, get
-/// no entry. Requests are grouped so that one pass holds at most [`HESSIAN_BUDGET`] bytes of f64
-/// sums; each group is one pass over the data.
+/// [`HessianRequest`]), in one pass over the data. Requests whose sources never appear, or whose
+/// channel count is not `k`, get no entry. Each request holds its `k × k` f32 sums (`4·k²` bytes)
+/// to the end.
 pub fn hessians(
     model: &Model,
     requests: &[HessianRequest],
@@ -233,84 +230,62 @@ pub fn hessians(
     runtime: RuntimeKind,
     session: &SessionOptions,
 ) -> Result<BTreeMap<String, Hessian>> {
-    let mut groups: Vec<Vec<&HessianRequest>> = vec![Vec::new()];
-    let mut held = 0usize;
-    for r in requests {
-        let bytes = r.k * r.k * 8;
-        if held + bytes > HESSIAN_BUDGET && !groups.last().is_some_and(|g| g.is_empty()) {
-            groups.push(Vec::new());
-            held = 0;
-        }
-        held += bytes;
-        groups.last_mut().expect("one group").push(r);
-    }
-    let mut out = BTreeMap::new();
-    for (gi, group) in groups.iter().enumerate() {
-        if group.is_empty() {
-            continue;
-        }
-        let mut names: Vec<String> = group
-            .iter()
-            .flat_map(|r| r.sources.iter().map(|src| src.tensor.clone()))
-            .collect();
-        names.sort();
-        names.dedup();
-        let mut acc: BTreeMap<&str, Hessian> = group
-            .iter()
-            .map(|r| (r.key.as_str(), Hessian::new(r.k)))
-            .collect();
-        let label = if groups.len() > 1 {
-            format!("input Hessians {}/{}", gi + 1, groups.len())
-        } else {
-            "input Hessians".to_string()
-        };
-        for_each_batch(
-            model,
-            &names,
-            inputs,
-            runtime,
-            session,
-            &label,
-            |name, x| {
-                let v = x.to_f32();
-                for r in group {
-                    for src in r.sources.iter().filter(|src| src.tensor == name) {
-                        let Some(h) = acc.get_mut(r.key.as_str()) else {
-                            continue;
-                        };
-                        if let Some(g) = &src.conv {
-                            h.add_patches(v.view(), g);
-                            continue;
-                        }
-                        let rank = v.ndim() as i64;
-                        let a = if src.axis < 0 {
-                            rank + src.axis
-                        } else {
-                            src.axis
-                        };
-                        if !(0..rank).contains(&a) || v.len_of(ndarray::Axis(a as usize)) != r.k {
-                            continue;
-                        }
-                        let mut perm: Vec<usize> =
-                            (0..v.ndim()).filter(|&d| d != a as usize).collect();
-                        perm.push(a as usize);
-                        let moved = v.view().permuted_axes(perm);
-                        let rows = moved.len() / r.k.max(1);
-                        let flat = moved.as_standard_layout();
-                        let x2 = flat
-                            .view()
-                            .into_shape_with_order((rows, r.k))
-                            .expect("a standard-layout view reshapes");
-                        h.add_rows(x2);
+    let mut names: Vec<String> = requests
+        .iter()
+        .flat_map(|r| r.sources.iter().map(|src| src.tensor.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut acc: BTreeMap<&str, Hessian> = requests
+        .iter()
+        .map(|r| (r.key.as_str(), Hessian::new(r.k)))
+        .collect();
+    for_each_batch(
+        model,
+        &names,
+        inputs,
+        runtime,
+        session,
+        "input Hessians",
+        |name, x| {
+            let v = x.to_f32();
+            for r in requests {
+                for src in r.sources.iter().filter(|src| src.tensor == name) {
+                    let Some(h) = acc.get_mut(r.key.as_str()) else {
+                        continue;
+                    };
+                    if let Some(g) = &src.conv {
+                        h.add_patches(v.view(), g);
+                        continue;
                     }
+                    let rank = v.ndim() as i64;
+                    let a = if src.axis < 0 {
+                        rank + src.axis
+                    } else {
+                        src.axis
+                    };
+                    if !(0..rank).contains(&a) || v.len_of(ndarray::Axis(a as usize)) != r.k {
+                        continue;
+                    }
+                    let mut perm: Vec<usize> = (0..v.ndim()).filter(|&d| d != a as usize).collect();
+                    perm.push(a as usize);
+                    let moved = v.view().permuted_axes(perm);
+                    let rows = moved.len() / r.k.max(1);
+                    let flat = moved.as_standard_layout();
+                    let x2 = flat
+                        .view()
+                        .into_shape_with_order((rows, r.k))
+                        .expect("a standard-layout view reshapes");
+                    h.add_rows(x2);
                 }
-            },
-        )?;
-        for (k, mut h) in acc {
-            h.finish();
-            if h.rows > 0 {
-                out.insert(k.to_string(), h);
             }
+        },
+    )?;
+    let mut out = BTreeMap::new();
+    for (k, mut h) in acc {
+        h.finish();
+        if h.rows > 0 {
+            out.insert(k.to_string(), h);
         }
     }
     Ok(out)
