@@ -892,7 +892,7 @@ fn quantize_activations_cli(
         _ => (None, None),
     };
     let model = smoothed.as_ref().unwrap_or(reference);
-    let calib = if policy.mode == Mode::Static {
+    let mut calib = if policy.mode == Mode::Static {
         let (sites, _) = plan(model, policy);
         let tensors = tensors_to_calibrate(&sites);
         quench::calib::calibrate(model, &tensors, &mut set, rt, &session)
@@ -900,6 +900,12 @@ fn quantize_activations_cli(
     } else {
         quench::calib::Calibration::default()
     };
+    if policy.gptq {
+        let (sites, _) = plan(model, policy);
+        let requests = quench::passes::quantize_activations::hessian_requests(model, &sites);
+        calib.hessians = quench::calib::hessians(model, &requests, &mut set, rt, &session)
+            .context("measuring the input Hessians for gptq failed")?;
+    }
     let check = quench::calib::OutputCheck::new(reference, &mut set, 256, rt, &session)?;
     let mut score = |m: &Model, limit: Option<usize>| check.retention(m, limit);
     quantize_activations(

@@ -25,6 +25,8 @@ pub struct Calibration {
     pub runtime: Option<RuntimeKind>,
     /// What the input set was.
     pub description: String,
+    /// Input Hessians of the weights whose codes are chosen by error feedback, by weight name.
+    pub hessians: BTreeMap<String, Hessian>,
 }
 
 /// Runs `model` over every batch of `inputs` in `runtime` and collects statistics of `tensors` (names of
@@ -58,6 +60,7 @@ pub fn calibrate(
         batches: total,
         runtime: Some(runtime),
         description: inputs.description.clone(),
+        hessians: BTreeMap::new(),
     })
 }
 

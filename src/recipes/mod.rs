@@ -39,6 +39,7 @@
 //!   fallback: { sqnr_db: 20, weight_sqnr_db: 30, cosine: 0.995, top1: 0.998 }
 //!   saturation: fix           # or ignore
 //!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (static)
+//!   gptq: true                # int8 weight codes by error feedback from the calibration data
 //! ```
 
 use std::path::Path;
@@ -177,6 +178,8 @@ pub struct ActivationSpec {
     pub saturation: Option<String>,
     /// Smoothing: `auto` or a strength α in (0, 1) (static).
     pub smooth: Option<serde_yaml::Value>,
+    /// Error-compensating rounding of the int8 weights (needs calibration data).
+    pub gptq: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -640,6 +643,7 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
             ));
         }
     };
+    p.gptq = a.gptq.unwrap_or(false);
     if let Some(v) = &a.smooth {
         if p.mode == Mode::Dynamic {
             return Err(format!(
@@ -1104,6 +1108,23 @@ mod tests {
             Recipe::load("w8a8").unwrap().activations.unwrap().smooth,
             Some(Strength::Auto)
         );
+        // Error feedback for the integer sites' weights is asked for, off by default.
+        let gptq = |text: &str| {
+            Recipe::parse("t", text)
+                .map(|r| r.activations.unwrap().gptq)
+                .unwrap()
+        };
+        assert!(gptq(
+            "defaults: { bits: 8 }\nactivations: { mode: dynamic, gptq: true }\n"
+        ));
+        assert!(!gptq(
+            "defaults: { bits: 8 }\nactivations: { mode: dynamic }\n"
+        ));
+        // A scalar scheme takes it; VQ does not.
+        let r = Recipe::parse("t", "defaults: { bits: 4, block: 32, gptq: true }\n").unwrap();
+        assert!(r.defaults.gptq);
+        let e = Recipe::parse("t", "defaults: { format: vq, gptq: true }\n").unwrap_err();
+        assert!(e.contains("gptq"), "{e}");
     }
 
     #[test]

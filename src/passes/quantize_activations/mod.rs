@@ -100,6 +100,9 @@ pub struct ActivationPolicy {
     /// Static: move each input channel's range between activation and weight by the factor
     /// `max|X_j|^α / max|W_j|^(1−α)` before calibrating ([`smooth`]).
     pub smooth: Option<smooth::Strength>,
+    /// Choose the int8 weight codes by error-compensating rounding against the calibration data's
+    /// input Hessian ([`crate::quant::gptq`]) where calibration gives one.
+    pub gptq: bool,
 }
 
 impl Default for ActivationPolicy {
@@ -118,6 +121,7 @@ impl Default for ActivationPolicy {
             min_top1: Some(0.998),
             saturation: Saturation::Fix,
             smooth: None,
+            gptq: false,
         }
     }
 }
@@ -175,6 +179,8 @@ pub struct SiteReport {
     pub weight_sqnr_db: f64,
     /// Output channels whose scale was widened against u8·s8 saturation.
     pub saturation_channels: usize,
+    /// Whether the weight codes came from error-compensating rounding.
+    pub gptq: bool,
     /// The float weight's bytes and its integer form's (codes and scales); 0 and 0 for a weight an
     /// earlier site already stored.
     pub bytes_before: u64,
@@ -428,10 +434,71 @@ fn float_site(s: &Site, why: String) -> SiteReport {
         form: None,
         weight_sqnr_db: f64::NAN,
         saturation_channels: 0,
+        gptq: false,
         bytes_before: 0,
         bytes_after: 0,
         note: Some(why),
     }
+}
+
+/// The input Hessians error-compensating rounding of the sites' weights needs: one request per
+/// weight (summing the inputs of every site that reads it). MatMul reads rows along A's last axis,
+/// Gemm along A's axis 1 (0 with transA), Conv (1-D/2-D) its input patches.
+pub fn hessian_requests(model: &Model, sites: &[Site]) -> Vec<crate::calib::HessianRequest> {
+    let mut out: BTreeMap<String, crate::calib::HessianRequest> = BTreeMap::new();
+    let consts: HashMap<String, Vec<i64>> = constants(model)
+        .into_iter()
+        .filter(|c| !c.in_subgraph())
+        .map(|c| (c.name, c.tensor.dims.clone()))
+        .collect();
+    for site in sites {
+        let (Some((_, wname)), Some((0, x))) = (&site.weight, site.activations.first()) else {
+            continue;
+        };
+        let Some(dims) = consts.get(wname) else {
+            continue;
+        };
+        let node = model.graph.node(site.node);
+        let (k, axis, conv) = match (site.op_type.as_str(), site.layout, dims.as_slice()) {
+            ("MatMul", Layout::KN, [k, _]) => (*k, -1, None),
+            ("Gemm", Layout::KN | Layout::NK, [a, b]) => (
+                if site.layout == Layout::KN { *a } else { *b },
+                if node.int_attribute("transA").unwrap_or(0) != 0 {
+                    0
+                } else {
+                    1
+                },
+                None,
+            ),
+            ("Conv", Layout::Conv, [_, rest @ ..])
+                if node.int_attribute("group").unwrap_or(1) == 1 =>
+            {
+                let Some(g) =
+                    crate::passes::quantize_weights::importance::conv_geometry(node, &dims[2..])
+                else {
+                    continue;
+                };
+                (rest.iter().product(), 1, Some(g))
+            }
+            _ => continue,
+        };
+        let r = out
+            .entry(wname.clone())
+            .or_insert_with(|| crate::calib::HessianRequest {
+                key: wname.clone(),
+                k: k.max(0) as usize,
+                sources: Vec::new(),
+            });
+        let src = crate::calib::HessianSource {
+            tensor: x.clone(),
+            axis,
+            conv,
+        };
+        if !r.sources.contains(&src) {
+            r.sources.push(src);
+        }
+    }
+    out.into_values().collect()
 }
 
 /// The tensors calibration must see for these sites: activation inputs and quantized outputs.
@@ -552,7 +619,11 @@ struct QWeight {
     dims: Vec<i64>,
     axis: Option<usize>,
     sqnr_db: f64,
+    /// The weight SQNR rounded to nearest.
+    nearest_sqnr_db: f64,
     saturation_channels: usize,
+    /// Whether the codes came from error feedback.
+    gptq: bool,
 }
 
 fn quantize_weight(
@@ -560,6 +631,7 @@ fn quantize_weight(
     layout: Layout,
     per_channel: bool,
     saturation: bool,
+    hessian: Option<&crate::quant::gptq::Hessian>,
 ) -> std::result::Result<QWeight, String> {
     let w = to_f32(t)?;
     let (rows, channels, k) = to_rows(&w, &t.dims, layout);
@@ -573,7 +645,21 @@ fn quantize_weight(
         },
         clip_search: false,
     };
-    let q = quantize(&rows, channels, k, &scheme)?;
+    let mut q = quantize(&rows, channels, k, &scheme)?;
+    // The floor on weight SQNR judges the scheme, so it reads nearest rounding: error feedback
+    // gives up weight SQNR for output error.
+    let nearest_sqnr_db = sqnr_db(&rows, &q.dequantize());
+    let mut gptq = false;
+    if let Some(h) = hessian.filter(|_| per_channel) {
+        // Too few calibration rows leaves the codes as they are (to nearest).
+        gptq = crate::quant::int::refine_with_feedback(
+            &rows,
+            &mut q,
+            h,
+            crate::passes::quantize_weights::GPTQ_DAMP,
+        )
+        .is_ok();
+    }
     // Symmetric int8 codes stay within ±127 so negation and u8 offsets never overflow.
     let mut codes: Vec<i32> = q.codes.iter().map(|&c| c.max(-127)).collect();
     let mut scales = q.scales.clone();
@@ -621,7 +707,9 @@ fn quantize_weight(
         dims: t.dims.clone(),
         axis: per_channel.then(|| layout.axis()),
         sqnr_db: sqnr,
+        nearest_sqnr_db,
         saturation_channels: fixed,
+        gptq,
     })
 }
 
@@ -637,6 +725,7 @@ pub fn apply(
     ranges: &BTreeMap<String, Range>,
     policy: &ActivationPolicy,
     target: Target,
+    hessians: Option<&BTreeMap<String, crate::quant::gptq::Hessian>>,
 ) -> Result<Vec<SiteReport>> {
     let opset = model.opset("").unwrap_or(1);
     let need = match policy.mode {
@@ -767,14 +856,15 @@ pub fn apply(
         };
         let wt = &consts[wname];
         let key = (wname.clone(), site.layout);
-        let qw = match quantize_weight(wt, site.layout, per_channel, saturation) {
+        let hessian = hessians.and_then(|h| h.get(wname));
+        let qw = match quantize_weight(wt, site.layout, per_channel, saturation, hessian) {
             Ok(q) => q,
             Err(e) => {
                 reports.push(float_site(site, format!("weight '{wname}': {e}")));
                 continue;
             }
         };
-        if qw.sqnr_db < policy.min_weight_sqnr_db {
+        if qw.nearest_sqnr_db < policy.min_weight_sqnr_db {
             let why = if per_channel {
                 String::new()
             } else {
@@ -786,7 +876,7 @@ pub fn apply(
                 site,
                 format!(
                     "int8 weight SQNR {:.1} dB < {} dB{why}",
-                    qw.sqnr_db, policy.min_weight_sqnr_db
+                    qw.nearest_sqnr_db, policy.min_weight_sqnr_db
                 ),
             ));
             continue;
@@ -805,6 +895,7 @@ pub fn apply(
             form: None,
             weight_sqnr_db: qw.sqnr_db,
             saturation_channels: qw.saturation_channels,
+            gptq: qw.gptq,
             bytes_before,
             bytes_after,
             ..float_site(site, String::new())
@@ -1230,7 +1321,8 @@ pub fn quantize_activations(
             Some(s) => s.model_for(&|t| ranges.contains_key(t))?,
             None => model.clone(),
         };
-        let reports = apply(&mut m, &sites, ranges, policy, target)?;
+        let hessians = calib.map(|c| &c.hessians).filter(|_| policy.gptq);
+        let reports = apply(&mut m, &sites, ranges, policy, target, hessians)?;
         finish(&mut m)?;
         Ok((m, reports))
     };

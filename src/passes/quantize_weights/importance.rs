@@ -112,7 +112,7 @@ pub fn column_importance(
 
 /// The patch geometry of a Conv node with kernel `kernel` (1-D and 2-D; None for others or for
 /// attributes it cannot read).
-fn conv_geometry(
+pub(crate) fn conv_geometry(
     node: &crate::ir::Node,
     kernel: &[i64],
 ) -> Option<crate::quant::gptq::ConvGeometry> {
