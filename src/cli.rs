@@ -776,6 +776,23 @@ fn weight_calibration(
     Ok((energy, hessians))
 }
 
+/// The weight pass over `m`, dead nodes removed, and the consistency check every built model gets.
+fn quantize_weights_checked(
+    m: &mut Model,
+    policy: &dyn quench::passes::quantize_weights::WeightPolicy,
+    target: quench::passes::quantize_weights::Target,
+    energy: Option<&quench::passes::quantize_weights::importance::ChannelEnergy>,
+    hessians: Option<&std::collections::BTreeMap<String, quench::calib::Hessian>>,
+) -> Result<quench::passes::quantize_weights::WeightReport> {
+    use quench::passes::{DeadNodeElimination, Pass};
+    let w = quench::passes::quantize_weights::quantize_weights_with(
+        m, policy, target, energy, hessians,
+    )?;
+    DeadNodeElimination.run(m)?;
+    quench::ir::check_model(m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
+    Ok(w)
+}
+
 /// GPTQ rounding lowers each layer's own output error on the calibration data, yet errors that
 /// compound through a network can come out worse (measured on a MobileNetV3 with squeeze-excitation).
 /// So the model built with it is scored against the same recipe rounded to nearest on the calibration
@@ -790,19 +807,11 @@ fn gptq_or_nearest(
     with_gptq: &Model,
     notes: &mut Vec<String>,
 ) -> Result<Option<(Model, quench::passes::quantize_weights::WeightReport)>> {
-    use quench::passes::{DeadNodeElimination, Pass};
     let ca = calib_input_args(&args.input, &args.cal);
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
     let mut plain = reference.clone();
-    let report = quench::passes::quantize_weights::quantize_weights_with(
-        &mut plain,
-        recipe,
-        args.target,
-        energy,
-        None,
-    )?;
-    DeadNodeElimination.run(&mut plain)?;
+    let report = quantize_weights_checked(&mut plain, recipe, args.target, energy, None)?;
     let check = quench::calib::OutputCheck::new(reference, &mut set, 32, rt, &session)
         .context("scoring gptq against nearest rounding")?;
     let (fed, near) = (
@@ -810,23 +819,15 @@ fn gptq_or_nearest(
         check.retention(&plain, None)?,
     );
     let db = |nsr: f64| -10.0 * nsr.max(1e-30).log10();
-    if near.nsr < fed.nsr {
-        notes.push(format!(
-            "gptq dropped: on the calibration data the output SQNR is {:.2} dB with it, {:.2} dB \
-             rounded to nearest",
-            db(fed.nsr),
-            db(near.nsr)
-        ));
-        Ok(Some((plain, report)))
-    } else {
-        notes.push(format!(
-            "gptq kept: on the calibration data the output SQNR is {:.2} dB with it, {:.2} dB \
-             rounded to nearest",
-            db(fed.nsr),
-            db(near.nsr)
-        ));
-        Ok(None)
-    }
+    let drop = near.nsr < fed.nsr;
+    notes.push(format!(
+        "gptq {}: on the calibration data the output SQNR is {:.2} dB with it, {:.2} dB rounded \
+         to nearest",
+        if drop { "dropped" } else { "kept" },
+        db(fed.nsr),
+        db(near.nsr)
+    ));
+    Ok(drop.then_some((plain, report)))
 }
 
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
@@ -1014,8 +1015,6 @@ fn render_activations(a: &quench::passes::quantize_activations::ActivationReport
 }
 
 pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
-    use quench::passes::quantize_weights::quantize_weights_with;
-    use quench::passes::{DeadNodeElimination, Pass};
     use quench::recipes::Recipe;
 
     let (path, spec) = resolve_model(&args.model)?;
@@ -1050,11 +1049,14 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         let (energy, hessians) =
             weight_calibration(&args, &reference, spec.clone(), &recipe, &mut notes)?;
         let mut finish = |m: &mut Model| -> Result<()> {
-            weights =
-                quantize_weights_with(m, &recipe, args.target, energy.as_ref(), hessians.as_ref())?;
-            DeadNodeElimination.run(m)?;
-            quench::ir::check_model(m)
-                .map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))
+            weights = quantize_weights_checked(
+                m,
+                &recipe,
+                args.target,
+                energy.as_ref(),
+                hessians.as_ref(),
+            )?;
+            Ok(())
         };
         match &recipe.activations {
             None => {

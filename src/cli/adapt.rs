@@ -305,17 +305,8 @@ fn build(
     policy: &adapt::Assignment,
     energy: Option<&quench::passes::quantize_weights::importance::ChannelEnergy>,
 ) -> Result<(Model, quench::passes::quantize_weights::WeightReport)> {
-    use quench::passes::{DeadNodeElimination, Pass};
     let mut m = reference.clone();
-    let w = quench::passes::quantize_weights::quantize_weights_with(
-        &mut m,
-        policy,
-        args.target,
-        energy,
-        None,
-    )?;
-    DeadNodeElimination.run(&mut m)?;
-    quench::ir::check_model(&m).map_err(|e| anyhow!("the quantized model is inconsistent: {e}"))?;
+    let w = super::quantize_weights_checked(&mut m, policy, args.target, energy, None)?;
     Ok((m, w))
 }
 
