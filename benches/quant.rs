@@ -149,7 +149,14 @@ fn calib_child(name: &str, model: &str, batches: usize, smooth: bool) {
     let model = smoothed.as_ref().unwrap_or(&m);
     let (sites, _) = plan(model, &policy);
     let tensors = tensors_to_calibrate(&sites);
-    let c = quench::calib::calibrate(model, &tensors, &mut set, rt, &session).unwrap();
+    // The code profiles the saturation guard reads, as `quantize` collects them for onnxruntime.
+    let profiles = quench::passes::quantize_activations::profile_requests(
+        model,
+        &sites,
+        &policy,
+        quench::passes::quantize_weights::Target::Ort,
+    );
+    let c = quench::calib::calibrate(model, &tensors, &profiles, &mut set, rt, &session).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for method in [

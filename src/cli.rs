@@ -844,7 +844,7 @@ fn quantize_activations_cli(
     quench::passes::quantize_activations::ActivationReport,
 )> {
     use quench::passes::quantize_activations::{
-        Mode, plan, quantize_activations, smooth, tensors_to_calibrate,
+        Mode, plan, profile_requests, quantize_activations, smooth, tensors_to_calibrate,
     };
     let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
@@ -893,13 +893,20 @@ fn quantize_activations_cli(
         _ => (None, None),
     };
     let model = smoothed.as_ref().unwrap_or(reference);
-    let mut calib = if policy.mode == Mode::Static {
+    // Static mode calibrates the ranges; both modes profile the codes the saturation guard bounds.
+    let mut calib = {
         let (sites, _) = plan(model, policy);
-        let tensors = tensors_to_calibrate(&sites);
-        quench::calib::calibrate(model, &tensors, &mut set, rt, &session)
-            .context("calibration failed")?
-    } else {
-        quench::calib::Calibration::default()
+        let tensors = match policy.mode {
+            Mode::Static => tensors_to_calibrate(&sites),
+            Mode::Dynamic => Vec::new(),
+        };
+        let profiles = profile_requests(model, &sites, policy, args.target);
+        if tensors.is_empty() && profiles.is_empty() {
+            quench::calib::Calibration::default()
+        } else {
+            quench::calib::calibrate(model, &tensors, &profiles, &mut set, rt, &session)
+                .context("calibration failed")?
+        }
     };
     if policy.gptq {
         let (sites, _) = plan(model, policy);

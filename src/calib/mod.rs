@@ -3,6 +3,7 @@
 //! of a batch outlives it, so memory is one batch's activations plus fixed-size histograms whatever the
 //! number of samples.
 
+pub mod codes;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use crate::ir::Model;
 use crate::util::Progress;
 
 pub use crate::quant::gptq::Hessian;
+pub use codes::{CodeProfile, Codes};
 pub use stats::{Method, Range, TensorStats};
 
 /// Statistics of every calibrated tensor, by name.
@@ -27,31 +29,62 @@ pub struct Calibration {
     pub description: String,
     /// Input Hessians of the weights whose codes are chosen by error feedback, by weight name.
     pub hessians: BTreeMap<String, Hessian>,
+    /// u8 code profiles of product inputs, by (tensor, reduction axis).
+    pub profiles: BTreeMap<(String, i64), CodeProfile>,
+}
+
+/// A tensor to profile ([`CodeProfile`]) along its reduction axis (negative counts from the end).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileRequest {
+    pub tensor: String,
+    pub axis: i64,
+    pub codes: Codes,
 }
 
 /// Runs `model` over every batch of `inputs` in `runtime` and collects statistics of `tensors` (names of
-/// float values of the main graph). Tensors that never appear, or are not float, get no entry.
+/// float values of the main graph) and the code profiles of `profiles`. Tensors that never appear, or
+/// are not float, get no entry.
 pub fn calibrate(
     model: &Model,
     tensors: &[String],
+    profiles: &[ProfileRequest],
     inputs: &mut InputSet,
     runtime: RuntimeKind,
     session: &SessionOptions,
 ) -> Result<Calibration> {
     let mut stats: BTreeMap<String, TensorStats> = BTreeMap::new();
+    let mut prof: BTreeMap<(String, i64), CodeProfile> = BTreeMap::new();
+    let mut names: Vec<String> = tensors
+        .iter()
+        .cloned()
+        .chain(profiles.iter().map(|p| p.tensor.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
     let total = for_each_batch(
         model,
-        tensors,
+        &names,
         inputs,
         runtime,
         session,
         "calibrating",
         |name, t| {
-            let s = stats.entry(name.to_string()).or_default();
             let v = t.to_f32();
-            match v.as_slice() {
-                Some(x) => s.add(x),
-                None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+            if tensors.iter().any(|x| x == name) {
+                let s = stats.entry(name.to_string()).or_default();
+                match v.as_slice() {
+                    Some(x) => s.add(x),
+                    None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+                }
+            }
+            for p in profiles.iter().filter(|p| p.tensor == name) {
+                let Some(rows) = rows_along(&v, p.axis, None) else {
+                    continue;
+                };
+                let e = prof
+                    .entry((p.tensor.clone(), p.axis))
+                    .or_insert_with(|| CodeProfile::new(p.codes, rows.ncols()));
+                e.add(rows.view());
             }
         },
     )?;
@@ -61,6 +94,44 @@ pub fn calibrate(
         runtime: Some(runtime),
         description: inputs.description.clone(),
         hessians: BTreeMap::new(),
+        profiles: prof,
+    })
+}
+
+/// The values of `v` as rows along `axis` (negative counts from the end): that axis moved last and
+/// the rest flattened. None when the rank has no such axis or its length is not `k` (when given).
+fn rows_along(
+    v: &ndarray::ArrayD<f32>,
+    axis: i64,
+    k: Option<usize>,
+) -> Option<ndarray::CowArray<'_, f32, ndarray::Ix2>> {
+    let rank = v.ndim() as i64;
+    let a = if axis < 0 { rank + axis } else { axis };
+    if !(0..rank).contains(&a) {
+        return None;
+    }
+    let a = a as usize;
+    let len = v.len_of(ndarray::Axis(a));
+    if k.is_some_and(|k| k != len) {
+        return None;
+    }
+    let mut perm: Vec<usize> = (0..v.ndim()).filter(|&d| d != a).collect();
+    perm.push(a);
+    let moved = v.view().permuted_axes(perm);
+    let rows = moved.len() / len.max(1);
+    // A copy only when the axis was not already last.
+    Some(if moved.is_standard_layout() {
+        moved
+            .into_shape_with_order((rows, len))
+            .expect("a standard-layout view reshapes")
+            .into()
+    } else {
+        moved
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((rows, len))
+            .expect("a standard-layout array reshapes")
+            .into()
     })
 }
 
@@ -261,25 +332,9 @@ pub fn hessians(
                         h.add_patches(v.view(), g);
                         continue;
                     }
-                    let rank = v.ndim() as i64;
-                    let a = if src.axis < 0 {
-                        rank + src.axis
-                    } else {
-                        src.axis
-                    };
-                    if !(0..rank).contains(&a) || v.len_of(ndarray::Axis(a as usize)) != r.k {
-                        continue;
+                    if let Some(rows) = rows_along(&v, src.axis, Some(r.k)) {
+                        h.add_rows(rows.view());
                     }
-                    let mut perm: Vec<usize> = (0..v.ndim()).filter(|&d| d != a as usize).collect();
-                    perm.push(a as usize);
-                    let moved = v.view().permuted_axes(perm);
-                    let rows = moved.len() / r.k.max(1);
-                    let flat = moved.as_standard_layout();
-                    let x2 = flat
-                        .view()
-                        .into_shape_with_order((rows, r.k))
-                        .expect("a standard-layout view reshapes");
-                    h.add_rows(x2);
                 }
             }
         },

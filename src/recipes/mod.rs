@@ -37,7 +37,7 @@
 //!   activation_matmul: false  # also MatMuls of two activations
 //!   exclude: [ { op: [Gemm], node: "*head*", tensor: "re:...", role: [head], position: last } ]
 //!   fallback: { sqnr_db: 20, weight_sqnr_db: 30, cosine: 0.995, top1: 0.998 }
-//!   saturation: fix           # or ignore
+//!   saturation: fix           # strict (any u8 input, not only the calibration data's codes) or ignore
 //!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (static)
 //!   gptq: true                # int8 weight codes by error feedback from the calibration data
 //! ```
@@ -636,10 +636,11 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
     }
     p.saturation = match a.saturation.as_deref() {
         None | Some("fix") => Saturation::Fix,
+        Some("strict") => Saturation::Strict,
         Some("ignore") => Saturation::Ignore,
         Some(s) => {
             return Err(format!(
-                "{place}: saturation '{s}' is not one of fix, ignore"
+                "{place}: saturation '{s}' is not one of fix, strict, ignore"
             ));
         }
     };

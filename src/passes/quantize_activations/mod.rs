@@ -15,9 +15,12 @@
 //! Saturation: on x86 CPUs without VNNI, onnxruntime multiplies u8 activations by s8 weights with
 //! `vpmaddubsw`, which adds each pair of neighbouring products along the reduction axis in a saturating
 //! 16-bit lane: `|a₀w₀ + a₁w₁|` may exceed 32767 when two neighbouring weights of one sign are both
-//! large (255·127·2 = 64770). [`fix_saturation`] finds the output channels where any pair could
-//! overflow for some u8 activation and widens only their scale until none can; other channels keep
-//! their full 8-bit precision.
+//! large (255·127·2 = 64770). Measured with onnxruntime 1.31 on AVX2: the fused MatMul/Gemm forms
+//! (static and dynamic) and QLinearConv saturate; ConvInteger (u8 weights) and depthwise QLinearConv do
+//! not. [`fix_saturation`] finds the output channels where a pair could overflow and widens only their
+//! scale until none can; other channels keep their full 8-bit precision. With calibration data the
+//! bound reads the codes the data gave ([`crate::calib::CodeProfile`]: each channel's largest code and
+//! each neighbouring pair's largest sum), else any u8 code.
 
 pub mod smooth;
 
@@ -67,9 +70,61 @@ pub enum Position {
 #[serde(rename_all = "lowercase")]
 pub enum Saturation {
     /// Widen the scale of the output channels that could saturate (not for `--target tract`, whose
-    /// integer kernels accumulate in 32 bits).
+    /// integer kernels accumulate in 32 bits): for the codes calibration data gave, where there is
+    /// some, else for any u8 code.
     Fix,
+    /// Widen for any u8 code, whatever the data.
+    Strict,
     Ignore,
+}
+
+/// What a site's saturation guard assumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaturationBound {
+    /// No guard: the policy ignores saturation, the target's kernels accumulate in 32 bits, or the
+    /// form's onnxruntime kernel does not saturate (ConvInteger, depthwise QLinearConv).
+    Unguarded,
+    /// The largest codes calibration saw, per channel and per neighbouring pair.
+    Calibrated,
+    /// Any u8 code on every channel.
+    AnyInput,
+}
+
+/// The largest u8 code each reduction index of a weight row may meet, and (for neighbouring pairs)
+/// their largest sum; what [`fix_saturation`] bounds products with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodeBound {
+    /// Per reduction index of a weight row (length k).
+    pub index: Vec<i32>,
+    /// Per pair `(2i, 2i+1)` of indices: the largest sum of their codes.
+    pub pair: Vec<i32>,
+    /// Whether the kernel adds neighbouring products (MatMul/Gemm), or any two (Conv, whose packing
+    /// order differs).
+    pub pairs: bool,
+}
+
+impl CodeBound {
+    /// Any u8 code everywhere.
+    pub fn any(k: usize, pairs: bool) -> CodeBound {
+        CodeBound {
+            index: vec![255; k],
+            pair: (0..k.div_ceil(2))
+                .map(|i| if 2 * i + 1 < k { 510 } else { 255 })
+                .collect(),
+            pairs,
+        }
+    }
+
+    /// The larger of two bounds, index by index.
+    fn max(&mut self, other: &CodeBound) {
+        for (a, b) in self.index.iter_mut().zip(&other.index) {
+            *a = (*a).max(*b);
+        }
+        for (a, b) in self.pair.iter_mut().zip(&other.pair) {
+            *a = (*a).max(*b);
+        }
+    }
 }
 
 /// The compiled `activations:` section of a recipe.
@@ -179,6 +234,8 @@ pub struct SiteReport {
     pub weight_sqnr_db: f64,
     /// Output channels whose scale was widened against u8·s8 saturation.
     pub saturation_channels: usize,
+    /// What the saturation guard assumed of the activation codes.
+    pub saturation_bound: SaturationBound,
     /// Whether the weight codes came from error-compensating rounding.
     pub gptq: bool,
     /// The float weight's bytes and its integer form's (codes and scales); 0 and 0 for a weight an
@@ -434,6 +491,7 @@ fn float_site(s: &Site, why: String) -> SiteReport {
         form: None,
         weight_sqnr_db: f64::NAN,
         saturation_channels: 0,
+        saturation_bound: SaturationBound::Unguarded,
         gptq: false,
         bytes_before: 0,
         bytes_after: 0,
@@ -551,32 +609,49 @@ fn from_rows<T: Copy + Default>(rows: &[T], channels: usize, k: usize, layout: L
 }
 
 /// Widens the scale of every output channel in which two weights that one u8 activation pair could
-/// multiply (neighbours along the reduction axis when `pairs`, any two otherwise) could sum past the
-/// 16-bit limit; codes are recomputed for those channels. Returns how many channels changed.
+/// multiply (neighbours along the reduction axis when `bound.pairs`, any two otherwise) could sum past
+/// the 16-bit limit, for activation codes within `bound`; codes are recomputed for those channels.
+/// Returns how many channels changed.
 pub fn fix_saturation(
     w_rows: &[f32],
     codes: &mut [i32],
     scales: &mut [f32],
     k: usize,
-    pairs: bool,
+    bound: &CodeBound,
 ) -> usize {
     const LIMIT: i32 = 32767;
     let worst = |row: &[i32]| -> i32 {
-        if pairs {
+        if bound.pairs {
             row.chunks(2)
-                .map(|p| {
-                    let (mut pos, mut neg) = (0, 0);
-                    for &q in p {
-                        if q > 0 { pos += q } else { neg -= q }
-                    }
-                    255 * pos.max(neg)
+                .enumerate()
+                .map(|(i, p)| {
+                    // Products of one sign add up; of opposite signs they cancel (and one u8·s8
+                    // product alone, ≤ 255·127, always fits).
+                    let side = |positive: bool| {
+                        let terms: Vec<(i32, i32)> = p
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, q)| if positive { **q > 0 } else { **q < 0 })
+                            .map(|(j, q)| (q.abs(), bound.index[2 * i + j]))
+                            .collect();
+                        match terms.as_slice() {
+                            [(a, ha), (b, hb)] => (a * ha + b * hb).min(bound.pair[i] * a.max(b)),
+                            [(a, ha)] => a * ha,
+                            _ => 0,
+                        }
+                    };
+                    side(true).max(side(false))
                 })
                 .max()
                 .unwrap_or(0)
         } else {
             let (mut p, mut n) = ([0i32; 2], [0i32; 2]);
-            for &q in row {
-                let (top, v) = if q > 0 { (&mut p, q) } else { (&mut n, -q) };
+            for (&q, &h) in row.iter().zip(&bound.index) {
+                let (top, v) = if q > 0 {
+                    (&mut p, q * h)
+                } else {
+                    (&mut n, -q * h)
+                };
                 if v > top[0] {
                     top[1] = top[0];
                     top[0] = v;
@@ -584,7 +659,7 @@ pub fn fix_saturation(
                     top[1] = v;
                 }
             }
-            255 * (p[0] + p[1]).max(n[0] + n[1])
+            (p[0] + p[1]).max(n[0] + n[1])
         }
     };
     let mut fixed = 0;
@@ -630,7 +705,7 @@ fn quantize_weight(
     t: &TensorProto,
     layout: Layout,
     per_channel: bool,
-    saturation: bool,
+    guard: Option<&CodeBound>,
     hessian: Option<&crate::quant::gptq::Hessian>,
 ) -> std::result::Result<QWeight, String> {
     let w = to_f32(t)?;
@@ -664,9 +739,18 @@ fn quantize_weight(
     let mut codes: Vec<i32> = q.codes.iter().map(|&c| c.max(-127)).collect();
     let mut scales = q.scales.clone();
     let mut fixed = 0;
-    if saturation {
+    // A bound of another length than the rows (a profile that does not fit) assumes any code.
+    let any;
+    let guard = match guard {
+        Some(b) if b.index.len() != k => {
+            any = CodeBound::any(k, b.pairs);
+            Some(&any)
+        }
+        g => g,
+    };
+    if let Some(bound) = guard {
         if per_channel {
-            fixed = fix_saturation(&rows, &mut codes, &mut scales, k, layout != Layout::Conv);
+            fixed = fix_saturation(&rows, &mut codes, &mut scales, k, bound);
         } else {
             // One scale for the whole tensor: treat it as one channel of all rows' pairs.
             let mut s = [scales[0]];
@@ -674,14 +758,7 @@ fn quantize_weight(
             for c in 0..channels {
                 let mut cs = [s[0]];
                 let mut row = codes[c * k..(c + 1) * k].to_vec();
-                if fix_saturation(
-                    &rows[c * k..(c + 1) * k],
-                    &mut row,
-                    &mut cs,
-                    k,
-                    layout != Layout::Conv,
-                ) > 0
-                {
+                if fix_saturation(&rows[c * k..(c + 1) * k], &mut row, &mut cs, k, bound) > 0 {
                     worst_rows += 1;
                     s[0] = s[0].max(cs[0]);
                 }
@@ -713,6 +790,165 @@ fn quantize_weight(
     })
 }
 
+/// Whether the policy guards u8·s8 products against saturation for this target.
+fn guards_saturation(policy: &ActivationPolicy, target: Target) -> bool {
+    policy.saturation != Saturation::Ignore && target != Target::Tract
+}
+
+/// Whether onnxruntime's kernel for the site's integer form adds u8·s8 products in saturating 16-bit
+/// lanes (measured on AVX2, onnxruntime 1.31): MatMul and Gemm in both modes and QLinearConv do;
+/// ConvInteger (dynamic mode, u8 weights: the u8·u8 kernel widens to 16 bits first) and depthwise
+/// QLinearConv (its own kernel) do not.
+fn kernel_saturates(model: &Model, site: &Site, mode: Mode, wdims: &[i64]) -> bool {
+    if site.layout != Layout::Conv {
+        return true;
+    }
+    if mode == Mode::Dynamic {
+        return false;
+    }
+    let group = model
+        .graph
+        .node(site.node)
+        .int_attribute("group")
+        .unwrap_or(1);
+    let depthwise = group > 1 && wdims.first() == Some(&group) && wdims.get(1) == Some(&1);
+    !depthwise
+}
+
+/// The reduction axis of a site's activation: channels (1) for Conv, the last for MatMul and Gemm.
+fn reduction_axis(site: &Site) -> i64 {
+    if site.layout == Layout::Conv { 1 } else { -1 }
+}
+
+/// The activation tensors whose u8 code profiles bound the saturation guard, for calibration to
+/// collect ([`crate::calib::calibrate`]); none when the policy does not guard for this target.
+pub fn profile_requests(
+    model: &Model,
+    sites: &[Site],
+    policy: &ActivationPolicy,
+    target: Target,
+) -> Vec<crate::calib::ProfileRequest> {
+    if !guards_saturation(policy, target) || policy.saturation == Saturation::Strict {
+        return Vec::new();
+    }
+    let dims: HashMap<String, Vec<i64>> = constants(model)
+        .into_iter()
+        .filter(|c| !c.in_subgraph())
+        .map(|c| (c.name, c.tensor.dims.clone()))
+        .collect();
+    let mut out: Vec<crate::calib::ProfileRequest> = Vec::new();
+    for site in sites {
+        let (Some((_, w)), Some((0, x))) = (&site.weight, site.activations.first()) else {
+            continue;
+        };
+        if !dims
+            .get(w)
+            .is_some_and(|d| kernel_saturates(model, site, policy.mode, d))
+        {
+            continue;
+        }
+        let req = crate::calib::ProfileRequest {
+            tensor: x.clone(),
+            axis: reduction_axis(site),
+            codes: match policy.mode {
+                Mode::Static => crate::calib::Codes::Static,
+                Mode::Dynamic => crate::calib::Codes::Dynamic,
+            },
+        };
+        if !out.contains(&req) {
+            out.push(req);
+        }
+    }
+    out
+}
+
+/// The code bound of every guarded weight (by name and layout), over all the sites that will read
+/// it integer: from calibration's code profiles where every such site has one, else any u8 code.
+fn code_bounds(
+    model: &Model,
+    sites: &[Site],
+    ranges: &BTreeMap<String, Range>,
+    policy: &ActivationPolicy,
+    calib: Option<&Calibration>,
+    consts: &HashMap<String, TensorProto>,
+) -> HashMap<(String, Layout), (CodeBound, SaturationBound)> {
+    let mut out: HashMap<(String, Layout), (CodeBound, SaturationBound)> = HashMap::new();
+    for site in sites {
+        let (Some((_, w)), Some((0, x))) = (&site.weight, site.activations.first()) else {
+            continue;
+        };
+        let Some(wt) = consts.get(w) else { continue };
+        let d = &wt.dims;
+        if !site.activations.iter().all(|(_, t)| ranges.contains_key(t))
+            || !kernel_saturates(model, site, policy.mode, d)
+        {
+            continue;
+        }
+        let k = match (site.layout, d.as_slice()) {
+            (Layout::KN, [k, _]) | (Layout::NK, [_, k]) => *k as usize,
+            (Layout::Conv, [_, rest @ ..]) => rest.iter().product::<i64>() as usize,
+            _ => continue,
+        };
+        let pairs = site.layout != Layout::Conv;
+        let (s, z) = match policy.mode {
+            Mode::Static => ranges[x].u8_params(policy.symmetric),
+            Mode::Dynamic => (1.0, 0),
+        };
+        let profiled = calib
+            .filter(|_| policy.saturation == Saturation::Fix)
+            .and_then(|c| c.profiles.get(&(x.clone(), reduction_axis(site))))
+            .and_then(|p| {
+                let (ch, pair) = p.bounds(s, z);
+                if pairs {
+                    return (ch.len() == k).then_some(CodeBound {
+                        index: ch,
+                        pair,
+                        pairs,
+                    });
+                }
+                // Conv rows run over (input channel of the group, kernel position); a row of any
+                // group meets the codes of its group's channels, and padding reads the zero point.
+                let cpg = *d.get(1)? as usize;
+                let spatial = k / cpg.max(1);
+                let groups = ch.len() / cpg.max(1);
+                if cpg == 0 || groups == 0 || groups * cpg != ch.len() {
+                    return None;
+                }
+                let index: Vec<i32> = (0..k)
+                    .map(|r| {
+                        (0..groups)
+                            .map(|g| ch[g * cpg + r / spatial])
+                            .fold(z as i32, i32::max)
+                    })
+                    .collect();
+                let pair = index.chunks(2).map(|c| c.iter().sum()).collect();
+                Some(CodeBound { index, pair, pairs })
+            });
+        let (bound, how) = match profiled {
+            Some(b) => (b, SaturationBound::Calibrated),
+            None => (CodeBound::any(k, pairs), SaturationBound::AnyInput),
+        };
+        match out.entry((w.clone(), site.layout)) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((bound, how));
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let (b, h) = e.get_mut();
+                if b.index.len() == bound.index.len() {
+                    b.max(&bound);
+                } else {
+                    *b = CodeBound::any(bound.index.len(), pairs);
+                    *h = SaturationBound::AnyInput;
+                }
+                if how == SaturationBound::AnyInput {
+                    *h = how;
+                }
+            }
+        }
+    }
+    out
+}
+
 fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
     tensor(dt, &[], raw)
 }
@@ -725,8 +961,9 @@ pub fn apply(
     ranges: &BTreeMap<String, Range>,
     policy: &ActivationPolicy,
     target: Target,
-    hessians: Option<&BTreeMap<String, crate::quant::gptq::Hessian>>,
+    calib: Option<&Calibration>,
 ) -> Result<Vec<SiteReport>> {
+    let hessians = calib.map(|c| &c.hessians).filter(|_| policy.gptq);
     let opset = model.opset("").unwrap_or(1);
     let need = match policy.mode {
         Mode::Static => 10,
@@ -749,12 +986,16 @@ pub fn apply(
     // Static weights sit behind DequantizeLinear, per axis from opset 13; dynamic mode applies the
     // weight scales with its own Mul, so it is per channel at any opset.
     let per_channel = opset >= 13 || policy.mode == Mode::Dynamic;
-    let saturation = policy.saturation == Saturation::Fix && target != Target::Tract;
     let consts: HashMap<String, TensorProto> = constants(model)
         .into_iter()
         .filter(|c| !c.in_subgraph())
         .map(|c| (c.name, c.tensor))
         .collect();
+    let guards = if guards_saturation(policy, target) {
+        code_bounds(model, sites, ranges, policy, calib, &consts)
+    } else {
+        HashMap::new()
+    };
     let mut patch = Patch::new(format!("quantize-activations/{:?}", policy.mode).to_lowercase());
     let names = &mut model.names;
     let g = &model.graph;
@@ -857,7 +1098,8 @@ pub fn apply(
         let wt = &consts[wname];
         let key = (wname.clone(), site.layout);
         let hessian = hessians.and_then(|h| h.get(wname));
-        let qw = match quantize_weight(wt, site.layout, per_channel, saturation, hessian) {
+        let guard = guards.get(&key);
+        let qw = match quantize_weight(wt, site.layout, per_channel, guard.map(|g| &g.0), hessian) {
             Ok(q) => q,
             Err(e) => {
                 reports.push(float_site(site, format!("weight '{wname}': {e}")));
@@ -895,6 +1137,7 @@ pub fn apply(
             form: None,
             weight_sqnr_db: qw.sqnr_db,
             saturation_channels: qw.saturation_channels,
+            saturation_bound: guard.map_or(SaturationBound::Unguarded, |g| g.1),
             gptq: qw.gptq,
             bytes_before,
             bytes_after,
@@ -1205,8 +1448,12 @@ pub fn apply(
         }
         if report.saturation_channels > 0 {
             report.note = Some(format!(
-                "{} output channels widened against u8·s8 16-bit saturation",
-                report.saturation_channels
+                "{} output channels widened against u8·s8 16-bit saturation ({})",
+                report.saturation_channels,
+                match report.saturation_bound {
+                    SaturationBound::Calibrated => "for the codes calibration saw",
+                    _ => "for any u8 input",
+                }
             ));
         }
         reports.push(report);
@@ -1321,8 +1568,7 @@ pub fn quantize_activations(
             Some(s) => s.model_for(&|t| ranges.contains_key(t))?,
             None => model.clone(),
         };
-        let hessians = calib.map(|c| &c.hessians).filter(|_| policy.gptq);
-        let reports = apply(&mut m, &sites, ranges, policy, target, hessians)?;
+        let reports = apply(&mut m, &sites, ranges, policy, target, calib)?;
         finish(&mut m)?;
         Ok((m, reports))
     };
@@ -1441,7 +1687,7 @@ mod tests {
         let mut codes: Vec<i32> = vec![127, 127, 13, 13, 127, -127, 127, -127];
         let mut scales = vec![1.0 / 127.0; 2];
         let before = scales.clone();
-        let fixed = fix_saturation(&w, &mut codes, &mut scales, k, true);
+        let fixed = fix_saturation(&w, &mut codes, &mut scales, k, &CodeBound::any(k, true));
         assert_eq!(fixed, 1);
         assert_eq!(scales[1], before[1]);
         assert_eq!(&codes[4..], &[127, -127, 127, -127]);
@@ -1452,9 +1698,66 @@ mod tests {
         let mut codes2: Vec<i32> = vec![127, 13, 127, 13];
         let mut s2 = vec![1.0 / 127.0];
         assert_eq!(
-            fix_saturation(&[1.0, 0.1, 1.0, 0.1], &mut codes2, &mut s2, 4, false),
+            fix_saturation(
+                &[1.0, 0.1, 1.0, 0.1],
+                &mut codes2,
+                &mut s2,
+                4,
+                &CodeBound::any(4, false)
+            ),
             1
         );
         assert!(255 * (codes2[0] + codes2[2]) <= 32767);
+    }
+
+    #[test]
+    fn calibrated_codes_leave_safe_channels_alone() {
+        // Every pair of both channels holds two large weights of one sign: any u8 input could
+        // overflow them.
+        let k = 4;
+        let w = [1.0f32; 8];
+        let start: Vec<i32> = vec![127; 8];
+        let s0 = vec![1.0 / 127.0; 2];
+        // A one-hot input: each pair's codes sum to at most 255, so nothing can overflow.
+        let one_hot = CodeBound {
+            index: vec![255; k],
+            pair: vec![255; 2],
+            pairs: true,
+        };
+        let (mut codes, mut scales) = (start.clone(), s0.clone());
+        assert_eq!(fix_saturation(&w, &mut codes, &mut scales, k, &one_hot), 0);
+        assert_eq!((codes, scales), (start.clone(), s0.clone()));
+        // Channels whose codes stay under 129 cannot overflow either (128·127·2 = 32512).
+        let low = CodeBound {
+            index: vec![128; k],
+            pair: vec![256; 2],
+            pairs: true,
+        };
+        let (mut codes, mut scales) = (start.clone(), s0.clone());
+        assert_eq!(fix_saturation(&w, &mut codes, &mut scales, k, &low), 0);
+        // One index reaching 255 in the second pair: that pair is widened just enough, in both
+        // channels, and the bound holds after.
+        let mut hot = low.clone();
+        hot.index[3] = 255;
+        hot.pair[1] = 383;
+        let (mut codes, mut scales) = (start.clone(), s0.clone());
+        assert_eq!(fix_saturation(&w, &mut codes, &mut scales, k, &hot), 2);
+        for c in 0..2 {
+            let r = &codes[c * k..(c + 1) * k];
+            assert!(128 * r[2] + 255 * r[3] <= 32767, "{r:?}");
+            assert!(
+                128 * r[2] + 255 * r[3] > 32767 - 2 * 383,
+                "widened too far: {r:?}"
+            );
+        }
+        // Any-two (Conv): the two largest code·weight products of one sign count.
+        let conv = CodeBound {
+            index: vec![255, 10, 10, 255],
+            pair: vec![265, 265],
+            pairs: false,
+        };
+        let (mut codes, mut scales) = (start.clone(), s0);
+        assert_eq!(fix_saturation(&w, &mut codes, &mut scales, k, &conv), 2);
+        assert!(255 * (codes[0] + codes[3]) <= 32767);
     }
 }
