@@ -142,9 +142,18 @@ fn calib_child(name: &str, model: &str, batches: usize, smooth: bool) {
         use quench::passes::quantize_activations::smooth::{Strength, measure_and_smooth};
         let (sites, _) = plan(&m, &policy);
         let strength = policy.smooth.unwrap_or(Strength::Auto);
-        measure_and_smooth(&m, sites, strength, &mut set, rt, &session, spill.path())
-            .unwrap()
-            .1
+        measure_and_smooth(
+            &m,
+            sites,
+            strength,
+            policy.mode,
+            &mut set,
+            rt,
+            &session,
+            spill.path(),
+        )
+        .unwrap()
+        .1
     });
     let model = smoothed.as_ref().unwrap_or(&m);
     let (sites, _) = plan(model, &policy);

@@ -876,13 +876,14 @@ fn quantize_activations_cli(
         .prefix("quench-smoothed-")
         .tempdir()
         .context("cannot make a temporary folder for the smoothed model")?;
-    let (smoothing, smoothed) = match (policy.mode, policy.smooth) {
-        (Mode::Static, Some(strength)) => {
+    let (smoothing, smoothed) = match policy.smooth {
+        Some(strength) => {
             let (sites, _) = plan(reference, policy);
             let (s, m) = smooth::measure_and_smooth(
                 reference,
                 sites,
                 strength,
+                policy.mode,
                 &mut set,
                 rt,
                 &session,
@@ -890,7 +891,7 @@ fn quantize_activations_cli(
             )?;
             (Some(s), Some(m))
         }
-        _ => (None, None),
+        None => (None, None),
     };
     let model = smoothed.as_ref().unwrap_or(reference);
     // Static mode calibrates the ranges; both modes profile the codes the saturation guard bounds.

@@ -106,7 +106,9 @@ fn rxnmap_integer_matmuls() {
         );
         // w8a8 smooths the LayerNorm and GELU outputs' outlier channels into the weights: measured
         // cosine 0.99905 (ORT) and 0.99929 (tract) on these batches, 0.9986 without smoothing.
-        let floor = if recipe == "w8a8" { 0.998 } else { 0.995 };
+        // dynamic smooths the same groups (given calibration data): 0.99941 ORT on 8 batches, 0.99892
+        // without smoothing.
+        let floor = 0.998;
         for rt in ["tract", "ort"] {
             let c = r["retention"]["runtimes"][rt]["outputs"]["attention"]["cosine"]
                 .as_f64()
@@ -114,15 +116,18 @@ fn rxnmap_integer_matmuls() {
             eprintln!("rxnmap {recipe} in {rt}: cosine {c:.5}");
             assert!(c >= floor, "{recipe} in {rt}: cosine {c}");
         }
-        if recipe == "w8a8" {
+        {
             let groups = r["activations"]["smoothing"].as_array().unwrap();
             let smoothed = groups
                 .iter()
                 .filter(|g| g["scaled"].as_u64().unwrap() > 0)
                 .count();
             // 8 groups (each of the tied weights with its 7–8 layers' tensors).
-            assert_eq!(groups.len(), 8, "{groups:?}");
-            assert!(smoothed >= 4, "{smoothed} groups smoothed: {groups:?}");
+            assert_eq!(groups.len(), 8, "{recipe}: {groups:?}");
+            assert!(
+                smoothed >= 4,
+                "{recipe}: {smoothed} groups smoothed: {groups:?}"
+            );
         }
         let cross = r["retention"]["cross_runtime"]["candidate"]["attention"]["sqnr_db"]
             .as_f64()

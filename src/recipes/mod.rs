@@ -38,7 +38,7 @@
 //!   exclude: [ { op: [Gemm], node: "*head*", tensor: "re:...", role: [head], position: last } ]
 //!   fallback: { sqnr_db: 20, weight_sqnr_db: 30, cosine: 0.995, top1: 0.998 }
 //!   saturation: fix           # strict (any u8 input, not only the calibration data's codes) or ignore
-//!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (static)
+//!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (needs --calib)
 //!   gptq: true                # int8 weight codes by error feedback from the calibration data
 //! ```
 
@@ -646,11 +646,6 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
     };
     p.gptq = a.gptq.unwrap_or(false);
     if let Some(v) = &a.smooth {
-        if p.mode == Mode::Dynamic {
-            return Err(format!(
-                "{place}: `smooth` needs calibrated ranges (static mode)"
-            ));
-        }
         p.smooth = match v {
             serde_yaml::Value::String(x) if x == "auto" => Some(Strength::Auto),
             serde_yaml::Value::Bool(false) => None,
@@ -1099,12 +1094,18 @@ mod tests {
             let e = act(bad).unwrap_err();
             assert!(e.contains("smooth"), "{bad}: {e}");
         }
-        let e = Recipe::parse(
-            "t",
-            "defaults: { bits: 8 }\nactivations: { mode: dynamic, smooth: auto }\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("static"), "{e}");
+        // Dynamic mode smooths too (when given calibration data).
+        assert_eq!(
+            Recipe::parse(
+                "t",
+                "defaults: { bits: 8 }\nactivations: { mode: dynamic, smooth: auto }\n",
+            )
+            .unwrap()
+            .activations
+            .unwrap()
+            .smooth,
+            Some(Strength::Auto)
+        );
         assert_eq!(
             Recipe::load("w8a8").unwrap().activations.unwrap().smooth,
             Some(Strength::Auto)

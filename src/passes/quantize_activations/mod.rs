@@ -790,6 +790,13 @@ fn quantize_weight(
     })
 }
 
+/// Whether integer weights get one scale per output channel: static weights sit behind
+/// DequantizeLinear, per axis from opset 13; dynamic mode applies the weight scales with its own
+/// Mul, so it is per channel at any opset.
+pub fn weights_per_channel(model: &Model, mode: Mode) -> bool {
+    model.opset("").unwrap_or(1) >= 13 || mode == Mode::Dynamic
+}
+
 /// Whether the policy guards u8·s8 products against saturation for this target.
 fn guards_saturation(policy: &ActivationPolicy, target: Target) -> bool {
     policy.saturation != Saturation::Ignore && target != Target::Tract
@@ -983,9 +990,7 @@ pub fn apply(
             })
             .collect());
     }
-    // Static weights sit behind DequantizeLinear, per axis from opset 13; dynamic mode applies the
-    // weight scales with its own Mul, so it is per channel at any opset.
-    let per_channel = opset >= 13 || policy.mode == Mode::Dynamic;
+    let per_channel = weights_per_channel(model, policy.mode);
     let consts: HashMap<String, TensorProto> = constants(model)
         .into_iter()
         .filter(|c| !c.in_subgraph())
@@ -1492,6 +1497,11 @@ pub fn quantize_activations(
     let mut tensors = Vec::new();
     let mut ranges = BTreeMap::new();
     let mut notes = Vec::new();
+    if policy.smooth.is_some() && smoothing.is_none() {
+        notes.push(
+            "not smoothed: smoothing measures channel ranges on calibration data (--calib)".into(),
+        );
+    }
     if policy.mode == Mode::Static {
         let Some(calib) = calib else {
             anyhow::bail!("static activation quantization needs calibration data");

@@ -218,9 +218,17 @@ impl<'a> Smoothing<'a> {
         sites: Vec<Site>,
         stats: BTreeMap<(String, i64), ChannelStats>,
         strength: Strength,
+        mode: super::Mode,
     ) -> Result<(Smoothing<'a>, Model)> {
         let mut m = reference.clone();
-        let reports = smooth(&mut m, &sites, &stats, Decide::Search(strength))?;
+        let per_channel = super::weights_per_channel(reference, mode);
+        let reports = smooth(
+            &mut m,
+            &sites,
+            &stats,
+            Decide::Search(strength),
+            per_channel,
+        )?;
         let s = Smoothing {
             reference,
             sites,
@@ -239,12 +247,12 @@ impl<'a> Smoothing<'a> {
             .filter(|r| r.smoothed.iter().any(|t| integer(t)))
             .collect();
         let mut m = self.reference.clone();
-        smooth(&mut m, &self.sites, &self.stats, Decide::Given(&keep))?;
+        smooth(&mut m, &self.sites, &self.stats, Decide::Given(&keep), true)?;
         Ok(m)
     }
 }
 
-/// Smoothing as static quantization uses it: channel statistics of `reference` over `inputs`, every
+/// Smoothing as activation quantization uses it: channel statistics of `reference` over `inputs`, every
 /// group's factors decided, and the fully smoothed model, spilled into `folder` (see [`Model::spill`])
 /// so that its new weights are file pages rather than memory held beside a runtime's copy. The
 /// reference's weight pages are let go too (smoothing read them all).
@@ -252,6 +260,7 @@ pub fn measure_and_smooth<'a>(
     reference: &'a Model,
     sites: Vec<Site>,
     strength: Strength,
+    mode: super::Mode,
     inputs: &mut crate::exec::inputs::InputSet,
     runtime: crate::exec::RuntimeKind,
     session: &crate::exec::SessionOptions,
@@ -261,7 +270,7 @@ pub fn measure_and_smooth<'a>(
     let wanted = tensors_to_measure(reference, &sites);
     let stats = crate::calib::channel_stats(reference, &wanted, inputs, runtime, session)
         .context("measuring channel ranges for smoothing failed")?;
-    let (smoothing, mut smoothed) = Smoothing::new(reference, sites, stats, strength)?;
+    let (smoothing, mut smoothed) = Smoothing::new(reference, sites, stats, strength, mode)?;
     smoothed
         .spill(folder)
         .context("cannot write the smoothed weights")?;
@@ -280,16 +289,16 @@ pub enum Decide<'r> {
 }
 
 /// Smooths `model`'s sites given each measured tensor's channel statistics (keyed as
-/// [`tensors_to_measure`] names them), with factors as `decide` says. Returns what was done per
-/// group; the model is changed only where a group was smoothed.
+/// [`tensors_to_measure`] names them), with factors as `decide` says; a search estimates the weights'
+/// rounding with one scale per output channel when `per_channel`, else one per tensor. Returns what
+/// was done per group; the model is changed only where a group was smoothed.
 pub fn smooth(
     model: &mut Model,
     sites: &[Site],
     stats: &BTreeMap<(String, i64), ChannelStats>,
     decide: Decide,
+    per_channel: bool,
 ) -> Result<Vec<SmoothReport>> {
-    // Static weights get one scale per output channel from opset 13, one per tensor before.
-    let per_channel = model.opset("").unwrap_or(1) >= 13;
     let g = &model.graph;
     let consts = super::main_graph_constants(model);
     // Sites that can be smoothed, with their activation's maxima.
@@ -724,7 +733,14 @@ mod tests {
             })
             .collect();
         let mut m = reference.clone();
-        let reports = smooth(&mut m, &sites, &stats, Decide::Search(Strength::Alpha(0.5))).unwrap();
+        let reports = smooth(
+            &mut m,
+            &sites,
+            &stats,
+            Decide::Search(Strength::Alpha(0.5)),
+            true,
+        )
+        .unwrap();
         assert_eq!(reports.len(), 2, "{reports:?}");
         let tied = reports.iter().find(|r| r.tensors == ["a", "b"]).unwrap();
         assert_eq!(tied.weights, ["W"]);
@@ -765,10 +781,10 @@ mod tests {
         }
         // Given the decided factors the same model comes back; given none, the model as it was.
         let mut again = reference.clone();
-        smooth(&mut again, &sites, &stats, Decide::Given(&[tied])).unwrap();
+        smooth(&mut again, &sites, &stats, Decide::Given(&[tied]), true).unwrap();
         assert_eq!(again.to_proto(), m.to_proto());
         let mut same = reference.clone();
-        smooth(&mut same, &sites, &stats, Decide::Given(&[])).unwrap();
+        smooth(&mut same, &sites, &stats, Decide::Given(&[]), true).unwrap();
         assert_eq!(
             same.graph.node_ids().len(),
             reference.graph.node_ids().len()
@@ -790,7 +806,7 @@ mod tests {
             })
             .collect();
         let mut m = reference.clone();
-        let reports = smooth(&mut m, &sites, &stats, Decide::Search(Strength::Auto)).unwrap();
+        let reports = smooth(&mut m, &sites, &stats, Decide::Search(Strength::Auto), true).unwrap();
         let tied = reports.iter().find(|r| r.tensors == ["a", "b"]).unwrap();
         assert_eq!(tied.scaled, 0, "{tied:?}");
         assert!(tied.note.is_some());
