@@ -139,21 +139,11 @@ fn calib_child(name: &str, model: &str, batches: usize, smooth: bool) {
     };
     let spill = tempfile::tempdir().unwrap();
     let smoothed = smooth.then(|| {
-        use quench::passes::quantize_activations::smooth::{Strength, measure_and_smooth};
+        use quench::passes::quantize_activations::smooth::measure_and_smooth;
         let (sites, _) = plan(&m, &policy);
-        let strength = policy.smooth.unwrap_or(Strength::Auto);
-        measure_and_smooth(
-            &m,
-            sites,
-            strength,
-            policy.mode,
-            &mut set,
-            rt,
-            &session,
-            spill.path(),
-        )
-        .unwrap()
-        .1
+        measure_and_smooth(&m, sites, &policy, &mut set, rt, &session, spill.path())
+            .unwrap()
+            .1
     });
     let model = smoothed.as_ref().unwrap_or(&m);
     let (sites, _) = plan(model, &policy);

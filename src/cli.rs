@@ -877,13 +877,12 @@ fn quantize_activations_cli(
         .tempdir()
         .context("cannot make a temporary folder for the smoothed model")?;
     let (smoothing, smoothed) = match policy.smooth {
-        Some(strength) => {
+        Some(_) => {
             let (sites, _) = plan(reference, policy);
             let (s, m) = smooth::measure_and_smooth(
                 reference,
                 sites,
-                strength,
-                policy.mode,
+                policy,
                 &mut set,
                 rt,
                 &session,

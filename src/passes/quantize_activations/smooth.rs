@@ -259,8 +259,7 @@ impl<'a> Smoothing<'a> {
 pub fn measure_and_smooth<'a>(
     reference: &'a Model,
     sites: Vec<Site>,
-    strength: Strength,
-    mode: super::Mode,
+    policy: &super::ActivationPolicy,
     inputs: &mut crate::exec::inputs::InputSet,
     runtime: crate::exec::RuntimeKind,
     session: &crate::exec::SessionOptions,
@@ -270,7 +269,8 @@ pub fn measure_and_smooth<'a>(
     let wanted = tensors_to_measure(reference, &sites);
     let stats = crate::calib::channel_stats(reference, &wanted, inputs, runtime, session)
         .context("measuring channel ranges for smoothing failed")?;
-    let (smoothing, mut smoothed) = Smoothing::new(reference, sites, stats, strength, mode)?;
+    let strength = policy.smooth.unwrap_or(Strength::Auto);
+    let (smoothing, mut smoothed) = Smoothing::new(reference, sites, stats, strength, policy.mode)?;
     smoothed
         .spill(folder)
         .context("cannot write the smoothed weights")?;
