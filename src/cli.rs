@@ -802,32 +802,46 @@ fn gptq_or_nearest(
     args: &QuantizeArgs,
     reference: &Model,
     spec: Vec<InputSpec>,
-    recipe: &quench::recipes::Recipe,
+    policy: &dyn quench::passes::quantize_weights::WeightPolicy,
     energy: Option<&quench::passes::quantize_weights::importance::ChannelEnergy>,
     with_gptq: &Model,
     notes: &mut Vec<String>,
 ) -> Result<Option<(Model, quench::passes::quantize_weights::WeightReport)>> {
+    let mut plain = reference.clone();
+    let report = quantize_weights_checked(&mut plain, policy, args.target, energy, None)?;
+    let keep = gptq_beats_nearest(args, reference, spec, with_gptq, &plain, notes)?;
+    Ok((!keep).then_some((plain, report)))
+}
+
+/// Whether the model built with gptq rounding has the closer worst output to the float model's than
+/// the one rounded to nearest, on the calibration batches (up to 32); a note gives both figures.
+fn gptq_beats_nearest(
+    args: &QuantizeArgs,
+    reference: &Model,
+    spec: Vec<InputSpec>,
+    with_gptq: &Model,
+    nearest: &Model,
+    notes: &mut Vec<String>,
+) -> Result<bool> {
     let ca = calib_input_args(&args.input, &args.cal);
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
     let mut set = ca.open(reference, spec)?;
-    let mut plain = reference.clone();
-    let report = quantize_weights_checked(&mut plain, recipe, args.target, energy, None)?;
     let check = quench::calib::OutputCheck::new(reference, &mut set, 32, rt, &session)
         .context("scoring gptq against nearest rounding")?;
     let (fed, near) = (
         check.retention(with_gptq, None)?,
-        check.retention(&plain, None)?,
+        check.retention(nearest, None)?,
     );
     let db = |nsr: f64| -10.0 * nsr.max(1e-30).log10();
-    let drop = near.nsr < fed.nsr;
+    let keep = fed.nsr <= near.nsr;
     notes.push(format!(
         "gptq {}: on the calibration data the output SQNR is {:.2} dB with it, {:.2} dB rounded \
          to nearest",
-        if drop { "dropped" } else { "kept" },
+        if keep { "kept" } else { "dropped" },
         db(fed.nsr),
         db(near.nsr)
     ));
-    Ok(drop.then_some((plain, report)))
+    Ok(keep)
 }
 
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on

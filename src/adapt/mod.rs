@@ -1131,8 +1131,9 @@ impl<'s> Allocation<'s> {
     }
 
     /// The allocation as a recipe: one rule per site, in the model's order, then float for
-    /// anything else. Replayed with the same calibration data it builds the same model.
-    pub fn recipe_yaml(&self, choice: &[usize], header: &str) -> String {
+    /// anything else; with `gptq`, its schemes [`with_gptq`]. Replayed with the same calibration
+    /// data it builds the same model.
+    pub fn recipe_yaml(&self, choice: &[usize], header: &str, gptq: bool) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         for line in header.lines() {
@@ -1162,6 +1163,7 @@ impl<'s> Allocation<'s> {
             );
             match opt.scheme {
                 Some(s) => {
+                    let s = if gptq { with_gptq(s) } else { s };
                     let _ = writeln!(out, "    scheme: {}", scheme_yaml(&s));
                 }
                 None => {
@@ -1180,6 +1182,33 @@ fn nsr(o: &SiteOption) -> f64 {
 
 /// A fixed decision per weight name (sites not listed stay float).
 pub struct Assignment(pub BTreeMap<String, Decision>);
+
+/// The scheme with error-compensating rounding where it takes it: scalar formats with scales per
+/// channel or block and no dead zone (see [`crate::quant::gptq`]).
+pub fn with_gptq(mut s: WeightScheme) -> WeightScheme {
+    s.gptq = s.format != crate::quant::scheme::Format::Vq
+        && s.dead_zone.is_none()
+        && s.granularity != crate::quant::int::Granularity::PerTensor;
+    s
+}
+
+impl Assignment {
+    /// The same decisions, each scheme [`with_gptq`].
+    pub fn with_gptq(&self) -> Assignment {
+        Assignment(
+            self.0
+                .iter()
+                .map(|(w, d)| {
+                    let d = match d {
+                        Decision::Quantize(s) => Decision::Quantize(with_gptq(*s)),
+                        other => other.clone(),
+                    };
+                    (w.clone(), d)
+                })
+                .collect(),
+        )
+    }
+}
 
 impl WeightPolicy for Assignment {
     fn decide(&self, site: &SiteInfo) -> Decision {
@@ -1309,7 +1338,7 @@ mod tests {
         assert_eq!(c, vec![2, 1]);
         assert_eq!(a.within_budget(8.0 * 150.0 / 200.0), Ok(vec![2, 1]));
         assert!(a.within_budget(1.0).is_err());
-        let y = a.recipe_yaml(&a.at(1), "test");
+        let y = a.recipe_yaml(&a.at(1), "test", false);
         let r = Recipe::parse("alloc", &y).unwrap();
         assert!(r.allocate.is_none());
     }

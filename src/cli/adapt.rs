@@ -338,6 +338,7 @@ pub fn allocate(
         rt: &args.rt,
     };
     let (sens, mut ws, calib_probe) = run_sensitivity(&setup, reference, spec.clone(), recipe)?;
+    let calib_spec = spec.clone();
     println!("{}", render_sensitivity(&sens));
 
     // The evaluation batches: --eval / --eval-random, else the calibration batches.
@@ -418,6 +419,46 @@ pub fn allocate(
             built = measure_built(&model, &probe)?;
         }
     }
+    // Error-compensating rounding for the built allocation's scalar sites: the codes change, not the
+    // size. Kept when it is closer to the float model both on the calibration data (as a replay of
+    // the written recipe decides) and on the evaluation data.
+    let mut gptq = false;
+    let fed_policy = alloc.policy(&choice).with_gptq();
+    let requests = quench::passes::quantize_weights::hessian_requests(reference, &fed_policy);
+    if !requests.is_empty() {
+        let ca = calib_input_args(&args.input, &args.cal);
+        let (rt, session) = calib_runtime(&args.cal, &args.rt);
+        let mut set = ca.open(reference, calib_spec.clone())?;
+        let hessians = quench::calib::hessians(reference, &requests, &mut set, rt, &session)
+            .context("measuring the input Hessians for gptq failed")?;
+        let mut fed = reference.clone();
+        let fed_report = super::quantize_weights_checked(
+            &mut fed,
+            &fed_policy,
+            args.target,
+            energy,
+            Some(&hessians),
+        )?;
+        if fed_report
+            .sites
+            .iter()
+            .any(|s| s.scheme.is_some_and(|x| x.gptq))
+            && super::gptq_beats_nearest(args, reference, calib_spec, &fed, &model, notes)?
+        {
+            let score = measure_built(&fed, &probe)?;
+            if score.value(metric) >= built.value(metric) {
+                (model, report, built, gptq) = (fed, fed_report, score, true);
+            } else {
+                notes.push(format!(
+                    "gptq dropped: on the evaluation data {} {:.5} with it, {:.5} rounded to \
+                     nearest",
+                    adapt::metric_name(metric),
+                    score.value(metric),
+                    built.value(metric)
+                ));
+            }
+        }
+    }
     alloc.record(&choice, "final", Some(built));
     let met = match a.goal {
         Goal::Retention(t) => built.value(metric) >= t,
@@ -479,7 +520,10 @@ pub fn allocate(
         adapt::metric_name(metric),
         recipe_path.display()
     );
-    quench::util::write_atomic(&recipe_path, alloc.recipe_yaml(&choice, &header).as_bytes())?;
+    quench::util::write_atomic(
+        &recipe_path,
+        alloc.recipe_yaml(&choice, &header, gptq).as_bytes(),
+    )?;
     println!("wrote {}", recipe_path.display());
 
     let sites: Vec<serde_json::Value> = sens
@@ -511,6 +555,7 @@ pub fn allocate(
         "measured_on": if args.goal.eval.is_some() || args.goal.eval_random.is_some() { "evaluation data" } else { "calibration data" },
         "evaluation_batches": eval_batches,
         "repairs": repairs,
+        "gptq": gptq,
         "bits_per_weight": report_bpw(&report, &sens),
         "recipe": recipe_path,
         "sites": sites,
