@@ -860,21 +860,40 @@ fn quantize_activations_cli(
     use quench::passes::quantize_activations::{
         Mode, plan, profile_requests, quantize_activations, smooth, tensors_to_calibrate,
     };
+    // Per-channel affine ops after a Conv go into its weight and bias first; candidates are still
+    // checked against the model as given.
+    let mut fold_note = None;
+    let folded;
+    let base: &Model = if policy.fold {
+        let mut m = reference.clone();
+        let r = quench::passes::Pass::run(&quench::passes::FoldAffine, &mut m)?;
+        if r.changed {
+            fold_note = r.changes.first().cloned();
+            folded = m;
+            &folded
+        } else {
+            reference
+        }
+    } else {
+        reference
+    };
+    let with_note = |(m, mut r): (
+        Model,
+        quench::passes::quantize_activations::ActivationReport,
+    )| {
+        if let Some(n) = &fold_note {
+            r.notes.insert(0, n.clone());
+        }
+        (m, r)
+    };
     let ca = calib_input_args(&args.input, &args.cal);
     if ca.inputs.is_none() && ca.random.is_none() {
         if policy.mode == Mode::Dynamic {
             let mut none = |_: &Model, _: Option<usize>| -> Result<quench::calib::Retention> {
                 unreachable!("without calibration data nothing is scored")
             };
-            return quantize_activations(
-                reference,
-                None,
-                policy,
-                args.target,
-                None,
-                finish,
-                &mut none,
-            );
+            return quantize_activations(base, None, policy, args.target, None, finish, &mut none)
+                .map(with_note);
         }
         bail!(
             "recipe {} quantizes activations statically: give calibration data with --calib DATA \
@@ -892,9 +911,9 @@ fn quantize_activations_cli(
         .context("cannot make a temporary folder for the smoothed model")?;
     let (smoothing, smoothed) = match policy.smooth {
         Some(_) => {
-            let (sites, _) = plan(reference, policy);
+            let (sites, _) = plan(base, policy);
             let (s, m) = smooth::measure_and_smooth(
-                reference,
+                base,
                 sites,
                 policy,
                 &mut set,
@@ -906,7 +925,7 @@ fn quantize_activations_cli(
         }
         None => (None, None),
     };
-    let model = smoothed.as_ref().unwrap_or(reference);
+    let model = smoothed.as_ref().unwrap_or(base);
     // Static mode calibrates the ranges; both modes profile the codes the saturation guard bounds.
     let mut calib = {
         let (sites, _) = plan(model, policy);
@@ -939,6 +958,7 @@ fn quantize_activations_cli(
         finish,
         &mut score,
     )
+    .map(with_note)
 }
 
 /// One line per activation site, then the float tensors with why and the fallback checks.

@@ -332,3 +332,217 @@ fn saturation_guard_bounds_the_codes_the_data_gives() {
         cross(&r)
     );
 }
+
+/// A float input of a fixed shape.
+fn shaped_input(name: &str, dims: &[i64]) -> quench::onnx::pb::ValueInfoProto {
+    use quench::onnx::pb::{TensorShapeProto, TypeProto, tensor_shape_proto, type_proto};
+    quench::onnx::pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Per-channel affine ops after a Conv (a scalar Mul written first, a per-channel Add, a
+/// BatchNormalization, a Sub) are folded into its weight and bias: exactly (float weights, nothing
+/// integer), and in W8A8 every integer Conv then writes a quantized output (right after it, or after
+/// the Relu that onnxruntime drops into it), which is what onnxruntime fuses into QLinearConv.
+#[test]
+fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
+    if !ort_ready() {
+        return;
+    }
+    use quench::onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto};
+    let f32s = |v: Vec<f32>| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let wave = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.5)
+            .collect()
+    };
+    let node = |op: &str, name: &str, inputs: &[&str], output: &str| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    let mut conv_a = node("Conv", "conv_a", &["x", "wa", "ba"], "a");
+    conv_a.attribute.push(AttributeProto {
+        name: "pads".into(),
+        r#type: Some(7),
+        ints: vec![1, 1, 1, 1],
+        ..Default::default()
+    });
+    let bn_var: Vec<f32> = (0..5).map(|i| 0.5 + 0.25 * i as f32).collect();
+    let graph = GraphProto {
+        name: Some("affine".into()),
+        node: vec![
+            conv_a,
+            node("Mul", "scale_a", &["sa", "a"], "a1"),
+            node("Add", "shift_a", &["a1", "ta"], "a2"),
+            node("Relu", "relu_a", &["a2"], "r"),
+            node("Conv", "conv_b", &["r", "wb"], "b"),
+            node(
+                "BatchNormalization",
+                "bn_b",
+                &["b", "g", "beta", "mean", "var"],
+                "b1",
+            ),
+            node("Sub", "shift_b", &["b1", "tb"], "b2"),
+            node("Relu", "relu_b", &["b2"], "r2"),
+            node("GlobalAveragePool", "pool", &["r2"], "y"),
+        ],
+        initializer: vec![
+            raw_tensor("wa", 1, &[6, 4, 3, 3], f32s(wave(216, 1))),
+            raw_tensor("ba", 1, &[6], f32s(wave(6, 2))),
+            raw_tensor("sa", 1, &[1], f32s(vec![1.7])),
+            raw_tensor("ta", 1, &[1, 6, 1, 1], f32s(wave(6, 3))),
+            raw_tensor("wb", 1, &[5, 6, 1, 1], f32s(wave(30, 4))),
+            raw_tensor(
+                "g",
+                1,
+                &[5],
+                f32s(wave(5, 5).iter().map(|v| v + 1.0).collect()),
+            ),
+            raw_tensor("beta", 1, &[5], f32s(wave(5, 6))),
+            raw_tensor("mean", 1, &[5], f32s(wave(5, 7))),
+            raw_tensor("var", 1, &[5], f32s(bn_var)),
+            raw_tensor("tb", 1, &[5, 1, 1], f32s(wave(5, 8))),
+        ],
+        input: vec![shaped_input("x", &[1, 4, 8, 8])],
+        output: vec![value_info("y", 1)],
+        ..Default::default()
+    };
+    let dir = tempdir();
+    let model = dir.path().join("affine.onnx");
+    std::fs::write(&model, prost::Message::encode_to_vec(&model_of(graph))).unwrap();
+    let recipe = |name: &str, extra: &str, weights: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "description: {name}\n\
+                 defaults: {{ bits: 8, granularity: channel, symmetric: true }}\n\
+                 {weights}\
+                 activations:\n  mode: static\n  ops: [Conv]\n  outputs: [Conv]\n  \
+                 fallback: {{ sqnr_db: 0, cosine: 0, top1: 0 }}\n{extra}"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let run = |recipe: &std::path::Path, name: &str| -> (Value, ModelProto) {
+        let out = dir.path().join(format!("{name}.onnx"));
+        let json = dir.path().join(format!("{name}.json"));
+        let o = quench(&[
+            "quantize",
+            &model.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+            "--recipe",
+            &recipe.display().to_string(),
+            "--target",
+            "ort",
+            "--calib-random",
+            "8",
+            "--random",
+            "4",
+            "--report",
+            &json.display().to_string(),
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr_of(&o));
+        let bytes = std::fs::read(&out).unwrap();
+        (
+            report(&json),
+            prost::Message::decode(bytes.as_slice()).unwrap(),
+        )
+    };
+    let ops = |m: &ModelProto| -> Vec<String> {
+        m.graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type().to_string())
+            .collect()
+    };
+    let sqnr = |r: &Value, rt: &str| {
+        r["retention"]["runtimes"][rt]["outputs"]["y"]["sqnr_db"]
+            .as_f64()
+            .unwrap()
+    };
+
+    // Folded, nothing integer (every Conv excluded, every weight kept float): the same function.
+    let float = recipe(
+        "fold-only",
+        "  exclude: [ { op: [Conv] } ]\n",
+        "rules:\n  - match: { max_elements: 1000000 }\n    skip: true\n",
+    );
+    let (r, m) = run(&float, "fold-only");
+    let kinds = ops(&m);
+    for gone in ["Mul", "Add", "Sub", "BatchNormalization"] {
+        assert!(!kinds.iter().any(|k| k == gone), "{gone} left: {kinds:?}");
+    }
+    let notes = r["activations"]["notes"].to_string();
+    assert!(
+        notes.contains("folded 4 per-channel ops into 2 Conv"),
+        "{notes}"
+    );
+    for rt in ["tract", "ort"] {
+        assert!(sqnr(&r, rt) > 100.0, "folding in {rt}: {} dB", sqnr(&r, rt));
+    }
+
+    // W8A8: both Convs integer, each writing a quantized output onnxruntime can fuse.
+    let (r, m) = run(&recipe("w8a8-toy", "", ""), "w8a8-toy");
+    assert_eq!(r["activations"]["quantized"], 2, "{}", r["activations"]);
+    let g = m.graph.as_ref().unwrap();
+    let readers = |v: &str| -> Vec<&NodeProto> {
+        g.node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == v))
+            .collect()
+    };
+    let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
+    for conv in g.node.iter().filter(|n| n.op_type() == "Conv") {
+        assert_eq!(
+            producer(&conv.input[0]).map(|n| n.op_type()),
+            Some("DequantizeLinear")
+        );
+        assert_eq!(
+            producer(&conv.input[1]).map(|n| n.op_type()),
+            Some("DequantizeLinear")
+        );
+        let after = readers(&conv.output[0]);
+        let quantized = match after.as_slice() {
+            [q] if q.op_type() == "QuantizeLinear" => true,
+            [relu] if relu.op_type() == "Relu" => readers(&relu.output[0])
+                .iter()
+                .all(|q| q.op_type() == "QuantizeLinear"),
+            _ => false,
+        };
+        assert!(
+            quantized,
+            "{}: output read by {:?}",
+            conv.name(),
+            after.iter().map(|n| n.op_type()).collect::<Vec<_>>()
+        );
+    }
+    for rt in ["tract", "ort"] {
+        eprintln!("affine toy w8a8 in {rt}: {:.1} dB", sqnr(&r, rt));
+        assert!(sqnr(&r, rt) > 25.0, "w8a8 in {rt}: {} dB", sqnr(&r, rt));
+    }
+}

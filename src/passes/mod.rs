@@ -4,12 +4,14 @@
 //! debug and test builds, on request otherwise).
 
 mod dce;
+mod fold;
 pub mod quantize_activations;
 pub mod quantize_weights;
 pub mod roles;
 mod toposort;
 
 pub use dce::DeadNodeElimination;
+pub use fold::FoldAffine;
 pub use quantize_weights::QuantizeWeights;
 pub use toposort::TopologicalSort;
 

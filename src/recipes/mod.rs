@@ -40,6 +40,7 @@
 //!   saturation: fix           # strict (any u8 input, not only the calibration data's codes) or ignore
 //!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (needs --calib)
 //!   gptq: true                # int8 weight codes by error feedback from the calibration data
+//!   fold: true                # fold BatchNormalization / per-channel Mul, Add after a Conv into it
 //! ```
 
 use std::path::Path;
@@ -180,6 +181,8 @@ pub struct ActivationSpec {
     pub smooth: Option<serde_yaml::Value>,
     /// Error-compensating rounding of the int8 weights (needs calibration data).
     pub gptq: Option<bool>,
+    /// Fold per-channel affine ops after a Conv into its weight and bias first.
+    pub fold: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -645,6 +648,7 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
         }
     };
     p.gptq = a.gptq.unwrap_or(false);
+    p.fold = a.fold.unwrap_or(true);
     if let Some(v) = &a.smooth {
         p.smooth = match v {
             serde_yaml::Value::String(x) if x == "auto" => Some(Strength::Auto),

@@ -158,6 +158,9 @@ pub struct ActivationPolicy {
     /// Choose the int8 weight codes by error-compensating rounding against the calibration data's
     /// input Hessian ([`crate::quant::gptq`]) where calibration gives one.
     pub gptq: bool,
+    /// Fold per-channel affine ops after a Conv into its weight and bias before anything else
+    /// ([`crate::passes::FoldAffine`]).
+    pub fold: bool,
 }
 
 impl Default for ActivationPolicy {
@@ -177,6 +180,7 @@ impl Default for ActivationPolicy {
             saturation: Saturation::Fix,
             smooth: None,
             gptq: false,
+            fold: true,
         }
     }
 }
@@ -291,7 +295,7 @@ pub struct FallbackCheck {
     pub retention: Retention,
 }
 
-fn is_std(domain: &str) -> bool {
+pub(crate) fn is_std(domain: &str) -> bool {
     matches!(domain, "" | "ai.onnx")
 }
 
@@ -434,10 +438,13 @@ pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteRep
         if policy.mode == Mode::Static
             && policy.outputs.iter().any(|o| o == &n.op_type)
             && let Some(Some(out)) = n.outputs().first()
-            && !g.is_output(*out)
-            && !g.value(*out).uses().is_empty()
         {
-            site.output = Some(g.value_name(*out).to_string());
+            let out = rectified(g, *out, &consts)
+                .filter(|&r| !g.is_output(r))
+                .unwrap_or(*out);
+            if !g.is_output(out) && !g.value(out).uses().is_empty() {
+                site.output = Some(g.value_name(out).to_string());
+            }
         }
         if policy.mode == Mode::Dynamic
             && n.outputs()
@@ -475,6 +482,41 @@ pub fn plan(model: &Model, policy: &ActivationPolicy) -> (Vec<Site>, Vec<SiteRep
         }
     }
     (kept, declined)
+}
+
+/// The output of the `Relu` (or `Clip` from 0) that alone reads `v`: quantizing there rather than at
+/// `v` gives the range's lower half to nothing the model keeps, and lets onnxruntime drop the
+/// activation into the product (it removes a Relu or Clip whose range the `QuantizeLinear` after it
+/// already clamps to).
+fn rectified(
+    g: &crate::ir::Graph,
+    v: crate::ir::ValueId,
+    consts: &HashMap<String, crate::ir::ConstantRef>,
+) -> Option<crate::ir::ValueId> {
+    let [u] = g.value(v).uses() else { return None };
+    if g.is_output(v) || u.slot != crate::ir::Slot::Input(0) {
+        return None;
+    }
+    let n = g.node(u.node);
+    if !is_std(&n.domain) {
+        return None;
+    }
+    let from_zero = match n.op_type.as_str() {
+        "Relu" => true,
+        "Clip" => match n.input(1) {
+            Some(m) => consts
+                .get(g.value_name(m))
+                .and_then(|c| to_f32(&c.tensor).ok())
+                .is_some_and(|v| v.len() == 1 && v[0] == 0.0),
+            // Before opset 11 the bounds are attributes (min defaults to the lowest float).
+            None => n.inputs().len() == 1 && float_attr(n, "min") == Some(0.0),
+        },
+        _ => false,
+    };
+    if !from_zero {
+        return None;
+    }
+    n.outputs().first().copied().flatten()
 }
 
 fn float_attr(n: &crate::ir::Node, name: &str) -> Option<f32> {
@@ -962,6 +1004,50 @@ fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
 
 /// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
 /// sites reading a tensor without one stay float.
+/// A tensor's `QuantizeLinear → DequantizeLinear` pair: returns (decoded value, scale constant). With
+/// `every_reader`, every reader of `t` reads the decoded value.
+fn static_pair(
+    patch: &mut Patch,
+    names: &mut crate::ir::Names,
+    t: &str,
+    (s, z): (f32, u8),
+    every_reader: bool,
+) -> Vec<String> {
+    let b = t.replace(['/', ':'], "_");
+    let sc = patch.constant(
+        names,
+        &format!("{b}_scale"),
+        scalar(DataType::Float, s.to_le_bytes().to_vec()),
+    );
+    let zp = patch.constant(
+        names,
+        &format!("{b}_zero_point"),
+        scalar(DataType::Uint8, vec![z]),
+    );
+    let q = patch.node(
+        names,
+        &format!("{b}_quantize"),
+        "QuantizeLinear",
+        "",
+        &[Some(t), Some(&sc), Some(&zp)],
+        1,
+        vec![],
+    );
+    let dq = patch.node(
+        names,
+        &format!("{b}_dequantize"),
+        "DequantizeLinear",
+        "",
+        &[Some(&q[0]), Some(&sc), Some(&zp)],
+        1,
+        vec![],
+    );
+    if every_reader {
+        patch.replace_all_uses(t, &dq[0]);
+    }
+    vec![dq[0].clone(), sc]
+}
+
 pub fn apply(
     model: &mut Model,
     sites: &[Site],
@@ -969,7 +1055,8 @@ pub fn apply(
     policy: &ActivationPolicy,
     target: Target,
     calib: Option<&Calibration>,
-) -> Result<Vec<SiteReport>> {
+    exact: bool,
+) -> Result<(Vec<SiteReport>, BTreeSet<String>)> {
     let hessians = calib.map(|c| &c.hessians).filter(|_| policy.gptq);
     let opset = model.opset("").unwrap_or(1);
     let need = match policy.mode {
@@ -977,7 +1064,7 @@ pub fn apply(
         Mode::Dynamic => 11,
     };
     if opset < need {
-        return Ok(sites
+        let reports = sites
             .iter()
             .map(|s| {
                 float_site(
@@ -988,7 +1075,8 @@ pub fn apply(
                     ),
                 )
             })
-            .collect());
+            .collect();
+        return Ok((reports, BTreeSet::new()));
     }
     let per_channel = weights_per_channel(model, policy.mode);
     let consts: HashMap<String, TensorProto> = constants(model)
@@ -1004,11 +1092,22 @@ pub fn apply(
     let mut patch = Patch::new(format!("quantize-activations/{:?}", policy.mode).to_lowercase());
     let names = &mut model.names;
     let g = &model.graph;
-    // Tensors whose every reader reads the quantized pair.
+    // A static Conv computes in integers only when its output is quantized too: onnxruntime fuses
+    // DequantizeLinear → Conv → QuantizeLinear into QLinearConv, but runs a Conv whose output stays
+    // float in float (dequantizing its weight on every run), and tract runs QDQ in float. Such a Conv
+    // stays float. With `exact` (measuring tensors alone) the tensors in `ranges` are quantized
+    // wherever they are.
+    let output_float = |s: &Site| {
+        policy.mode == Mode::Static
+            && s.op_type == "Conv"
+            && !s.output.as_deref().is_some_and(|o| ranges.contains_key(o))
+    };
+    let inputs_quantized = |s: &Site| s.activations.iter().all(|(_, t)| ranges.contains_key(t));
+    // Tensors whose every reader reads the quantized pair: outputs of integer sites.
     // (A site whose inputs stay float keeps a float output: a pair there would only cost.)
     let all_readers: BTreeSet<&str> = sites
         .iter()
-        .filter(|s| s.activations.iter().all(|(_, t)| ranges.contains_key(t)))
+        .filter(|s| exact || (inputs_quantized(s) && !output_float(s)))
         .filter_map(|s| s.output.as_deref())
         .filter(|o| ranges.contains_key(*o))
         .collect();
@@ -1033,46 +1132,31 @@ pub fn apply(
             ));
             continue;
         }
+        if !exact && output_float(site) {
+            let why = match &site.output {
+                Some(o) => format!("its output '{o}' stays float"),
+                None => "its output is not quantized".into(),
+            };
+            reports.push(float_site(
+                site,
+                format!(
+                    "{why}, and a Conv between DequantizeLinear and a float output runs in float \
+                     (onnxruntime fuses QLinearConv only up to a QuantizeLinear)"
+                ),
+            ));
+            continue;
+        }
         let node = g.node(site.node);
         let mut acts = Vec::new();
         for (slot, t) in &site.activations {
             let made = pairs.entry(t.clone()).or_insert_with(|| match policy.mode {
-                Mode::Static => {
-                    let (s, z) = ranges[t].u8_params(policy.symmetric);
-                    let b = base(t);
-                    let sc = patch.constant(
-                        names,
-                        &format!("{b}_scale"),
-                        scalar(DataType::Float, s.to_le_bytes().to_vec()),
-                    );
-                    let zp = patch.constant(
-                        names,
-                        &format!("{b}_zero_point"),
-                        scalar(DataType::Uint8, vec![z]),
-                    );
-                    let q = patch.node(
-                        names,
-                        &format!("{b}_quantize"),
-                        "QuantizeLinear",
-                        "",
-                        &[Some(t), Some(&sc), Some(&zp)],
-                        1,
-                        vec![],
-                    );
-                    let dq = patch.node(
-                        names,
-                        &format!("{b}_dequantize"),
-                        "DequantizeLinear",
-                        "",
-                        &[Some(&q[0]), Some(&sc), Some(&zp)],
-                        1,
-                        vec![],
-                    );
-                    if all_readers.contains(t.as_str()) {
-                        patch.replace_all_uses(t, &dq[0]);
-                    }
-                    vec![dq[0].clone(), sc]
-                }
+                Mode::Static => static_pair(
+                    &mut patch,
+                    names,
+                    t,
+                    ranges[t].u8_params(policy.symmetric),
+                    all_readers.contains(t.as_str()),
+                ),
                 Mode::Dynamic => patch.node(
                     names,
                     &format!("{}_dynamic_quantize", base(t)),
@@ -1463,11 +1547,26 @@ pub fn apply(
         }
         reports.push(report);
     }
+    // Quantized outputs no later site reads as its activation get their pair here.
+    if policy.mode == Mode::Static {
+        for o in &all_readers {
+            if !pairs.contains_key(*o) {
+                let made = static_pair(
+                    &mut patch,
+                    names,
+                    o,
+                    ranges[*o].u8_params(policy.symmetric),
+                    true,
+                );
+                pairs.insert(o.to_string(), made);
+            }
+        }
+    }
     model.graph.apply(patch)?;
     if model.graph.outputs().is_empty() {
         return Err(Error::Model("the graph lost its outputs".into()));
     }
-    Ok(reports)
+    Ok((reports, pairs.into_keys().collect()))
 }
 
 /// Check batches a tensor's cost alone is measured on (the whole candidate uses all of them).
@@ -1572,17 +1671,18 @@ pub fn quantize_activations(
         }
     }
     let build = |ranges: &BTreeMap<String, Range>,
+                 exact: bool,
                  finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>|
-     -> anyhow::Result<(Model, Vec<SiteReport>)> {
+     -> anyhow::Result<(Model, Vec<SiteReport>, BTreeSet<String>)> {
         let mut m = match smoothing {
             Some(s) => s.model_for(&|t| ranges.contains_key(t))?,
             None => model.clone(),
         };
-        let reports = apply(&mut m, &sites, ranges, policy, target, calib)?;
+        let (reports, paired) = apply(&mut m, &sites, ranges, policy, target, calib, exact)?;
         finish(&mut m)?;
-        Ok((m, reports))
+        Ok((m, reports, paired))
     };
-    let (mut candidate, mut reports) = build(&ranges, finish)?;
+    let (mut candidate, mut reports, mut paired) = build(&ranges, false, finish)?;
     let mut checks = Vec::new();
     let meets = |r: &Retention| {
         policy.min_cosine.is_none_or(|m| r.cosine >= m)
@@ -1615,7 +1715,7 @@ pub fn quantize_activations(
                     for t in quantized {
                         let one: BTreeMap<String, Range> =
                             [(t.clone(), ranges[&t])].into_iter().collect();
-                        let (m, _) = build(&one, finish)?;
+                        let (m, _, _) = build(&one, true, finish)?;
                         let r = score(&m, Some(ALONE_BATCHES))?;
                         let c = (1.0 - r.cosine) + r.top1.map_or(0.0, |t| 1.0 - t);
                         if let Some(rep) = tensors.iter_mut().find(|x| x.name == t) {
@@ -1660,7 +1760,14 @@ pub fn quantize_activations(
             if next >= 8 {
                 step *= 2;
             }
-            (candidate, reports) = build(&ranges, finish)?;
+            (candidate, reports, paired) = build(&ranges, false, finish)?;
+        }
+    }
+    // Tensors with a range that no integer site reads or writes (their Conv stayed float).
+    for t in tensors.iter_mut() {
+        if t.quantized && !paired.contains(&t.name) {
+            t.quantized = false;
+            t.note = Some("float: no site that reads or writes it is integer".into());
         }
     }
     reports.extend(declined);
