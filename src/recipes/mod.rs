@@ -1083,6 +1083,15 @@ mod tests {
     }
 
     #[test]
+    fn fold_is_on_unless_turned_off() {
+        let fold = |text: &str| Recipe::parse("t", text).map(|r| r.activations.unwrap().fold);
+        assert!(fold("defaults: { bits: 8 }\nactivations: { mode: static }\n").unwrap());
+        assert!(!fold("defaults: { bits: 8 }\nactivations: { fold: false }\n").unwrap());
+        let e = fold("defaults: { bits: 8 }\nactivations: { fold: sometimes }\n").unwrap_err();
+        assert!(e.contains("fold"), "{e}");
+    }
+
+    #[test]
     fn smooth_takes_auto_false_or_a_strength() {
         let act = |v: &str| {
             Recipe::parse(
