@@ -357,8 +357,8 @@ fn shaped_input(name: &str, dims: &[i64]) -> quench::onnx::pb::ValueInfoProto {
     }
 }
 
-/// Per-channel affine ops after a Conv (a scalar Mul written first, a per-channel Add, a
-/// BatchNormalization, a Sub) are folded into its weight and bias: exactly (float weights, nothing
+/// Per-channel affine ops after a Conv (a BatchNormalization, a scalar Mul written first, a
+/// per-channel Add, a Sub) are folded into its weight and bias: exactly (float weights, nothing
 /// integer), and in W8A8 every integer Conv then writes a quantized output (right after it, or after
 /// the Relu that onnxruntime drops into it), which is what onnxruntime fuses into QLinearConv.
 #[test]
@@ -387,41 +387,42 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
         ints: vec![1, 1, 1, 1],
         ..Default::default()
     });
-    let bn_var: Vec<f32> = (0..5).map(|i| 0.5 + 0.25 * i as f32).collect();
+    let bn_var: Vec<f32> = (0..6).map(|i| 0.5 + 0.25 * i as f32).collect();
+    // conv_a → BatchNormalization → conv_b (no bias) → Mul (scalar first) → Add → Sub → Relu → pool:
+    // conv_b is rebuilt with a bias, after the BatchNormalization it reads is gone.
     let graph = GraphProto {
         name: Some("affine".into()),
         node: vec![
             conv_a,
-            node("Mul", "scale_a", &["sa", "a"], "a1"),
-            node("Add", "shift_a", &["a1", "ta"], "a2"),
-            node("Relu", "relu_a", &["a2"], "r"),
-            node("Conv", "conv_b", &["r", "wb"], "b"),
             node(
                 "BatchNormalization",
-                "bn_b",
-                &["b", "g", "beta", "mean", "var"],
-                "b1",
+                "bn_a",
+                &["a", "g", "beta", "mean", "var"],
+                "a1",
             ),
-            node("Sub", "shift_b", &["b1", "tb"], "b2"),
-            node("Relu", "relu_b", &["b2"], "r2"),
-            node("GlobalAveragePool", "pool", &["r2"], "y"),
+            node("Conv", "conv_b", &["a1", "wb"], "b"),
+            node("Mul", "scale_b", &["sb", "b"], "b1"),
+            node("Add", "shift_b", &["b1", "tb"], "b2"),
+            node("Sub", "unshift_b", &["b2", "ub"], "b3"),
+            node("Relu", "relu_b", &["b3"], "r"),
+            node("GlobalAveragePool", "pool", &["r"], "y"),
         ],
         initializer: vec![
             raw_tensor("wa", 1, &[6, 4, 3, 3], f32s(wave(216, 1))),
             raw_tensor("ba", 1, &[6], f32s(wave(6, 2))),
-            raw_tensor("sa", 1, &[1], f32s(vec![1.7])),
-            raw_tensor("ta", 1, &[1, 6, 1, 1], f32s(wave(6, 3))),
-            raw_tensor("wb", 1, &[5, 6, 1, 1], f32s(wave(30, 4))),
             raw_tensor(
                 "g",
                 1,
-                &[5],
-                f32s(wave(5, 5).iter().map(|v| v + 1.0).collect()),
+                &[6],
+                f32s(wave(6, 5).iter().map(|v| v + 1.0).collect()),
             ),
-            raw_tensor("beta", 1, &[5], f32s(wave(5, 6))),
-            raw_tensor("mean", 1, &[5], f32s(wave(5, 7))),
-            raw_tensor("var", 1, &[5], f32s(bn_var)),
-            raw_tensor("tb", 1, &[5, 1, 1], f32s(wave(5, 8))),
+            raw_tensor("beta", 1, &[6], f32s(wave(6, 6))),
+            raw_tensor("mean", 1, &[6], f32s(wave(6, 7))),
+            raw_tensor("var", 1, &[6], f32s(bn_var)),
+            raw_tensor("wb", 1, &[5, 6, 1, 1], f32s(wave(30, 4))),
+            raw_tensor("sb", 1, &[1], f32s(vec![1.7])),
+            raw_tensor("tb", 1, &[1, 5, 1, 1], f32s(wave(5, 3))),
+            raw_tensor("ub", 1, &[5, 1, 1], f32s(wave(5, 8))),
         ],
         input: vec![shaped_input("x", &[1, 4, 8, 8])],
         output: vec![value_info("y", 1)],

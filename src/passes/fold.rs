@@ -55,15 +55,24 @@ impl Pass for FoldAffine {
                 })
                 .map(|(id, _)| id)
                 .collect();
-            for conv in convs {
-                let Some(fold) = foldable(g, conv, &consts) else {
-                    continue;
-                };
-                if touched.contains(&fold.reader) {
+            let folds: Vec<(NodeId, Fold)> = convs
+                .into_iter()
+                .filter_map(|c| foldable(g, c, &consts).map(|f| (c, f)))
+                .collect();
+            // A Conv without a bias is rebuilt; its new node must not read the output of a node
+            // this round removes (the reroute covers only existing readers), so it waits a round.
+            let readers: HashSet<NodeId> = folds.iter().map(|(_, f)| f.reader).collect();
+            for (conv, fold) in folds {
+                let n = g.node(conv);
+                if touched.contains(&fold.reader)
+                    || (n.input(2).is_none()
+                        && n.input(0)
+                            .and_then(|x| g.value(x).producer())
+                            .is_some_and(|(p, _)| readers.contains(&p)))
+                {
                     continue;
                 }
                 touched.insert(fold.reader);
-                let n = g.node(conv);
                 let names = &mut model.names;
                 let w_name = g.value_name(n.input(1).expect("checked"));
                 let base = w_name.replace(['/', ':'], "_");
