@@ -388,8 +388,9 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
         ..Default::default()
     });
     let bn_var: Vec<f32> = (0..6).map(|i| 0.5 + 0.25 * i as f32).collect();
-    // conv_a → BatchNormalization → conv_b (no bias) → Mul (scalar first) → Add → Sub → Relu → pool:
-    // conv_b is rebuilt with a bias, after the BatchNormalization it reads is gone.
+    // conv_a → BatchNormalization → conv_b (no bias) → Mul (scalar first) → Add → Sub → Relu →
+    // conv_c (no bias, nothing to fold) → pool: conv_b is rebuilt with a bias, after the
+    // BatchNormalization it reads is gone.
     let graph = GraphProto {
         name: Some("affine".into()),
         node: vec![
@@ -405,7 +406,8 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
             node("Add", "shift_b", &["b1", "tb"], "b2"),
             node("Sub", "unshift_b", &["b2", "ub"], "b3"),
             node("Relu", "relu_b", &["b3"], "r"),
-            node("GlobalAveragePool", "pool", &["r"], "y"),
+            node("Conv", "conv_c", &["r", "wc"], "c"),
+            node("GlobalAveragePool", "pool", &["c"], "y"),
         ],
         initializer: vec![
             raw_tensor("wa", 1, &[6, 4, 3, 3], f32s(wave(216, 1))),
@@ -423,6 +425,7 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
             raw_tensor("sb", 1, &[1], f32s(vec![1.7])),
             raw_tensor("tb", 1, &[1, 5, 1, 1], f32s(wave(5, 3))),
             raw_tensor("ub", 1, &[5, 1, 1], f32s(wave(5, 8))),
+            raw_tensor("wc", 1, &[3, 5, 1, 1], f32s(wave(15, 9))),
         ],
         input: vec![shaped_input("x", &[1, 4, 8, 8])],
         output: vec![value_info("y", 1)],
@@ -430,7 +433,12 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
     };
     let dir = tempdir();
     let model = dir.path().join("affine.onnx");
-    std::fs::write(&model, prost::Message::encode_to_vec(&model_of(graph))).unwrap();
+    let mut proto = model_of(graph);
+    std::fs::write(&model, prost::Message::encode_to_vec(&proto)).unwrap();
+    // Below opset 13 a QDQ weight has one scale: integer Convs become QLinearConv (per channel).
+    let model12 = dir.path().join("affine12.onnx");
+    proto.opset_import[0].version = Some(12);
+    std::fs::write(&model12, prost::Message::encode_to_vec(&proto)).unwrap();
     let recipe = |name: &str, extra: &str, weights: &str| {
         let path = dir.path().join(format!("{name}.yaml"));
         std::fs::write(
@@ -446,32 +454,33 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
         .unwrap();
         path
     };
-    let run = |recipe: &std::path::Path, name: &str| -> (Value, ModelProto) {
-        let out = dir.path().join(format!("{name}.onnx"));
-        let json = dir.path().join(format!("{name}.json"));
-        let o = quench(&[
-            "quantize",
-            &model.display().to_string(),
-            "-o",
-            &out.display().to_string(),
-            "--recipe",
-            &recipe.display().to_string(),
-            "--target",
-            "ort",
-            "--calib-random",
-            "8",
-            "--random",
-            "4",
-            "--report",
-            &json.display().to_string(),
-        ]);
-        assert!(o.status.success(), "{name}: {}", stderr_of(&o));
-        let bytes = std::fs::read(&out).unwrap();
-        (
-            report(&json),
-            prost::Message::decode(bytes.as_slice()).unwrap(),
-        )
-    };
+    let run =
+        |model: &std::path::Path, recipe: &std::path::Path, name: &str| -> (Value, ModelProto) {
+            let out = dir.path().join(format!("{name}.onnx"));
+            let json = dir.path().join(format!("{name}.json"));
+            let o = quench(&[
+                "quantize",
+                &model.display().to_string(),
+                "-o",
+                &out.display().to_string(),
+                "--recipe",
+                &recipe.display().to_string(),
+                "--target",
+                "ort",
+                "--calib-random",
+                "8",
+                "--random",
+                "4",
+                "--report",
+                &json.display().to_string(),
+            ]);
+            assert!(o.status.success(), "{name}: {}", stderr_of(&o));
+            let bytes = std::fs::read(&out).unwrap();
+            (
+                report(&json),
+                prost::Message::decode(bytes.as_slice()).unwrap(),
+            )
+        };
     let ops = |m: &ModelProto| -> Vec<String> {
         m.graph
             .as_ref()
@@ -493,7 +502,7 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
         "  exclude: [ { op: [Conv] } ]\n",
         "rules:\n  - match: { max_elements: 1000000 }\n    skip: true\n",
     );
-    let (r, m) = run(&float, "fold-only");
+    let (r, m) = run(&model, &float, "fold-only");
     let kinds = ops(&m);
     for gone in ["Mul", "Add", "Sub", "BatchNormalization"] {
         assert!(!kinds.iter().any(|k| k == gone), "{gone} left: {kinds:?}");
@@ -507,9 +516,10 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
         assert!(sqnr(&r, rt) > 100.0, "folding in {rt}: {} dB", sqnr(&r, rt));
     }
 
-    // W8A8: both Convs integer, each writing a quantized output onnxruntime can fuse.
-    let (r, m) = run(&recipe("w8a8-toy", "", ""), "w8a8-toy");
-    assert_eq!(r["activations"]["quantized"], 2, "{}", r["activations"]);
+    // W8A8: every Conv integer, each writing a quantized output onnxruntime can fuse.
+    let w8a8 = recipe("w8a8-toy", "", "");
+    let (r, m) = run(&model, &w8a8, "w8a8-toy");
+    assert_eq!(r["activations"]["quantized"], 3, "{}", r["activations"]);
     let g = m.graph.as_ref().unwrap();
     let readers = |v: &str| -> Vec<&NodeProto> {
         g.node
@@ -545,5 +555,37 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
     for rt in ["tract", "ort"] {
         eprintln!("affine toy w8a8 in {rt}: {:.1} dB", sqnr(&r, rt));
         assert!(sqnr(&r, rt) > 25.0, "w8a8 in {rt}: {} dB", sqnr(&r, rt));
+    }
+
+    // Opset 12: QLinearConv with a weight scale per output channel; the Relu goes into conv_b's.
+    let (r, m) = run(&model12, &w8a8, "w8a8-toy-12");
+    assert_eq!(r["activations"]["quantized"], 3, "{}", r["activations"]);
+    let g = m.graph.as_ref().unwrap();
+    let kinds: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+    assert!(
+        !kinds.contains(&"Conv") && !kinds.contains(&"Relu"),
+        "{kinds:?}"
+    );
+    let qconvs: Vec<&NodeProto> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "QLinearConv")
+        .collect();
+    assert_eq!(qconvs.len(), 3, "{kinds:?}");
+    assert_eq!(qconvs[2].input.len(), 8, "conv_c has no bias");
+    for (q, channels) in qconvs.iter().zip([6, 5, 3]) {
+        let w_scale = g.initializer.iter().find(|t| t.name == q.input[4]).unwrap();
+        assert_eq!(w_scale.dims, vec![channels], "{}", q.name());
+    }
+    for rt in ["tract", "ort"] {
+        eprintln!(
+            "affine toy w8a8 at opset 12 in {rt}: {:.1} dB",
+            sqnr(&r, rt)
+        );
+        assert!(
+            sqnr(&r, rt) > 25.0,
+            "opset 12 w8a8 in {rt}: {} dB",
+            sqnr(&r, rt)
+        );
     }
 }

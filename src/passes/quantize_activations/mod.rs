@@ -3,10 +3,11 @@
 //! - **Static W8A8** ([`Mode::Static`]): each quantized activation tensor gets one
 //!   `QuantizeLinear → DequantizeLinear` pair (u8, one scale and zero point from calibration) shared by
 //!   its quantized readers; weights become int8 symmetric per output channel behind a
-//!   `DequantizeLinear` (per tensor below opset 13); Conv/Gemm biases become int32 with scale
-//!   `s_x·s_w`. The outputs of the op types the policy names are quantized too (every reader then reads
-//!   the pair), which is what lets onnxruntime fuse a group into QLinearConv/QLinearMatMul; a MatMul with
-//!   float output becomes MatMulIntegerToFloat.
+//!   `DequantizeLinear` (per tensor below opset 13, where an integer Conv is written as QLinearConv
+//!   with per-channel weight scales instead); Conv/Gemm biases become int32 with scale `s_x·s_w`. The
+//!   outputs of the op types the policy names are quantized too (every reader then reads the pair),
+//!   which is what lets onnxruntime fuse a group into QLinearConv/QLinearMatMul; a Conv whose output
+//!   stays float stays float altogether. A MatMul with float output becomes MatMulIntegerToFloat.
 //! - **Dynamic int8** ([`Mode::Dynamic`]): `DynamicQuantizeLinear` per activation tensor (shared), then
 //!   `MatMulInteger` (int8 weights) or `ConvInteger` (uint8 weights, zero point 128) → `Cast` →
 //!   `Mul(s_x·s_w)` (→ `Add` bias): the pattern onnxruntime fuses into DynamicQuantizeMatMul, and that
@@ -749,6 +750,7 @@ fn quantize_weight(
     per_channel: bool,
     guard: Option<&CodeBound>,
     hessian: Option<&crate::quant::gptq::Hessian>,
+    min_scales: Option<&[f32]>,
 ) -> std::result::Result<QWeight, String> {
     let w = to_f32(t)?;
     let (rows, channels, k) = to_rows(&w, &t.dims, layout);
@@ -812,6 +814,19 @@ fn quantize_weight(
                 }
                 fixed = channels;
             }
+        }
+    }
+    // Scales below a floor (where the int32 bias at scale s_x·s_w would overflow) are raised to it.
+    if let Some(min) = min_scales.filter(|m| m.len() == channels) {
+        for (c, &m) in min.iter().enumerate() {
+            let at = if per_channel { c } else { 0 };
+            if scales[at] < m {
+                scales[at] = m;
+            }
+        }
+        for (i, (q, &x)) in codes.iter_mut().zip(&rows).enumerate() {
+            let s = scales[if per_channel { i / k.max(1) } else { 0 }];
+            *q = ((x / s).round() as i32).clamp(-127, 127);
         }
     }
     let decoded: Vec<f32> = codes
@@ -1004,8 +1019,8 @@ fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
 
 /// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
 /// sites reading a tensor without one stay float.
-/// A tensor's `QuantizeLinear → DequantizeLinear` pair: returns (decoded value, scale constant). With
-/// `every_reader`, every reader of `t` reads the decoded value.
+/// A tensor's `QuantizeLinear → DequantizeLinear` pair: returns (decoded value, scale, codes, zero
+/// point). With `every_reader`, every reader of `t` reads the decoded value.
 fn static_pair(
     patch: &mut Patch,
     names: &mut crate::ir::Names,
@@ -1045,7 +1060,7 @@ fn static_pair(
     if every_reader {
         patch.replace_all_uses(t, &dq[0]);
     }
-    vec![dq[0].clone(), sc]
+    vec![dq[0].clone(), sc, q[0].clone(), zp]
 }
 
 pub fn apply(
@@ -1117,6 +1132,8 @@ pub fn apply(
     // A weight read by several sites is stored once per layout (static: its DequantizeLinear output;
     // dynamic: its integer constant).
     let mut quantized_weights: HashMap<(String, Layout), String> = HashMap::new();
+    // Static Conv weights of QLinearConv nodes (below opset 13): codes, scales, zero points.
+    let mut qlinear_weights: HashMap<String, (String, String, String)> = HashMap::new();
     let base = |s: &str| s.replace(['/', ':'], "_");
     // Dynamic mode: outputs of replaced nodes → the values that now hold them.
     let mut renamed: HashMap<String, String> = HashMap::new();
@@ -1188,7 +1205,36 @@ pub fn apply(
         let key = (wname.clone(), site.layout);
         let hessian = hessians.and_then(|h| h.get(wname));
         let guard = guards.get(&key);
-        let qw = match quantize_weight(wt, site.layout, per_channel, guard.map(|g| &g.0), hessian) {
+        // Below opset 13 a QDQ weight has one scale; an integer Conv is then written as
+        // QLinearConv, whose weight scale is per output channel at any opset.
+        // When the quantized output is a Relu's (or Clip's) after the Conv, the node replaces both:
+        // only when the codes cannot go below zero, so that they clamp as the Relu did.
+        let qlinear = policy.mode == Mode::Static
+            && !per_channel
+            && site.op_type == "Conv"
+            && site.output.as_deref().is_some_and(|o| {
+                all_readers.contains(o)
+                    && (ranges[o].u8_params(policy.symmetric).1 == 0
+                        || g.value_id(o)
+                            .and_then(|v| g.value(v).producer())
+                            .is_some_and(|(p, _)| p == site.node))
+            });
+        // Weight scales so small that the int32 bias (scale s_x·s_w) would overflow are raised.
+        let min_scales: Option<Vec<f32>> = match (&site.bias, policy.mode) {
+            (Some((_, bname)), Mode::Static) => to_f32(&consts[bname]).ok().map(|b| {
+                let sx = ranges[&site.activations[0].1].u8_params(policy.symmetric).0;
+                b.iter().map(|v| v.abs() / (sx * 2.0e9)).collect()
+            }),
+            _ => None,
+        };
+        let qw = match quantize_weight(
+            wt,
+            site.layout,
+            per_channel || qlinear,
+            guard.map(|g| &g.0),
+            hessian,
+            min_scales.as_deref(),
+        ) {
             Ok(q) => q,
             Err(e) => {
                 reports.push(float_site(site, format!("weight '{wname}': {e}")));
@@ -1196,7 +1242,7 @@ pub fn apply(
             }
         };
         if qw.nearest_sqnr_db < policy.min_weight_sqnr_db {
-            let why = if per_channel {
+            let why = if per_channel || qlinear {
                 String::new()
             } else {
                 format!(
@@ -1233,6 +1279,124 @@ pub fn apply(
             ..float_site(site, String::new())
         };
         report.note = None;
+        if qlinear {
+            let out = site.output.as_deref().expect("checked");
+            let (xq, xs, xz) = (&acts[0].1[2], &acts[0].1[1], &acts[0].1[3]);
+            let sx = ranges[&site.activations[0].1].u8_params(policy.symmetric).0;
+            let m = qw.scales.len();
+            let (wq, ws, wz) = qlinear_weights
+                .entry(wname.clone())
+                .or_insert_with(|| {
+                    let codes: Vec<u8> = qw.codes.iter().map(|&c| c as i8 as u8).collect();
+                    (
+                        patch.constant(
+                            names,
+                            &format!("{wb}_quantized"),
+                            tensor(DataType::Int8, &qw.dims, codes),
+                        ),
+                        patch.constant(
+                            names,
+                            &format!("{wb}_scale"),
+                            f32_tensor(&[m as i64], &qw.scales),
+                        ),
+                        patch.constant(
+                            names,
+                            &format!("{wb}_zero_point"),
+                            tensor(DataType::Int8, &[m as i64], vec![0; m]),
+                        ),
+                    )
+                })
+                .clone();
+            let (ys_v, yz_v) = ranges[out].u8_params(policy.symmetric);
+            let ob = base(out);
+            let ys = patch.constant(
+                names,
+                &format!("{ob}_scale"),
+                scalar(DataType::Float, ys_v.to_le_bytes().to_vec()),
+            );
+            let yz = patch.constant(
+                names,
+                &format!("{ob}_zero_point"),
+                scalar(DataType::Uint8, vec![yz_v]),
+            );
+            // The bias as int32 with scale s_x·s_w per channel and zero point 0.
+            let bias = site.bias.as_ref().and_then(|(_, bname)| {
+                let b = to_f32(&consts[bname]).ok()?;
+                let codes: Vec<i64> = b
+                    .iter()
+                    .zip(&qw.scales)
+                    .map(|(v, sw)| (v / (sx * sw)).round() as i64)
+                    .collect();
+                (b.len() == m && codes.iter().all(|c| i32::try_from(*c).is_ok())).then(|| {
+                    let raw: Vec<u8> = codes
+                        .iter()
+                        .flat_map(|&c| (c as i32).to_le_bytes())
+                        .collect();
+                    patch.constant(
+                        names,
+                        &format!("{}_quantized", base(bname)),
+                        tensor(DataType::Int32, &[m as i64], raw),
+                    )
+                })
+            });
+            if site.bias.is_some() && bias.is_none() {
+                reports.push(float_site(
+                    site,
+                    "its bias does not fit int32 at scale s_x·s_w".into(),
+                ));
+                continue;
+            }
+            let attrs: Vec<AttributeProto> =
+                node.attributes().iter().map(|a| a.proto.clone()).collect();
+            let mut inputs = vec![
+                Some(xq.as_str()),
+                Some(xs),
+                Some(xz),
+                Some(&wq),
+                Some(&ws),
+                Some(&wz),
+                Some(&ys),
+                Some(&yz),
+            ];
+            // No empty trailing slot for a missing bias (tract counts it as an input).
+            if let Some(b) = &bias {
+                inputs.push(Some(b));
+            }
+            let yq = patch.node(
+                names,
+                &format!("{}_qlinear", base(&site.name)),
+                "QLinearConv",
+                "",
+                &inputs,
+                1,
+                attrs,
+            );
+            let dq = patch.node(
+                names,
+                &format!("{ob}_dequantize"),
+                "DequantizeLinear",
+                "",
+                &[Some(&yq[0]), Some(&ys), Some(&yz)],
+                1,
+                vec![],
+            );
+            patch.replace_all_uses(out, &dq[0]);
+            patch.remove_node(site.node);
+            // A Relu/Clip between the Conv and its quantized output: the codes' range clamps as it did.
+            if let Some(v) = g.value_id(out)
+                && let Some((p, _)) = g.value(v).producer()
+                && p != site.node
+            {
+                patch.remove_node(p);
+            }
+            pairs.insert(out.to_string(), vec![dq[0].clone(), ys, yq[0].clone(), yz]);
+            report.form = Some(
+                "QLinearConv (w int8 per channel; QDQ has one weight scale below opset 13) → Q/DQ output"
+                    .into(),
+            );
+            reports.push(report);
+            continue;
+        }
         match policy.mode {
             Mode::Static => {
                 let wdq = quantized_weights
