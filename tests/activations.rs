@@ -333,30 +333,6 @@ fn saturation_guard_bounds_the_codes_the_data_gives() {
     );
 }
 
-/// A float input of a fixed shape.
-fn shaped_input(name: &str, dims: &[i64]) -> quench::onnx::pb::ValueInfoProto {
-    use quench::onnx::pb::{TensorShapeProto, TypeProto, tensor_shape_proto, type_proto};
-    quench::onnx::pb::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: 1,
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// Per-channel affine ops after a Conv (a BatchNormalization, a scalar Mul written first, a
 /// per-channel Add, a Sub) are folded into its weight and bias: exactly (float weights, nothing
 /// integer), and in W8A8 every integer Conv then writes a quantized output (right after it, or after
@@ -427,7 +403,11 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
             raw_tensor("ub", 1, &[5, 1, 1], f32s(wave(5, 8))),
             raw_tensor("wc", 1, &[3, 5, 1, 1], f32s(wave(15, 9))),
         ],
-        input: vec![shaped_input("x", &[1, 4, 8, 8])],
+        input: vec![quench::onnx::tensor::tensor_value_info(
+            "x",
+            1,
+            &[1, 4, 8, 8],
+        )],
         output: vec![value_info("y", 1)],
         ..Default::default()
     };

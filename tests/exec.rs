@@ -280,9 +280,71 @@ fn symbolic_dims_and_integer_ranges_must_be_given() {
         .unwrap();
     let err = tract.run(&bad).expect_err("out-of-range ids");
     assert!(
-        format!("{err:#}").contains("tract failed to run"),
+        format!("{err:#}").contains("tract failed to run")
+            && format!("{err:#}").contains("tract panicked"),
         "{err:#}"
     );
+}
+
+/// tract's analysis indexes a QLinearConv's inputs by their count in the file, so an empty trailing
+/// bias slot makes it panic while optimising; quench reports an error (exit 1), not an abort.
+#[test]
+fn a_panic_in_tract_analysis_is_an_error() {
+    use quench::onnx::pb::{GraphProto, NodeProto};
+    let node = |op: &str, inputs: &[&str], output: &str| NodeProto {
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("qlinear".into()),
+        node: vec![
+            node("QuantizeLinear", &["x", "s", "z"], "xq"),
+            node(
+                "QLinearConv",
+                &["xq", "s", "z", "w", "s", "wz", "s", "z", ""],
+                "yq",
+            ),
+            node("DequantizeLinear", &["yq", "s", "z"], "y"),
+        ],
+        initializer: vec![
+            raw_tensor("s", 1, &[], 0.05f32.to_le_bytes().to_vec()),
+            raw_tensor("z", 2, &[], vec![128]),
+            raw_tensor("w", 3, &[2, 3, 1, 1], vec![1, 2, 3, 4, 5, 6]),
+            raw_tensor("wz", 3, &[], vec![0]),
+        ],
+        input: vec![quench::onnx::tensor::tensor_value_info(
+            "x",
+            1,
+            &[1, 3, 4, 4],
+        )],
+        output: vec![value_info("y", 1)],
+        ..Default::default()
+    };
+    let mut model = model_of(graph);
+    model.opset_import[0].version = Some(12);
+    let dir = tempdir();
+    let path = dir.path().join("qlinear.onnx");
+    std::fs::write(&path, prost::Message::encode_to_vec(&model)).unwrap();
+    let out = dir.path().join("out.npz");
+    let o = quench(&[
+        "run",
+        &path.display().to_string(),
+        "--random",
+        "1",
+        "--runtime",
+        "tract",
+        "-o",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("tract panicked"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -31,6 +31,26 @@ pub struct TractSession {
     rewrites: Option<super::tract_kernels::Rewrites>,
 }
 
+/// Runs a tract step, turning a panic inside tract (some of its analysis and kernels index without
+/// checking, e.g. a Conv with an unexpected input count, a Gather with an out-of-range id) into an
+/// error that says what was being done.
+fn guarded<T>(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> tract_onnx::prelude::TractResult<T>,
+) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| anyhow!("{}: {e:#}", what())),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            bail!("{} (tract panicked: {msg})", what())
+        }
+    }
+}
+
 fn onnx() -> tract_onnx::Onnx {
     tract_onnx::onnx().with_ignore_value_info(true)
 }
@@ -53,9 +73,10 @@ impl TractSession {
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
         }
-        let parsed = onnx
-            .model_for_proto_model(&proto)
-            .map_err(|e| anyhow!("tract cannot load {}: {e:#}", model.label))?;
+        let parsed = guarded(
+            || format!("tract cannot load {}", model.label),
+            || onnx.model_for_proto_model(&proto),
+        )?;
         drop(proto);
         let input_names = model
             .inputs
@@ -102,12 +123,15 @@ impl TractSession {
             let fact = InferenceFact::dt_shape(datum_type(t), t.shape());
             model.set_input_fact(i, fact)?;
         }
-        let typed = model.into_optimized().map_err(|e| {
-            anyhow!(
-                "tract cannot optimise {} for input shapes {shapes:?}: {e:#}",
-                self.label
-            )
-        })?;
+        let typed = guarded(
+            || {
+                format!(
+                    "tract cannot optimise {} for input shapes {shapes:?}",
+                    self.label
+                )
+            },
+            || model.into_optimized(),
+        )?;
         let options = RunOptions {
             executor: self.executor.clone(),
             ..Default::default()
@@ -148,21 +172,10 @@ impl Session for TractSession {
         let values: TVec<TValue> = ordered.iter().map(|t| to_tract(t).into()).collect();
         // Some tract kernels index without checking (e.g. Gather with an out-of-range id): a panic there
         // is the input's fault and becomes an error, not an abort.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(values)));
-        let outputs = match run {
-            Ok(r) => r.map_err(|e| anyhow!("tract failed to run {}: {e:#}", self.label))?,
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                bail!(
-                    "tract failed to run {} (an input value out of the model's range?): {msg}",
-                    self.label
-                )
-            }
-        };
+        let outputs = guarded(
+            || format!("tract failed to run {}", self.label),
+            || plan.run(values),
+        )?;
         if outputs.len() != self.output_names.len() {
             bail!(
                 "tract returned {} outputs for {} declared",

@@ -1019,6 +1019,26 @@ fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
 
 /// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
 /// sites reading a tensor without one stay float.
+/// The scalar scale and u8 zero point constants of a tensor's codes, named after `base`.
+fn u8_constants(
+    patch: &mut Patch,
+    names: &mut crate::ir::Names,
+    base: &str,
+    (s, z): (f32, u8),
+) -> (String, String) {
+    let sc = patch.constant(
+        names,
+        &format!("{base}_scale"),
+        scalar(DataType::Float, s.to_le_bytes().to_vec()),
+    );
+    let zp = patch.constant(
+        names,
+        &format!("{base}_zero_point"),
+        scalar(DataType::Uint8, vec![z]),
+    );
+    (sc, zp)
+}
+
 /// A tensor's `QuantizeLinear → DequantizeLinear` pair: returns (decoded value, scale, codes, zero
 /// point). With `every_reader`, every reader of `t` reads the decoded value.
 fn static_pair(
@@ -1029,16 +1049,7 @@ fn static_pair(
     every_reader: bool,
 ) -> Vec<String> {
     let b = t.replace(['/', ':'], "_");
-    let sc = patch.constant(
-        names,
-        &format!("{b}_scale"),
-        scalar(DataType::Float, s.to_le_bytes().to_vec()),
-    );
-    let zp = patch.constant(
-        names,
-        &format!("{b}_zero_point"),
-        scalar(DataType::Uint8, vec![z]),
-    );
+    let (sc, zp) = u8_constants(patch, names, &b, (s, z));
     let q = patch.node(
         names,
         &format!("{b}_quantize"),
@@ -1307,17 +1318,12 @@ pub fn apply(
                     )
                 })
                 .clone();
-            let (ys_v, yz_v) = ranges[out].u8_params(policy.symmetric);
             let ob = base(out);
-            let ys = patch.constant(
+            let (ys, yz) = u8_constants(
+                &mut patch,
                 names,
-                &format!("{ob}_scale"),
-                scalar(DataType::Float, ys_v.to_le_bytes().to_vec()),
-            );
-            let yz = patch.constant(
-                names,
-                &format!("{ob}_zero_point"),
-                scalar(DataType::Uint8, vec![yz_v]),
+                &ob,
+                ranges[out].u8_params(policy.symmetric),
             );
             // The bias as int32 with scale s_x·s_w per channel and zero point 0.
             let bias = site.bias.as_ref().and_then(|(_, bname)| {
