@@ -50,6 +50,11 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
         // non-zero together, so the saturation guard, bounded by the calibrated codes, widens none of
         // its channels (for any u8 input it would widen 62 of 64).
         for s in r["activations"]["sites"].as_array().unwrap() {
+            // onnxruntime's ConvInteger is slower than its fp32 Conv: dynamic keeps the Conv float.
+            if recipe == "dynamic" && s["op_type"] == "Conv" {
+                assert!(s["form"].is_null(), "{s}");
+                assert!(s["note"].as_str().unwrap().contains("ConvInteger"), "{s}");
+            }
             if s["node"].as_str().unwrap().contains("Dense_0") && !s["form"].is_null() {
                 assert_eq!(s["saturation_bound"], "calibrated", "{recipe}: {s}");
                 assert_eq!(s["saturation_channels"], 0, "{recipe}: {s}");

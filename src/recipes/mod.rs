@@ -41,6 +41,7 @@
 //!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (needs --calib)
 //!   gptq: true                # int8 weight codes by error feedback from the calibration data
 //!   fold: true                # fold BatchNormalization / per-channel Mul, Add after a Conv into it
+//!   conv_integer: false       # dynamic: ConvInteger for onnxruntime too (slower than fp32 there)
 //! ```
 
 use std::path::Path;
@@ -183,6 +184,8 @@ pub struct ActivationSpec {
     pub gptq: Option<bool>,
     /// Fold per-channel affine ops after a Conv into its weight and bias first.
     pub fold: Option<bool>,
+    /// Dynamic mode: ConvInteger for onnxruntime targets too.
+    pub conv_integer: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -649,6 +652,7 @@ fn activation_policy(a: &ActivationSpec, place: &str) -> Result<ActivationPolicy
     };
     p.gptq = a.gptq.unwrap_or(false);
     p.fold = a.fold.unwrap_or(true);
+    p.conv_integer = a.conv_integer.unwrap_or(false);
     if let Some(v) = &a.smooth {
         p.smooth = match v {
             serde_yaml::Value::String(x) if x == "auto" => Some(Strength::Auto),
@@ -1089,6 +1093,13 @@ mod tests {
         assert!(!fold("defaults: { bits: 8 }\nactivations: { fold: false }\n").unwrap());
         let e = fold("defaults: { bits: 8 }\nactivations: { fold: sometimes }\n").unwrap_err();
         assert!(e.contains("fold"), "{e}");
+        let conv =
+            |text: &str| Recipe::parse("t", text).map(|r| r.activations.unwrap().conv_integer);
+        assert!(!conv("defaults: { bits: 8 }\nactivations: { mode: dynamic }\n").unwrap());
+        assert!(
+            conv("defaults: { bits: 8 }\nactivations: { mode: dynamic, conv_integer: true }\n")
+                .unwrap()
+        );
     }
 
     #[test]

@@ -162,6 +162,8 @@ pub struct ActivationPolicy {
     /// Fold per-channel affine ops after a Conv into its weight and bias before anything else
     /// ([`crate::passes::FoldAffine`]).
     pub fold: bool,
+    /// Dynamic mode: Conv sites become ConvInteger for targets other than tract too.
+    pub conv_integer: bool,
 }
 
 impl Default for ActivationPolicy {
@@ -182,6 +184,7 @@ impl Default for ActivationPolicy {
             smooth: None,
             gptq: false,
             fold: true,
+            conv_integer: false,
         }
     }
 }
@@ -1762,7 +1765,23 @@ pub fn quantize_activations(
     finish: &mut dyn FnMut(&mut Model) -> anyhow::Result<()>,
     score: &mut dyn FnMut(&Model, Option<usize>) -> anyhow::Result<Retention>,
 ) -> anyhow::Result<(Model, ActivationReport)> {
-    let (sites, declined) = plan(model, policy);
+    let (mut sites, mut declined) = plan(model, policy);
+    // onnxruntime's ConvInteger is im2col, a u8 product and separate Cast/Mul/Add passes over the
+    // output: slower than its fp32 Conv (measured 2.2× on magika's Conv, 1.6× on PP-OCR det's), so
+    // dynamic Convs are integer only for tract (quench's kernels) or when the recipe asks.
+    if policy.mode == Mode::Dynamic && target != Target::Tract && !policy.conv_integer {
+        let (conv, rest): (Vec<Site>, Vec<Site>) =
+            sites.into_iter().partition(|s| s.op_type == "Conv");
+        sites = rest;
+        declined.extend(conv.iter().map(|s| {
+            float_site(
+                s,
+                "dynamic Conv stays float for onnxruntime: its ConvInteger runs slower than fp32 \
+                 Conv (conv_integer: true asks for it; --target tract runs it on quench's kernels)"
+                    .into(),
+            )
+        }));
+    }
     let mut tensors = Vec::new();
     let mut ranges = BTreeMap::new();
     let mut notes = Vec::new();
