@@ -820,16 +820,21 @@ fn quantize_weight(
         }
     }
     // Scales below a floor (where the int32 bias at scale s_x·s_w would overflow) are raised to it.
+    // Only the raised rows are rounded again (the others keep their codes, error feedback's too).
     if let Some(min) = min_scales.filter(|m| m.len() == channels) {
+        let mut raised = vec![false; scales.len()];
         for (c, &m) in min.iter().enumerate() {
             let at = if per_channel { c } else { 0 };
             if scales[at] < m {
                 scales[at] = m;
+                raised[at] = true;
             }
         }
         for (i, (q, &x)) in codes.iter_mut().zip(&rows).enumerate() {
-            let s = scales[if per_channel { i / k.max(1) } else { 0 }];
-            *q = ((x / s).round() as i32).clamp(-127, 127);
+            let at = if per_channel { i / k.max(1) } else { 0 };
+            if raised[at] {
+                *q = ((x / scales[at]).round() as i32).clamp(-127, 127);
+            }
         }
     }
     let decoded: Vec<f32> = codes
@@ -1020,8 +1025,6 @@ fn scalar(dt: DataType, raw: Vec<u8>) -> TensorProto {
     tensor(dt, &[], raw)
 }
 
-/// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
-/// sites reading a tensor without one stay float.
 /// The scalar scale and u8 zero point constants of a tensor's codes, named after `base`.
 fn u8_constants(
     patch: &mut Patch,
@@ -1077,6 +1080,10 @@ fn static_pair(
     vec![dq[0].clone(), sc, q[0].clone(), zp]
 }
 
+/// Emits the sites into the model. `ranges` holds the range of every tensor to quantize (static);
+/// sites reading a tensor without one stay float. With `exact`, each tensor in `ranges` is quantized
+/// wherever it is (to measure tensors alone), even where its Conv then runs in float. Returns the
+/// site reports and the tensors that got a quantized form.
 pub fn apply(
     model: &mut Model,
     sites: &[Site],
