@@ -19,9 +19,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Pass, PassReport};
 use crate::error::Result;
-use crate::ir::{
-    ConstantRef, ConstantSource, Graph, Model, NodeId, Patch, Slot, ValueId, constants,
-};
+use crate::ir::{ConstantRef, Graph, Model, NodeId, Patch, Slot, ValueId};
 use crate::onnx::dtype::DataType;
 use crate::onnx::tensor::to_f32;
 use crate::passes::quantize_weights::emit::f32_tensor;
@@ -39,11 +37,7 @@ impl Pass for FoldAffine {
         let mut renamed: HashMap<String, String> = HashMap::new();
         // Each round folds one reader into each Conv; chains (Mul then Add) take several rounds.
         loop {
-            let consts: HashMap<String, ConstantRef> = constants(model)
-                .into_iter()
-                .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
-                .map(|c| (c.name.clone(), c))
-                .collect();
+            let consts = super::quantize_activations::main_graph_constants(model);
             let g = &model.graph;
             let mut patch = Patch::new(self.name());
             let mut any = false;

@@ -323,7 +323,7 @@ fn tie_aliases(g: &crate::ir::Graph, is_const: impl Fn(&str) -> bool) -> HashMap
 }
 
 /// The dense constants of the main graph by name: what a site's weight can be.
-fn main_graph_constants(model: &Model) -> HashMap<String, crate::ir::ConstantRef> {
+pub(crate) fn main_graph_constants(model: &Model) -> HashMap<String, crate::ir::ConstantRef> {
     constants(model)
         .into_iter()
         .filter(|c| !c.in_subgraph() && c.source != ConstantSource::SparseInitializer)
