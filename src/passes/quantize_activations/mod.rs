@@ -148,7 +148,8 @@ pub struct ActivationPolicy {
     /// rules).
     pub min_weight_sqnr_db: f64,
     /// After building, the output cosine on the calibration data must reach this, else the worst
-    /// tensors go back to float until it does.
+    /// tensors go back to float until it does (counted from the model with every activation float
+    /// when that one misses it already).
     pub min_cosine: Option<f64>,
     /// Likewise the top-1 agreement of outputs that look like class scores.
     pub min_top1: Option<f64>,
@@ -1749,6 +1750,34 @@ pub fn apply(
     Ok((reports, pairs.into_keys().collect()))
 }
 
+/// The output-retention floors a candidate must reach on the calibration data.
+#[derive(Clone, Copy, Debug)]
+struct Floors {
+    cosine: Option<f64>,
+    top1: Option<f64>,
+}
+
+impl Floors {
+    fn meets(&self, r: &Retention) -> bool {
+        self.cosine.is_none_or(|m| r.cosine >= m)
+            && self.top1.is_none_or(|m| r.top1.is_none_or(|t| t >= m))
+    }
+
+    /// Each floor `base` misses, moved to what it allows below `base`: the loss it permits
+    /// (`1 − floor`) counted from `base`'s figure instead of from the float model. Floors `base`
+    /// reaches stay.
+    fn on_top_of(&self, base: &Retention) -> Floors {
+        let relax = |floor: Option<f64>, got: Option<f64>| match (floor, got) {
+            (Some(f), Some(g)) if g < f => Some(g - (1.0 - f)),
+            _ => floor,
+        };
+        Floors {
+            cosine: relax(self.cosine, Some(base.cosine)),
+            top1: relax(self.top1, base.top1),
+        }
+    }
+}
+
 /// Check batches a tensor's cost alone is measured on (the whole candidate uses all of them).
 const ALONE_BATCHES: usize = 32;
 
@@ -1760,6 +1789,9 @@ const ALONE_BATCHES: usize = 32;
 /// retention on the calibration data (its first batches only, given a limit). When the whole candidate misses the policy's floors, each
 /// quantized tensor is measured alone (the model with only that tensor's sites integer); the tensors
 /// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
+/// When the model with every activation float misses a floor too (the weights alone cost more than it
+/// allows), that floor is counted from the all-float model's figure instead of from the float model's,
+/// so the activations still get the floor's allowance rather than all going back to float.
 ///
 /// With `smoothing`, `model` is its fully smoothed model ([`smooth::Smoothing::new`]), which `calib`
 /// must come from; each candidate smooths only the groups that keep an integer tensor.
@@ -1880,11 +1912,11 @@ pub fn quantize_activations(
     };
     let (mut candidate, mut reports, mut paired) = build(&ranges, false, finish)?;
     let mut checks = Vec::new();
-    let meets = |r: &Retention| {
-        policy.min_cosine.is_none_or(|m| r.cosine >= m)
-            && policy
-                .min_top1
-                .is_none_or(|m| r.top1.is_none_or(|t| t >= m))
+    // The floors the candidates are held to: the policy's, or relaxed (see below) when the model
+    // with every activation float already misses them.
+    let mut floors = Floors {
+        cosine: policy.min_cosine,
+        top1: policy.min_top1,
     };
     // Static mode always has calibration data to check on; dynamic mode when it was given some.
     if calib.is_some() && (policy.min_cosine.is_some() || policy.min_top1.is_some()) {
@@ -1900,8 +1932,37 @@ pub fn quantize_activations(
             let order = match order.as_mut() {
                 Some(o) => o,
                 None => {
-                    if meets(&r) {
+                    if floors.meets(&r) {
                         break;
+                    }
+                    // The weights (and whatever else the candidate changes) alone, every activation
+                    // float: if that misses a floor, no fallback can reach it, and the activations
+                    // are held to what the floor allows on top of it instead.
+                    let (all_float, _, _) = build(&BTreeMap::new(), false, finish)?;
+                    let base = score(&all_float, None)?;
+                    checks.push(FallbackCheck {
+                        float_tensors: tensors.len(),
+                        retention: base,
+                    });
+                    if !floors.meets(&base) {
+                        floors = floors.on_top_of(&base);
+                        notes.push(format!(
+                            "with every activation float the output retention on the calibration \
+                             data is already below the floors (cosine {:.5}{}): the activations may \
+                             cost what the floors allow on top of that (cosine ≥ {:.5}{})",
+                            base.cosine,
+                            base.top1
+                                .map(|t| format!(", top-1 {:.2}%", 100.0 * t))
+                                .unwrap_or_default(),
+                            floors.cosine.unwrap_or(0.0),
+                            floors
+                                .top1
+                                .map(|t| format!(", top-1 ≥ {:.2}%", 100.0 * t))
+                                .unwrap_or_default()
+                        ));
+                        if floors.meets(&r) {
+                            break;
+                        }
                     }
                     // Measure every quantized tensor alone, to know what costs the most.
                     let mut cost = Vec::new();
@@ -1925,8 +1986,8 @@ pub fn quantize_activations(
                     order.insert(cost.into_iter().map(|c| c.1).collect())
                 }
             };
-            if meets(&r) || next >= order.len() {
-                if !meets(&r) {
+            if floors.meets(&r) || next >= order.len() {
+                if !floors.meets(&r) {
                     notes.push(format!(
                         "output retention on the calibration data (cosine {:.5}{}) stays below \
                          the floors with every activation float",
@@ -1990,6 +2051,34 @@ pub fn quantize_activations(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floors_missed_with_every_activation_float_count_from_that_model() {
+        let floors = Floors {
+            cosine: Some(0.995),
+            top1: Some(0.998),
+        };
+        let r = |cosine: f64, top1: Option<f64>| Retention {
+            cosine,
+            top1,
+            nsr: 0.0,
+        };
+        // Both missed: each allowance is counted from the all-float figures.
+        let f = floors.on_top_of(&r(0.99, Some(0.98)));
+        assert!((f.cosine.unwrap() - 0.985).abs() < 1e-12);
+        assert!((f.top1.unwrap() - 0.978).abs() < 1e-12);
+        assert!(f.meets(&r(0.986, Some(0.979))) && !f.meets(&r(0.984, Some(0.99))));
+        // Only top-1 missed: the cosine floor stays; outputs without classes have no top-1.
+        let f = floors.on_top_of(&r(0.999, Some(0.95)));
+        assert_eq!(f.cosine, Some(0.995));
+        assert!((f.top1.unwrap() - 0.948).abs() < 1e-12);
+        let f = floors.on_top_of(&r(0.99, None));
+        assert_eq!(f.top1, Some(0.998));
+        assert!(f.meets(&r(0.9851, None)));
+        // A model that reaches the floors leaves them as they are.
+        let f = floors.on_top_of(&r(0.9999, Some(1.0)));
+        assert_eq!((f.cosine, f.top1), (Some(0.995), Some(0.998)));
+    }
 
     #[test]
     fn saturation_fix_touches_only_channels_at_risk() {
