@@ -358,3 +358,161 @@ fn gemm_over_compressed_weights_is_taken() {
         );
     }
 }
+
+/// A QLinearConv (what quench writes for an integer Conv below opset 13) runs in tract as
+/// DequantizeLinear → Conv → QuantizeLinear: one group and depthwise, with per-channel weight scales
+/// and an int32 bias. The codes equal onnxruntime's (which follows the spec in integers) but for a
+/// float rounding at a half step, and so do tract's own QLinearConv's.
+#[test]
+fn qlinear_conv_runs_as_dequantize_conv_quantize() {
+    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
+    let mut seed = 0x2545_f491_u32;
+    let mut next = move |lo: i32, hi: i32| -> i32 {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        lo + (seed % (hi - lo + 1) as u32) as i32
+    };
+    let (c, hw) = (8usize, 10usize);
+    let i8s = |v: Vec<i32>| v.iter().map(|&q| q as i8 as u8).collect::<Vec<u8>>();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // 7-bit weights: onnxruntime's u8 × s8 lanes on CPUs without VNNI then cannot saturate.
+    let w1: Vec<i32> = (0..c * c * 9).map(|_| next(-63, 63)).collect();
+    let w2: Vec<i32> = (0..c * 9).map(|_| next(-63, 63)).collect();
+    let b1: Vec<u8> = (0..c)
+        .flat_map(|_| next(-20000, 20000).to_le_bytes())
+        .collect();
+    let ws1: Vec<f32> = (0..c).map(|i| 0.0015 + 0.0002 * i as f32).collect();
+    let ws2: Vec<f32> = (0..c).map(|i| 0.002 + 0.0002 * i as f32).collect();
+    let node =
+        |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+            op_type: Some(op.into()),
+            name: Some(output.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        };
+    let ints = |name: &str, v: Vec<i64>| AttributeProto {
+        name: name.into(),
+        r#type: Some(7),
+        ints: v,
+        ..Default::default()
+    };
+    let group = AttributeProto {
+        name: "group".into(),
+        r#type: Some(2),
+        i: Some(c as i64),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: Some("qlinear".into()),
+        node: vec![
+            node("QuantizeLinear", &["x", "sx", "zx"], "xq", vec![]),
+            node(
+                "QLinearConv",
+                &["xq", "sx", "zx", "w1", "ws1", "wz1", "sy1", "zy1", "b1"],
+                "y1q",
+                vec![ints("pads", vec![1, 1, 1, 1])],
+            ),
+            node(
+                "QLinearConv",
+                &["y1q", "sy1", "zy1", "w2", "ws2", "wz2", "sy2", "zy2"],
+                "y2q",
+                vec![ints("pads", vec![1, 1, 1, 1]), group],
+            ),
+            node("DequantizeLinear", &["y1q", "sy1", "zy1"], "y1", vec![]),
+            node("DequantizeLinear", &["y2q", "sy2", "zy2"], "y2", vec![]),
+        ],
+        initializer: vec![
+            raw_tensor("sx", 1, &[], f32s(&[1.0 / 127.0])),
+            raw_tensor("zx", 2, &[], vec![128]),
+            raw_tensor("w1", 3, &[c as i64, c as i64, 3, 3], i8s(w1)),
+            raw_tensor("ws1", 1, &[c as i64], f32s(&ws1)),
+            raw_tensor("wz1", 3, &[c as i64], vec![0; c]),
+            raw_tensor("sy1", 1, &[], f32s(&[0.02])),
+            raw_tensor("zy1", 2, &[], vec![100]),
+            raw_tensor("b1", 6, &[c as i64], b1),
+            raw_tensor("w2", 3, &[c as i64, 1, 3, 3], i8s(w2)),
+            raw_tensor("ws2", 1, &[c as i64], f32s(&ws2)),
+            raw_tensor("wz2", 3, &[c as i64], vec![0; c]),
+            raw_tensor("sy2", 1, &[], f32s(&[0.01])),
+            raw_tensor("zy2", 2, &[], vec![128]),
+        ],
+        input: vec![quench::onnx::tensor::tensor_value_info(
+            "x",
+            1,
+            &[1, c as i64, hw as i64, hw as i64],
+        )],
+        output: vec![value_info("y1", 1), value_info("y2", 1)],
+        ..Default::default()
+    };
+    let mut proto = model_of(graph);
+    proto.opset_import[0].version = Some(12);
+    let dir = tempdir();
+    let path = dir.path().join("qlinear.onnx");
+    std::fs::write(&path, prost::Message::encode_to_vec(&proto)).unwrap();
+    let prep = Prepared::from_model(&Model::load(&path).unwrap(), "qlinear");
+    let x: Vec<f32> = (0..c * hw * hw)
+        .map(|_| next(-1000, 1000) as f32 / 1000.0)
+        .collect();
+    let feed = vec![(
+        "x".to_string(),
+        quench::exec::Tensor::from(ndarray::ArrayD::from_shape_vec(vec![1, c, hw, hw], x).unwrap()),
+    )];
+    let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+    let kernels = kernels_of(fast.as_ref());
+    assert!(
+        kernels.contains("2 QLinearConv as DequantizeLinear"),
+        "{kernels}"
+    );
+    let mine = fast.run(&feed).unwrap();
+    // The outputs use their codes' range (not clamped to one end), so the comparison means something.
+    for ((name, t), step) in mine.iter().zip([0.02f32, 0.01]) {
+        let v = t.to_f32();
+        let (lo, hi) = v
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        eprintln!("{name}: {lo} ..= {hi}");
+        assert!((hi - lo) / step >= 60.0, "{name}: {lo} ..= {hi}");
+    }
+    let plain = SessionOptions {
+        tract_kernels: false,
+        ..Default::default()
+    };
+    let own = exec::open(&prep, RuntimeKind::Tract, &plain)
+        .unwrap()
+        .run(&feed)
+        .unwrap();
+    // Codes that differ, and by how many steps at most, per output.
+    let steps = |a: &[(String, quench::exec::Tensor)], b: &[(String, quench::exec::Tensor)]| {
+        a.iter()
+            .zip(b)
+            .zip([0.02f32, 0.01])
+            .map(|(((_, x), (_, y)), step)| {
+                let (x, y) = (x.to_f32(), y.to_f32());
+                let d: Vec<f32> = x
+                    .iter()
+                    .zip(y.iter())
+                    .map(|(p, q)| ((p - q) / step).abs().round())
+                    .collect();
+                let differ = d.iter().filter(|&&v| v > 0.0).count() as f64 / d.len() as f64;
+                (differ, d.iter().fold(0f32, |m, &v| m.max(v)))
+            })
+            .collect::<Vec<_>>()
+    };
+    let check = |what: &str, s: Vec<(f64, f32)>| {
+        eprintln!("{what}: (share of codes that differ, most steps) per output {s:?}");
+        // The first layer's codes differ by a rounding at most; the depthwise layer reads those.
+        assert!(s[0].0 <= 0.01 && s[0].1 <= 1.0, "{what}: {s:?}");
+        assert!(s[1].0 <= 0.02 && s[1].1 <= 2.0, "{what}: {s:?}");
+    };
+    check("kernels vs tract's QLinearConv", steps(&mine, &own));
+    if ort_ready() {
+        let exact = exec::open(&prep, RuntimeKind::Ort, &SessionOptions::default())
+            .unwrap()
+            .run(&feed)
+            .unwrap();
+        check("kernels vs onnxruntime", steps(&mine, &exact));
+    }
+}

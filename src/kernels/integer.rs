@@ -112,6 +112,13 @@ impl IntIsa {
         matches!(self, IntIsa::Avx512Vnni | IntIsa::AvxVnni)
     }
 
+    /// Whether an 8-bit product outruns the f32 one on its own: with VNNI (four products per lane),
+    /// not with `vpmaddwd` (two, as many as the f32 FMA's one per lane of half the width) or scalar
+    /// code.
+    pub fn int8_outruns_f32(self) -> bool {
+        matches!(self, IntIsa::Avx512Vnni | IntIsa::AvxVnni)
+    }
+
     /// The family whose kernels read `layout` best on this CPU, if any does.
     pub fn for_layout(layout: Layout) -> Option<IntIsa> {
         IntIsa::available()

@@ -1788,7 +1788,8 @@ const ALONE_BATCHES: usize = 32;
 /// output check. `finish` completes a candidate (the weight pass, clean-up) and `score` measures its output
 /// retention on the calibration data (its first batches only, given a limit). When the whole candidate misses the policy's floors, each
 /// quantized tensor is measured alone (the model with only that tensor's sites integer); the tensors
-/// that cost the most go back to float (one at a time, then 2, 4, … once 8 went back) until the floors hold.
+/// that cost the most (output noise power) go back to float (one at a time, then 2, 4, … once 8 went
+/// back) until the floors hold.
 /// When the model with every activation float misses a floor too (the weights alone cost more than it
 /// allows), that floor is counted from the all-float model's figure instead of from the float model's,
 /// so the activations still get the floor's allowance rather than all going back to float.
@@ -1974,7 +1975,9 @@ pub fn quantize_activations(
                             [(t.clone(), ranges[&t])].into_iter().collect();
                         let (m, _, _) = build(&one, true, finish)?;
                         let r = score(&m, Some(ALONE_BATCHES))?;
-                        let c = (1.0 - r.cosine) + r.top1.map_or(0.0, |t| 1.0 - t);
+                        // Ranked by the output's noise power, which adds up over independent
+                        // tensors; top-1 flips are few and fall on near ties, which ranks by chance.
+                        let c = r.nsr;
                         if let Some(rep) = tensors.iter_mut().find(|x| x.name == t) {
                             rep.alone = Some(r);
                         }
