@@ -612,14 +612,7 @@ fn fresh(taken: &mut std::collections::HashSet<String>, base: &str) -> String {
 /// weight is) as `DequantizeLinear(x) → Conv(DequantizeLinear(w) on axis 0, bias·s_x·s_w) →
 /// QuantizeLinear(y)`: what it computes, up to float rounding of the sums. Returns how many.
 fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
-    let mut taken: std::collections::HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().chain(&n.output))
-        .chain(g.initializer.iter().map(|t| &t.name))
-        .chain(g.input.iter().chain(&g.output).map(|v| &v.name))
-        .cloned()
-        .collect();
+    let mut taken = names_in(g);
     let mut edits: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut made = Vec::new();
     {
@@ -690,13 +683,8 @@ fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
                     Some(name)
                 }
             };
-            let node = |op: &str, inputs: Vec<String>, out: &str, attribute| NodeProto {
-                name: format!("{}/quench_{}_{}", n.name, op, out),
-                op_type: op.into(),
-                input: inputs,
-                output: vec![out.to_string()],
-                attribute,
-                ..Default::default()
+            let node = |op: &str, inputs: Vec<String>, out: &str, attribute| {
+                derived_node(n, op, inputs, out, attribute)
             };
             let with_zero = |mut v: Vec<String>, k: usize| {
                 v.extend(input(k).cloned());
@@ -735,6 +723,45 @@ fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
             );
         }
     }
+    splice(g, edits, made)
+}
+
+/// Every value and initializer name of the main graph, for [`fresh`].
+fn names_in(g: &pb::GraphProto) -> std::collections::HashSet<String> {
+    g.node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .chain(g.initializer.iter().map(|t| &t.name))
+        .chain(g.input.iter().chain(&g.output).map(|v| &v.name))
+        .cloned()
+        .collect()
+}
+
+/// A node standing in for part of `parent`, named after it and its output.
+fn derived_node(
+    parent: &NodeProto,
+    op: &str,
+    input: Vec<String>,
+    out: &str,
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        name: format!("{}/quench_{}_{}", parent.name, op, out),
+        op_type: op.into(),
+        input,
+        output: vec![out.to_string()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// Replaces each node `edits` names (by index) with its nodes, in place, and adds `made` to the
+/// initializers. Returns how many nodes were replaced.
+fn splice(
+    g: &mut pb::GraphProto,
+    mut edits: HashMap<usize, Vec<NodeProto>>,
+    made: Vec<pb::TensorProto>,
+) -> usize {
     let count = edits.len();
     if count > 0 {
         let old = std::mem::take(&mut g.node);
@@ -756,14 +783,7 @@ fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
 /// [`plan_codebook`] reads. Other Gemms are left alone. Returns how many were rewritten and the 8-bit
 /// constants now read transposed.
 fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
-    let mut taken: std::collections::HashSet<String> = g
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().chain(&n.output))
-        .chain(g.initializer.iter().map(|t| &t.name))
-        .chain(g.input.iter().chain(&g.output).map(|v| &v.name))
-        .cloned()
-        .collect();
+    let mut taken = names_in(g);
     let mut edits: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut made = Vec::new();
     let mut transposed = Vec::new();
@@ -782,13 +802,8 @@ fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
             let alpha = attr_f(n, "alpha").unwrap_or(1.0);
             let beta = attr_f(n, "beta").unwrap_or(1.0);
             let wv = weight_value(g, &ix, b);
-            let node = |op: &str, inputs: Vec<String>, out: &str, attribute| NodeProto {
-                name: format!("{}/quench_{}_{}", n.name, op, out),
-                op_type: op.into(),
-                input: inputs,
-                output: vec![out.to_string()],
-                attribute,
-                ..Default::default()
+            let node = |op: &str, inputs: Vec<String>, out: &str, attribute| {
+                derived_node(n, op, inputs, out, attribute)
             };
             let mut nodes = Vec::new();
             // Constants and transposed codes of this Gemm, kept only if it is rewritten.
@@ -934,19 +949,7 @@ fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
             transposed.extend(codes_read_transposed);
         }
     }
-    if edits.is_empty() {
-        return (0, transposed);
-    }
-    let count = edits.len();
-    let old = std::mem::take(&mut g.node);
-    for (i, n) in old.into_iter().enumerate() {
-        match edits.remove(&i) {
-            Some(nodes) => g.node.extend(nodes),
-            None => g.node.push(n),
-        }
-    }
-    g.initializer.extend(made);
-    (count, transposed)
+    (splice(g, edits, made), transposed)
 }
 
 /// Replaces, in the main graph, every weight product tract would decode to f32 by a `QuenchMatMul`
