@@ -1947,19 +1947,22 @@ pub fn quantize_activations(
                     });
                     if !floors.meets(&base) {
                         floors = floors.on_top_of(&base);
+                        let now: Vec<String> = [
+                            floors.cosine.map(|c| format!("cosine ≥ {c:.5}")),
+                            floors.top1.map(|t| format!("top-1 ≥ {:.2}%", 100.0 * t)),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
                         notes.push(format!(
                             "with every activation float the output retention on the calibration \
                              data is already below the floors (cosine {:.5}{}): the activations may \
-                             cost what the floors allow on top of that (cosine ≥ {:.5}{})",
+                             cost what the floors allow on top of that ({})",
                             base.cosine,
                             base.top1
                                 .map(|t| format!(", top-1 {:.2}%", 100.0 * t))
                                 .unwrap_or_default(),
-                            floors.cosine.unwrap_or(0.0),
-                            floors
-                                .top1
-                                .map(|t| format!(", top-1 ≥ {:.2}%", 100.0 * t))
-                                .unwrap_or_default()
+                            now.join(", ")
                         ));
                         if floors.meets(&r) {
                             break;
