@@ -615,6 +615,9 @@ fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
     let mut taken = names_in(g);
     let mut edits: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut made = Vec::new();
+    // Each quantized input is dequantized once, however many QLinearConvs read it (the first one's
+    // DequantizeLinear stands where that reader stood, before the others).
+    let mut dequantized: HashMap<Vec<String>, String> = HashMap::new();
     {
         let ix = Index::new(g);
         for (i, n) in g.node.iter().enumerate() {
@@ -690,37 +693,37 @@ fn qlinear_convs_as_qdq(g: &mut pb::GraphProto) -> usize {
                 v.extend(input(k).cloned());
                 v
             };
-            let (xf, wf, yf) = (
-                fresh(&mut taken, &format!("{x}_dequantized")),
+            let mut nodes = Vec::new();
+            let x_inputs = with_zero(vec![x.clone(), sx.clone()], 2);
+            let xf = match dequantized.get(&x_inputs) {
+                Some(xf) => xf.clone(),
+                None => {
+                    let xf = fresh(&mut taken, &format!("{x}_dequantized"));
+                    nodes.push(node("DequantizeLinear", x_inputs.clone(), &xf, vec![]));
+                    dequantized.insert(x_inputs, xf.clone());
+                    xf
+                }
+            };
+            let (wf, yf) = (
                 fresh(&mut taken, &format!("{w}_dequantized")),
                 fresh(&mut taken, &format!("{y}_float")),
             );
-            let mut conv_inputs = vec![xf.clone(), wf.clone()];
+            nodes.push(node(
+                "DequantizeLinear",
+                with_zero(vec![w.clone(), sw.clone()], 5),
+                &wf,
+                vec![int_attr("axis", 0)],
+            ));
+            let mut conv_inputs = vec![xf, wf];
             conv_inputs.extend(bias);
-            edits.insert(
-                i,
-                vec![
-                    node(
-                        "DequantizeLinear",
-                        with_zero(vec![x.clone(), sx.clone()], 2),
-                        &xf,
-                        vec![],
-                    ),
-                    node(
-                        "DequantizeLinear",
-                        with_zero(vec![w.clone(), sw.clone()], 5),
-                        &wf,
-                        vec![int_attr("axis", 0)],
-                    ),
-                    node("Conv", conv_inputs, &yf, n.attribute.clone()),
-                    node(
-                        "QuantizeLinear",
-                        with_zero(vec![yf.clone(), sy.clone()], 7),
-                        y,
-                        vec![],
-                    ),
-                ],
-            );
+            nodes.push(node("Conv", conv_inputs, &yf, n.attribute.clone()));
+            nodes.push(node(
+                "QuantizeLinear",
+                with_zero(vec![yf.clone(), sy.clone()], 7),
+                y,
+                vec![],
+            ));
+            edits.insert(i, nodes);
         }
     }
     splice(g, edits, made)
