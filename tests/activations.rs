@@ -26,22 +26,7 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
     for (recipe, floors) in [("w8a8", [0.995, 0.995]), ("dynamic", [0.99, 0.995])] {
         let out = dir.path().join(format!("magika.{recipe}.onnx"));
         let json = dir.path().join(format!("magika.{recipe}.json"));
-        let o = quench(&[
-            "quantize",
-            "zoo:magika",
-            "-o",
-            &out.display().to_string(),
-            "--recipe",
-            recipe,
-            "--calib",
-            &calib.display().to_string(),
-            "--inputs",
-            &eval.display().to_string(),
-            "--batch-size",
-            "8",
-            "--report",
-            &json.display().to_string(),
-        ]);
+        let o = quantize_calibrated("zoo:magika", recipe, &calib, &eval, &out, &json, &[]);
         assert!(o.status.success(), "{recipe}: {}", stderr_of(&o));
         let r = report(&json);
         let checks = r["activations"]["checks"].as_array().unwrap();
@@ -233,22 +218,8 @@ fn activations_keep_their_allowance_when_the_weights_alone_miss_the_floor() {
     )
     .unwrap();
     let (out, json) = (dir.path().join("cls.onnx"), dir.path().join("cls.json"));
-    let o = quench(&[
-        "quantize",
-        "zoo:ppocr-cls",
-        "-o",
-        &out.display().to_string(),
-        "--recipe",
-        &recipe.display().to_string(),
-        "--calib",
-        &calib.display().to_string(),
-        "--inputs",
-        &eval.display().to_string(),
-        "--batch-size",
-        "8",
-        "--report",
-        &json.display().to_string(),
-    ]);
+    let recipe = recipe.display().to_string();
+    let o = quantize_calibrated("zoo:ppocr-cls", &recipe, &calib, &eval, &out, &json, &[]);
     assert!(o.status.success(), "{}", stderr_of(&o));
     let r = report(&json);
     let a = &r["activations"];

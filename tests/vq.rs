@@ -41,22 +41,7 @@ fn calibration_importance_beats_unweighted_vq_on_magika() {
     let run = |recipe: &str, tag: &str| {
         let out = dir.path().join(format!("magika.{tag}.onnx"));
         let json = dir.path().join(format!("magika.{tag}.json"));
-        let o = quench(&[
-            "quantize",
-            "zoo:magika",
-            "-o",
-            &out.display().to_string(),
-            "--recipe",
-            recipe,
-            "--calib",
-            &calib.display().to_string(),
-            "--inputs",
-            &eval.display().to_string(),
-            "--batch-size",
-            "8",
-            "--report",
-            &json.display().to_string(),
-        ]);
+        let o = quantize_calibrated("zoo:magika", recipe, &calib, &eval, &out, &json, &[]);
         assert!(o.status.success(), "{tag}: {}", stderr_of(&o));
         report(&json)
     };

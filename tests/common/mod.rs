@@ -218,3 +218,36 @@ pub fn magika_split(py: &Path, dir: &Path) -> (std::path::PathBuf, std::path::Pa
     assert!(o.status.success(), "{}", stderr_of(&o));
     (calib, eval)
 }
+
+/// `quench quantize MODEL -o OUT --recipe RECIPE --calib CALIB --inputs EVAL --batch-size 8 --report
+/// JSON`, then `extra`.
+pub fn quantize_calibrated(
+    model: &str,
+    recipe: &str,
+    calib: &Path,
+    eval: &Path,
+    out: &Path,
+    json: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let (calib, eval) = (calib.display().to_string(), eval.display().to_string());
+    let (out, json) = (out.display().to_string(), json.display().to_string());
+    let mut args = vec![
+        "quantize",
+        model,
+        "-o",
+        &out,
+        "--recipe",
+        recipe,
+        "--calib",
+        &calib,
+        "--inputs",
+        &eval,
+        "--batch-size",
+        "8",
+        "--report",
+        &json,
+    ];
+    args.extend_from_slice(extra);
+    quench(&args)
+}
