@@ -477,7 +477,7 @@ fn write_npz(path: &Path, tensors: &[Named]) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir)
+    let tmp = quench::util::output_temp(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
     let mut npz = ndarray_npy::NpzWriter::new(tmp.reopen()?);
     for (name, t) in tensors {

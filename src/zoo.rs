@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -163,7 +163,7 @@ impl Zoo {
                 wheel.display(),
                 m.sha256
             );
-            write_atomic(&target, &bytes)?;
+            crate::util::write_atomic(&target, &bytes)?;
             lines.push(format!("{:<16} fetched {}", m.name, target.display()));
         }
         for s in self.file.suites.iter().filter(|s| wanted(&s.name)) {
@@ -313,20 +313,10 @@ fn extract_suite(wheel: &Path, s: &ZooSuite, dir: &Path) -> Result<usize> {
         s.digest
     );
     for (rel, bytes) in &rows {
-        write_atomic(&dir.join(rel), bytes)?;
+        crate::util::write_atomic(&dir.join(rel), bytes)?;
     }
-    write_atomic(&dir.join(".verified"), s.digest.as_bytes())?;
+    crate::util::write_atomic(&dir.join(".verified"), s.digest.as_bytes())?;
     Ok(rows.len())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {

@@ -139,14 +139,10 @@ pub fn write_model_file(
 }
 
 fn temp_in(folder: &Path, target: &Path) -> Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix(".quench-")
-        .suffix(".tmp")
-        .tempfile_in(folder)
-        .map_err(|source| Error::Write {
-            path: target.to_path_buf(),
-            source,
-        })
+    crate::util::output_temp(folder).map_err(|source| Error::Write {
+        path: target.to_path_buf(),
+        source,
+    })
 }
 
 /// Fails when `target` names the same file as one of `sources` (by path or, on Unix, by inode).
