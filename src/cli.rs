@@ -336,7 +336,23 @@ fn runtimes(arg: &str) -> Result<Vec<RuntimeKind>> {
 }
 
 /// Refuses to write over a file the command reads.
+/// Checked before any work: an output must go into an existing folder, must not be a folder, and
+/// must not be (or lie inside) any file or folder the command reads.
 fn refuse_overwrite(out: &Path, reads: &[&Path]) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: the folder {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    if out.is_dir() {
+        bail!("cannot write {}: it is a folder", out.display());
+    }
     let Ok(out_c) = out.canonicalize() else {
         return Ok(());
     };

@@ -186,7 +186,10 @@ fn main() -> ExitCode {
         Err(e) => {
             let chain: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
             eprintln!("error: {}", chain.join(": "));
-            if chain.iter().any(|c| c.starts_with("onnxruntime cannot load")) {
+            if chain
+                .iter()
+                .any(|c| c.starts_with("onnxruntime cannot load"))
+            {
                 eprintln!(
                     "hint: to leave onnxruntime out, `--runtime tract` runs and verifies with \
                      tract alone and `--calib-runtime tract` calibrates with it"

@@ -224,6 +224,23 @@ fn quantize_is_deterministic_and_never_overwrites_its_input() {
         stderr_of(&o)
     );
     assert_eq!(std::fs::read(&copy).unwrap(), before);
+    // An output in a folder that does not exist, or onto a folder, is refused before any work.
+    let missing = dir.path().join("no-such-folder").join("out.onnx");
+    for (out, why) in [
+        (missing.clone(), "does not exist"),
+        (dir.path().to_path_buf(), "it is a folder"),
+    ] {
+        let o = quench(&[
+            "quantize",
+            &copy.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+        ]);
+        assert!(!o.status.success());
+        let err = stderr_of(&o);
+        assert!(err.contains(why) && !err.contains("wrote"), "{err}");
+    }
+    assert!(!missing.parent().unwrap().exists());
 }
 
 #[test]
