@@ -298,6 +298,7 @@ impl InputArgs {
     fn open(&self, model: &Model, spec: Vec<InputSpec>) -> Result<InputSet> {
         let info = Prepared::from_model(model, "").inputs;
         let mut opts = self.options(spec)?;
+        opts.implied = inputs::implied_ranges(model);
         // Generated shapes come from the zoo spec only where it names the input; a symbolic dim the
         // spec does not cover must be given with --dim.
         opts.spec.retain(|s| info.iter().any(|i| i.name == s.name));

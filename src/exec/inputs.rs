@@ -55,6 +55,9 @@ pub struct InputOptions {
     /// Longest token sequence for text inputs.
     pub max_tokens: usize,
     pub image: ImageOptions,
+    /// Ranges the model itself implies for integer inputs ([`implied_ranges`]), used where neither
+    /// `ranges` nor `spec` gives one; each with what implies it.
+    pub implied: HashMap<String, ((f64, f64), String)>,
 }
 
 impl Default for InputOptions {
@@ -67,6 +70,7 @@ impl Default for InputOptions {
             seed: 0,
             max_tokens: 128,
             image: ImageOptions::default(),
+            implied: HashMap::new(),
         }
     }
 }
@@ -129,6 +133,111 @@ impl Iterator for InputSet {
         self.next += 1;
         Some((self.make)(self.next - 1))
     }
+}
+
+/// Value ranges the model implies for its integer inputs, for generating valid ones without
+/// `--range`:
+/// - an input that is (through `Cast` to an integer type, `Identity`, `Reshape`, `Squeeze`,
+///   `Unsqueeze`, `Flatten`, `Expand`, `Transpose`) the indices of a `Gather` over a constant
+///   table takes `0..rows − 1` of that table (of the smallest, when several tables read it): token,
+///   position and segment ids;
+/// - otherwise an integer input whose name says it is a mask (`attention_mask`, …) takes 0..1.
+///
+/// Inputs none of this covers are left out; they still need `--range`.
+pub fn implied_ranges(model: &crate::ir::Model) -> HashMap<String, ((f64, f64), String)> {
+    use crate::ir::{Def, Slot};
+    let g = &model.graph;
+    let const_dims = |v: crate::ir::ValueId| -> Option<(Vec<i64>, String)> {
+        let val = g.value(v);
+        if let Some(t) = val.initializer() {
+            return Some((t.dims.clone(), val.name().to_string()));
+        }
+        let Def::Node(n, _) = val.def() else {
+            return None;
+        };
+        let node = g.node(n);
+        if node.op_type != "Constant" {
+            return None;
+        }
+        let t = node.attribute("value")?.t.as_ref()?;
+        Some((t.dims.clone(), val.name().to_string()))
+    };
+    let mut out = HashMap::new();
+    for port in g.inputs() {
+        let name = g.value_name(port.value).to_string();
+        let elem = port
+            .info
+            .r#type
+            .as_ref()
+            .and_then(|t| match &t.value {
+                Some(crate::onnx::pb::type_proto::Value::TensorType(tt)) => Some(tt.elem_type),
+                _ => None,
+            })
+            .and_then(|e| DataType::try_from(e).ok());
+        if !elem.is_some_and(|d| !d.is_float() && d != DataType::Bool && d != DataType::String) {
+            continue;
+        }
+        // Follow the input through ops that keep its values, to the Gathers that index with it.
+        let mut rows: Option<(i64, String)> = None;
+        let mut stack = vec![port.value];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            for u in g.value(v).uses() {
+                let node = g.node(u.node);
+                let slot = match u.slot {
+                    Slot::Input(i) => i,
+                    Slot::Implicit => continue,
+                };
+                let passes = match node.op_type.as_str() {
+                    "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Expand" | "Transpose" => {
+                        slot == 0
+                    }
+                    "Reshape" => slot == 0,
+                    "Cast" => node
+                        .int_attribute("to")
+                        .and_then(|t| DataType::try_from(t as i32).ok())
+                        .is_some_and(|d| !d.is_float() && d != DataType::Bool),
+                    _ => false,
+                };
+                if passes {
+                    stack.extend(node.outputs().iter().flatten().copied());
+                    continue;
+                }
+                if node.op_type == "Gather" && slot == 1 {
+                    let axis = node.int_attribute("axis").unwrap_or(0);
+                    let Some((dims, table)) = node.input(0).and_then(const_dims) else {
+                        continue;
+                    };
+                    let a = if axis < 0 {
+                        axis + dims.len() as i64
+                    } else {
+                        axis
+                    };
+                    if let Some(&n) = usize::try_from(a).ok().and_then(|a| dims.get(a))
+                        && n > 0
+                        && rows.as_ref().is_none_or(|(r, _)| n < *r)
+                    {
+                        rows = Some((n, table));
+                    }
+                }
+            }
+        }
+        if let Some((n, table)) = rows {
+            out.insert(
+                name,
+                (
+                    (0.0, (n - 1) as f64),
+                    format!("rows of the Gather table {table}"),
+                ),
+            );
+        } else if name.to_ascii_lowercase().contains("mask") {
+            out.insert(name, ((0.0, 1.0), "a mask, by its name".to_string()));
+        }
+    }
+    out
 }
 
 /// Opens an input set for a model with the given inputs.
@@ -487,6 +596,7 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
         values: Option<Vec<f64>>,
     }
     let mut plans = Vec::new();
+    let mut implied = Vec::new();
     for info in inputs {
         let spec = opts.spec.iter().find(|s| s.name == info.name);
         let dtype = info
@@ -507,6 +617,11 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
             (None, None) if dtype.is_float() => (-1.0, 1.0),
             (None, None) if dtype == DataType::Bool => (0.0, 1.0),
             (None, None) if spec.is_some_and(|s| s.values.is_some()) => (f64::MIN, f64::MAX),
+            (None, None) if opts.implied.contains_key(&info.name) => {
+                let (r, why) = &opts.implied[&info.name];
+                implied.push(format!("{} {}..{} ({why})", info.name, r.0, r.1));
+                *r
+            }
             (None, None) => bail!(
                 "integer input '{}' needs a valid range: pass --range {}=LO..HI",
                 info.name,
@@ -535,7 +650,10 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
         });
     }
     let seed = opts.seed;
-    let description = format!("{count} random batches (seed {seed})");
+    let mut description = format!("{count} random batches (seed {seed})");
+    if !implied.is_empty() {
+        description += &format!("; values {}", implied.join(", "));
+    }
     Ok(InputSet {
         description,
         len: count,
@@ -798,4 +916,124 @@ fn image_set(
             Ok(vec![(name.clone(), Tensor::F32(a))])
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use crate::onnx::tensor::{from_f32, tensor_value_info};
+
+    fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(output.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn int_attr(name: &str, v: i64) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            i: Some(v),
+            r#type: Some(2),
+            ..Default::default()
+        }
+    }
+
+    /// Token ids read by two tables (the smaller bounds them, one through Unsqueeze), position ids
+    /// through a Cast, a mask by its name, and an integer input used arithmetically (no range).
+    #[test]
+    fn integer_inputs_take_the_ranges_their_gathers_imply() {
+        let int64 = DataType::Int64 as i32;
+        let table =
+            |name: &str, rows: i64| from_f32(name, &[rows, 4], &vec![0.5; rows as usize * 4]);
+        let g = GraphProto {
+            name: Some("g".into()),
+            node: vec![
+                node("Gather", &["E", "ids"], "a", vec![]),
+                node("Unsqueeze", &["ids", "ax"], "ids1", vec![]),
+                node("Gather", &["E3", "ids1"], "b", vec![]),
+                node("Cast", &["pos"], "pos64", vec![int_attr("to", 7)]),
+                node("Gather", &["P", "pos64"], "c", vec![int_attr("axis", 0)]),
+                node("Cast", &["attention_mask"], "mf", vec![int_attr("to", 1)]),
+                node("Add", &["steps", "steps"], "d", vec![]),
+            ],
+            initializer: vec![
+                table("E", 100),
+                table("E3", 50),
+                table("P", 7),
+                crate::passes::quantize_weights::emit::tensor(
+                    DataType::Int64,
+                    &[1],
+                    0i64.to_le_bytes().to_vec(),
+                ),
+            ],
+            input: vec![
+                tensor_value_info("ids", int64, &[2, 5]),
+                tensor_value_info("pos", DataType::Int32 as i32, &[2, 5]),
+                tensor_value_info("attention_mask", int64, &[2, 5]),
+                tensor_value_info("steps", int64, &[2]),
+            ],
+            output: vec![
+                tensor_value_info("a", 1, &[2, 5, 4]),
+                tensor_value_info("b", 1, &[2, 1, 5, 4]),
+                tensor_value_info("c", 1, &[2, 5, 4]),
+                tensor_value_info("mf", 1, &[2, 5]),
+                tensor_value_info("d", int64, &[2]),
+            ],
+            ..Default::default()
+        };
+        let mut g = g;
+        g.initializer[3].name = "ax".into();
+        let proto = ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(17),
+            }],
+            graph: Some(g),
+            ..Default::default()
+        };
+        let model = crate::ir::Model::from_proto(proto, vec![]).unwrap();
+        let implied = implied_ranges(&model);
+        let range = |n: &str| implied.get(n).map(|(r, _)| *r);
+        assert_eq!(range("ids"), Some((0.0, 49.0)));
+        assert!(implied["ids"].1.contains("E3"));
+        assert_eq!(range("pos"), Some((0.0, 6.0)));
+        assert_eq!(range("attention_mask"), Some((0.0, 1.0)));
+        assert_eq!(range("steps"), None);
+
+        let info = crate::exec::Prepared::from_model(&model, "t").inputs;
+        let mut opts = InputOptions {
+            implied,
+            ..Default::default()
+        };
+        let err = open(&Source::Random { count: 1 }, &info, &opts)
+            .err()
+            .expect("steps has no range");
+        assert!(err.to_string().contains("--range steps="), "{err}");
+        opts.ranges.insert("steps".into(), (0.0, 3.0));
+        let mut set = open(&Source::Random { count: 4 }, &info, &opts).unwrap();
+        assert!(set.description.contains("ids 0..49"), "{}", set.description);
+        for batch in set.by_ref() {
+            for (name, t) in batch.unwrap() {
+                let hi = match name.as_str() {
+                    "ids" => 49.0,
+                    "pos" => 6.0,
+                    "attention_mask" => 1.0,
+                    _ => 3.0,
+                };
+                assert!(!t.is_float(), "{name}");
+                let v = t.to_f32();
+                assert!(
+                    v.iter()
+                        .all(|&x| (0.0..=hi).contains(&x) && x.fract() == 0.0)
+                );
+            }
+        }
+    }
 }
