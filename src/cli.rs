@@ -877,19 +877,26 @@ fn quantize_activations_cli(
     use quench::passes::quantize_activations::{
         Mode, plan, profile_requests, quantize_activations, smooth, tensors_to_calibrate,
     };
-    // Per-channel affine ops after a Conv go into its weight and bias first; candidates are still
-    // checked against the model as given.
-    let mut fold_note = None;
+    // Per-channel affine ops after a Conv go into its weight and bias first, and hard-swish chains
+    // become HardSigmoid · x; candidates are still checked against the model as given.
+    let mut fold_notes = Vec::new();
     let folded;
     let base: &Model = if policy.fold {
         let mut m = reference.clone();
-        let r = quench::passes::Pass::run(&quench::passes::FoldAffine, &mut m)?;
-        if r.changed {
-            fold_note = r.changes.first().cloned();
+        for pass in [
+            &quench::passes::FoldAffine as &dyn quench::passes::Pass,
+            &quench::passes::FuseHardSwish,
+        ] {
+            let r = pass.run(&mut m)?;
+            if r.changed {
+                fold_notes.extend(r.changes.first().cloned());
+            }
+        }
+        if fold_notes.is_empty() {
+            reference
+        } else {
             folded = m;
             &folded
-        } else {
-            reference
         }
     } else {
         reference
@@ -898,8 +905,8 @@ fn quantize_activations_cli(
         Model,
         quench::passes::quantize_activations::ActivationReport,
     )| {
-        if let Some(n) = &fold_note {
-            r.notes.insert(0, n.clone());
+        for (i, n) in fold_notes.iter().enumerate() {
+            r.notes.insert(i, n.clone());
         }
         (m, r)
     };

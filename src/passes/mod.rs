@@ -5,6 +5,7 @@
 
 mod dce;
 mod fold;
+mod hardswish;
 pub mod quantize_activations;
 pub mod quantize_weights;
 pub mod roles;
@@ -12,6 +13,7 @@ mod toposort;
 
 pub use dce::DeadNodeElimination;
 pub use fold::FoldAffine;
+pub use hardswish::FuseHardSwish;
 pub use quantize_weights::QuantizeWeights;
 pub use toposort::TopologicalSort;
 

@@ -40,7 +40,8 @@
 //!   saturation: fix           # strict (any u8 input, not only the calibration data's codes) or ignore
 //!   smooth: auto              # move input-channel ranges into the weights: auto, false or α (needs --calib)
 //!   gptq: true                # int8 weight codes by error feedback from the calibration data
-//!   fold: true                # fold BatchNormalization / per-channel Mul, Add after a Conv into it
+//!   fold: true                # fold BatchNormalization / per-channel Mul, Add after a Conv into it,
+//!                             # and hard-swish chains (Add, Clip, Mul, Div) into HardSigmoid · x
 //!   conv_integer: false       # dynamic: ConvInteger for onnxruntime too (slower than fp32 there)
 //! ```
 

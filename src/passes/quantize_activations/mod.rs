@@ -161,7 +161,8 @@ pub struct ActivationPolicy {
     /// input Hessian ([`crate::quant::gptq`]) where calibration gives one.
     pub gptq: bool,
     /// Fold per-channel affine ops after a Conv into its weight and bias before anything else
-    /// ([`crate::passes::FoldAffine`]).
+    /// ([`crate::passes::FoldAffine`]), and hard-swish chains into `HardSigmoid`
+    /// ([`crate::passes::FuseHardSwish`]).
     pub fold: bool,
     /// Dynamic mode: Conv sites become ConvInteger for targets other than tract too.
     pub conv_integer: bool,
