@@ -48,6 +48,9 @@ pub struct Score {
     pub cosine: f64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub top1: Option<f64>,
+    /// Rows the (lowest) top-1 agreement was counted over.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub top1_rows: Option<u64>,
 }
 
 impl Score {
@@ -55,6 +58,7 @@ impl Score {
         nsr: 0.0,
         cosine: 1.0,
         top1: None,
+        top1_rows: None,
     };
 
     pub fn sqnr_db(&self) -> f64 {
@@ -117,8 +121,11 @@ pub fn score(
         };
         s.nsr = s.nsr.max(nsr);
         s.cosine = s.cosine.min(m.cosine);
-        if let Some(t) = m.top1_agreement {
-            s.top1 = Some(s.top1.map_or(t, |x: f64| x.min(t)));
+        if let Some(t) = m.top1_agreement
+            && s.top1.is_none_or(|x| t < x)
+        {
+            s.top1 = Some(t);
+            s.top1_rows = m.top1_rows;
         }
     }
     Ok(s)
@@ -1267,6 +1274,7 @@ mod tests {
                 nsr,
                 cosine: 1.0,
                 top1: None,
+                top1_rows: None,
             }),
             note: None,
         }

@@ -362,6 +362,8 @@ pub fn energy_of(
 pub struct Retention {
     pub cosine: f64,
     pub top1: Option<f64>,
+    /// Rows the top-1 agreement was counted over.
+    pub top1_rows: Option<u64>,
     /// The worst output's noise-to-signal ratio Σ(r−c)²/Σr².
     pub nsr: f64,
 }
@@ -428,6 +430,7 @@ impl OutputCheck {
         Ok(Retention {
             cosine: sc.cosine,
             top1: sc.top1,
+            top1_rows: sc.top1_rows,
             nsr: sc.nsr,
         })
     }

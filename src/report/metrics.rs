@@ -43,6 +43,9 @@ pub struct Metrics {
     pub exact: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1_agreement: Option<f64>,
+    /// Rows the top-1 agreement was counted over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1_rows: Option<u64>,
     pub non_finite_reference: u64,
     pub non_finite_candidate: u64,
 }
@@ -160,6 +163,7 @@ impl Accumulator {
             },
             top1_agreement: (self.top1_rows > 0)
                 .then(|| self.top1_agree as f64 / self.top1_rows as f64),
+            top1_rows: (self.top1_rows > 0).then_some(self.top1_rows),
             non_finite_reference: self.non_finite_ref,
             non_finite_candidate: self.non_finite_cand,
         }

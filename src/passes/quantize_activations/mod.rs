@@ -1758,10 +1758,53 @@ struct Floors {
     top1: Option<f64>,
 }
 
+/// Significance below which a count of top-1 flips says the flip rate is above the floor's.
+const TOP1_SIGNIFICANCE: f64 = 0.10;
+
+/// The probability of `k` or more flips among `n` rows if each flips with probability `p`
+/// (the binomial upper tail), summed in logs so large `n` does not underflow.
+fn flips_tail(k: u64, n: u64, p: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let mut log_c = 0.0f64; // ln C(n, i)
+    let mut below = 0.0;
+    for i in 0..k.min(n + 1) {
+        if i > 0 {
+            log_c += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        below += (log_c + i as f64 * lp + (n - i) as f64 * lq).exp();
+    }
+    (1.0 - below).max(0.0)
+}
+
 impl Floors {
+    /// The cosine floor is a bound on the figure. The top-1 floor is a bound on a rate, measured on
+    /// a sample: an agreement below it still passes when its count of flips is what rows flipping
+    /// at the floor's rate give with probability [`TOP1_SIGNIFICANCE`] or more (on 64–256 rows and
+    /// a floor of 0.998, one flip; read literally, such a floor allows none, and one near tie then
+    /// sends tensors back to float).
     fn meets(&self, r: &Retention) -> bool {
         self.cosine.is_none_or(|m| r.cosine >= m)
-            && self.top1.is_none_or(|m| r.top1.is_none_or(|t| t >= m))
+            && self
+                .top1
+                .is_none_or(|m| r.top1.is_none_or(|t| t >= m || self.top1_by_chance(r)))
+    }
+
+    /// Whether `r`'s top-1 agreement is below the floor by no more than chance allows.
+    fn top1_by_chance(&self, r: &Retention) -> bool {
+        let (Some(floor), Some(t), Some(n)) = (self.top1, r.top1, r.top1_rows) else {
+            return false;
+        };
+        let flips = ((1.0 - t) * n as f64).round() as u64;
+        flips_tail(flips, n, 1.0 - floor) >= TOP1_SIGNIFICANCE
     }
 
     /// Each floor `base` misses, moved to what it allows below `base`: the loss it permits
@@ -1925,8 +1968,10 @@ pub fn quantize_activations(
         let mut order: Option<Vec<String>> = None;
         let mut next = 0;
         let mut step = 1;
+        let mut last;
         loop {
             let r = score(&candidate, None)?;
+            last = r;
             checks.push(FallbackCheck {
                 float_tensors: tensors.len() - ranges.len(),
                 retention: r,
@@ -2026,6 +2071,22 @@ pub fn quantize_activations(
             }
             (candidate, reports, paired) = build(&ranges, false, finish)?;
         }
+        let r = last;
+        if let (Some(floor), Some(t), Some(n)) = (floors.top1, r.top1, r.top1_rows)
+            && t < floor
+            && floors.meets(&r)
+        {
+            let flips = ((1.0 - t) * n as f64).round() as u64;
+            notes.push(format!(
+                "top-1 agreement {:.2}% on the calibration data is below the floor {:.2}%: \
+                 {flips} of {n} rows flipped, which rows flipping at the floor's rate ({:.2}%) \
+                 give with probability {:.2}, so the floor holds",
+                100.0 * t,
+                100.0 * floor,
+                100.0 * (1.0 - floor),
+                flips_tail(flips, n, 1.0 - floor)
+            ));
+        }
     }
     // Tensors with a range that no integer site reads or writes (their Conv stayed float).
     for t in tensors.iter_mut() {
@@ -2060,6 +2121,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn top1_floor_allows_the_flips_chance_gives_at_its_rate() {
+        // Binomial tails against hand-computed values: n = 64, p = 0.002.
+        assert_eq!(flips_tail(0, 64, 0.002), 1.0);
+        assert!((flips_tail(1, 64, 0.002) - (1.0 - 0.998f64.powi(64))).abs() < 1e-12);
+        let two = 1.0 - 0.998f64.powi(64) - 64.0 * 0.002 * 0.998f64.powi(63);
+        assert!((flips_tail(2, 64, 0.002) - two).abs() < 1e-12);
+        // Large n does not underflow: 1000 rows at 0.2% expect 2 flips.
+        let t = flips_tail(2, 1000, 0.002);
+        assert!(t > 0.5 && t < 0.7, "{t}");
+        assert!(flips_tail(10, 1000, 0.002) < 1e-3);
+        let floors = Floors {
+            cosine: Some(0.995),
+            top1: Some(0.998),
+        };
+        let r = |top1: f64, rows: Option<u64>| Retention {
+            cosine: 0.999,
+            top1: Some(top1),
+            top1_rows: rows,
+            nsr: 0.0,
+        };
+        // One flip in 256 (P = 0.40) passes, two (P = 0.09) do not; without a count, the figure
+        // is held to the floor as it is.
+        assert!(floors.meets(&r(255.0 / 256.0, Some(256))));
+        assert!(!floors.meets(&r(254.0 / 256.0, Some(256))));
+        assert!(!floors.meets(&r(255.0 / 256.0, None)));
+        // On 5000 rows the floor's rate expects 10 flips: 20 are not chance, 8 are within it.
+        assert!(!floors.meets(&r(0.996, Some(5000))));
+        assert!(floors.meets(&r(0.9984, Some(5000))));
+    }
+
+    #[test]
     fn floors_missed_with_every_activation_float_count_from_that_model() {
         let floors = Floors {
             cosine: Some(0.995),
@@ -2068,6 +2160,7 @@ mod tests {
         let r = |cosine: f64, top1: Option<f64>| Retention {
             cosine,
             top1,
+            top1_rows: None,
             nsr: 0.0,
         };
         // Both missed: each allowance is counted from the all-float figures.
