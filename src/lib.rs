@@ -54,6 +54,8 @@ pub mod passes;
 pub mod quant;
 pub mod recipes;
 pub mod report;
+#[cfg(test)]
+mod testing;
 pub mod util;
 pub mod zoo;
 

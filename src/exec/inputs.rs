@@ -921,28 +921,17 @@ fn image_set(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use crate::onnx::pb::{AttributeProto, GraphProto, NodeProto};
     use crate::onnx::tensor::{from_f32, tensor_value_info};
 
     fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
         NodeProto {
-            op_type: Some(op.into()),
-            name: Some(output.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
             attribute: attrs,
-            ..Default::default()
+            ..crate::testing::node(op, inputs, output)
         }
     }
 
-    fn int_attr(name: &str, v: i64) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            i: Some(v),
-            r#type: Some(2),
-            ..Default::default()
-        }
-    }
+    use crate::testing::int_attr;
 
     /// Token ids read by two tables (the smaller bounds them, one through Unsqueeze), position ids
     /// through a Cast, a mask by its name, and an integer input used arithmetically (no range).
@@ -989,16 +978,7 @@ mod tests {
         };
         let mut g = g;
         g.initializer[3].name = "ax".into();
-        let proto = ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(17),
-            }],
-            graph: Some(g),
-            ..Default::default()
-        };
-        let model = crate::ir::Model::from_proto(proto, vec![]).unwrap();
+        let model = crate::testing::model_of(g, 17);
         let implied = implied_ranges(&model);
         let range = |n: &str| implied.get(n).map(|(r, _)| *r);
         assert_eq!(range("ids"), Some((0.0, 49.0)));

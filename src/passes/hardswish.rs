@@ -210,20 +210,9 @@ fn chain_from(g: &Graph, add: NodeId, consts: &HashMap<String, ConstantRef>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::{self, RuntimeKind, SessionOptions, Tensor};
     use crate::onnx::dtype::DataType;
-    use crate::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use crate::onnx::pb::GraphProto;
     use crate::onnx::tensor::{from_f32, tensor_value_info};
-
-    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-        NodeProto {
-            op_type: Some(op.into()),
-            name: Some(output.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            ..Default::default()
-        }
-    }
 
     /// Three chains in the three orders, one whose Clip output is also read elsewhere (left alone),
     /// and one with the wrong constant (left alone).
@@ -232,26 +221,26 @@ mod tests {
         let g = GraphProto {
             name: Some("g".into()),
             node: vec![
-                node("Add", &["x", "three"], "a1"),
-                node("Clip", &["a1", "zero", "six"], "c1"),
-                node("Mul", &["x", "c1"], "m1"),
-                node("Div", &["m1", "six"], "y1"),
-                node("Add", &["three", "y1"], "a2"),
-                node("Clip", &["a2", "zero", "six"], "c2"),
-                node("Div", &["c2", "six"], "d2"),
-                node("Mul", &["d2", "y1"], "y2"),
-                node("Add", &["y2", "three"], "a3"),
-                node("Clip", &["a3", "zero", "six"], "c3"),
-                node("Mul", &["sixth", "c3"], "d3"),
-                node("Mul", &["y2", "d3"], "y3"),
-                node("Add", &["y3", "three"], "a4"),
-                node("Clip", &["a4", "zero", "six"], "c4"),
-                node("Mul", &["y3", "c4"], "m4"),
-                node("Div", &["m4", "six"], "y4"),
-                node("Add", &["y4", "two"], "a5"),
-                node("Clip", &["a5", "zero", "six"], "c5"),
-                node("Mul", &["y4", "c5"], "m5"),
-                node("Div", &["m5", "six"], "y5"),
+                crate::testing::node("Add", &["x", "three"], "a1"),
+                crate::testing::node("Clip", &["a1", "zero", "six"], "c1"),
+                crate::testing::node("Mul", &["x", "c1"], "m1"),
+                crate::testing::node("Div", &["m1", "six"], "y1"),
+                crate::testing::node("Add", &["three", "y1"], "a2"),
+                crate::testing::node("Clip", &["a2", "zero", "six"], "c2"),
+                crate::testing::node("Div", &["c2", "six"], "d2"),
+                crate::testing::node("Mul", &["d2", "y1"], "y2"),
+                crate::testing::node("Add", &["y2", "three"], "a3"),
+                crate::testing::node("Clip", &["a3", "zero", "six"], "c3"),
+                crate::testing::node("Mul", &["sixth", "c3"], "d3"),
+                crate::testing::node("Mul", &["y2", "d3"], "y3"),
+                crate::testing::node("Add", &["y3", "three"], "a4"),
+                crate::testing::node("Clip", &["a4", "zero", "six"], "c4"),
+                crate::testing::node("Mul", &["y3", "c4"], "m4"),
+                crate::testing::node("Div", &["m4", "six"], "y4"),
+                crate::testing::node("Add", &["y4", "two"], "a5"),
+                crate::testing::node("Clip", &["a5", "zero", "six"], "c5"),
+                crate::testing::node("Mul", &["y4", "c5"], "m5"),
+                crate::testing::node("Div", &["m5", "six"], "y5"),
             ],
             initializer: vec![
                 scalar("three", 3.0),
@@ -267,27 +256,11 @@ mod tests {
             ],
             ..Default::default()
         };
-        let proto = ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(13),
-            }],
-            graph: Some(g),
-            ..Default::default()
-        };
-        Model::from_proto(proto, vec![]).unwrap()
+        crate::testing::model_of(g, 13)
     }
 
     fn run(m: &Model, x: &[f32]) -> Vec<Vec<f32>> {
-        let p = exec::Prepared::from_model(m, "t");
-        let mut s = exec::open(&p, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
-        let x = ndarray::ArrayD::from_shape_vec(vec![4, 16], x.to_vec()).unwrap();
-        s.run(&[("x".into(), Tensor::from(x))])
-            .unwrap()
-            .iter()
-            .map(|(_, t)| t.to_f32().iter().copied().collect())
-            .collect()
+        crate::testing::run_f32(m, "x", &[4, 16], x)
     }
 
     #[test]

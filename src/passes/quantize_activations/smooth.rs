@@ -626,23 +626,12 @@ fn collect_inputs(g: &Graph, out: &mut BTreeSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::{self, RuntimeKind, SessionOptions, Tensor};
-    use crate::onnx::pb::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
+    use crate::onnx::pb::GraphProto;
     use crate::onnx::tensor::from_f32;
     use crate::passes::quantize_activations::{ActivationPolicy, plan};
 
     fn vi(name: &str, dims: &[i64]) -> crate::onnx::pb::ValueInfoProto {
         crate::onnx::tensor::tensor_value_info(name, DataType::Float as i32, dims)
-    }
-
-    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
-        NodeProto {
-            op_type: Some(op.into()),
-            name: Some(format!("{op}_{output}")),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            ..Default::default()
-        }
     }
 
     /// `a = Relu(x)` and `b = Sigmoid(a·W)` both read W (b through an Identity tie), `a` also feeds a
@@ -657,15 +646,15 @@ mod tests {
         let g = GraphProto {
             name: Some("g".into()),
             node: vec![
-                node("Relu", &["x"], "a"),
-                node("MatMul", &["a", "W"], "y1"),
-                node("Sigmoid", &["y1"], "b"),
-                node("Identity", &["W"], "Wt"),
-                node("MatMul", &["b", "Wt"], "y2"),
-                node("Add", &["a", "y2"], "r"),
-                node("Tanh", &["x"], "c"),
-                node("MatMul", &["c", "W3"], "y3"),
-                node("Gather", &["W3", "idx"], "g3"),
+                crate::testing::node("Relu", &["x"], "a"),
+                crate::testing::node("MatMul", &["a", "W"], "y1"),
+                crate::testing::node("Sigmoid", &["y1"], "b"),
+                crate::testing::node("Identity", &["W"], "Wt"),
+                crate::testing::node("MatMul", &["b", "Wt"], "y2"),
+                crate::testing::node("Add", &["a", "y2"], "r"),
+                crate::testing::node("Tanh", &["x"], "c"),
+                crate::testing::node("MatMul", &["c", "W3"], "y3"),
+                crate::testing::node("Gather", &["W3", "idx"], "g3"),
             ],
             initializer: vec![
                 from_f32("W", &[8, 8], &w),
@@ -681,16 +670,7 @@ mod tests {
             output: vec![vi("r", &[3, 8]), vi("y3", &[3, 4]), vi("g3", &[1, 4])],
             ..Default::default()
         };
-        let proto = ModelProto {
-            ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(17),
-            }],
-            graph: Some(g),
-            ..Default::default()
-        };
-        Model::from_proto(proto, vec![]).unwrap()
+        crate::testing::model_of(g, 17)
     }
 
     trait TapName {
@@ -704,13 +684,7 @@ mod tests {
     }
 
     fn run(m: &Model, x: &[f32]) -> Vec<Vec<f32>> {
-        let p = exec::Prepared::from_model(m, "t");
-        let mut s = exec::open(&p, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
-        let x = ndarray::ArrayD::from_shape_vec(vec![3, 8], x.to_vec()).unwrap();
-        let out = s.run(&[("x".into(), Tensor::from(x))]).unwrap();
-        out.iter()
-            .map(|(_, t)| t.to_f32().iter().copied().collect())
-            .collect()
+        crate::testing::run_f32(m, "x", &[3, 8], x)
     }
 
     #[test]
