@@ -4,8 +4,9 @@
 #   benches/callgrind.sh MODEL[+plain]... -- BENCH_OPTIONS...
 #
 # Each model runs in `quench bench --in-process --warmup 0 --runs 2`, with instructions collected only
-# inside the tract session's `run` (callgrind's --toggle-collect): half the count is what one inference
-# costs, without loading or input generation. MODEL+plain
+# inside tract's plan execution (`SimplePlan::run`, callgrind's --toggle-collect): half the count is
+# what one inference costs, without loading, planning (the session plans on its first run for an
+# input shape) or input generation. MODEL+plain
 # runs it with --tract-plain (tract's own operators instead of quench's kernels). The first model is the
 # baseline of the ratio column.
 #
@@ -22,7 +23,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 count() { # model flag
     valgrind --tool=callgrind --callgrind-out-file="$tmp/out" \
-        --toggle-collect='*TractSession*as*quench::exec::Session*::run' \
+        --toggle-collect='tract_core::plan::SimplePlan*::run' \
         "$QUENCH" bench "$1" "${@:3}" --in-process --warmup 0 --runs 2 $2 >/dev/null 2>"$tmp/err" ||
         { cat "$tmp/err" >&2; exit 1; }
     grep -o 'Collected : [0-9]*' "$tmp/err" | grep -o '[0-9]*$'
