@@ -336,7 +336,6 @@ fn runtimes(arg: &str) -> Result<Vec<RuntimeKind>> {
     })
 }
 
-/// Refuses to write over a file the command reads.
 /// Checked before any work: an output must go into an existing folder, must not be a folder, and
 /// must not be (or lie inside) any file or folder the command reads.
 fn refuse_overwrite(out: &Path, reads: &[&Path]) -> Result<()> {
