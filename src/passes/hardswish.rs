@@ -131,6 +131,10 @@ fn only_reader(g: &Graph, v: ValueId) -> Option<(NodeId, usize)> {
 fn chain_from(g: &Graph, add: NodeId, consts: &HashMap<String, ConstantRef>) -> Option<Chain> {
     let scalar = |v: Option<ValueId>| -> Option<f32> {
         let c = consts.get(g.value_name(v?))?;
+        // Only one-value constants qualify; a large bias is not decoded to find that out.
+        if c.shape().iter().product::<i64>() != 1 {
+            return None;
+        }
         let vals = to_f32(&c.tensor).ok()?;
         (vals.len() == 1).then(|| vals[0])
     };
@@ -139,7 +143,7 @@ fn chain_from(g: &Graph, add: NodeId, consts: &HashMap<String, ConstantRef>) -> 
         let n = g.node(id);
         n.op_type == op && super::quantize_activations::is_std(&n.domain) && n.outputs().len() == 1
     };
-    let out_of = |id: NodeId| g.node(id).outputs()[0];
+    let out_of = |id: NodeId| g.node(id).outputs().first().copied().flatten();
 
     let a = g.node(add);
     let x = if near(scalar(a.input(1)), 3.0) {
