@@ -4,8 +4,9 @@
 //! For the matrix shapes of the zoo's transformer layers at batch 1 and a few sequence lengths, the
 //! median time of one product and its rate in multiply-adds per second, for:
 //! - `f32 (int8 decode)`: the f32 FMA kernels over an int8 per-column weight decoded panel by panel,
-//!   from the copy re-laid in blocks of 32 columns that tract sessions hold; `rows ×`: the same from
-//!   the file's row-major codes, relative to it;
+//!   from the copy re-laid in blocks of 32 columns that tract sessions hold (up to 3 rows, decoded
+//!   into registers instead); `rows ×`: the same from the file's row-major codes, relative to it;
+//!   `panels ×`: the blocked copy always through panels, relative to it;
 //! - `f32 in limbs`: the same product on the integer kernels, activations split in three 8-bit limbs;
 //! - `u8 × i8`: the exact integer product over activations already quantized (MatMulInteger);
 //! - `4-bit (decode)` and `4-bit in limbs`: a MatMulNBits weight (4 bits, blocks of 32), decoded to f32
@@ -22,7 +23,22 @@ use std::time::Instant;
 use quench::kernels::formats::{CodeSlice, Codebook, Int8Blocked, Int8Cols, NBits, NibblesK};
 use quench::kernels::integer::{self, Acts, IntIsa, Packed, Weight, Zeros};
 use quench::kernels::nibbles::{self, BlockNibbles};
-use quench::kernels::{self, Isa};
+use quench::kernels::{self, Isa, Panels};
+
+/// The same weight without its few-rows kernel: every product goes through decoded panels.
+struct PanelsOnly<'a>(&'a Int8Blocked);
+
+impl Panels for PanelsOnly<'_> {
+    fn k(&self) -> usize {
+        self.0.k()
+    }
+    fn n(&self) -> usize {
+        self.0.n()
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        self.0.decode(k0, kc, n0, nr, out)
+    }
+}
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -62,10 +78,11 @@ fn main() {
         isa.name()
     );
     println!(
-        "{:>16} {:>22} {:>7} {:>22} {:>22} {:>8} {:>22} {:>22} {:>22} {:>22}",
+        "{:>16} {:>22} {:>7} {:>8} {:>22} {:>22} {:>8} {:>22} {:>22} {:>22} {:>22}",
         "M×K×N",
         "f32 (int8 decode)",
         "rows ×",
+        "panels ×",
         "f32 in limbs",
         "u8 × i8",
         "limbs ×",
@@ -76,6 +93,13 @@ fn main() {
     );
     for &(m, k, n) in &[
         (1, 256, 1024),
+        (2, 256, 1024),
+        (3, 256, 1024),
+        (4, 256, 1024),
+        (5, 256, 1024),
+        (6, 256, 1024),
+        (7, 256, 1024),
+        (1, 1024, 8210),
         (8, 256, 1024),
         (48, 256, 256),
         (48, 256, 1024),
@@ -95,6 +119,7 @@ fn main() {
         let t_rows = time(|| kernels::matmul(&a, m, &cols, &mut c));
         let blocked = Int8Blocked::from_cols(&cols);
         let t_f32 = time(|| kernels::matmul(&a, m, &blocked, &mut c));
+        let t_panels = time(|| kernels::matmul(&a, m, &PanelsOnly(&blocked), &mut c));
         let layout = isa.layout();
         let data = integer::pack(Weight::I8(&q), k, n, layout);
         let b = Packed {
@@ -157,10 +182,11 @@ fn main() {
             "(not taken)".into()
         };
         println!(
-            "{:>16} {:>22} {:>7.2} {:>22} {:>22} {:>8.2} {:>22} {:>22} {:>22} {:>22}",
+            "{:>16} {:>22} {:>7.2} {:>8.2} {:>22} {:>22} {:>8.2} {:>22} {:>22} {:>22} {:>22}",
             format!("{m}×{k}×{n}"),
             cell(t_f32),
             t_rows / t_f32,
+            t_panels / t_f32,
             cell(t_limbs),
             cell(t_int),
             t_limbs / t_f32,

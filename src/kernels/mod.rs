@@ -157,6 +157,14 @@ pub trait Panels: Sync {
     /// Writes `out[r * nr + j] = W[k0 + r, n0 + j]` for `r < kc`, `j < nr`; columns at or past `N` are
     /// written as 0. `out` holds at least `kc * nr` values.
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]);
+
+    /// Computes `c = a · W` for `m` rows without panels, when this form has a kernel for so few rows
+    /// on `isa` (returns `false` and leaves `c` alone otherwise). With one or two rows a panel is
+    /// decoded, stored and read back for one or two multiply-adds per weight; a kernel that decodes into
+    /// registers does a third of that work.
+    fn few_rows(&self, _isa: Isa, _a: &[f32], _m: usize, _c: &mut [f32]) -> bool {
+        false
+    }
 }
 
 /// `c[M, N] = a[M, K] · W` with the best kernels of this CPU.
@@ -177,7 +185,7 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
         isa.name()
     );
     c.fill(0.0);
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 || k == 0 || w.few_rows(isa, a, m, c) {
         return;
     }
     let (mr, nr) = isa.tile();
@@ -388,6 +396,8 @@ mod tests {
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 64, 17),
+            (2, 70, 45),
+            (2, 1, 64),
             (3, 129, 33),
             (7, 300, 31),
             (9, 256, 64),
