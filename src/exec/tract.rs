@@ -208,7 +208,7 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
@@ -221,7 +221,8 @@ impl Session for TractSession {
                         r.nbits_limbs,
                         r.conv,
                         r.quantize,
-                        r.qlinear_conv
+                        r.qlinear_conv,
+                        r.lstm
                     ),
                 },
             ),

@@ -22,6 +22,8 @@ use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
 use crate::kernels::nibbles::{self, BlockNibbles};
 use crate::kernels::{self, Panels};
 
+mod lstm;
+
 const OP: &str = "QuenchMatMul";
 const OP_INT: &str = "QuenchMatMulInteger";
 const DOMAIN: &str = "ai.quench";
@@ -57,6 +59,8 @@ pub struct Rewrites {
     /// QLinearConv is slower than both its float Conv (which depthwise ones then run) and quench's
     /// integer product (which one-group ones then take, counted in `conv`).
     pub qlinear_conv: usize,
+    /// LSTMs over 8-bit `W` and `R`, run by quench's operator with the weights kept 8-bit.
+    pub lstm: usize,
 }
 
 impl Rewrites {
@@ -69,6 +73,7 @@ impl Rewrites {
             + self.qdq
             + self.limbs
             + self.conv
+            + self.lstm
     }
 }
 
@@ -76,6 +81,7 @@ impl Rewrites {
 pub fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(OP, build);
     onnx.op_register.insert(OP_INT, build_integer);
+    onnx.op_register.insert(lstm::OP, lstm::build);
     // tract's own rounds one value at a time through libm; this one is the same arithmetic, in SIMD.
     onnx.op_register.insert("DynamicQuantizeLinear", |_, _| {
         Ok((expand(DynamicQuantize), vec![]))
@@ -257,6 +263,7 @@ enum Kind {
     Qdq,
     Limbs,
     Conv,
+    Lstm,
 }
 
 /// The weight a MatMul reads, seen through Identity nodes (tied weights).
@@ -984,6 +991,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
                 "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
                 "Conv" => plan_conv(g, &ix, i, &mut packs),
                 "ConvInteger" => plan_conv_integer(g, &ix, i, &mut packs),
+                "LSTM" => lstm::plan(g, &ix, i),
                 _ => None,
             })
             .collect()
@@ -992,6 +1000,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         let node = &mut g.node[p.node];
         node.op_type = match p.kind {
             Kind::Integer | Kind::Qdq | Kind::Limbs | Kind::Conv => OP_INT,
+            Kind::Lstm => lstm::OP,
             _ => OP,
         }
         .into();
@@ -1007,6 +1016,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Qdq => done.qdq += 1,
             Kind::Limbs => done.limbs += 1,
             Kind::Conv => done.conv += 1,
+            Kind::Lstm => done.lstm += 1,
         }
     }
     if done.total() == 0 && gemms == 0 {

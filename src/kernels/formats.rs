@@ -226,10 +226,10 @@ impl Panels for Int8Blocked {
 }
 
 /// Rows of A up to which [`Int8Blocked`] multiplies without panels (AVX2 and up), two rows at a time.
-/// Measured with `cargo bench --bench kernels` (AVX2, K × N = 256 × 1024), against the panels: 3.4×
-/// as fast at 1 row, 2.5× at 2, 1.2–1.5× at 3–6, even at 7 and 8. (A three-row kernel spills
+/// Measured with `cargo bench --bench kernels` (AVX2, K × N = 256 × 1024), against the panels: 2.1×
+/// as fast at 1 row, 1.7× at 2, 1.04× at 3 and 4, 0.86–0.89× at 5 and 6. (A three-row kernel spills
 /// registers and was no faster than two plus one.)
-const FEW_ROWS: usize = 6;
+const FEW_ROWS: usize = 4;
 
 impl Int8Blocked {
     /// `c[m, N] = a[m, K] · W` decoding each block's codes straight into registers, two rows of A at a
@@ -390,9 +390,52 @@ struct Rows {
 /// `out[r · nr + j] = (q[first + r · stride + j] − z[j]) · s[j]` for `j < s.len()`, zero after; compiled
 /// for the widest vectors the CPU has.
 fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+    /// A full panel of `W` columns: fixed-size rows the compiler vectorises at full width (a runtime
+    /// width of 16 was vectorised 4 lanes at a time), with no zero-point subtraction when every zero
+    /// point is 0.
+    #[inline(always)]
+    fn fixed<T: Copy + Into<f32>, const W: usize, const ZERO: bool>(
+        q: &[T],
+        at: Rows,
+        s: &[f32; W],
+        z: &[f32; W],
+        out: &mut [f32],
+    ) {
+        for r in 0..at.kc {
+            let row = at.first + r * at.stride;
+            let q: &[T; W] = q[row..row + W].try_into().unwrap();
+            let o: &mut [f32; W] = (&mut out[r * at.nr..r * at.nr + W]).try_into().unwrap();
+            for j in 0..W {
+                o[j] = if ZERO {
+                    (q[j].into() - z[j]) * s[j]
+                } else {
+                    q[j].into() * s[j]
+                };
+            }
+        }
+    }
     #[inline(always)]
     fn body<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
         let nw = s.len().min(z.len());
+        if nw == at.nr {
+            let zero = z.iter().any(|&v| v != 0.0);
+            macro_rules! full {
+                ($w:literal) => {{
+                    let (s, z) = (s.try_into().unwrap(), z.try_into().unwrap());
+                    return if zero {
+                        fixed::<T, $w, true>(q, at, s, z, out)
+                    } else {
+                        fixed::<T, $w, false>(q, at, s, z, out)
+                    };
+                }};
+            }
+            match nw {
+                8 => full!(8),
+                16 => full!(16),
+                32 => full!(32),
+                _ => {}
+            }
+        }
         for r in 0..at.kc {
             let row = at.first + r * at.stride;
             let (q, o) = (&q[row..row + nw], &mut out[r * at.nr..(r + 1) * at.nr]);
