@@ -104,8 +104,8 @@ impl Panels for Int8Cols<'_> {
             nr,
         };
         match self.q {
-            Codes::I8(q) => scale_rows(q, rows, s, z, out),
-            Codes::U8(q) => scale_rows(q, rows, s, z, out),
+            Codes::I8(q) => scale_rows(q, rows, s, z, true, out),
+            Codes::U8(q) => scale_rows(q, rows, s, z, true, out),
         }
     }
 }
@@ -192,6 +192,27 @@ impl Panels for Int8Blocked {
         self.few_rows_x86(isa, a, m, c)
     }
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        self.decode_with(k0, kc, n0, nr, true, out)
+    }
+    fn column_scales(&self) -> Option<&[f32]> {
+        Some(&self.scales)
+    }
+    fn decode_unscaled(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        self.decode_with(k0, kc, n0, nr, false, out)
+    }
+}
+
+impl Int8Blocked {
+    /// The panel of `W` (`scaled`), or of `q − z` for the product to scale afterwards.
+    fn decode_with(
+        &self,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        nr: usize,
+        scaled: bool,
+        out: &mut [f32],
+    ) {
         let nw = nr.min(self.n.saturating_sub(n0));
         let (s, z) = (&self.scales[n0..n0 + nw], &self.zero[n0..n0 + nw]);
         if n0 % BLOCK_COLS + nr <= BLOCK_COLS {
@@ -203,8 +224,8 @@ impl Panels for Int8Blocked {
                 nr,
             };
             match &self.codes {
-                BlockedCodes::I8(q) => scale_rows(q, rows, s, z, out),
-                BlockedCodes::U8(q) => scale_rows(q, rows, s, z, out),
+                BlockedCodes::I8(q) => scale_rows(q, rows, s, z, scaled, out),
+                BlockedCodes::U8(q) => scale_rows(q, rows, s, z, scaled, out),
             }
             return;
         }
@@ -216,7 +237,7 @@ impl Panels for Int8Blocked {
                         BlockedCodes::I8(q) => q[at] as f32,
                         BlockedCodes::U8(q) => q[at] as f32,
                     };
-                    (q - z[j]) * s[j]
+                    if scaled { (q - z[j]) * s[j] } else { q - z[j] }
                 } else {
                     0.0
                 };
@@ -387,14 +408,22 @@ struct Rows {
     nr: usize,
 }
 
-/// `out[r · nr + j] = (q[first + r · stride + j] − z[j]) · s[j]` for `j < s.len()`, zero after; compiled
+/// `out[r · nr + j] = (q[first + r · stride + j] − z[j]) · s[j]` (without `· s[j]` unless `scaled`) for
+/// `j < s.len()`, zero after; compiled
 /// for the widest vectors the CPU has.
-fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+fn scale_rows<T: Copy + Into<f32>>(
+    q: &[T],
+    at: Rows,
+    s: &[f32],
+    z: &[f32],
+    scaled: bool,
+    out: &mut [f32],
+) {
     /// A full panel of `W` columns: fixed-size rows the compiler vectorises at full width (a runtime
     /// width of 16 was vectorised 4 lanes at a time), with no zero-point subtraction when every zero
     /// point is 0.
     #[inline(always)]
-    fn fixed<T: Copy + Into<f32>, const W: usize, const ZERO: bool>(
+    fn fixed<T: Copy + Into<f32>, const W: usize, const ZERO: bool, const SCALED: bool>(
         q: &[T],
         at: Rows,
         s: &[f32; W],
@@ -406,26 +435,35 @@ fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out:
             let q: &[T; W] = q[row..row + W].try_into().unwrap();
             let o: &mut [f32; W] = (&mut out[r * at.nr..r * at.nr + W]).try_into().unwrap();
             for j in 0..W {
-                o[j] = if ZERO {
-                    (q[j].into() - z[j]) * s[j]
+                let v = if ZERO {
+                    q[j].into() - z[j]
                 } else {
-                    q[j].into() * s[j]
+                    q[j].into()
                 };
+                o[j] = if SCALED { v * s[j] } else { v };
             }
         }
     }
     #[inline(always)]
-    fn body<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
+    fn body<T: Copy + Into<f32>>(
+        q: &[T],
+        at: Rows,
+        s: &[f32],
+        z: &[f32],
+        scaled: bool,
+        out: &mut [f32],
+    ) {
         let nw = s.len().min(z.len());
         if nw == at.nr {
             let zero = z.iter().any(|&v| v != 0.0);
             macro_rules! full {
                 ($w:literal) => {{
                     let (s, z) = (s.try_into().unwrap(), z.try_into().unwrap());
-                    return if zero {
-                        fixed::<T, $w, true>(q, at, s, z, out)
-                    } else {
-                        fixed::<T, $w, false>(q, at, s, z, out)
+                    return match (zero, scaled) {
+                        (true, true) => fixed::<T, $w, true, true>(q, at, s, z, out),
+                        (true, false) => fixed::<T, $w, true, false>(q, at, s, z, out),
+                        (false, true) => fixed::<T, $w, false, true>(q, at, s, z, out),
+                        (false, false) => fixed::<T, $w, false, false>(q, at, s, z, out),
                     };
                 }};
             }
@@ -441,7 +479,8 @@ fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out:
             let (q, o) = (&q[row..row + nw], &mut out[r * at.nr..(r + 1) * at.nr]);
             let (head, tail) = o.split_at_mut(nw);
             for j in 0..nw {
-                head[j] = (q[j].into() - z[j]) * s[j];
+                let v = q[j].into() - z[j];
+                head[j] = if scaled { v * s[j] } else { v };
             }
             tail.fill(0.0);
         }
@@ -449,24 +488,38 @@ fn scale_rows<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out:
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
-        fn wide<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
-            body(q, at, s, z, out)
+        fn wide<T: Copy + Into<f32>>(
+            q: &[T],
+            at: Rows,
+            s: &[f32],
+            z: &[f32],
+            sc: bool,
+            out: &mut [f32],
+        ) {
+            body(q, at, s, z, sc, out)
         }
         #[target_feature(enable = "avx2")]
-        fn mid<T: Copy + Into<f32>>(q: &[T], at: Rows, s: &[f32], z: &[f32], out: &mut [f32]) {
-            body(q, at, s, z, out)
+        fn mid<T: Copy + Into<f32>>(
+            q: &[T],
+            at: Rows,
+            s: &[f32],
+            z: &[f32],
+            sc: bool,
+            out: &mut [f32],
+        ) {
+            body(q, at, s, z, sc, out)
         }
         // Isa::detect() names a family only on a CPU that has it (and may be capped lower).
         if Isa::detect() == Isa::Avx512 {
             // SAFETY: the feature was detected.
-            return unsafe { wide(q, at, s, z, out) };
+            return unsafe { wide(q, at, s, z, scaled, out) };
         }
         if Isa::detect() != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the feature was detected.
-            return unsafe { mid(q, at, s, z, out) };
+            return unsafe { mid(q, at, s, z, scaled, out) };
         }
     }
-    body(q, at, s, z, out)
+    body(q, at, s, z, scaled, out)
 }
 
 /// com.microsoft `MatMulNBits`: `B[N, blocks, blob]` holds `bits`-bit codes (low bits first) of `W^T`,
@@ -702,7 +755,17 @@ impl Panels for Codebook<'_> {
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
         #[inline(always)]
         fn body(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
-            w.decode_rows(k0, kc, n0, nr, out)
+            w.decode_rows(k0, kc, n0, nr, true, out)
+        }
+        for_cpu!(body(w: &Codebook = self, k0: usize = k0, kc: usize = kc, n0: usize = n0, nr: usize = nr, out: &mut [f32] = out) -> ())
+    }
+    fn column_scales(&self) -> Option<&[f32]> {
+        Some(self.scales)
+    }
+    fn decode_unscaled(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        #[inline(always)]
+        fn body(w: &Codebook, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+            w.decode_rows(k0, kc, n0, nr, false, out)
         }
         for_cpu!(body(w: &Codebook = self, k0: usize = k0, kc: usize = kc, n0: usize = n0, nr: usize = nr, out: &mut [f32] = out) -> ())
     }
@@ -713,7 +776,15 @@ impl Codebook<'_> {
     /// once per stage, then each of the piece's rows of K is a contiguous run of `nw` stores (gathered
     /// from the codebook, which is small enough to stay in L1).
     #[inline(always)]
-    fn decode_rows(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+    fn decode_rows(
+        &self,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        nr: usize,
+        scaled: bool,
+        out: &mut [f32],
+    ) {
         let dim = self.dim;
         let pieces = self.k_padded / dim;
         let pps = pieces / self.subspaces;
@@ -765,8 +836,10 @@ impl Codebook<'_> {
             }
         }
         for row in out[..kc * nr].chunks_exact_mut(nr) {
-            for (o, s) in row.iter_mut().zip(scales) {
-                *o *= s;
+            if scaled {
+                for (o, s) in row.iter_mut().zip(scales) {
+                    *o *= s;
+                }
             }
             row[nw..].fill(0.0);
         }
@@ -855,6 +928,28 @@ impl Panels for NibblesK {
         fn body(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
             let nw = nr.min(w.n.saturating_sub(n0));
             let row = NibblesK::row_bytes(w.n);
+            if nw == nr && nr % 16 == 0 && n0 % 16 == 0 {
+                // Whole runs of 16 columns: fixed-size loops the compiler vectorises at full width
+                // (a runtime run length was vectorised a quarter as wide).
+                for r in 0..kc {
+                    let kk = k0 + r;
+                    let blk = kk / w.block;
+                    let codes = &w.codes[kk * row..(kk + 1) * row];
+                    for run in 0..nr / 16 {
+                        let c0 = n0 + 16 * run;
+                        let (at, shift) = NibblesK::place(c0);
+                        let bytes: &[u8; 16] = codes[at..at + 16].try_into().unwrap();
+                        let s: &[f32; 16] = w.scales[blk * w.n + c0..][..16].try_into().unwrap();
+                        let z: &[f32; 16] = w.zero[blk * w.n + c0..][..16].try_into().unwrap();
+                        let o: &mut [f32; 16] =
+                            (&mut out[r * nr + 16 * run..][..16]).try_into().unwrap();
+                        for j in 0..16 {
+                            o[j] = (((bytes[j] >> shift) & 15) as f32 - z[j]) * s[j];
+                        }
+                    }
+                }
+                return;
+            }
             for r in 0..kc {
                 let kk = k0 + r;
                 let blk = kk / w.block;

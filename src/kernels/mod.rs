@@ -158,6 +158,18 @@ pub trait Panels: Sync {
     /// written as 0. `out` holds at least `kc * nr` values.
     fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]);
 
+    /// Per-column scales `s` with `W = W' · diag(s)`, when this form decodes `W'`
+    /// ([`Panels::decode_unscaled`]) for less than `W`: the product then multiplies its finished
+    /// columns once (`M × N` multiplies instead of `K × N` per product).
+    fn column_scales(&self) -> Option<&[f32]> {
+        None
+    }
+
+    /// The panel of `W'` (see [`Panels::column_scales`]); `W` itself for forms without column scales.
+    fn decode_unscaled(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        self.decode(k0, kc, n0, nr, out)
+    }
+
     /// Computes `c = a · W` for `m` rows without panels, when this form has a kernel for so few rows
     /// on `isa` (returns `false` and leaves `c` alone otherwise). With one or two rows a panel is
     /// decoded, stored and read back for one or two multiply-adds per weight; a kernel that decodes into
@@ -189,6 +201,7 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
         return;
     }
     let (mr, nr) = isa.tile();
+    let post = w.column_scales().filter(|s| s.len() == n);
     let mut panel = vec![0f32; KC * nr];
     let mut tile = vec![0f32; mr * nr];
     // Row blocks as even as the tile allows (20 rows on a 6-row tile: 5, 5, 5, 5, not 6, 6, 6, 2), each
@@ -206,7 +219,11 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
         let nw = nr.min(n - n0);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
-            w.decode(k0, kc, n0, nr, &mut panel[..kc * nr]);
+            if post.is_some() {
+                w.decode_unscaled(k0, kc, n0, nr, &mut panel[..kc * nr]);
+            } else {
+                w.decode(k0, kc, n0, nr, &mut panel[..kc * nr]);
+            }
             for &(m0, mw) in &starts {
                 let row = |i: usize| {
                     let r = m0 + i.min(mw - 1);
@@ -247,6 +264,13 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                         *o += t;
                     }
                 }
+            }
+        }
+    }
+    if let Some(s) = post {
+        for row in c.chunks_exact_mut(n) {
+            for (v, s) in row.iter_mut().zip(s) {
+                *v *= s;
             }
         }
     }
