@@ -248,8 +248,8 @@ impl Int8Blocked {
 
 /// Rows of A up to which [`Int8Blocked`] multiplies without panels (AVX2 and up), two rows at a time.
 /// Measured with `cargo bench --bench kernels` (AVX2, K × N = 256 × 1024), against the panels: 2.1×
-/// as fast at 1 row, 1.7× at 2, 1.04× at 3 and 4, 0.86–0.89× at 5 and 6. (A three-row kernel spills
-/// registers and was no faster than two plus one.)
+/// as fast at 1 row, 1.7–2.0× at 2, 1.01–1.04× at 3 and 4, even or behind from 5. (A three-row kernel
+/// spills registers and was no faster than two plus one.)
 const FEW_ROWS: usize = 4;
 
 impl Int8Blocked {

@@ -229,6 +229,16 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                     let r = m0 + i.min(mw - 1);
                     &a[r * k + k0..r * k + k0 + kc]
                 };
+                // A whole block of columns accumulates straight into C (which starts at 0, so the
+                // first panel need not read it); a ragged last block goes through the tile.
+                let whole = nw == nr;
+                let (out, ldc, load) = if whole {
+                    (c[m0 * n + n0..].as_mut_ptr(), n, k0 > 0)
+                } else {
+                    (tile.as_mut_ptr(), nr, false)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (out, ldc, load);
                 // A tile of exactly `mw` rows: `by_rows!(kernel, [heights below the most], most)`.
                 #[cfg(target_arch = "x86_64")]
                 macro_rules! by_rows {
@@ -238,8 +248,9 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                                 let rows: [&[f32]; $h] = std::array::from_fn(row);
                                 // SAFETY: `isa` is one this CPU runs (asserted above); every row
                                 // holds kc values and the panel kc × nr, which the kernel reads and
-                                // no more.
-                                unsafe { x86::$kernel::<$h>(kc, &rows, &panel, &mut tile) }
+                                // no more; `out` has `$h` rows of nr values, `ldc` apart (in C: the
+                                // rows m0.. of a whole block of nr columns; or the tile).
+                                unsafe { x86::$kernel::<$h>(kc, &rows, &panel, out, ldc, load) }
                             }};
                         }
                         match mw {
@@ -257,6 +268,9 @@ pub fn matmul_with(isa: Isa, a: &[f32], m: usize, w: &dyn Panels, c: &mut [f32])
                         let rows: [&[f32]; 4] = std::array::from_fn(row);
                         tile_portable(kc, &rows, &panel, &mut tile)
                     }
+                }
+                if whole && isa != Isa::Portable {
+                    continue;
                 }
                 for i in 0..mw {
                     let out = &mut c[(m0 + i) * n + n0..(m0 + i) * n + n0 + nw];
@@ -302,17 +316,29 @@ mod x86 {
     /// `R` ≤ 8 rows × 32 columns: up to 16 zmm accumulators.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; each row must hold `kc` values, `panel` `kc * 32` and `tile` 32·R.
+    /// The CPU must have AVX-512F; each row must hold `kc` values, `panel` `kc * 32`, and `out` R rows of
+    /// 32 writable values, `ldc` apart (read first when `load`).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile_avx512<const R: usize>(
         kc: usize,
         rows: &[&[f32]; R],
         panel: &[f32],
-        tile: &mut [f32],
+        out: *mut f32,
+        ldc: usize,
+        load: bool,
     ) {
-        debug_assert!(panel.len() >= kc * 32 && tile.len() >= 32 * R);
+        debug_assert!(panel.len() >= kc * 32 && ldc >= 32);
         debug_assert!(rows.iter().all(|r| r.len() >= kc));
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if load {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's `out` holds R rows of 32 values, `ldc` apart.
+                unsafe {
+                    acc[0] = _mm512_loadu_ps(out.add(i * ldc));
+                    acc[1] = _mm512_loadu_ps(out.add(i * ldc + 16));
+                }
+            }
+        }
         let p = panel.as_ptr();
         for r in 0..kc {
             // SAFETY: r < kc, so r * 32 + 31 < panel.len(); r < rows[i].len().
@@ -326,12 +352,11 @@ mod x86 {
                 }
             }
         }
-        let t = tile.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: i * 32 + 31 < 32·R ≤ tile.len().
+            // SAFETY: as above.
             unsafe {
-                _mm512_storeu_ps(t.add(i * 32), acc[0]);
-                _mm512_storeu_ps(t.add(i * 32 + 16), acc[1]);
+                _mm512_storeu_ps(out.add(i * ldc), acc[0]);
+                _mm512_storeu_ps(out.add(i * ldc + 16), acc[1]);
             }
         }
     }
@@ -339,17 +364,29 @@ mod x86 {
     /// `R` ≤ 6 rows × 16 columns: up to 12 ymm accumulators.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; each row must hold `kc` values, `panel` `kc * 16` and `tile` 16·R.
+    /// The CPU must have AVX2 and FMA; each row must hold `kc` values, `panel` `kc * 16`, and `out` R
+    /// rows of 16 writable values, `ldc` apart (read first when `load`).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_avx2<const R: usize>(
         kc: usize,
         rows: &[&[f32]; R],
         panel: &[f32],
-        tile: &mut [f32],
+        out: *mut f32,
+        ldc: usize,
+        load: bool,
     ) {
-        debug_assert!(panel.len() >= kc * 16 && tile.len() >= 16 * R);
+        debug_assert!(panel.len() >= kc * 16 && ldc >= 16);
         debug_assert!(rows.iter().all(|r| r.len() >= kc));
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        if load {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's `out` holds R rows of 16 values, `ldc` apart.
+                unsafe {
+                    acc[0] = _mm256_loadu_ps(out.add(i * ldc));
+                    acc[1] = _mm256_loadu_ps(out.add(i * ldc + 8));
+                }
+            }
+        }
         let p = panel.as_ptr();
         for r in 0..kc {
             // SAFETY: r < kc, so r * 16 + 15 < panel.len(); r < rows[i].len().
@@ -363,12 +400,11 @@ mod x86 {
                 }
             }
         }
-        let t = tile.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: i * 16 + 15 < 16·R ≤ tile.len().
+            // SAFETY: as above.
             unsafe {
-                _mm256_storeu_ps(t.add(i * 16), acc[0]);
-                _mm256_storeu_ps(t.add(i * 16 + 8), acc[1]);
+                _mm256_storeu_ps(out.add(i * ldc), acc[0]);
+                _mm256_storeu_ps(out.add(i * ldc + 8), acc[1]);
             }
         }
     }
