@@ -228,6 +228,8 @@ mod tests {
             (30, 40, 14, 4, 1, 1),
             (48, 128, 40, 4, 4, 1),
             (50, 66, 33, 2, 3, 2),
+            (9, 64, 48, 4, 1, 2),
+            (48, 256, 32, 4, 2, 1),
         ] {
             let k_padded = k.div_ceil(dim * subspaces) * dim * subspaces;
             let pieces = k_padded / dim;
@@ -258,6 +260,22 @@ mod tests {
                 size,
             };
             w.check().unwrap();
+            // The decode itself, against the codebook rows written out one weight at a time (the
+            // panel paths differ with the panel's width: whole runs of 4-value pieces are
+            // transposed in registers).
+            let mut full = vec![0f32; k * n];
+            w.decode(0, k, 0, n, &mut full);
+            let pps = pieces / subspaces;
+            for kk in 0..k {
+                for j in 0..n {
+                    let (p, d) = (kk / dim, kk % dim);
+                    let mut v = 0f32;
+                    for (c, b) in codes.iter().zip(&books) {
+                        v += b[(c[j * pieces + p] as usize + (p / pps) * size) * dim + d];
+                    }
+                    assert_eq!(full[kk * n + j], v * scales[j], "W[{kk}, {j}]");
+                }
+            }
             let a = uniform(&mut rng, m * k);
             let want = reference(&a, m, &w);
             let tol = 1e-5 * (k * stages) as f32;

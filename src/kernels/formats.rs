@@ -818,6 +818,15 @@ impl Codebook<'_> {
                     top as usize + dim <= book.len(),
                     "code past the end of its codebook"
                 );
+                #[cfg(target_arch = "x86_64")]
+                if dim == 4 && d_lo == 0 && d_hi == 4 && nw == nr && nr % 8 == 0 {
+                    let o = &mut out[(p * dim - k0) * nr..][..4 * nr];
+                    // SAFETY: AVX2 is checked by `quads`' caller below; every r + 4 ≤ book.len().
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        unsafe { quads::rows_of_four(book, rows, nr, stage > 0, o) };
+                        continue;
+                    }
+                }
                 for d in d_lo..d_hi {
                     let o = &mut out[(p * dim + d - k0) * nr..][..nw];
                     let book = &book[d..];
@@ -842,6 +851,52 @@ impl Codebook<'_> {
                 }
             }
             row[nw..].fill(0.0);
+        }
+    }
+}
+
+/// Codebook pieces of 4 values, 8 columns at a time: each column's piece is one 16-byte load, and a
+/// 4 × 8 transpose in registers turns the 8 pieces into the panel's 4 rows.
+#[cfg(target_arch = "x86_64")]
+mod quads {
+    use std::arch::x86_64::*;
+
+    /// `out[d · nr + j] (+)= book[rows[j] + d]` for `d < 4`, `j < nr` (added when `add`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `rows[j] + 4 ≤ book.len()` for every `j`; `rows` and each of the 4 rows
+    /// of `out` hold `nr` values, `nr` a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn rows_of_four(book: &[f32], rows: &[u32], nr: usize, add: bool, out: &mut [f32]) {
+        debug_assert!(nr % 8 == 0 && rows.len() >= nr && out.len() >= 4 * nr);
+        let b = book.as_ptr();
+        let o = out.as_mut_ptr();
+        for j in (0..nr).step_by(8) {
+            // SAFETY: the caller's bounds.
+            unsafe {
+                let piece = |i: usize| _mm_loadu_ps(b.add(*rows.get_unchecked(j + i) as usize));
+                let pair = |lo: usize, hi: usize| {
+                    _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(piece(lo)), piece(hi))
+                };
+                let (t0, t1, t2, t3) = (pair(0, 4), pair(1, 5), pair(2, 6), pair(3, 7));
+                let (u0, u1) = (_mm256_unpacklo_ps(t0, t1), _mm256_unpackhi_ps(t0, t1));
+                let (u2, u3) = (_mm256_unpacklo_ps(t2, t3), _mm256_unpackhi_ps(t2, t3));
+                let d = [
+                    _mm256_shuffle_ps::<0x44>(u0, u2),
+                    _mm256_shuffle_ps::<0xEE>(u0, u2),
+                    _mm256_shuffle_ps::<0x44>(u1, u3),
+                    _mm256_shuffle_ps::<0xEE>(u1, u3),
+                ];
+                for (r, v) in d.into_iter().enumerate() {
+                    let at = o.add(r * nr + j);
+                    let v = if add {
+                        _mm256_add_ps(_mm256_loadu_ps(at), v)
+                    } else {
+                        v
+                    };
+                    _mm256_storeu_ps(at, v);
+                }
+            }
         }
     }
 }
