@@ -819,7 +819,7 @@ impl Codebook<'_> {
                     "code past the end of its codebook"
                 );
                 #[cfg(target_arch = "x86_64")]
-                if dim == 4 && d_lo == 0 && d_hi == 4 && nw == nr && nr % 8 == 0 {
+                if dim == 4 && d_lo == 0 && d_hi == 4 && nw == nr && nr.is_multiple_of(8) {
                     let o = &mut out[(p * dim - k0) * nr..][..4 * nr];
                     // SAFETY: AVX2 is checked by `quads`' caller below; every r + 4 ≤ book.len().
                     if std::arch::is_x86_feature_detected!("avx2") {
@@ -868,7 +868,7 @@ mod quads {
     /// of `out` hold `nr` values, `nr` a multiple of 8.
     #[target_feature(enable = "avx2")]
     pub unsafe fn rows_of_four(book: &[f32], rows: &[u32], nr: usize, add: bool, out: &mut [f32]) {
-        debug_assert!(nr % 8 == 0 && rows.len() >= nr && out.len() >= 4 * nr);
+        debug_assert!(nr.is_multiple_of(8) && rows.len() >= nr && out.len() >= 4 * nr);
         let b = book.as_ptr();
         let o = out.as_mut_ptr();
         for j in (0..nr).step_by(8) {
@@ -983,7 +983,7 @@ impl Panels for NibblesK {
         fn body(w: &NibblesK, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
             let nw = nr.min(w.n.saturating_sub(n0));
             let row = NibblesK::row_bytes(w.n);
-            if nw == nr && nr % 16 == 0 && n0 % 16 == 0 {
+            if nw == nr && nr.is_multiple_of(16) && n0.is_multiple_of(16) {
                 // Whole runs of 16 columns: fixed-size loops the compiler vectorises at full width
                 // (a runtime run length was vectorised a quarter as wide).
                 for r in 0..kc {
