@@ -9,7 +9,7 @@
 //! which the few-rows kernel decodes into registers) and the cell: tract's own `sigmoid` and `tanh`
 //! kernels in ONNX's gate order i, o, f, c, as tract's LSTM does.
 //!
-//! Taken: standard activations, no `clip`, `input_forget` 0, `layout` 0, no `sequence_lens` and no
+//! Taken: standard activations (absent, or written out as Sigmoid, Tanh, Tanh), no `clip`, `input_forget` 0, `layout` 0, no `sequence_lens` and no
 //! peepholes; any direction; optional `B`, `initial_h` and `initial_c`. Other LSTMs stay with tract.
 
 use super::*;
@@ -68,22 +68,35 @@ pub(super) fn plan(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
     if !(n.domain.is_empty() || n.domain == "ai.onnx") {
         return None;
     }
-    for a in &n.attribute {
-        match a.name.as_str() {
-            "direction" | "hidden_size" => {}
-            "layout" | "input_forget" if a.i == 0 => {}
-            _ => return None,
-        }
-    }
-    let hidden = attr_i(n, "hidden_size").filter(|&h| h > 0)?;
     let direction = attr_s(n, "direction").unwrap_or("forward");
     let dirs = match direction {
         "forward" | "reverse" => 1,
         "bidirectional" => 2,
         _ => return None,
     };
+    // The default activations, also when an exporter writes them out.
+    let defaults = |a: &AttributeProto| {
+        a.strings.len() == 3 * dirs as usize
+            && a.strings
+                .chunks(3)
+                .all(|f| f == [&b"Sigmoid"[..], b"Tanh", b"Tanh"])
+    };
+    for a in &n.attribute {
+        match a.name.as_str() {
+            "direction" | "hidden_size" => {}
+            "layout" | "input_forget" if a.i == 0 => {}
+            "activations" if defaults(a) => {}
+            _ => return None,
+        }
+    }
+    let hidden = attr_i(n, "hidden_size").filter(|&h| h > 0)?;
     let input = |j: usize| n.input.get(j).map(String::as_str).filter(|s| !s.is_empty());
-    if input(4).is_some() || input(7).is_some() || n.input.len() > 8 || n.output.len() > 3 {
+    if input(4).is_some()
+        || input(7).is_some()
+        || n.input.len() > 8
+        || n.output.len() > 3
+        || n.output.iter().all(|o| o.is_empty())
+    {
         return None;
     }
     let x = input(0)?;
@@ -132,7 +145,8 @@ pub(super) fn build(
             dirs,
             reverse: direction == "reverse",
             optional: [0, 1, 2].map(|j| optional[j] != 0),
-            outputs: node.output.len(),
+            // tract drops outputs with an empty name: the node has the others, in order.
+            produce: [0, 1, 2].map(|j| node.output.get(j).is_some_and(|o| !o.is_empty())),
         }),
         vec![],
     ))
@@ -145,7 +159,14 @@ struct LstmExpansion {
     reverse: bool,
     /// Whether `B`, `initial_h`, `initial_c` are inputs (in that order, after the weights).
     optional: [bool; 3],
-    outputs: usize,
+    /// Which of Y, Y_h, Y_c the node has.
+    produce: [bool; 3],
+}
+
+impl LstmExpansion {
+    fn outputs(&self) -> usize {
+        self.produce.iter().filter(|&&p| p).count()
+    }
 }
 
 impl Expansion for LstmExpansion {
@@ -154,7 +175,7 @@ impl Expansion for LstmExpansion {
     }
 
     fn nboutputs(&self) -> TractResult<usize> {
-        Ok(self.outputs)
+        Ok(self.outputs())
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -165,10 +186,11 @@ impl Expansion for LstmExpansion {
     ) -> InferenceResult {
         let given = self.optional.iter().filter(|&&o| o).count();
         check_input_arity(inputs, 5 + given)?;
-        check_output_arity(outputs, self.outputs)?;
+        check_output_arity(outputs, self.outputs())?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[0].rank, 3)?;
-        for (j, o) in outputs.iter().enumerate() {
+        let kinds = (0..3).filter(|&j| self.produce[j]);
+        for (j, o) in kinds.zip(outputs) {
             s.equals(&o.datum_type, f32::datum_type())?;
             // Y is [T, dirs, batch, hidden]; Y_h and Y_c are [dirs, batch, hidden].
             let at = usize::from(j == 0);
@@ -214,7 +236,7 @@ impl Expansion for LstmExpansion {
             input_size,
             reverse: self.reverse,
             optional: self.optional,
-            outputs: self.outputs,
+            produce: self.produce,
             w: w.into_iter().map(Arc::new).collect(),
             r: r.into_iter().map(Arc::new).collect(),
         };
@@ -287,7 +309,7 @@ pub struct QLstm {
     input_size: usize,
     reverse: bool,
     optional: [bool; 3],
-    outputs: usize,
+    produce: [bool; 3],
     /// `Wᵀ` and `Rᵀ` of each direction: `[input_size, 4H]` and `[H, 4H]`.
     w: Vec<Arc<Int8Blocked>>,
     r: Vec<Arc<Int8Blocked>>,
@@ -298,7 +320,7 @@ impl PartialEq for QLstm {
         self.hidden == other.hidden
             && self.reverse == other.reverse
             && self.optional == other.optional
-            && self.outputs == other.outputs
+            && self.produce == other.produce
             && self.w.len() == other.w.len()
             && self.w.iter().zip(&other.w).all(|(a, b)| Arc::ptr_eq(a, b))
             && self.r.iter().zip(&other.r).all(|(a, b)| Arc::ptr_eq(a, b))
@@ -435,8 +457,9 @@ impl EvalOp for QLstm {
         let all = [y, y_h, y_c];
         Ok(all
             .into_iter()
-            .take(self.outputs)
-            .map(|t| t.into_tvalue())
+            .zip(self.produce)
+            .filter(|(_, on)| *on)
+            .map(|(t, _)| t.into_tvalue())
             .collect())
     }
 }
@@ -455,7 +478,12 @@ impl TypedOp for QLstm {
             f32::fact([dirs.clone(), batch.clone(), h.clone()]),
             f32::fact([dirs, batch, h]),
         ];
-        Ok(facts.into_iter().take(self.outputs).collect())
+        Ok(facts
+            .into_iter()
+            .zip(self.produce)
+            .filter(|(_, on)| *on)
+            .map(|(f, _)| f)
+            .collect())
     }
 
     as_op!();
@@ -520,6 +548,8 @@ mod tests {
         dequantize: bool,
         per_direction: bool,
         outputs: usize,
+        /// Y's name left empty (only Y_h, Y_c read).
+        skip_y: bool,
     }
 
     fn model(c: &Case) -> crate::ir::Model {
@@ -591,7 +621,8 @@ mod tests {
             ],
             "y",
         );
-        lstm.output = ["y", "y_h", "y_c"][..c.outputs]
+        let y = if c.skip_y { "" } else { "y" };
+        lstm.output = [y, "y_h", "y_c"][..c.outputs]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -614,7 +645,7 @@ mod tests {
             node: nodes,
             initializer: inits,
             input: vec![tensor_value_info("x", float, &[T, BATCH, I])],
-            output: outputs[..c.outputs].to_vec(),
+            output: outputs[usize::from(c.skip_y)..c.outputs].to_vec(),
             ..Default::default()
         };
         model_of(g, 13)
@@ -749,6 +780,7 @@ mod tests {
                 dequantize: false,
                 per_direction: false,
                 outputs: 3,
+                skip_y: false,
             },
             Case {
                 direction: "reverse",
@@ -756,6 +788,7 @@ mod tests {
                 dequantize: false,
                 per_direction: false,
                 outputs: 3,
+                skip_y: false,
             },
             Case {
                 direction: "bidirectional",
@@ -763,6 +796,7 @@ mod tests {
                 dequantize: false,
                 per_direction: true,
                 outputs: 3,
+                skip_y: false,
             },
             Case {
                 direction: "bidirectional",
@@ -770,6 +804,7 @@ mod tests {
                 dequantize: true,
                 per_direction: false,
                 outputs: 1,
+                skip_y: false,
             },
             Case {
                 direction: "forward",
@@ -777,6 +812,7 @@ mod tests {
                 dequantize: true,
                 per_direction: false,
                 outputs: 2,
+                skip_y: true,
             },
         ];
         let x: Vec<f32> = values(T * BATCH * I, 9).iter().map(|v| v * 2.0).collect();
@@ -788,9 +824,10 @@ mod tests {
                 "{}: {said}",
                 c.direction
             );
-            assert_eq!(fast.len(), c.outputs);
+            let first = usize::from(c.skip_y);
+            assert_eq!(fast.len(), c.outputs - first);
             let want = reference(&m, c, &x);
-            for (got, want) in fast.iter().zip(&want) {
+            for (got, want) in fast.iter().zip(&want[first..]) {
                 assert_eq!(got.len(), want.len());
                 let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
                 assert!(scale > 0.05, "{}: outputs near zero", c.direction);
@@ -810,22 +847,46 @@ mod tests {
                 }
             }
         }
-        // An LSTM with a clip is left to tract.
-        let mut m = model(&cases[0]).to_proto();
-        let g = m.graph.as_mut().unwrap();
-        let lstm = g
-            .node
-            .iter_mut()
-            .find(|n| n.op_type.as_deref() == Some("LSTM"))
-            .unwrap();
-        lstm.attribute.push(AttributeProto {
+        // Activations written out as the defaults are taken; a clip or other activations are not.
+        let with = |attr: AttributeProto| {
+            let mut m = model(&cases[2]).to_proto();
+            let g = m.graph.as_mut().unwrap();
+            let lstm = g
+                .node
+                .iter_mut()
+                .find(|n| n.op_type.as_deref() == Some("LSTM"))
+                .unwrap();
+            lstm.attribute.push(attr);
+            run(&crate::ir::Model::from_proto(m, vec![]).unwrap(), true)
+        };
+        let activations = |names: [&str; 3]| AttributeProto {
+            name: "activations".into(),
+            strings: names
+                .iter()
+                .chain(&names)
+                .map(|f| f.as_bytes().to_vec().into())
+                .collect(),
+            r#type: Some(8),
+            ..Default::default()
+        };
+        let (out, said) = with(activations(["Sigmoid", "Tanh", "Tanh"]));
+        assert!(said.ends_with("; 1 LSTM over int8 weights"), "{said}");
+        let (plain, _) = run(&model(&cases[2]), false);
+        assert_eq!(out.len(), plain.len());
+        for (a, b) in out.iter().flatten().zip(plain.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-5,
+                "explicit activations: {a} vs tract's {b}"
+            );
+        }
+        let (_, said) = with(activations(["Sigmoid", "Relu", "Tanh"]));
+        assert!(said.ends_with("; 0 LSTM over int8 weights"), "{said}");
+        let (_, said) = with(AttributeProto {
             name: "clip".into(),
             f: Some(0.5),
             r#type: Some(1),
             ..Default::default()
         });
-        let m = crate::ir::Model::from_proto(m, vec![]).unwrap();
-        let (_, said) = run(&m, true);
         assert!(said.ends_with("; 0 LSTM over int8 weights"), "{said}");
     }
 }
