@@ -1047,6 +1047,21 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     done
 }
 
+/// The constant tensor behind input `i` of a node being wired (an error naming the node if it is not
+/// a constant).
+fn constant_input(
+    model: &TypedModel,
+    prefix: &str,
+    inputs: &[OutletId],
+    i: usize,
+) -> TractResult<Arc<Tensor>> {
+    model
+        .outlet_fact(inputs[i])?
+        .konst
+        .clone()
+        .with_context(|| format!("{prefix}: input {i} must be a constant"))
+}
+
 /// Drops, until none is left, the nodes none of whose outputs is read (by a node, a subgraph or the
 /// graph's outputs). ONNX operators have no side effects, so nothing observable goes with them.
 fn remove_dead_nodes(g: &mut pb::GraphProto) {
@@ -1174,15 +1189,9 @@ impl Expansion for Expansion_ {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let mut konsts = Vec::new();
-        for (i, o) in inputs.iter().enumerate().skip(1) {
-            let k = model
-                .outlet_fact(*o)?
-                .konst
-                .clone()
-                .with_context(|| format!("{prefix}: input {i} must be a constant"))?;
-            konsts.push(k);
-        }
+        let konsts = (1..inputs.len())
+            .map(|i| constant_input(model, prefix, inputs, i))
+            .collect::<TractResult<Vec<_>>>()?;
         let mut op = QMatMul {
             form: self.form.clone(),
             k: self.k,
@@ -1998,13 +2007,7 @@ impl Expansion for IntegerExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let konst = |i: usize| -> TractResult<Arc<Tensor>> {
-            model
-                .outlet_fact(inputs[i])?
-                .konst
-                .clone()
-                .with_context(|| format!("{prefix}: input {i} must be a constant"))
-        };
+        let konst = |i: usize| constant_input(model, prefix, inputs, i);
         let pi = 1 + self.a_zero as usize;
         let packed = konst(pi)?;
         let scales = if self.scaled {

@@ -211,13 +211,7 @@ impl Expansion for LstmExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let konst = |i: usize| -> TractResult<Arc<Tensor>> {
-            model
-                .outlet_fact(inputs[i])?
-                .konst
-                .clone()
-                .with_context(|| format!("{prefix}: input {i} must be a constant"))
-        };
+        let konst = |i: usize| constant_input(model, prefix, inputs, i);
         let (h, d) = (self.hidden, self.dirs);
         let w = per_direction(&*konst(1)?, &*konst(2)?, d, 4 * h)
             .with_context(|| format!("{prefix}: W"))?;
