@@ -790,6 +790,14 @@ impl Codebook<'_> {
         let pps = pieces / self.subspaces;
         let nw = nr.min(self.n.saturating_sub(n0));
         let scales = &self.scales[n0..n0 + nw];
+        // Whole panels of 4-value pieces take the transposing path, on CPUs (and under the
+        // `QUENCH_KERNELS` cap) that run AVX2; decided once per panel, not per piece.
+        #[cfg(target_arch = "x86_64")]
+        let quads = dim == 4
+            && nw == nr
+            && nr.is_multiple_of(8)
+            && Isa::detect() != Isa::Portable
+            && std::arch::is_x86_feature_detected!("avx2");
         let mut rows = [0u32; 64];
         let mut heap;
         let rows: &mut [u32] = if nw <= 64 {
@@ -819,13 +827,12 @@ impl Codebook<'_> {
                     "code past the end of its codebook"
                 );
                 #[cfg(target_arch = "x86_64")]
-                if dim == 4 && d_lo == 0 && d_hi == 4 && nw == nr && nr.is_multiple_of(8) {
+                if quads && d_lo == 0 && d_hi == 4 {
                     let o = &mut out[(p * dim - k0) * nr..][..4 * nr];
-                    // SAFETY: AVX2 is checked by `quads`' caller below; every r + 4 ≤ book.len().
-                    if std::arch::is_x86_feature_detected!("avx2") {
-                        unsafe { quads::rows_of_four(book, rows, nr, stage > 0, o) };
-                        continue;
-                    }
+                    // SAFETY: AVX2 was detected; every r + 4 ≤ book.len() (asserted above); rows
+                    // and o's 4 rows hold nr values, a multiple of 8.
+                    unsafe { quads::rows_of_four(book, rows, nr, stage > 0, o) };
+                    continue;
                 }
                 for d in d_lo..d_hi {
                     let o = &mut out[(p * dim + d - k0) * nr..][..nw];
