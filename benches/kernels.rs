@@ -14,7 +14,9 @@
 //!
 //! - `vq2 (panels)` and `vq2 (broadcast)`: a codebook weight (4-value pieces, 256 entries, as the vq2
 //!   recipe writes), decoded to f32 panels, or multiplied with each weight broadcast from the codebook
-//!   (AVX-512 and AVX2, up to 96 rows).
+//!   (AVX-512 and AVX2, up to 96 rows);
+//! - `vq2 (tables)`: the same weight by lookup-table accumulation (AVX2, any rows; taken from 768
+//!   columns).
 //!
 //! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
 
@@ -78,7 +80,7 @@ fn main() {
         isa.name()
     );
     println!(
-        "{:>16} {:>22} {:>7} {:>8} {:>22} {:>22} {:>8} {:>22} {:>22} {:>22} {:>22}",
+        "{:>16} {:>22} {:>7} {:>8} {:>22} {:>22} {:>8} {:>22} {:>22} {:>22} {:>22} {:>22}",
         "M×K×N",
         "f32 (int8 decode)",
         "rows ×",
@@ -89,7 +91,8 @@ fn main() {
         "4-bit (decode)",
         "4-bit in limbs",
         "vq2 (panels)",
-        "vq2 (broadcast)"
+        "vq2 (broadcast)",
+        "vq2 (tables)"
     );
     for &(m, k, n) in &[
         (1, 256, 1024),
@@ -109,6 +112,9 @@ fn main() {
         (20, 1024, 8210),
         (20, 1024, 256),
         (24, 1024, 8210),
+        (48, 1024, 1024),
+        (48, 1024, 3072),
+        (48, 3072, 1024),
     ] {
         let a = values(m * k, 1);
         let w = values(k * n, 2);
@@ -181,8 +187,15 @@ fn main() {
         } else {
             "(not taken)".into()
         };
+        let vq_tables = if kernels::lut::product(&a, m, &vq, &mut c) {
+            cell(time(|| {
+                kernels::lut::product(&a, m, &vq, &mut c);
+            }))
+        } else {
+            "(not taken)".into()
+        };
         println!(
-            "{:>16} {:>22} {:>7.2} {:>8.2} {:>22} {:>22} {:>8.2} {:>22} {:>22} {:>22} {:>22}",
+            "{:>16} {:>22} {:>7.2} {:>8.2} {:>22} {:>22} {:>8.2} {:>22} {:>22} {:>22} {:>22} {:>22}",
             format!("{m}×{k}×{n}"),
             cell(t_f32),
             t_rows / t_f32,
@@ -193,7 +206,8 @@ fn main() {
             cell(t_w4),
             limbs4,
             cell(t_vq),
-            vq_broadcast
+            vq_broadcast,
+            vq_tables
         );
     }
 }

@@ -487,7 +487,11 @@ fn nbits_in_limbs(attrs: &[AttributeProto]) -> bool {
 /// `MatMul(A, B)` where B is quench's codebook decode of a `[K, N]` weight:
 /// `Transpose([1, 0]) ← Reshape([N, K]) ← [Slice(.., 0..K, axis 1)] ← Mul(·, scales[N, 1])
 /// ← Reshape([N, K padded]) ← Gather(book, Cast(codes) [+ offsets]) [+ more stages]`.
-fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+///
+/// The operator reads each stage's codes laid along K (`[pieces, N]`, a new initializer made once per
+/// codes tensor; the file's `[N, subspaces, pieces]` goes unless something else reads it): a panel's
+/// codes for one piece, and a run of columns for the lookup-table product, are then contiguous.
+fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
     let mm = &g.node[i];
     let b = weight_value(g, ix, mm.input.get(1)?);
     let made = |v: &str, op: &str| ix.made_by(g, v, op).map(|p| &g.node[p]);
@@ -568,7 +572,20 @@ fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
         {
             return None;
         }
-        inputs.push(codes.clone());
+        let key = (codes.clone(), "along K".to_string());
+        let along_k = match packs.by_source.get(&key) {
+            Some((name, _)) => name.clone(),
+            None => {
+                let name = format!("{codes}.along_k");
+                let mut t = codes_along_k(ck.t)?;
+                t.name = name.clone();
+                packs.made.push(t);
+                packs.replaced.insert(codes.clone());
+                packs.by_source.insert(key, (name.clone(), None));
+                name
+            }
+        };
+        inputs.push(along_k);
         inputs.push(gather.input[0].clone());
     }
     if dim == 0 {
@@ -986,7 +1003,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
                 "MatMul" => plan_qdq(g, &ix, i, &mut packs)
                     .or_else(|| plan_int8_integer(g, &ix, i, &mut packs))
                     .or_else(|| plan_int8(g, &ix, i))
-                    .or_else(|| plan_codebook(g, &ix, i)),
+                    .or_else(|| plan_codebook(g, &ix, i, &mut packs)),
                 "MatMulNBits" => plan_nbits(g, &ix, i),
                 "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
                 "Conv" => plan_conv(g, &ix, i, &mut packs),
@@ -1461,8 +1478,12 @@ impl EvalOp for QMatMul {
                 nibbles::matmul_f32(a, m, w, c);
             } else {
                 self.with_panels(false, |w, book| {
-                    // A codebook weight is multiplied without decoding where the CPU allows.
-                    if !book.is_some_and(|b| kernels::codebook::matmul(a, m, b, c)) {
+                    // A codebook weight is multiplied without decoding where the CPU allows: by
+                    // lookup tables when wide, else with weights broadcast from the codebook.
+                    let fast = |b: &Codebook| {
+                        kernels::lut::matmul(a, m, b, c) || kernels::codebook::matmul(a, m, b, c)
+                    };
+                    if !book.is_some_and(fast) {
                         kernels::matmul(a, m, w, c);
                     }
                     Ok(())
@@ -1495,6 +1516,45 @@ struct Packs {
     made: Vec<pb::TensorProto>,
     /// The weights now read packed.
     replaced: std::collections::HashSet<String>,
+}
+
+/// Codes `[N, subspaces, pieces per subspace]` (8 or 16 bits) as `[pieces, N]`, same type; None for
+/// data this cannot read in place (external, or of the wrong length).
+fn codes_along_k(t: &pb::TensorProto) -> Option<pb::TensorProto> {
+    let len = t.dims.iter().product::<i64>() as usize;
+    let n = *t.dims.first()? as usize;
+    if t.data_location == Some(1) || n == 0 {
+        return None;
+    }
+    let pieces = len / n;
+    let width = match t.data_type {
+        UINT8 => 1,
+        UINT16 => 2,
+        _ => return None,
+    };
+    let raw: Vec<u8> = if t.raw_data.len() == len * width {
+        t.raw_data.clone()
+    } else if t.int32_data.len() == len {
+        t.int32_data
+            .iter()
+            .flat_map(|&v| (v as u16).to_le_bytes().into_iter().take(width))
+            .collect()
+    } else {
+        return None;
+    };
+    let mut out = vec![0u8; raw.len()];
+    for (col, codes) in raw.chunks_exact(pieces * width).enumerate() {
+        for (p, code) in codes.chunks_exact(width).enumerate() {
+            let at = (p * n + col) * width;
+            out[at..at + width].copy_from_slice(code);
+        }
+    }
+    Some(pb::TensorProto {
+        dims: vec![pieces as i64, n as i64],
+        data_type: t.data_type,
+        raw_data: out,
+        ..Default::default()
+    })
 }
 
 /// The values of an 8-bit constant, whether stored raw or in `int32_data`.

@@ -152,7 +152,7 @@ mod x86 {
                     let offset = if w.size > 0 { (p / pps) * w.size } else { 0 };
                     for (codes, book) in &w.stages {
                         for (j, row) in rows.iter_mut().enumerate().take(nw) {
-                            let code = codes.get((j0 + j) * pieces + p) + offset;
+                            let code = codes.get(p * w.n + j0 + j) + offset;
                             // A checked slice: a code past its codebook panics rather than reads
                             // out of it.
                             *row = book[code * dim..][..dim].as_ptr();
@@ -271,7 +271,7 @@ mod tests {
                     let (p, d) = (kk / dim, kk % dim);
                     let mut v = 0f32;
                     for (c, b) in codes.iter().zip(&books) {
-                        v += b[(c[j * pieces + p] as usize + (p / pps) * size) * dim + d];
+                        v += b[(c[p * n + j] as usize + (p / pps) * size) * dim + d];
                     }
                     assert_eq!(full[kk * n + j], v * scales[j], "W[{kk}, {j}]");
                 }

@@ -656,9 +656,10 @@ impl Panels for NBits<'_> {
     }
 }
 
-/// Vector-quantised weight as quench writes it: per stage, `codes[N, subspaces, pieces]` index a
+/// Vector-quantised weight: per stage, `codes[piece, N]` (laid along K: the file's
+/// `[N, subspaces, pieces]` transposed, so that a panel's codes for one piece are contiguous) index a
 /// codebook of `dim`-long pieces (subspace `s` reads rows `s · size ..` of the stacked codebook); the
-/// stages add; each output column is scaled. `W[k, n] = scale[n] · Σ_stage book[code(n, piece of k)]
+/// stages add; each output column is scaled. `W[k, n] = scale[n] · Σ_stage book[code(piece of k, n)]
 /// [k mod dim]`, over the first `K` of the `K padded` decoded values of a column.
 pub struct Codebook<'a> {
     pub stages: Vec<(CodeSlice<'a>, &'a [f32])>,
@@ -720,7 +721,7 @@ impl Codebook<'_> {
         for (i, (codes, book)) in self.stages.iter().enumerate() {
             if codes.len() != self.n * pieces {
                 return Err(format!(
-                    "stage {i}: {} codes for {}×{pieces}",
+                    "stage {i}: {} codes for {pieces}×{}",
                     codes.len(),
                     self.n
                 ));
@@ -798,14 +799,6 @@ impl Codebook<'_> {
             && nr.is_multiple_of(8)
             && Isa::detect() != Isa::Portable
             && std::arch::is_x86_feature_detected!("avx2");
-        let mut rows = [0u32; 64];
-        let mut heap;
-        let rows: &mut [u32] = if nw <= 64 {
-            &mut rows[..nw]
-        } else {
-            heap = vec![0u32; nw];
-            &mut heap
-        };
         for p in k0 / dim..(k0 + kc).div_ceil(dim) {
             // The piece's rows of K that fall in the panel.
             let d_lo = k0.saturating_sub(p * dim);
@@ -816,38 +809,37 @@ impl Codebook<'_> {
                 0
             };
             for (stage, (codes, book)) in self.stages.iter().enumerate() {
-                let mut top = 0;
-                for (j, r) in rows.iter_mut().enumerate() {
-                    *r = ((codes.get((n0 + j) * pieces + p) + offset) * dim) as u32;
-                    top = top.max(*r);
-                }
-                // Every lookup below reads book[r + d] with d < dim.
-                assert!(
-                    top as usize + dim <= book.len(),
-                    "code past the end of its codebook"
-                );
-                #[cfg(target_arch = "x86_64")]
-                if quads && d_lo == 0 && d_hi == 4 {
-                    let o = &mut out[(p * dim - k0) * nr..][..4 * nr];
-                    // SAFETY: AVX2 was detected; every r + 4 ≤ book.len() (asserted above); rows
-                    // and o's 4 rows hold nr values, a multiple of 8.
-                    unsafe { quads::rows_of_four(book, rows, nr, stage > 0, o) };
-                    continue;
-                }
-                for d in d_lo..d_hi {
-                    let o = &mut out[(p * dim + d - k0) * nr..][..nw];
-                    let book = &book[d..];
-                    // SAFETY: r + d ≤ top + dim − 1 < book.len() (asserted above), so r < book[d..].len().
-                    let at = |r: u32| unsafe { *book.get_unchecked(r as usize) };
-                    if stage == 0 {
-                        for (o, &r) in o.iter_mut().zip(rows.iter()) {
-                            *o = at(r);
-                        }
-                    } else {
-                        for (o, &r) in o.iter_mut().zip(rows.iter()) {
-                            *o += at(r);
-                        }
+                // The piece's codebook, and its codes of the panel's columns (contiguous along N).
+                let book = &book[(offset * dim).min(book.len())..];
+                let at = p * self.n + n0;
+                let o = &mut out[(p * dim + d_lo - k0) * nr..];
+                match codes {
+                    CodeSlice::U8(c) => {
+                        #[cfg(target_arch = "x86_64")]
+                        let quads = quads && d_lo == 0 && d_hi == 4;
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let quads = false;
+                        piece(
+                            book,
+                            &c[at..at + nw],
+                            dim,
+                            d_lo..d_hi,
+                            nr,
+                            stage > 0,
+                            quads,
+                            o,
+                        )
                     }
+                    CodeSlice::U16(c) => piece(
+                        book,
+                        &c[at..at + nw],
+                        dim,
+                        d_lo..d_hi,
+                        nr,
+                        stage > 0,
+                        false,
+                        o,
+                    ),
                 }
             }
         }
@@ -862,26 +854,84 @@ impl Codebook<'_> {
     }
 }
 
+/// Rows `ds` of one piece of a codebook panel, `out[(d − ds.start) · nr + j] (+)= book[codes[j] · dim +
+/// d]` (added when `add`); through the transposing path when `quads` (4-value pieces, whole runs of 8
+/// columns, AVX2 detected by the caller).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn piece<C: Copy + Into<usize> + Ord + Default>(
+    book: &[f32],
+    codes: &[C],
+    dim: usize,
+    ds: std::ops::Range<usize>,
+    nr: usize,
+    add: bool,
+    quads: bool,
+    out: &mut [f32],
+) {
+    // Every code must name a row of the book: true of every value of the type when the book has that
+    // many rows (8-bit codes into 256 rows, vq2's case), else checked on the largest.
+    let rows = book.len() / dim;
+    let named = 1usize << (8 * std::mem::size_of::<C>());
+    assert!(
+        rows >= named || codes.iter().copied().max().unwrap_or_default().into() < rows,
+        "code past the end of its codebook"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if quads {
+        debug_assert!(dim == 4 && ds == (0..4));
+        // SAFETY: AVX2 was detected (the caller's `quads`); every code names a row of 4 values of
+        // `book` (asserted above); codes and out's 4 rows hold nr values, a multiple of 8.
+        unsafe { quads::rows_of_four(book, codes, nr, add, out) };
+        return;
+    }
+    let _ = quads;
+    for (r, d) in ds.enumerate() {
+        let o = &mut out[r * nr..][..codes.len()];
+        let book = &book[d..];
+        // SAFETY: code · dim + d < rows · dim ≤ book.len() + d (asserted above).
+        let at = |c: C| unsafe { *book.get_unchecked(c.into() * dim) };
+        if add {
+            for (o, &c) in o.iter_mut().zip(codes) {
+                *o += at(c);
+            }
+        } else {
+            for (o, &c) in o.iter_mut().zip(codes) {
+                *o = at(c);
+            }
+        }
+    }
+}
+
 /// Codebook pieces of 4 values, 8 columns at a time: each column's piece is one 16-byte load, and a
 /// 4 × 8 transpose in registers turns the 8 pieces into the panel's 4 rows.
 #[cfg(target_arch = "x86_64")]
 mod quads {
     use std::arch::x86_64::*;
 
-    /// `out[d · nr + j] (+)= book[rows[j] + d]` for `d < 4`, `j < nr` (added when `add`).
+    /// `out[d · nr + j] (+)= book[4 · codes[j] + d]` for `d < 4`, `j < nr` (added when `add`).
     ///
     /// # Safety
-    /// The CPU must have AVX2; `rows[j] + 4 ≤ book.len()` for every `j`; `rows` and each of the 4 rows
-    /// of `out` hold `nr` values, `nr` a multiple of 8.
+    /// The CPU must have AVX2; `4 · codes[j] + 4 ≤ book.len()` for every `j`; `codes` and each of the 4
+    /// rows of `out` hold `nr` values, `nr` a multiple of 8.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn rows_of_four(book: &[f32], rows: &[u32], nr: usize, add: bool, out: &mut [f32]) {
-        debug_assert!(nr.is_multiple_of(8) && rows.len() >= nr && out.len() >= 4 * nr);
+    pub unsafe fn rows_of_four<C: Copy + Into<usize>>(
+        book: &[f32],
+        codes: &[C],
+        nr: usize,
+        add: bool,
+        out: &mut [f32],
+    ) {
+        debug_assert!(nr.is_multiple_of(8) && codes.len() >= nr && out.len() >= 4 * nr);
         let b = book.as_ptr();
         let o = out.as_mut_ptr();
         for j in (0..nr).step_by(8) {
             // SAFETY: the caller's bounds.
             unsafe {
-                let piece = |i: usize| _mm_loadu_ps(b.add(*rows.get_unchecked(j + i) as usize));
+                let piece = |i: usize| {
+                    let c: usize = (*codes.get_unchecked(j + i)).into();
+                    _mm_loadu_ps(b.add(4 * c))
+                };
                 let pair = |lo: usize, hi: usize| {
                     _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(piece(lo)), piece(hi))
                 };

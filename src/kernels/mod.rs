@@ -51,6 +51,7 @@ pub mod codebook;
 pub mod conv;
 pub mod formats;
 pub mod integer;
+pub mod lut;
 pub mod nibbles;
 
 /// Columns of the portable tile: 4 × 16 accumulators fill half of NEON's 32 registers; x86-64's

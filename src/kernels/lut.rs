@@ -1,0 +1,376 @@
+//! `C[M, N] = A[M, K] · W` over a codebook weight by lookup-table accumulation: no weight is decoded
+//! and no product is taken per weight.
+//!
+//! For a block of 8 rows of A and one piece `p` of K (`dim` values), every entry `e` of the piece's
+//! codebook gives the 8 partial sums `T[e] = A[rows, piece p] · book[e]` (a table of `entries × 8`
+//! floats, built with `entries × dim` multiply-adds per row). Each output column then adds the table
+//! row its code names: `C[rows, n] += T[code(p, n)]`, one 8-lane add per column and piece where the
+//! product would take `dim` FMAs. The tables cost as much as `entries` columns of the plain product,
+//! so this wins for wide weights (N well past the codebook's 256 entries) and loses for narrow ones.
+//! Residual stages are further tables, summed the same way. Column scales multiply the finished
+//! output.
+//!
+//! Tables of a few pieces at a time stay in L1; the column sums of the block (`N × 8` floats) are
+//! re-read once per group of pieces. Codes are read along N (the layout [`Codebook`] holds).
+
+use super::formats::{CodeSlice, Codebook};
+
+/// Codebook rows of a piece at most: the table of 8 rows is then ≤ 8 KB.
+pub const MAX_ENTRIES: usize = 256;
+
+/// Output columns from which the table product is taken, and from which it is taken for products of
+/// at most [`FEW_ROWS`] rows. Measured with `cargo bench --bench kernels` on AVX2 (vq2 pieces, 256
+/// entries), against the panel product: 0.55× at 256 columns and 48 rows, 0.9–1.05× at 512–768, 1.1×
+/// at 1024, 1.3–1.5× at 3072, 1.6–2.3× at 8210; at 1–8 rows 1.3–1.75× from 512 columns, 2–4× from
+/// 1024.
+pub const MIN_COLUMNS: usize = 768;
+pub const MIN_COLUMNS_FEW_ROWS: usize = 512;
+pub const FEW_ROWS: usize = 8;
+
+/// Whether this CPU runs the table product: AVX2 + FMA, and not AVX-512, whose panel product is
+/// twice as wide and against which the table product (8 lanes) has not been measured; under the
+/// `QUENCH_KERNELS` cap (`QUENCH_KERNELS=avx2` runs it on an AVX-512 CPU).
+pub fn available() -> bool {
+    super::Isa::detect() == super::Isa::Avx2
+}
+
+/// Whether the table product takes `w`: every stage's codebook of at most [`MAX_ENTRIES`] rows per
+/// subspace, whatever the CPU ([`product`] also needs [`available`]).
+pub fn takes(w: &Codebook) -> bool {
+    entries(w).is_some_and(|e| e <= MAX_ENTRIES)
+}
+
+/// Rows of one subspace's codebook (the same for every stage), if the stages agree.
+fn entries(w: &Codebook) -> Option<usize> {
+    let dim = w.dim.max(1);
+    let mut rows = None;
+    for (_, book) in &w.stages {
+        let r = if w.size > 0 { w.size } else { book.len() / dim };
+        if rows.is_some_and(|x| x != r) {
+            return None;
+        }
+        rows = Some(r);
+    }
+    rows
+}
+
+/// `c[M, N] = a[M, K] · W` where the table product is the fastest kernel (weights of at least
+/// [`MIN_COLUMNS`] columns, or [`MIN_COLUMNS_FEW_ROWS`] for few rows); `false` (and `c` untouched)
+/// otherwise.
+pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
+    let wide = if m <= FEW_ROWS {
+        MIN_COLUMNS_FEW_ROWS
+    } else {
+        MIN_COLUMNS
+    };
+    w.n >= wide && product(a, m, w, c)
+}
+
+/// `c[M, N] = a[M, K] · W` by the table product, whatever N; `false` (and `c` untouched) when the CPU
+/// lacks the kernel or `w` is not one [`takes`] accepts.
+pub fn product(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
+    if !available() || !takes(w) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (k, n, dim) = (w.k, w.n, w.dim);
+        assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
+        assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
+        // The shapes only; each slice below is bounds-checked, each code below.
+        assert!(
+            dim > 0
+                && w.k_padded.is_multiple_of(dim)
+                && w.k <= w.k_padded
+                && w.subspaces > 0
+                && (w.k_padded / dim).is_multiple_of(w.subspaces)
+                && w.scales.len() == n,
+            "codebook weight of inconsistent shapes"
+        );
+        let entries = entries(w).unwrap_or(0);
+        let pieces = w.k_padded / dim;
+        let pps = pieces / w.subspaces;
+        // The tables of each (piece, stage): the stage's codebook rows of the piece's subspace, and
+        // the piece's codes along N. `check` bounds every code by the stacked book; a code past the
+        // subspace's rows would read the next subspace's, so those are checked too.
+        let mut lookups = Vec::with_capacity(pieces * w.stages.len());
+        for p in 0..pieces {
+            let first = if w.size > 0 { (p / pps) * w.size } else { 0 };
+            for (codes, book) in &w.stages {
+                let book = &book[first * dim..(first + entries) * dim];
+                let codes = match codes {
+                    CodeSlice::U8(c) => Codes::U8(&c[p * n..(p + 1) * n]),
+                    CodeSlice::U16(c) => Codes::U16(&c[p * n..(p + 1) * n]),
+                };
+                lookups.push((p, book, codes));
+            }
+        }
+        for (_, _, codes) in &lookups {
+            let top = match codes {
+                Codes::U8(_) if entries >= 256 => 0,
+                Codes::U8(c) => c.iter().copied().max().unwrap_or(0) as usize,
+                Codes::U16(c) => c.iter().copied().max().unwrap_or(0) as usize,
+            };
+            assert!(
+                top < entries,
+                "code {top} past a codebook of {entries} rows"
+            );
+        }
+        let mut at = vec![0f32; w.k_padded * 8];
+        let mut sums = vec![0f32; n * 8];
+        let mut tables = vec![0f32; GROUP * entries * 8];
+        for m0 in (0..m).step_by(8) {
+            let rows = (m - m0).min(8);
+            // Aᵀ of the block's rows, zeros past K and past M.
+            at.fill(0.0);
+            for i in 0..rows {
+                for (r, &v) in a[(m0 + i) * k..(m0 + i + 1) * k].iter().enumerate() {
+                    at[r * 8 + i] = v;
+                }
+            }
+            for (g, group) in lookups.chunks(GROUP).enumerate() {
+                for (t, (p, book, _)) in tables.chunks_exact_mut(entries * 8).zip(group) {
+                    // SAFETY: AVX2 and FMA (`available`); `at` holds k_padded × 8 values and the
+                    // piece's rows p·dim + d < k_padded; `book` holds entries × dim values and `t`
+                    // entries × 8.
+                    unsafe { x86::table(&at[p * dim * 8..(p + 1) * dim * 8], book, dim, t) };
+                }
+                let first = g == 0;
+                // SAFETY: as above; `sums` holds n × 8 values; every code < entries (asserted above),
+                // and each of the group's tables holds entries × 8 values.
+                unsafe {
+                    match group {
+                        g if g.len() == GROUP
+                            && g.iter().all(|(_, _, c)| matches!(c, Codes::U8(_))) =>
+                        {
+                            let codes: [&[u8]; GROUP] = std::array::from_fn(|i| match g[i].2 {
+                                Codes::U8(c) => c,
+                                Codes::U16(_) => unreachable!("checked above"),
+                            });
+                            x86::add_rows(&codes, &tables, entries, first, &mut sums)
+                        }
+                        _ => {
+                            for (i, (_, _, codes)) in group.iter().enumerate() {
+                                let t = &tables[i * entries * 8..];
+                                let first = first && i == 0;
+                                match codes {
+                                    Codes::U8(c) => {
+                                        x86::add_rows(&[*c], t, entries, first, &mut sums)
+                                    }
+                                    Codes::U16(c) => {
+                                        x86::add_rows(&[*c], t, entries, first, &mut sums)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for i in 0..rows {
+                let out = &mut c[(m0 + i) * n..(m0 + i + 1) * n];
+                for (j, (o, s)) in out.iter_mut().zip(w.scales).enumerate() {
+                    *o = sums[j * 8 + i] * s;
+                }
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, m, w, c);
+        false
+    }
+}
+
+/// Tables built and summed together: two of 8 KB stay in L1 beside the streams of codes and sums.
+const GROUP: usize = 4;
+
+/// One piece's codes along N.
+#[derive(Clone, Copy)]
+enum Codes<'a> {
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `t[e · 8 + i] = Σ_d at[d · 8 + i] · book[e · dim + d]` for every entry `e` of `book`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `at` holds `dim × 8` values, `book` `entries × dim` and `t`
+    /// `entries × 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn table(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
+        let entries = book.len() / dim;
+        debug_assert!(at.len() >= dim * 8 && t.len() >= entries * 8);
+        // SAFETY: the bounds above.
+        unsafe {
+            let x = at.as_ptr();
+            let b = book.as_ptr();
+            let o = t.as_mut_ptr();
+            if dim == 4 {
+                let xs = [0, 1, 2, 3].map(|d| _mm256_loadu_ps(x.add(8 * d)));
+                for e in 0..entries {
+                    let r = b.add(4 * e);
+                    let lo = _mm256_mul_ps(xs[0], _mm256_broadcast_ss(&*r));
+                    let lo = _mm256_fmadd_ps(xs[1], _mm256_broadcast_ss(&*r.add(1)), lo);
+                    let hi = _mm256_mul_ps(xs[2], _mm256_broadcast_ss(&*r.add(2)));
+                    let hi = _mm256_fmadd_ps(xs[3], _mm256_broadcast_ss(&*r.add(3)), hi);
+                    _mm256_storeu_ps(o.add(8 * e), _mm256_add_ps(lo, hi));
+                }
+                return;
+            }
+            for e in 0..entries {
+                let r = b.add(dim * e);
+                let mut acc = _mm256_setzero_ps();
+                for d in 0..dim {
+                    let xd = _mm256_loadu_ps(x.add(8 * d));
+                    acc = _mm256_fmadd_ps(xd, _mm256_broadcast_ss(&*r.add(d)), acc);
+                }
+                _mm256_storeu_ps(o.add(8 * e), acc);
+            }
+        }
+    }
+
+    /// `sums[n · 8 ..][..8] (+)= Σ_q tables[q][codes[q][n]]` (set when `first`), the tables `entries × 8`
+    /// values each, one after the other.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; every code is below `entries`; `tables` holds `Q × entries × 8` values;
+    /// each `codes[q]` holds `n` codes and `sums` `n × 8` values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn add_rows<C: Copy + Into<usize>, const Q: usize>(
+        codes: &[&[C]; Q],
+        tables: &[f32],
+        entries: usize,
+        first: bool,
+        sums: &mut [f32],
+    ) {
+        let n = sums.len() / 8;
+        debug_assert!(tables.len() >= Q * entries * 8 && codes.iter().all(|c| c.len() >= n));
+        let t = tables.as_ptr();
+        let s = sums.as_mut_ptr();
+        // SAFETY: the bounds above.
+        unsafe {
+            for j in 0..n {
+                let mut acc = if first {
+                    _mm256_setzero_ps()
+                } else {
+                    _mm256_loadu_ps(s.add(8 * j))
+                };
+                for (q, codes) in codes.iter().enumerate() {
+                    let code: usize = (*codes.get_unchecked(j)).into();
+                    let row = t.add((q * entries + code) * 8);
+                    acc = _mm256_add_ps(acc, _mm256_loadu_ps(row));
+                }
+                _mm256_storeu_ps(s.add(8 * j), acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::formats::{CodeSlice, Codebook};
+    use super::super::reference;
+    use super::super::tests::uniform;
+    use super::*;
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::{Rng, SeedableRng};
+
+    /// Ragged rows, padded K, subspaces, residual stages, 8- and 16-bit codes and books of 16 to 256
+    /// rows, against the f64 product over the decoded weight.
+    #[test]
+    fn table_products_match_the_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for &(m, k, n, dim, subspaces, stages, size, wide) in &[
+            (
+                1usize, 8usize, 3usize, 4usize, 1usize, 1usize, 256usize, false,
+            ),
+            (5, 30, 17, 4, 2, 1, 16, false),
+            (9, 64, 40, 8, 1, 3, 256, false),
+            (17, 66, 33, 2, 3, 2, 64, true),
+            (48, 256, 800, 4, 1, 1, 256, false),
+            (13, 100, 70, 4, 5, 1, 256, true),
+            (8, 16, 9, 4, 1, 3, 200, true),
+        ] {
+            let k_padded = k.div_ceil(dim * subspaces) * dim * subspaces;
+            let pieces = k_padded / dim;
+            let codes: Vec<Vec<u16>> = (0..stages)
+                .map(|_| {
+                    (0..n * pieces)
+                        .map(|_| (rng.next_u32() as usize % size) as u16)
+                        .collect()
+                })
+                .collect();
+            let narrow: Vec<Vec<u8>> = codes
+                .iter()
+                .map(|c| c.iter().map(|&v| v as u8).collect())
+                .collect();
+            let books: Vec<Vec<f32>> = (0..stages)
+                .map(|_| uniform(&mut rng, size * subspaces * dim))
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 0.01).collect();
+            let w = Codebook {
+                stages: (0..stages)
+                    .map(|s| {
+                        let c = if wide {
+                            CodeSlice::U16(&codes[s])
+                        } else {
+                            CodeSlice::U8(&narrow[s])
+                        };
+                        (c, &books[s][..])
+                    })
+                    .collect(),
+                scales: &scales,
+                k,
+                n,
+                k_padded,
+                dim,
+                subspaces,
+                size,
+            };
+            w.check().unwrap();
+            assert!(takes(&w));
+            let a = uniform(&mut rng, m * k);
+            let want = reference(&a, m, &w);
+            let mut c = vec![f32::NAN; m * n];
+            assert_eq!(product(&a, m, &w, &mut c), available());
+            if !available() {
+                continue;
+            }
+            let tol = 1e-5 * (k * stages) as f32;
+            for (i, (g, e)) in c.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= tol,
+                    "{m}×{k}×{n} dim {dim} at {i}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
+    /// A code past its subspace's rows (which would read the next subspace's) is refused.
+    #[test]
+    #[should_panic(expected = "past a codebook")]
+    fn a_code_past_its_codebook_panics() {
+        let codes = vec![0u8, 1, 16, 2];
+        let book = vec![0.5f32; 2 * 16 * 4];
+        let scales = vec![1f32; 2];
+        let w = Codebook {
+            stages: vec![(CodeSlice::U8(&codes), &book[..])],
+            scales: &scales,
+            k: 8,
+            n: 2,
+            k_padded: 8,
+            dim: 4,
+            subspaces: 2,
+            size: 16,
+        };
+        let mut c = vec![0f32; 2];
+        if !product(&[1.0; 8], 1, &w, &mut c) {
+            panic!("past a codebook (no kernel on this CPU)");
+        }
+    }
+}
