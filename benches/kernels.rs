@@ -15,8 +15,8 @@
 //! - `vq2 (panels)` and `vq2 (broadcast)`: a codebook weight (4-value pieces, 256 entries, as the vq2
 //!   recipe writes), decoded to f32 panels, or multiplied with each weight broadcast from the codebook
 //!   (AVX-512 and AVX2, up to 96 rows);
-//! - `vq2 (tables)`: the same weight by lookup-table accumulation (AVX2, any rows; taken from 768
-//!   columns).
+//! - `vq2 (tables)`: the same weight by lookup-table accumulation (8 rows per table on AVX2, 16 on
+//!   AVX-512; any rows; taken from 768 columns).
 //!
 //! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
 

@@ -22,16 +22,36 @@ pub const MAX_ENTRIES: usize = 256;
 /// at most [`FEW_ROWS`] rows. Measured with `cargo bench --bench kernels` on AVX2 (vq2 pieces, 256
 /// entries), against the panel product: 0.55× at 256 columns and 48 rows, 0.9–1.05× at 512–768, 1.1×
 /// at 1024, 1.3–1.5× at 3072, 1.6–2.3× at 8210; at 1–8 rows 1.3–1.75× from 512 columns, 2–4× from
-/// 1024.
+/// 1024. With 16-row tables on AVX-512 (an Intel Xeon with AVX-512 VNNI), against the better of the
+/// panel and broadcast products: 0.85–0.95× at 48 × 256 × 1024, about even at 48 × 1024 × 1024, 1.7×
+/// at 48 × 1024 × 3072 (one run), 1.4–1.8× at 20–24 × 1024 × 8210, 1.2–1.35× at 1–8 rows of 1024
+/// columns (these machines are noisy: read these as ranges).
 pub const MIN_COLUMNS: usize = 768;
 pub const MIN_COLUMNS_FEW_ROWS: usize = 512;
 pub const FEW_ROWS: usize = 8;
 
-/// Whether this CPU runs the table product: AVX2 + FMA, and not AVX-512, whose panel product is
-/// twice as wide and against which the table product (8 lanes) has not been measured; under the
-/// `QUENCH_KERNELS` cap (`QUENCH_KERNELS=avx2` runs it on an AVX-512 CPU).
+/// Whether this CPU runs the table product: AVX2 + FMA (8 rows of A per table), or AVX-512F (16 rows
+/// per table in zmm, 8 for a last block of at most 8 rows); under the `QUENCH_KERNELS` cap
+/// (`QUENCH_KERNELS=avx2` keeps an AVX-512 CPU to the 8-row tables).
 pub fn available() -> bool {
-    super::Isa::detect() == super::Isa::Avx2
+    lanes().is_some()
+}
+
+/// Rows of A per table on this CPU: 16 with AVX-512F, 8 with AVX2 + FMA, None without either.
+fn lanes() -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        match super::Isa::detect() {
+            super::Isa::Avx512 if avx2 && std::arch::is_x86_feature_detected!("avx512f") => {
+                return Some(16);
+            }
+            super::Isa::Avx512 | super::Isa::Avx2 if avx2 => return Some(8),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether the table product takes `w`: every stage's codebook of at most [`MAX_ENTRIES`] rows per
@@ -69,7 +89,10 @@ pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
 /// `c[M, N] = a[M, K] · W` by the table product, whatever N; `false` (and `c` untouched) when the CPU
 /// lacks the kernel or `w` is not one [`takes`] accepts.
 pub fn product(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
-    if !available() || !takes(w) {
+    let Some(most) = lanes() else {
+        return false;
+    };
+    if !takes(w) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -116,74 +139,126 @@ pub fn product(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
                 "code {top} past a codebook of {entries} rows"
             );
         }
-        let mut at = vec![0f32; w.k_padded * 8];
-        let mut sums = vec![0f32; n * 8];
-        let mut tables = vec![0f32; GROUP * entries * 8];
-        for m0 in (0..m).step_by(8) {
-            let rows = (m - m0).min(8);
+        // Rows of tables, sums and Aᵀ start on cache lines: a 64-byte row read across two lines
+        // costs two loads.
+        let mut at = Aligned::new(w.k_padded * most);
+        let mut sums = Aligned::new(n * most);
+        let mut tables = Aligned::new(GROUP * entries * most);
+        let mut m0 = 0;
+        while m0 < m {
+            // 16-row tables while more than 8 rows are left, else 8-row ones.
+            let lanes = if most == 16 && m - m0 > 8 { 16 } else { 8 };
+            let rows = (m - m0).min(lanes);
+            let at = &mut at.as_mut()[..w.k_padded * lanes];
             // Aᵀ of the block's rows, zeros past K and past M.
             at.fill(0.0);
             for i in 0..rows {
                 for (r, &v) in a[(m0 + i) * k..(m0 + i + 1) * k].iter().enumerate() {
-                    at[r * 8 + i] = v;
+                    at[r * lanes + i] = v;
                 }
             }
+            let sums = &mut sums.as_mut()[..n * lanes];
+            let tables = tables.as_mut();
             for (g, group) in lookups.chunks(GROUP).enumerate() {
-                for (t, (p, book, _)) in tables.chunks_exact_mut(entries * 8).zip(group) {
-                    // SAFETY: AVX2 and FMA (`available`); `at` holds k_padded × 8 values and the
-                    // piece's rows p·dim + d < k_padded; `book` holds entries × dim values and `t`
-                    // entries × 8.
-                    unsafe { x86::table(&at[p * dim * 8..(p + 1) * dim * 8], book, dim, t) };
-                }
-                let first = g == 0;
-                // SAFETY: as above; `sums` holds n × 8 values; every code < entries (asserted above),
-                // and each of the group's tables holds entries × 8 values.
-                unsafe {
-                    match group {
-                        g if g.len() == GROUP
-                            && g.iter().all(|(_, _, c)| matches!(c, Codes::U8(_))) =>
-                        {
-                            let codes: [&[u8]; GROUP] = std::array::from_fn(|i| match g[i].2 {
-                                Codes::U8(c) => c,
-                                Codes::U16(_) => unreachable!("checked above"),
-                            });
-                            x86::add_rows(&codes, &tables, entries, first, &mut sums)
+                for (t, (p, book, _)) in tables.chunks_exact_mut(entries * lanes).zip(group) {
+                    let at = &at[p * dim * lanes..(p + 1) * dim * lanes];
+                    // SAFETY: `lanes` is 16 only with AVX-512F, else AVX2 and FMA (`lanes()`); `at`
+                    // holds the piece's dim × lanes values, `book` entries × dim values and `t`
+                    // entries × lanes.
+                    unsafe {
+                        if lanes == 16 {
+                            x86::table16(at, book, dim, t)
+                        } else {
+                            x86::table8(at, book, dim, t)
                         }
-                        _ => {
-                            for (i, (_, _, codes)) in group.iter().enumerate() {
-                                let t = &tables[i * entries * 8..];
-                                let first = first && i == 0;
-                                match codes {
-                                    Codes::U8(c) => {
-                                        x86::add_rows(&[*c], t, entries, first, &mut sums)
-                                    }
-                                    Codes::U16(c) => {
-                                        x86::add_rows(&[*c], t, entries, first, &mut sums)
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    };
                 }
+                // SAFETY: as above; `sums` holds n × lanes values; every code < entries (asserted
+                // above), and each of the group's tables holds entries × lanes values.
+                unsafe { sum_group(lanes, group, tables, entries, g == 0, sums) };
             }
             for i in 0..rows {
                 let out = &mut c[(m0 + i) * n..(m0 + i + 1) * n];
                 for (j, (o, s)) in out.iter_mut().zip(w.scales).enumerate() {
-                    *o = sums[j * 8 + i] * s;
+                    *o = sums[j * lanes + i] * s;
                 }
             }
+            m0 += rows;
         }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, m, w, c);
+        let _ = (a, m, w, c, most);
         false
     }
 }
 
-/// Tables built and summed together: two of 8 KB stay in L1 beside the streams of codes and sums.
+/// Tables built and summed together: four of 8 KB (8 rows, 256 entries) stay in L1 beside the streams
+/// of codes and sums; four of 16 KB (16 rows) measured faster than two on rxnmap (AVX-512).
 const GROUP: usize = 4;
+
+/// `sums (+)= Σ` over the group's pieces of their tables' rows that the codes name (set when
+/// `first`): all [`GROUP`] 8-bit code streams in one pass when the group is full, else a pass per
+/// piece.
+///
+/// # Safety
+/// As [`x86::add_rows`], for each piece of `group` and its table in `tables`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn sum_group(
+    lanes: usize,
+    group: &[(usize, &[f32], Codes)],
+    tables: &[f32],
+    entries: usize,
+    first: bool,
+    sums: &mut [f32],
+) {
+    fn narrow<'a, const Q: usize>(group: &[(usize, &[f32], Codes<'a>)]) -> Option<[&'a [u8]; Q]> {
+        if group.len() != Q {
+            return None;
+        }
+        let mut out = [&[][..]; Q];
+        for (o, (_, _, c)) in out.iter_mut().zip(group) {
+            match c {
+                Codes::U8(c) => *o = c,
+                Codes::U16(_) => return None,
+            }
+        }
+        Some(out)
+    }
+    // SAFETY: passed on.
+    unsafe {
+        if let Some(codes) = narrow::<GROUP>(group) {
+            return x86::add_rows(lanes, &codes, tables, entries, first, sums);
+        }
+        for (i, (_, _, codes)) in group.iter().enumerate() {
+            let t = &tables[i * entries * lanes..];
+            let first = first && i == 0;
+            match codes {
+                Codes::U8(c) => x86::add_rows(lanes, &[*c], t, entries, first, sums),
+                Codes::U16(c) => x86::add_rows(lanes, &[*c], t, entries, first, sums),
+            }
+        }
+    }
+}
+
+/// Zeroed f32s whose first value starts a 64-byte cache line.
+struct Aligned {
+    buf: Vec<f32>,
+    at: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let buf = vec![0f32; len + 16];
+        let at = buf.as_ptr().align_offset(64).min(16);
+        Aligned { buf, at, len }
+    }
+    fn as_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+}
 
 /// One piece's codes along N.
 #[derive(Clone, Copy)]
@@ -202,7 +277,7 @@ mod x86 {
     /// The CPU must have AVX2 and FMA; `at` holds `dim × 8` values, `book` `entries × dim` and `t`
     /// `entries × 8`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn table(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
+    pub unsafe fn table8(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
         let entries = book.len() / dim;
         debug_assert!(at.len() >= dim * 8 && t.len() >= entries * 8);
         // SAFETY: the bounds above.
@@ -234,14 +309,76 @@ mod x86 {
         }
     }
 
-    /// `sums[n · 8 ..][..8] (+)= Σ_q tables[q][codes[q][n]]` (set when `first`), the tables `entries × 8`
-    /// values each, one after the other.
+    /// [`table8`] for 16 rows: `t[e · 16 + i] = Σ_d at[d · 16 + i] · book[e · dim + d]`.
     ///
     /// # Safety
-    /// The CPU must have AVX2; every code is below `entries`; `tables` holds `Q × entries × 8` values;
-    /// each `codes[q]` holds `n` codes and `sums` `n × 8` values.
-    #[target_feature(enable = "avx2")]
+    /// The CPU must have AVX-512F; `at` holds `dim × 16` values, `book` `entries × dim` and `t`
+    /// `entries × 16`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn table16(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
+        let entries = book.len() / dim;
+        debug_assert!(at.len() >= dim * 16 && t.len() >= entries * 16);
+        // SAFETY: the bounds above.
+        unsafe {
+            let x = at.as_ptr();
+            let b = book.as_ptr();
+            let o = t.as_mut_ptr();
+            if dim == 4 {
+                let xs = [0, 1, 2, 3].map(|d| _mm512_loadu_ps(x.add(16 * d)));
+                for e in 0..entries {
+                    let r = b.add(4 * e);
+                    let lo = _mm512_mul_ps(xs[0], _mm512_set1_ps(*r));
+                    let lo = _mm512_fmadd_ps(xs[1], _mm512_set1_ps(*r.add(1)), lo);
+                    let hi = _mm512_mul_ps(xs[2], _mm512_set1_ps(*r.add(2)));
+                    let hi = _mm512_fmadd_ps(xs[3], _mm512_set1_ps(*r.add(3)), hi);
+                    _mm512_storeu_ps(o.add(16 * e), _mm512_add_ps(lo, hi));
+                }
+                return;
+            }
+            for e in 0..entries {
+                let r = b.add(dim * e);
+                let mut acc = _mm512_setzero_ps();
+                for d in 0..dim {
+                    let xd = _mm512_loadu_ps(x.add(16 * d));
+                    acc = _mm512_fmadd_ps(xd, _mm512_set1_ps(*r.add(d)), acc);
+                }
+                _mm512_storeu_ps(o.add(16 * e), acc);
+            }
+        }
+    }
+
+    /// `sums[n · lanes ..][..lanes] (+)= Σ_q tables[q][codes[q][n]]` (set when `first`), the tables
+    /// `entries × lanes` values each, one after the other; `lanes` is 8 or 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (and AVX-512F when `lanes` is 16); every code is below `entries`;
+    /// `tables` holds `Q × entries × lanes` values; each `codes[q]` holds `n` codes and `sums`
+    /// `n × lanes` values.
     pub unsafe fn add_rows<C: Copy + Into<usize>, const Q: usize>(
+        lanes: usize,
+        codes: &[&[C]; Q],
+        tables: &[f32],
+        entries: usize,
+        first: bool,
+        sums: &mut [f32],
+    ) {
+        debug_assert!(tables.len() >= Q * entries * lanes);
+        // SAFETY: passed on.
+        unsafe {
+            if lanes == 16 {
+                add_rows16(codes, tables, entries, first, sums)
+            } else {
+                add_rows8(codes, tables, entries, first, sums)
+            }
+        }
+    }
+
+    /// [`add_rows`] with 8 lanes.
+    ///
+    /// # Safety
+    /// As [`add_rows`].
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_rows8<C: Copy + Into<usize>, const Q: usize>(
         codes: &[&[C]; Q],
         tables: &[f32],
         entries: usize,
@@ -266,6 +403,40 @@ mod x86 {
                     acc = _mm256_add_ps(acc, _mm256_loadu_ps(row));
                 }
                 _mm256_storeu_ps(s.add(8 * j), acc);
+            }
+        }
+    }
+
+    /// [`add_rows`] with 16 lanes.
+    ///
+    /// # Safety
+    /// As [`add_rows`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_rows16<C: Copy + Into<usize>, const Q: usize>(
+        codes: &[&[C]; Q],
+        tables: &[f32],
+        entries: usize,
+        first: bool,
+        sums: &mut [f32],
+    ) {
+        let n = sums.len() / 16;
+        debug_assert!(tables.len() >= Q * entries * 16 && codes.iter().all(|c| c.len() >= n));
+        let t = tables.as_ptr();
+        let s = sums.as_mut_ptr();
+        // SAFETY: the bounds above.
+        unsafe {
+            for j in 0..n {
+                let mut acc = if first {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_loadu_ps(s.add(16 * j))
+                };
+                for (q, codes) in codes.iter().enumerate() {
+                    let code: usize = (*codes.get_unchecked(j)).into();
+                    let row = t.add((q * entries + code) * 16);
+                    acc = _mm512_add_ps(acc, _mm512_loadu_ps(row));
+                }
+                _mm512_storeu_ps(s.add(16 * j), acc);
             }
         }
     }
