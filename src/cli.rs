@@ -187,6 +187,10 @@ pub struct BenchArgs {
     /// Measure in this process instead of a child per model and runtime (peak RSS then covers all).
     #[arg(long)]
     in_process: bool,
+    /// Load every model in this process and time their runs in turn (one run of each, then the next),
+    /// so that a machine whose speed drifts slows all alike: steadier time ratios, no peak RSS.
+    #[arg(long, conflicts_with = "in_process")]
+    interleave: bool,
     /// Internal: measure model INDEX in RUNTIME and print JSON (what each child does).
     #[arg(long, hide = true, value_name = "INDEX:RUNTIME")]
     child: Option<String>,
@@ -591,7 +595,30 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let mut results = Vec::new();
-    for rt in &rts {
+    if args.interleave {
+        let resolved = args
+            .models
+            .iter()
+            .map(|m| resolve_model(m))
+            .collect::<Result<Vec<_>>>()?;
+        // As above: the first model's inputs, with the first input spec any model brings.
+        let spec = resolved
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| !s.is_empty())
+            .cloned()
+            .unwrap_or_default();
+        let paths: Vec<PathBuf> = resolved.into_iter().map(|(p, _)| p).collect();
+        let first_model = Model::load(&paths[0])?;
+        let set = args.input.open(&first_model, spec)?;
+        drop(first_model);
+        let batches: Vec<Vec<Named>> = set.collect::<Result<_>>()?;
+        let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        for rt in &rts {
+            results.extend(bench::bench_interleaved(&paths, &batches, &opts(*rt))?);
+        }
+    }
+    for rt in rts.iter().filter(|_| !args.interleave) {
         for i in 0..args.models.len() {
             let r = if args.in_process {
                 measure(i, *rt)?

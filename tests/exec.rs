@@ -946,6 +946,58 @@ fn bench_prints_figures_for_both_runtimes() {
     assert_eq!(rts, ["tract", "tract", "ort", "ort"]);
 }
 
+/// `--interleave` loads the models in one process and times their runs in turn: every model gets all
+/// its runs on the same inputs, and no peak RSS is claimed (one process holds them all). A model that
+/// cannot take the first model's inputs is refused by name before any timing.
+#[test]
+fn bench_interleaved_times_every_model_in_turn() {
+    let (Some(cls), Some(magika)) = (zoo_model("ppocr-cls"), zoo_model("magika")) else {
+        return;
+    };
+    let dir = tempdir();
+    let json = dir.path().join("bench.json");
+    let cls = cls.display().to_string();
+    let o = quench(&[
+        "bench",
+        "zoo:ppocr-cls",
+        &cls,
+        "--random",
+        "2",
+        "--runs",
+        "5",
+        "--warmup",
+        "1",
+        "--interleave",
+        "--json",
+        &json.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("median ms"), "{table}");
+    let results: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = results.as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert!(r["median_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["p90_ms"].as_f64().unwrap() >= r["median_ms"].as_f64().unwrap());
+        assert!(r["peak_rss_mb"].is_null(), "{r}");
+        assert_eq!(r["runs"], 5);
+        assert_eq!(r["batches"], 2);
+    }
+
+    let magika = magika.display().to_string();
+    let o = quench(&[
+        "bench",
+        "zoo:ppocr-cls",
+        &magika,
+        "--random",
+        "1",
+        "--interleave",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr_of(&o).contains(&magika), "{}", stderr_of(&o));
+}
+
 /// x[4,64] · DequantizeLinear(W int8[64,32]): ONNX says the product is computed in float. onnxruntime's
 /// default options fuse it into MatMulNBits with int8 activations; quench's exact numerics must not.
 #[test]

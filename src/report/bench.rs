@@ -62,10 +62,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
-/// Loads `path` and times `opts.runs` runs after `opts.warmup` warm-up runs, cycling through `batches`.
-pub fn bench(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result<BenchResult> {
+/// A model loaded and run once: what [`bench`] and [`bench_interleaved`] time next.
+struct Loaded {
+    path: String,
+    session: Box<dyn exec::Session>,
+    load_ms: f64,
+    first_run_ms: f64,
+    times: Vec<f64>,
+}
+
+/// Loads `path` into a session, checks the batches against its inputs and runs the first batch (which
+/// includes tract's optimisation for the input shapes) and `opts.warmup` more.
+fn load(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result<Loaded> {
     anyhow::ensure!(!batches.is_empty(), "no input batches to run");
-    reset_peak_rss();
     let start = Instant::now();
     let model = Model::load(path)?;
     let prepared = Prepared::from_model(&model, &path.display().to_string());
@@ -83,30 +92,81 @@ pub fn bench(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result
     for i in 0..opts.warmup {
         session.run(&batches[i % batches.len()])?;
     }
-    let mut times = Vec::with_capacity(opts.runs);
-    for i in 0..opts.runs.max(1) {
-        let b = &batches[i % batches.len()];
-        let t = Instant::now();
-        let out = session.run(b)?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        drop(out);
-    }
-    let mean_ms = times.iter().sum::<f64>() / times.len() as f64;
-    times.sort_by(f64::total_cmp);
-    Ok(BenchResult {
-        model: path.display().to_string(),
-        runtime: opts.runtime.name().to_string(),
-        threads: opts.session.threads,
+    Ok(Loaded {
+        path: path.display().to_string(),
+        session,
         load_ms,
         first_run_ms,
-        median_ms: percentile(&times, 0.5),
-        p90_ms: percentile(&times, 0.9),
-        mean_ms,
-        runs: times.len(),
-        batches: batches.len(),
-        peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
-        settings: session.settings(),
+        times: Vec::with_capacity(opts.runs),
     })
+}
+
+impl Loaded {
+    /// Times run `i` (batch `i` modulo their number).
+    fn time_run(&mut self, i: usize, batches: &[Vec<Named>]) -> Result<()> {
+        let b = &batches[i % batches.len()];
+        let t = Instant::now();
+        let out = self.session.run(b)?;
+        self.times.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+        Ok(())
+    }
+
+    fn result(mut self, opts: &BenchOptions, batches: usize, rss: Option<f64>) -> BenchResult {
+        let times = &mut self.times;
+        let mean_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        times.sort_by(f64::total_cmp);
+        BenchResult {
+            model: self.path,
+            runtime: opts.runtime.name().to_string(),
+            threads: opts.session.threads,
+            load_ms: self.load_ms,
+            first_run_ms: self.first_run_ms,
+            median_ms: percentile(times, 0.5),
+            p90_ms: percentile(times, 0.9),
+            mean_ms,
+            runs: times.len(),
+            batches,
+            peak_rss_mb: rss,
+            settings: self.session.settings(),
+        }
+    }
+}
+
+/// Loads `path` and times `opts.runs` runs after `opts.warmup` warm-up runs, cycling through `batches`.
+pub fn bench(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result<BenchResult> {
+    reset_peak_rss();
+    let mut loaded = load(path, batches, opts)?;
+    for i in 0..opts.runs.max(1) {
+        loaded.time_run(i, batches)?;
+    }
+    let rss = peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0));
+    Ok(loaded.result(opts, batches.len(), rss))
+}
+
+/// Loads every model in this process, then times their runs in turn (run 1 of each model, then run 2
+/// of each, …), so that a machine whose speed drifts during the measurement (another tenant, clock
+/// changes) slows every model alike and the ratios between them hold. Peak RSS is not given: one
+/// process holds them all.
+pub fn bench_interleaved(
+    paths: &[&Path],
+    batches: &[Vec<Named>],
+    opts: &BenchOptions,
+) -> Result<Vec<BenchResult>> {
+    let mut loaded = paths
+        .iter()
+        .map(|p| load(p, batches, opts).with_context(|| format!("{}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    for i in 0..opts.runs.max(1) {
+        for l in &mut loaded {
+            let path = l.path.clone();
+            l.time_run(i, batches).with_context(|| path)?;
+        }
+    }
+    Ok(loaded
+        .into_iter()
+        .map(|l| l.result(opts, batches.len(), None))
+        .collect())
 }
 
 /// A table of results, with ratios against the first model measured in the same runtime.
