@@ -1532,8 +1532,8 @@ fn codes_along_k(t: &pb::TensorProto) -> Option<pb::TensorProto> {
         UINT16 => 2,
         _ => return None,
     };
-    let raw: Vec<u8> = if t.raw_data.len() == len * width {
-        t.raw_data.clone()
+    let raw: std::borrow::Cow<[u8]> = if t.raw_data.len() == len * width {
+        std::borrow::Cow::Borrowed(&t.raw_data)
     } else if t.int32_data.len() == len {
         t.int32_data
             .iter()
@@ -1815,25 +1815,35 @@ fn integer_plan(
     let (packed, zero) = match packs.by_source.get(&key) {
         Some(names) => names.clone(),
         None => {
-            let mut raw = bytes_of(bk.t)?;
+            // The codes are read in place where the file stores them raw: a copy of a large weight
+            // (an 8210-column head) would add to the load's peak memory, beside the packed one.
             let (ku, nu) = (k as usize, n as usize);
+            let mut raw = std::borrow::Cow::Borrowed(&bk.t.raw_data[..]);
+            if raw.len() != ku * nu || bk.t.data_location == Some(1) {
+                raw = std::borrow::Cow::Owned(bytes_of(bk.t)?);
+            }
             if conv.is_some() {
                 raw = (0..ku * nu).map(|t| raw[(t % nu) * ku + t / nu]).collect();
             }
             let (w, shift) = if bk.t.data_type == INT8 {
-                let v: Vec<i8> = raw.iter().map(|&x| x as i8).collect();
-                (kernels::integer::pack(Weight::I8(&v), ku, nu, layout), 0)
+                // SAFETY: i8 and u8 have the same size and alignment, and every byte is a valid i8.
+                let v: &[i8] =
+                    unsafe { std::slice::from_raw_parts(raw.as_ptr().cast(), raw.len()) };
+                (kernels::integer::pack(Weight::I8(v), ku, nu, layout), 0)
             } else {
                 let w = Weight::U8(&raw);
                 (kernels::integer::pack(w, ku, nu, layout), w.shift())
             };
+            drop(raw);
             let tag = format!("{}x{}", layout.nr, layout.group);
             let packed = format!("{b}::quench_packed_{tag}");
+            let len = w.len() as i64;
             packs.made.push(pb::TensorProto {
                 name: packed.clone(),
                 data_type: INT8,
-                dims: vec![w.len() as i64],
-                raw_data: w.iter().map(|&x| x as u8).collect(),
+                dims: vec![len],
+                // In place: the same allocation, read as bytes.
+                raw_data: w.into_iter().map(|x| x as u8).collect(),
                 ..Default::default()
             });
             // The zero point in the packed (i8) domain: u8 weights moved by −128, and so does theirs.
