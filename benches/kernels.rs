@@ -18,7 +18,8 @@
 //! - `vq2 (tables)`: the same weight by lookup-table accumulation (8 rows per table on AVX2, 16 on
 //!   AVX-512; any rows; taken from 768 columns).
 //!
-//! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere.
+//! `QUENCH_KERNELS=avx2|portable` caps the kernel families, as everywhere. Shapes given as arguments
+//! (`cargo bench --bench kernels -- 384x1024x1024`) limit the run to those.
 
 use std::time::Instant;
 
@@ -73,6 +74,11 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // `cargo bench --bench kernels -- 48x1024x1024 384x1024x1024` measures only those shapes.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let isa = IntIsa::detect();
     println!(
         "kernels: f32 {}, integer {} (1 thread)",
@@ -94,7 +100,7 @@ fn main() {
         "vq2 (broadcast)",
         "vq2 (tables)"
     );
-    for &(m, k, n) in &[
+    for (m, k, n) in [
         (1, 256, 1024),
         (2, 256, 1024),
         (3, 256, 1024),
@@ -115,7 +121,15 @@ fn main() {
         (48, 1024, 1024),
         (48, 1024, 3072),
         (48, 3072, 1024),
-    ] {
+        (96, 1024, 1024),
+        (192, 1024, 1024),
+        (384, 1024, 1024),
+        (384, 1024, 3072),
+        (160, 1024, 8210),
+    ]
+    .into_iter()
+    .filter(|&(m, k, n)| only.is_empty() || only.contains(&format!("{m}x{k}x{n}")))
+    {
         let a = values(m * k, 1);
         let w = values(k * n, 2);
         let q: Vec<i8> = w.iter().map(|&x| (x * 127.0).round() as i8).collect();

@@ -30,6 +30,14 @@ pub const MIN_COLUMNS: usize = 768;
 pub const MIN_COLUMNS_FEW_ROWS: usize = 512;
 pub const FEW_ROWS: usize = 8;
 
+/// Past [`MANY_ROWS`] rows of A the panel product decodes each weight once for that many rows and runs
+/// near the FMA peak, while the tables cost the same per block of rows: at 384 × 256 × 1024 the table
+/// product ran at 0.7× the panels (AVX-512). Then only weights of at least [`MIN_COLUMNS_MANY_ROWS`]
+/// columns take the tables (at 160 × 1024 × 8210 and 384 × 1024 × 3072 they were 1.3× the panels, on a
+/// loaded machine).
+pub const MANY_ROWS: usize = 96;
+pub const MIN_COLUMNS_MANY_ROWS: usize = 3072;
+
 /// Whether this CPU runs the table product: AVX2 + FMA (8 rows of A per table), or AVX-512F (16 rows
 /// per table in zmm, 8 for a last block of at most 8 rows); under the `QUENCH_KERNELS` cap
 /// (`QUENCH_KERNELS=avx2` keeps an AVX-512 CPU to the 8-row tables).
@@ -75,11 +83,13 @@ fn entries(w: &Codebook) -> Option<usize> {
 }
 
 /// `c[M, N] = a[M, K] · W` where the table product is the fastest kernel (weights of at least
-/// [`MIN_COLUMNS`] columns, or [`MIN_COLUMNS_FEW_ROWS`] for few rows); `false` (and `c` untouched)
-/// otherwise.
+/// [`MIN_COLUMNS`] columns, [`MIN_COLUMNS_FEW_ROWS`] for few rows, [`MIN_COLUMNS_MANY_ROWS`] for many);
+/// `false` (and `c` untouched) otherwise.
 pub fn matmul(a: &[f32], m: usize, w: &Codebook, c: &mut [f32]) -> bool {
     let wide = if m <= FEW_ROWS {
         MIN_COLUMNS_FEW_ROWS
+    } else if m > MANY_ROWS {
+        MIN_COLUMNS_MANY_ROWS
     } else {
         MIN_COLUMNS
     };
