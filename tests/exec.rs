@@ -901,6 +901,28 @@ fn text_is_tokenized_with_padding_and_truncation() {
     assert_eq!(ids1.shape(), &[1, 4], "truncated to 4 tokens");
 }
 
+/// Runs `quench bench` with `args` on 2 random batches after 1 warm-up run, writing `json`; checks the
+/// table was printed and that each result has `runs` runs and a positive median no above its p90.
+fn bench_results(args: &[&str], json: &std::path::Path, runs: u64) -> Vec<Value> {
+    let json_arg = json.display().to_string();
+    let mut all = vec![
+        "bench", "--random", "2", "--warmup", "1", "--json", &json_arg,
+    ];
+    all.extend_from_slice(args);
+    let o = quench(&all);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("median ms"), "{table}");
+    let results: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    let results = results.as_array().unwrap().clone();
+    for r in &results {
+        assert!(r["median_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["p90_ms"].as_f64().unwrap() >= r["median_ms"].as_f64().unwrap());
+        assert_eq!(r["runs"], runs);
+    }
+    results
+}
+
 #[test]
 fn bench_prints_figures_for_both_runtimes() {
     if !ort_ready() {
@@ -912,32 +934,10 @@ fn bench_prints_figures_for_both_runtimes() {
     let dir = tempdir();
     let json = dir.path().join("bench.json");
     let src = path.display().to_string();
-    let o = quench(&[
-        "bench",
-        &src,
-        &src,
-        "--random",
-        "2",
-        "--runs",
-        "3",
-        "--warmup",
-        "1",
-        "--runtime",
-        "both",
-        "--json",
-        &json.display().to_string(),
-    ]);
-    assert!(o.status.success(), "{}", stderr_of(&o));
-    let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("median ms"), "{table}");
-    let results: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let results = results.as_array().unwrap();
+    let results = bench_results(&[&src, &src, "--runs", "3", "--runtime", "both"], &json, 3);
     assert_eq!(results.len(), 4);
-    for r in results {
-        assert!(r["median_ms"].as_f64().unwrap() > 0.0);
-        assert!(r["p90_ms"].as_f64().unwrap() >= r["median_ms"].as_f64().unwrap());
+    for r in &results {
         assert!(r["peak_rss_mb"].as_f64().unwrap() > 1.0);
-        assert_eq!(r["runs"], 3);
     }
     let rts: Vec<&str> = results
         .iter()
@@ -957,31 +957,14 @@ fn bench_interleaved_times_every_model_in_turn() {
     let dir = tempdir();
     let json = dir.path().join("bench.json");
     let cls = cls.display().to_string();
-    let o = quench(&[
-        "bench",
-        "zoo:ppocr-cls",
-        &cls,
-        "--random",
-        "2",
-        "--runs",
-        "5",
-        "--warmup",
-        "1",
-        "--interleave",
-        "--json",
-        &json.display().to_string(),
-    ]);
-    assert!(o.status.success(), "{}", stderr_of(&o));
-    let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("median ms"), "{table}");
-    let results: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let results = results.as_array().unwrap();
+    let results = bench_results(
+        &["zoo:ppocr-cls", &cls, "--runs", "5", "--interleave"],
+        &json,
+        5,
+    );
     assert_eq!(results.len(), 2);
-    for r in results {
-        assert!(r["median_ms"].as_f64().unwrap() > 0.0);
-        assert!(r["p90_ms"].as_f64().unwrap() >= r["median_ms"].as_f64().unwrap());
+    for r in &results {
         assert!(r["peak_rss_mb"].is_null(), "{r}");
-        assert_eq!(r["runs"], 5);
         assert_eq!(r["batches"], 2);
     }
 
