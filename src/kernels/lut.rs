@@ -281,81 +281,110 @@ enum Codes<'a> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `t[e · 8 + i] = Σ_d at[d · 8 + i] · book[e · dim + d]` for every entry `e` of `book`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `at` holds `dim × 8` values, `book` `entries × dim` and `t`
-    /// `entries × 8`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn table8(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
-        let entries = book.len() / dim;
-        debug_assert!(at.len() >= dim * 8 && t.len() >= entries * 8);
-        // SAFETY: the bounds above.
-        unsafe {
-            let x = at.as_ptr();
-            let b = book.as_ptr();
-            let o = t.as_mut_ptr();
-            if dim == 4 {
-                let xs = [0, 1, 2, 3].map(|d| _mm256_loadu_ps(x.add(8 * d)));
-                for e in 0..entries {
-                    let r = b.add(4 * e);
-                    let lo = _mm256_mul_ps(xs[0], _mm256_broadcast_ss(&*r));
-                    let lo = _mm256_fmadd_ps(xs[1], _mm256_broadcast_ss(&*r.add(1)), lo);
-                    let hi = _mm256_mul_ps(xs[2], _mm256_broadcast_ss(&*r.add(2)));
-                    let hi = _mm256_fmadd_ps(xs[3], _mm256_broadcast_ss(&*r.add(3)), hi);
-                    _mm256_storeu_ps(o.add(8 * e), _mm256_add_ps(lo, hi));
+    /// The table and summing kernels for one vector width: `$lanes` rows of A per table, in the
+    /// vectors `$ty` with the features `$features`, through the intrinsics named after them.
+    macro_rules! width {
+        (
+            $table:ident, $add_rows:ident, $lanes:literal, $features:literal, $ty:ty,
+            $load:ident, $store:ident, $set1:ident, $zero:ident, $mul:ident, $fmadd:ident, $add:ident
+        ) => {
+            #[doc = concat!("`t[e · ", $lanes, " + i] = Σ_d at[d · ", $lanes, " + i] · book[e · dim + d]` for every entry `e` of `book`.")]
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must have ", $features, "; `at` holds `dim × ", $lanes, "` values, `book` `entries × dim` and `t` `entries × ", $lanes, "`.")]
+            #[target_feature(enable = $features)]
+            pub unsafe fn $table(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
+                let entries = book.len() / dim;
+                debug_assert!(at.len() >= dim * $lanes && t.len() >= entries * $lanes);
+                // SAFETY: the bounds above.
+                unsafe {
+                    let x = at.as_ptr();
+                    let b = book.as_ptr();
+                    let o = t.as_mut_ptr();
+                    if dim == 4 {
+                        let xs: [$ty; 4] = [0, 1, 2, 3].map(|d| $load(x.add($lanes * d)));
+                        for e in 0..entries {
+                            let r = b.add(4 * e);
+                            let lo = $mul(xs[0], $set1(*r));
+                            let lo = $fmadd(xs[1], $set1(*r.add(1)), lo);
+                            let hi = $mul(xs[2], $set1(*r.add(2)));
+                            let hi = $fmadd(xs[3], $set1(*r.add(3)), hi);
+                            $store(o.add($lanes * e), $add(lo, hi));
+                        }
+                        return;
+                    }
+                    for e in 0..entries {
+                        let r = b.add(dim * e);
+                        let mut acc = $zero();
+                        for d in 0..dim {
+                            acc = $fmadd($load(x.add($lanes * d)), $set1(*r.add(d)), acc);
+                        }
+                        $store(o.add($lanes * e), acc);
+                    }
                 }
-                return;
             }
-            for e in 0..entries {
-                let r = b.add(dim * e);
-                let mut acc = _mm256_setzero_ps();
-                for d in 0..dim {
-                    let xd = _mm256_loadu_ps(x.add(8 * d));
-                    acc = _mm256_fmadd_ps(xd, _mm256_broadcast_ss(&*r.add(d)), acc);
+
+            #[doc = concat!("[`add_rows`] with ", $lanes, " lanes.")]
+            ///
+            /// # Safety
+            #[doc = concat!("As [`add_rows`]; the CPU must have ", $features, ".")]
+            #[target_feature(enable = $features)]
+            unsafe fn $add_rows<C: Copy + Into<usize>, const Q: usize>(
+                codes: &[&[C]; Q],
+                tables: &[f32],
+                entries: usize,
+                first: bool,
+                sums: &mut [f32],
+            ) {
+                let n = sums.len() / $lanes;
+                debug_assert!(
+                    tables.len() >= Q * entries * $lanes && codes.iter().all(|c| c.len() >= n)
+                );
+                let t = tables.as_ptr();
+                let s = sums.as_mut_ptr();
+                // SAFETY: the bounds above.
+                unsafe {
+                    for j in 0..n {
+                        let mut acc = if first { $zero() } else { $load(s.add($lanes * j)) };
+                        for (q, codes) in codes.iter().enumerate() {
+                            let code: usize = (*codes.get_unchecked(j)).into();
+                            acc = $add(acc, $load(t.add((q * entries + code) * $lanes)));
+                        }
+                        $store(s.add($lanes * j), acc);
+                    }
                 }
-                _mm256_storeu_ps(o.add(8 * e), acc);
             }
-        }
+        };
     }
 
-    /// [`table8`] for 16 rows: `t[e · 16 + i] = Σ_d at[d · 16 + i] · book[e · dim + d]`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `at` holds `dim × 16` values, `book` `entries × dim` and `t`
-    /// `entries × 16`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn table16(at: &[f32], book: &[f32], dim: usize, t: &mut [f32]) {
-        let entries = book.len() / dim;
-        debug_assert!(at.len() >= dim * 16 && t.len() >= entries * 16);
-        // SAFETY: the bounds above.
-        unsafe {
-            let x = at.as_ptr();
-            let b = book.as_ptr();
-            let o = t.as_mut_ptr();
-            if dim == 4 {
-                let xs = [0, 1, 2, 3].map(|d| _mm512_loadu_ps(x.add(16 * d)));
-                for e in 0..entries {
-                    let r = b.add(4 * e);
-                    let lo = _mm512_mul_ps(xs[0], _mm512_set1_ps(*r));
-                    let lo = _mm512_fmadd_ps(xs[1], _mm512_set1_ps(*r.add(1)), lo);
-                    let hi = _mm512_mul_ps(xs[2], _mm512_set1_ps(*r.add(2)));
-                    let hi = _mm512_fmadd_ps(xs[3], _mm512_set1_ps(*r.add(3)), hi);
-                    _mm512_storeu_ps(o.add(16 * e), _mm512_add_ps(lo, hi));
-                }
-                return;
-            }
-            for e in 0..entries {
-                let r = b.add(dim * e);
-                let mut acc = _mm512_setzero_ps();
-                for d in 0..dim {
-                    let xd = _mm512_loadu_ps(x.add(16 * d));
-                    acc = _mm512_fmadd_ps(xd, _mm512_set1_ps(*r.add(d)), acc);
-                }
-                _mm512_storeu_ps(o.add(16 * e), acc);
-            }
-        }
-    }
+    width!(
+        table8,
+        add_rows8,
+        8,
+        "avx2,fma",
+        __m256,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_setzero_ps,
+        _mm256_mul_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps
+    );
+    width!(
+        table16,
+        add_rows16,
+        16,
+        "avx512f",
+        __m512,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_setzero_ps,
+        _mm512_mul_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps
+    );
 
     /// `sums[n · lanes ..][..lanes] (+)= Σ_q tables[q][codes[q][n]]` (set when `first`), the tables
     /// `entries × lanes` values each, one after the other; `lanes` is 8 or 16.
@@ -379,74 +408,6 @@ mod x86 {
                 add_rows16(codes, tables, entries, first, sums)
             } else {
                 add_rows8(codes, tables, entries, first, sums)
-            }
-        }
-    }
-
-    /// [`add_rows`] with 8 lanes.
-    ///
-    /// # Safety
-    /// As [`add_rows`].
-    #[target_feature(enable = "avx2")]
-    unsafe fn add_rows8<C: Copy + Into<usize>, const Q: usize>(
-        codes: &[&[C]; Q],
-        tables: &[f32],
-        entries: usize,
-        first: bool,
-        sums: &mut [f32],
-    ) {
-        let n = sums.len() / 8;
-        debug_assert!(tables.len() >= Q * entries * 8 && codes.iter().all(|c| c.len() >= n));
-        let t = tables.as_ptr();
-        let s = sums.as_mut_ptr();
-        // SAFETY: the bounds above.
-        unsafe {
-            for j in 0..n {
-                let mut acc = if first {
-                    _mm256_setzero_ps()
-                } else {
-                    _mm256_loadu_ps(s.add(8 * j))
-                };
-                for (q, codes) in codes.iter().enumerate() {
-                    let code: usize = (*codes.get_unchecked(j)).into();
-                    let row = t.add((q * entries + code) * 8);
-                    acc = _mm256_add_ps(acc, _mm256_loadu_ps(row));
-                }
-                _mm256_storeu_ps(s.add(8 * j), acc);
-            }
-        }
-    }
-
-    /// [`add_rows`] with 16 lanes.
-    ///
-    /// # Safety
-    /// As [`add_rows`].
-    #[target_feature(enable = "avx512f")]
-    unsafe fn add_rows16<C: Copy + Into<usize>, const Q: usize>(
-        codes: &[&[C]; Q],
-        tables: &[f32],
-        entries: usize,
-        first: bool,
-        sums: &mut [f32],
-    ) {
-        let n = sums.len() / 16;
-        debug_assert!(tables.len() >= Q * entries * 16 && codes.iter().all(|c| c.len() >= n));
-        let t = tables.as_ptr();
-        let s = sums.as_mut_ptr();
-        // SAFETY: the bounds above.
-        unsafe {
-            for j in 0..n {
-                let mut acc = if first {
-                    _mm512_setzero_ps()
-                } else {
-                    _mm512_loadu_ps(s.add(16 * j))
-                };
-                for (q, codes) in codes.iter().enumerate() {
-                    let code: usize = (*codes.get_unchecked(j)).into();
-                    let row = t.add((q * entries + code) * 16);
-                    acc = _mm512_add_ps(acc, _mm512_loadu_ps(row));
-                }
-                _mm512_storeu_ps(s.add(16 * j), acc);
             }
         }
     }
