@@ -573,9 +573,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         warmup: args.warmup,
         runs: args.runs,
     };
-    let measure = |index: usize, runtime: RuntimeKind| -> Result<BenchResult> {
-        let (path, spec) = resolve_model(&args.models[index])?;
-        // Inputs are made from the first model's declared inputs, so every model runs the same data.
+    // Inputs are made from the first model's declared inputs, so every model runs the same data; the
+    // first model's input spec, else the measured model's.
+    let batches = |spec: Vec<InputSpec>| -> Result<Vec<Vec<Named>>> {
         let (first, first_spec) = resolve_model(&args.models[0])?;
         let first_model = Model::load(&first)?;
         let spec = if first_spec.is_empty() {
@@ -584,8 +584,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             first_spec
         };
         let set = args.input.open(&first_model, spec)?;
-        drop(first_model);
-        let batches: Vec<Vec<Named>> = set.collect::<Result<_>>()?;
+        set.collect()
+    };
+    let measure = |index: usize, runtime: RuntimeKind| -> Result<BenchResult> {
+        let (path, spec) = resolve_model(&args.models[index])?;
+        let batches = batches(spec)?;
         bench::bench(&path, &batches, &opts(runtime))
             .with_context(|| format!("{} in {runtime}", path.display()))
     };
@@ -601,18 +604,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             .iter()
             .map(|m| resolve_model(m))
             .collect::<Result<Vec<_>>>()?;
-        // As above: the first model's inputs, with the first input spec any model brings.
+        // As above, with the first input spec any model brings.
         let spec = resolved
             .iter()
             .map(|(_, s)| s)
             .find(|s| !s.is_empty())
             .cloned()
             .unwrap_or_default();
+        let batches = batches(spec)?;
         let paths: Vec<PathBuf> = resolved.into_iter().map(|(p, _)| p).collect();
-        let first_model = Model::load(&paths[0])?;
-        let set = args.input.open(&first_model, spec)?;
-        drop(first_model);
-        let batches: Vec<Vec<Named>> = set.collect::<Result<_>>()?;
         let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
         for rt in &rts {
             results.extend(bench::bench_interleaved(&paths, &batches, &opts(*rt))?);

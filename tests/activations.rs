@@ -648,15 +648,10 @@ fn affine_ops_fold_into_convs_whose_outputs_are_quantized() {
 }
 
 /// Whether onnxruntime's x86 u8·s8 kernels on this CPU use VNNI (no 16-bit saturation): AVX-512 VNNI
-/// or AVX-VNNI.
+/// or AVX-VNNI, as quench's own integer kernels detect them (whatever `QUENCH_KERNELS` caps).
 fn ort_has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512vnni")
-            || std::arch::is_x86_feature_detected!("avxvnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    use quench::kernels::integer::IntIsa;
+    IntIsa::available()
+        .iter()
+        .any(|i| matches!(i, IntIsa::Avx512Vnni | IntIsa::AvxVnni))
 }
