@@ -191,6 +191,10 @@ pub struct BenchArgs {
     /// so that a machine whose speed drifts slows all alike: steadier time ratios, no peak RSS.
     #[arg(long, conflicts_with = "in_process")]
     interleave: bool,
+    /// Time every operator of the timed runs and print each model's time by kind of operator (tract
+    /// only; timing each operator adds a little to every run).
+    #[arg(long)]
+    profile: bool,
     /// Internal: measure model INDEX in RUNTIME and print JSON (what each child does).
     #[arg(long, hide = true, value_name = "INDEX:RUNTIME")]
     child: Option<String>,
@@ -567,11 +571,15 @@ fn child_args(child: &str) -> Result<(usize, RuntimeKind)> {
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     let rts = runtimes(&args.runtime)?;
+    if args.profile && rts.contains(&RuntimeKind::Ort) {
+        bail!("--profile times tract's operators; run it with --runtime tract");
+    }
     let opts = |runtime| BenchOptions {
         runtime,
         session: args.rt.session(),
         warmup: args.warmup,
         runs: args.runs,
+        profile: args.profile,
     };
     // Inputs are made from the first model's declared inputs, so every model runs the same data; the
     // first model's input spec, else the measured model's.

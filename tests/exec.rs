@@ -981,6 +981,46 @@ fn bench_interleaved_times_every_model_in_turn() {
     assert!(stderr_of(&o).contains(&magika), "{}", stderr_of(&o));
 }
 
+/// `--profile` times every operator of the timed runs: each model's table by kind of operator, whose
+/// times per run add up to most of the run and never more; onnxruntime is refused (only tract's
+/// operators are timed).
+#[test]
+fn bench_profile_times_each_kind_of_operator() {
+    let Some(cls) = zoo_model("ppocr-cls") else {
+        return;
+    };
+    let dir = tempdir();
+    let json = dir.path().join("bench.json");
+    let cls = cls.display().to_string();
+    let results = bench_results(&["zoo:ppocr-cls", "--runs", "4", "--profile"], &json, 4);
+    let ops = results[0]["ops"].as_array().unwrap();
+    assert!(ops.len() > 3, "{ops:?}");
+    let total: f64 = ops.iter().map(|o| o["ms"].as_f64().unwrap()).sum();
+    let mean = results[0]["mean_ms"].as_f64().unwrap();
+    assert!(
+        total <= mean && total > 0.3 * mean,
+        "{total} ms in operators, {mean} per run"
+    );
+    for o in ops {
+        assert!(o["evals"].as_f64().unwrap() >= 1.0, "{o}");
+    }
+    // The slowest first.
+    let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
+    assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+
+    let o = quench(&[
+        "bench",
+        &cls,
+        "--random",
+        "1",
+        "--runtime",
+        "ort",
+        "--profile",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr_of(&o).contains("--profile"), "{}", stderr_of(&o));
+}
+
 /// x[4,64] · DequantizeLinear(W int8[64,32]): ONNX says the product is computed in float. onnxruntime's
 /// default options fuse it into MatMulNBits with int8 activations; quench's exact numerics must not.
 #[test]

@@ -115,8 +115,35 @@ pub trait Session {
         }
         Ok(())
     }
+    /// Runs one batch as [`Session::run`] does, adding the time each operator took to `ops` (by the
+    /// runtime's name of the operator). tract only: other runtimes refuse.
+    fn run_timing_ops(&mut self, inputs: &[Named], ops: &mut OpTimes) -> Result<Vec<Named>> {
+        let _ = (inputs, ops);
+        bail!(
+            "{} does not time its operators (only tract does)",
+            self.runtime()
+        )
+    }
     /// The settings that can change numerics or speed, as the runtime was configured (for reports).
     fn settings(&self) -> Vec<(String, String)>;
+}
+
+/// Time spent per kind of operator, summed over runs: operator name → (seconds, evaluations).
+#[derive(Clone, Debug, Default)]
+pub struct OpTimes(pub std::collections::BTreeMap<String, (f64, usize)>);
+
+impl OpTimes {
+    pub fn add(&mut self, op: &str, seconds: f64) {
+        match self.0.get_mut(op) {
+            Some((t, n)) => {
+                *t += seconds;
+                *n += 1;
+            }
+            None => {
+                self.0.insert(op.to_string(), (seconds, 1));
+            }
+        }
+    }
 }
 
 /// One dimension of a declared input shape.

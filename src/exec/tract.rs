@@ -6,16 +6,18 @@
 //! and a symbolic `batch` there cannot unify with a concrete input.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, TDim, TValue, TVec,
     Tensor as TTensor, TypedRunnableModel,
 };
+use tract_onnx::tract_core::plan::eval;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
-use super::{Named, Prepared, RuntimeKind, Session, SessionOptions, Tensor};
+use super::{Named, OpTimes, Prepared, RuntimeKind, Session, SessionOptions, Tensor};
 
 /// How many shape-specialised plans a session keeps.
 const PLAN_CACHE: usize = 4;
@@ -29,6 +31,8 @@ pub struct TractSession {
     threads: usize,
     executor: Option<Executor>,
     rewrites: Option<super::tract_kernels::Rewrites>,
+    /// Softmaxes over a middle axis that the newest plan runs with quench's operator.
+    softmaxes: usize,
 }
 
 /// Runs a tract step, turning a panic inside tract (some of its analysis and kernels index without
@@ -109,6 +113,7 @@ impl TractSession {
             threads: opts.threads,
             executor,
             rewrites,
+            softmaxes: 0,
         })
     }
 
@@ -123,7 +128,7 @@ impl TractSession {
             let fact = InferenceFact::dt_shape(datum_type(t), t.shape());
             model.set_input_fact(i, fact)?;
         }
-        let typed = guarded(
+        let mut typed = guarded(
             || {
                 format!(
                     "tract cannot optimise {} for input shapes {shapes:?}",
@@ -132,6 +137,10 @@ impl TractSession {
             },
             || model.into_optimized(),
         )?;
+        if self.rewrites.is_some() {
+            self.softmaxes = super::tract_kernels::replace_strided_softmax(&mut typed)
+                .map_err(|e| anyhow!("{}: {e:#}", self.label))?;
+        }
         let options = RunOptions {
             executor: self.executor.clone(),
             ..Default::default()
@@ -147,16 +156,10 @@ impl TractSession {
     }
 }
 
-impl Session for TractSession {
-    fn runtime(&self) -> RuntimeKind {
-        RuntimeKind::Tract
-    }
-
-    fn output_names(&self) -> &[String] {
-        &self.output_names
-    }
-
-    fn run(&mut self, batch: &[Named]) -> Result<Vec<Named>> {
+impl TractSession {
+    /// Runs one batch; with `ops`, each node's evaluation is timed and added there under its
+    /// operator's name.
+    fn run_with(&mut self, batch: &[Named], ops: Option<&mut OpTimes>) -> Result<Vec<Named>> {
         let ordered: Vec<&Tensor> = self
             .input_names
             .iter()
@@ -174,7 +177,17 @@ impl Session for TractSession {
         // is the input's fault and becomes an error, not an abort.
         let outputs = guarded(
             || format!("tract failed to run {}", self.label),
-            || plan.run(values),
+            || match ops {
+                None => plan.run(values),
+                Some(ops) => plan
+                    .spawn()?
+                    .run_plan_with_eval(values, |ctx, state, node, input| {
+                        let start = Instant::now();
+                        let out = eval(ctx, state, node, input);
+                        ops.add(&node.op().name(), start.elapsed().as_secs_f64());
+                        out
+                    }),
+            },
         )?;
         if outputs.len() != self.output_names.len() {
             bail!(
@@ -193,6 +206,24 @@ impl Session for TractSession {
                 ))
             })
             .collect()
+    }
+}
+
+impl Session for TractSession {
+    fn runtime(&self) -> RuntimeKind {
+        RuntimeKind::Tract
+    }
+
+    fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    fn run(&mut self, batch: &[Named]) -> Result<Vec<Named>> {
+        self.run_with(batch, None)
+    }
+
+    fn run_timing_ops(&mut self, batch: &[Named], ops: &mut OpTimes) -> Result<Vec<Named>> {
+        self.run_with(batch, Some(ops))
     }
 
     fn settings(&self) -> Vec<(String, String)> {
@@ -224,6 +255,13 @@ impl Session for TractSession {
                         r.qlinear_conv,
                         r.lstm
                     ),
+                },
+            ),
+            (
+                "softmax over a middle axis".into(),
+                match &self.rewrites {
+                    None => "tract's own".into(),
+                    Some(_) => format!("quench, over rows ({} in the newest plan)", self.softmaxes),
                 },
             ),
         ]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::exec::{self, Named, Prepared, RuntimeKind, SessionOptions};
+use crate::exec::{self, Named, OpTimes, Prepared, RuntimeKind, SessionOptions};
 use crate::ir::Model;
 
 #[derive(Clone, Debug)]
@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub session: SessionOptions,
     pub warmup: usize,
     pub runs: usize,
+    /// Time every operator of the timed runs (tract only; the timing adds a little to each run).
+    pub profile: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,6 +40,18 @@ pub struct BenchResult {
     /// reset there where the OS allows), when known.
     pub peak_rss_mb: Option<f64>,
     pub settings: Vec<(String, String)>,
+    /// With `profile`: time per run by kind of operator, the slowest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpTime>,
+}
+
+/// The time one kind of operator took per run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Evaluations per run (nodes of this kind, times the steps of any loop they sit in).
+    pub evals: f64,
+    pub ms: f64,
 }
 
 /// Peak resident set size of this process in bytes (Linux; None elsewhere).
@@ -69,6 +83,8 @@ struct Loaded {
     load_ms: f64,
     first_run_ms: f64,
     times: Vec<f64>,
+    /// Operator times of the timed runs, when profiling.
+    ops: Option<OpTimes>,
 }
 
 /// Loads `path` into a session, checks the batches against its inputs and runs the first batch (which
@@ -98,6 +114,7 @@ fn load(path: &Path, batches: &[Vec<Named>], opts: &BenchOptions) -> Result<Load
         load_ms,
         first_run_ms,
         times: Vec::with_capacity(opts.runs),
+        ops: opts.profile.then(OpTimes::default),
     })
 }
 
@@ -106,7 +123,10 @@ impl Loaded {
     fn time_run(&mut self, i: usize, batches: &[Vec<Named>]) -> Result<()> {
         let b = &batches[i % batches.len()];
         let t = Instant::now();
-        let out = self.session.run(b)?;
+        let out = match &mut self.ops {
+            None => self.session.run(b)?,
+            Some(ops) => self.session.run_timing_ops(b, ops)?,
+        };
         self.times.push(t.elapsed().as_secs_f64() * 1e3);
         drop(out);
         Ok(())
@@ -116,6 +136,16 @@ impl Loaded {
         let times = &mut self.times;
         let mean_ms = times.iter().sum::<f64>() / times.len().max(1) as f64;
         times.sort_by(f64::total_cmp);
+        let runs = times.len().max(1) as f64;
+        let mut ops: Vec<OpTime> = (self.ops.take().unwrap_or_default().0)
+            .into_iter()
+            .map(|(op, (secs, n))| OpTime {
+                op,
+                evals: n as f64 / runs,
+                ms: secs * 1e3 / runs,
+            })
+            .collect();
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.op.cmp(&b.op)));
         BenchResult {
             model: self.path,
             runtime: opts.runtime.name().to_string(),
@@ -129,6 +159,7 @@ impl Loaded {
             batches,
             peak_rss_mb: rss,
             settings: self.session.settings(),
+            ops,
         }
     }
 }
@@ -205,6 +236,40 @@ pub fn render(results: &[BenchResult]) -> String {
             r.median_ms / base.median_ms,
             rss_ratio
         );
+    }
+    for r in results.iter().filter(|r| !r.ops.is_empty()) {
+        s.push_str(&render_ops(r));
+    }
+    s
+}
+
+/// Operators that took less than this share of a profiled run are summed on one line.
+const MINOR_OP_SHARE: f64 = 0.01;
+
+/// A profiled model's time per run by kind of operator, the slowest first.
+fn render_ops(r: &BenchResult) -> String {
+    use std::fmt::Write;
+    let total: f64 = r.ops.iter().map(|o| o.ms).sum();
+    let mut s = format!(
+        "\n{} in {}: {:.2} ms per run in operators\n{:<32} {:>9} {:>10} {:>7}\n",
+        r.model, r.runtime, total, "operator", "evals", "ms per run", "share"
+    );
+    let (major, minor): (Vec<&OpTime>, Vec<&OpTime>) = r
+        .ops
+        .iter()
+        .partition(|o| total <= 0.0 || o.ms / total >= MINOR_OP_SHARE);
+    let line = |s: &mut String, op: &str, evals: f64, ms: f64| {
+        let share = if total > 0.0 { 100.0 * ms / total } else { 0.0 };
+        let _ = writeln!(s, "{op:<32} {evals:>9.0} {ms:>10.3} {share:>6.1}%");
+    };
+    for o in major {
+        line(&mut s, &o.op, o.evals, o.ms);
+    }
+    if !minor.is_empty() {
+        let label = format!("{} others", minor.len());
+        let evals = minor.iter().map(|o| o.evals).sum();
+        let ms = minor.iter().map(|o| o.ms).sum();
+        line(&mut s, &label, evals, ms);
     }
     s
 }
