@@ -158,10 +158,12 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                     // The integer products are exact and the quantizer is tract's arithmetic; int8
                     // weights on VNNI go through three-limb activations, f32's rounding. ddddocr's
                     // LSTM keeps int8 weights under `dynamic` too, and quench's LSTM sums its f32
-                    // products in another order than tract's.
+                    // products in another order than tract's (in limbs on VNNI); the head then
+                    // quantizes the LSTM's output at run time, where a value that rounding moves
+                    // across a code boundary changes its u8 code by one: a few 1e-4 of the output.
                     let tol = match recipe {
                         "w4" => 2e-2,
-                        "dynamic" if zoo_name == "ddddocr" => 1e-5,
+                        "dynamic" if zoo_name == "ddddocr" => 1e-3,
                         "dynamic" => 0.0,
                         _ => 1e-4,
                     };

@@ -23,6 +23,9 @@ use crate::kernels::nibbles::{self, BlockNibbles};
 use crate::kernels::{self, Panels};
 
 mod lstm;
+mod softmax;
+
+pub use softmax::replace_strided as replace_strided_softmax;
 
 const OP: &str = "QuenchMatMul";
 const OP_INT: &str = "QuenchMatMulInteger";
@@ -1464,6 +1467,7 @@ impl EvalOp for QMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        kernels::zero_upper();
         let a = args_1!(inputs);
         ensure!(a.datum_type() == f32::datum_type(), "{OP} takes f32 input");
         let shape = output_shape(a.shape(), self.k, self.n, OP)?;
@@ -2219,6 +2223,7 @@ impl EvalOp for QMatMulInteger {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        kernels::zero_upper();
         let a0: i32 = if self.a_zero {
             let z = &inputs[1];
             ensure!(
@@ -2513,6 +2518,7 @@ impl EvalOp for QDynamicQuantize {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        kernels::zero_upper();
         let x = &inputs[0];
         let mut y = Tensor::zero::<u8>(x.shape())?;
         let (scale, zero) = {

@@ -325,61 +325,134 @@ fn product(
     zeros: Zeros,
     c: &mut [i32],
 ) {
-    let (k, n) = (b.k, b.n);
+    let rows = Rows::new(isa, rows_u8, m, b.layout.k_padded(b.k), zeros.b);
+    let panels = b.n.div_ceil(b.layout.nr);
+    product_panels(isa, &rows, a0, b, zeros, 0..panels, c);
+}
+
+/// A's u8 rows as the tiles of one kernel family read them (widened to i16, or interleaved by
+/// groups of four rows of `K`), with their sums when a weight zero point needs them. Made once for
+/// any number of [`product_panels`] calls over the same rows.
+struct Rows<'a> {
+    u8s: &'a [u8],
+    m: usize,
+    kp: usize,
+    wide: Vec<i16>,
+    interleaved: Vec<u8>,
+    sums: Vec<i32>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(isa: IntIsa, rows_u8: &'a [u8], m: usize, kp: usize, b_zeros: &[i32]) -> Rows<'a> {
+        debug_assert_eq!(rows_u8.len(), m * kp);
+        let sums: Vec<i32> = if b_zeros.iter().any(|&z| z != 0) {
+            rows_u8
+                .chunks_exact(kp)
+                .map(|r| r.iter().map(|&x| x as i32).sum())
+                .collect()
+        } else {
+            vec![0; m]
+        };
+        let wide: Vec<i16> = match isa {
+            IntIsa::Avx2 | IntIsa::Portable => rows_u8.iter().map(|&x| x as i16).collect(),
+            _ => Vec::new(),
+        };
+        let mr = isa.rows();
+        // For AVX-512 VNNI, each tile of rows interleaved by groups of 4: one pointer walks all its rows.
+        let interleaved: Vec<u8> = match isa {
+            IntIsa::Avx512Vnni if m > FEW_ROWS => {
+                let mut v = vec![0u8; m.div_ceil(mr) * mr * kp];
+                debug_assert_eq!((isa.layout().group, mr), (4, 12));
+                for (t, dst) in v.chunks_exact_mut(12 * kp).enumerate() {
+                    // Rows past M repeat the last row: computed, never stored.
+                    let rows: [&[u8]; 12] =
+                        std::array::from_fn(|i| &rows_u8[(t * 12 + i).min(m - 1) * kp..][..kp]);
+                    for (q, out) in dst.chunks_exact_mut(48).enumerate() {
+                        for (o, row) in out.chunks_exact_mut(4).zip(&rows) {
+                            o.copy_from_slice(&row[q * 4..q * 4 + 4]);
+                        }
+                    }
+                }
+                v
+            }
+            _ => Vec::new(),
+        };
+        Rows {
+            u8s: rows_u8,
+            m,
+            kp,
+            wide,
+            interleaved,
+            sums,
+        }
+    }
+}
+
+/// The columns of the weight's panels `panels` (panel `p` holds columns `p·nr ..`) of the product
+/// of `rows` (zero point `a0` in their u8 domain) and `b`: `c` holds `m` rows of those columns
+/// only. `zeros` are the whole weight's.
+fn product_panels(
+    isa: IntIsa,
+    rows: &Rows,
+    a0: i32,
+    b: &Packed,
+    zeros: Zeros,
+    panels: std::ops::Range<usize>,
+    c: &mut [i32],
+) {
+    let (k, n, m, kp) = (b.k, b.n, rows.m, rows.kp);
     let Layout { nr, group } = b.layout;
-    let kp = b.layout.k_padded(k);
-    debug_assert_eq!(rows_u8.len(), m * kp);
-    let b0s: Vec<i32> = match zeros.b.len() {
-        0 => vec![0; n],
-        1 => vec![zeros.b[0]; n],
-        _ => zeros.b.to_vec(),
+    debug_assert_eq!(kp, b.layout.k_padded(k));
+    let (first, last) = (panels.start * nr, (panels.end * nr).min(n));
+    let width = last - first;
+    debug_assert_eq!(c.len(), m * width);
+    let b0 = |j: usize| match zeros.b.len() {
+        0 => 0,
+        1 => zeros.b[0],
+        _ => zeros.b[j],
     };
-    let b0 = |j: usize| b0s[j];
-    let row_sums: Vec<i32> = if zeros.b.iter().any(|&z| z != 0) {
-        rows_u8
-            .chunks_exact(kp)
-            .map(|r| r.iter().map(|&x| x as i32).sum())
-            .collect()
-    } else {
-        vec![0; m]
-    };
+    let b0s: Vec<i32> = (first..last).map(b0).collect();
     // What the zero points take from each column: a₀Σb − K·a₀·b₀ (the row term is b₀·Σa).
-    let col_term: Vec<i32> = (0..n)
+    let col_term: Vec<i32> = (first..last)
         .map(|j| {
             let cs = if a0 == 0 { 0 } else { zeros.column_sums[j] };
             a0.wrapping_mul(cs)
                 .wrapping_sub((k as i32).wrapping_mul(a0).wrapping_mul(b0(j)))
         })
         .collect();
-    let wide: Vec<i16> = match isa {
-        IntIsa::Avx2 | IntIsa::Portable => rows_u8.iter().map(|&x| x as i16).collect(),
-        _ => Vec::new(),
-    };
-    let mr = isa.rows();
-    // For AVX-512 VNNI, each tile of rows interleaved by groups of 4: one pointer walks all its rows.
-    let interleaved: Vec<u8> = match isa {
-        IntIsa::Avx512Vnni => {
-            let mut v = vec![0u8; m.div_ceil(mr) * mr * kp];
-            debug_assert_eq!((group, mr), (4, 12));
-            for (t, dst) in v.chunks_exact_mut(12 * kp).enumerate() {
-                // Rows past M repeat the last row: computed, never stored.
-                let rows: [&[u8]; 12] =
-                    std::array::from_fn(|i| &rows_u8[(t * 12 + i).min(m - 1) * kp..][..kp]);
-                for (q, out) in dst.chunks_exact_mut(48).enumerate() {
-                    for (o, row) in out.chunks_exact_mut(4).zip(&rows) {
-                        o.copy_from_slice(&row[q * 4..q * 4 + 4]);
-                    }
-                }
-            }
-            v
-        }
-        _ => Vec::new(),
-    };
-    let mut tile = vec![0i32; mr * nr];
     let panel_len = kp * nr;
-    for (p, panel) in b.data.chunks_exact(panel_len).enumerate() {
+    let data = &b.data[panels.start * panel_len..panels.end * panel_len];
+    let finish = |i: usize, tile: &[i32], n0: usize, nw: usize, c: &mut [i32]| {
+        finish_row(
+            &tile[..nw],
+            &col_term[n0..][..nw],
+            &b0s[n0..][..nw],
+            rows.sums[i],
+            &mut c[i * width + n0..][..nw],
+        )
+    };
+    #[cfg(target_arch = "x86_64")]
+    if isa == IntIsa::Avx512Vnni && m <= FEW_ROWS {
+        // Two panels at a time, then a last one alone.
+        let mut tile = [0i32; FEW_ROWS * 64];
+        for (pair, two) in data.chunks(2 * panel_len).enumerate() {
+            let (n0, cols) = (pair * 2 * nr, two.len() / panel_len * nr);
+            let nw = cols.min(width - n0);
+            // SAFETY: the rows (m ≤ 6 of kp values each), the panels (one or two of kp × 32) and
+            // the tile (6 × 64) are what the kernel reads and writes; the CPU's avx512f and
+            // avx512vnni were checked by the caller.
+            unsafe { few_rows(kp / group, rows.u8s, kp, m, two, cols / nr, &mut tile) };
+            for i in 0..m {
+                finish(i, &tile[i * cols..], n0, nw, c);
+            }
+        }
+        return;
+    }
+    let mr = isa.rows();
+    let mut tile = vec![0i32; mr * nr];
+    for (p, panel) in data.chunks_exact(panel_len).enumerate() {
         let n0 = p * nr;
-        let nw = nr.min(n - n0);
+        let nw = nr.min(width - n0);
         for m0 in (0..m).step_by(mr) {
             let mw = mr.min(m - m0);
             // Rows past M repeat the last row: computed, never stored.
@@ -387,41 +460,78 @@ fn product(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 IntIsa::Avx512Vnni => {
-                    let rows = &interleaved[m0 * kp..][..mr * kp];
-                    // SAFETY: avx512f and avx512vnni were checked above; the rows hold kp × 12
-                    // values and the panel kp × 32 (kp a multiple of 4), which is what the kernel
-                    // reads.
-                    unsafe { x86::tile_vnni512(kp / group, rows, panel, &mut tile) }
+                    let tile_rows = &rows.interleaved[m0 * kp..][..mr * kp];
+                    // SAFETY: avx512f and avx512vnni were checked by the caller; the rows hold
+                    // kp × 12 values and the panel kp × 32 (kp a multiple of 4), which is what the
+                    // kernel reads.
+                    unsafe { x86::tile_vnni512(kp / group, tile_rows, panel, &mut tile) }
                 }
                 #[cfg(target_arch = "x86_64")]
                 IntIsa::AvxVnni => {
-                    let rows: [&[u8]; 6] = std::array::from_fn(|i| &rows_u8[r(i) * kp..][..kp]);
-                    // SAFETY: avx2 and avxvnni were checked above; lengths as for avx512.
-                    unsafe { x86::tile_vnni256(kp / group, &rows, panel, &mut tile) }
+                    let tile_rows: [&[u8]; 6] =
+                        std::array::from_fn(|i| &rows.u8s[r(i) * kp..][..kp]);
+                    // SAFETY: avx2 and avxvnni were checked by the caller; lengths as for avx512.
+                    unsafe { x86::tile_vnni256(kp / group, &tile_rows, panel, &mut tile) }
                 }
                 #[cfg(target_arch = "x86_64")]
                 IntIsa::Avx2 => {
-                    let rows: [&[i16]; 6] = std::array::from_fn(|i| &wide[r(i) * kp..][..kp]);
-                    // SAFETY: avx2 was checked above; rows hold kp values (kp even) and the panel
-                    // kp × 16.
-                    unsafe { x86::tile_avx2(kp / group, &rows, panel, &mut tile) }
+                    let tile_rows: [&[i16]; 6] =
+                        std::array::from_fn(|i| &rows.wide[r(i) * kp..][..kp]);
+                    // SAFETY: avx2 was checked by the caller; rows hold kp values (kp even) and the
+                    // panel kp × 16.
+                    unsafe { x86::tile_avx2(kp / group, &tile_rows, panel, &mut tile) }
                 }
                 _ => {
-                    let rows: [&[i16]; 4] = std::array::from_fn(|i| &wide[r(i) * kp..][..kp]);
-                    tile_portable(kp / group, &rows, panel, &mut tile)
+                    let tile_rows: [&[i16]; 4] =
+                        std::array::from_fn(|i| &rows.wide[r(i) * kp..][..kp]);
+                    tile_portable(kp / group, &tile_rows, panel, &mut tile)
                 }
             }
             for i in 0..mw {
-                finish_row(
-                    &tile[i * nr..][..nw],
-                    &col_term[n0..][..nw],
-                    &b0s[n0..][..nw],
-                    row_sums[m0 + i],
-                    &mut c[(m0 + i) * n + n0..][..nw],
-                );
+                finish(m0 + i, &tile[i * nr..], n0, nw, c);
             }
         }
     }
+}
+
+/// Rows up to which AVX-512 VNNI products take [`x86::few_vnni512`] instead of the 12-row tile.
+const FEW_ROWS: usize = 6;
+
+/// `m` (≤ [`FEW_ROWS`]) rows of `rows_u8` against `count` (1 or 2) panels, into `tile` (`m` rows
+/// of `count · 32`).
+///
+/// # Safety
+/// As [`x86::few_vnni512`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn few_rows(
+    groups: usize,
+    rows_u8: &[u8],
+    kp: usize,
+    m: usize,
+    panels: &[i8],
+    count: usize,
+    tile: &mut [i32],
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (m, count) {
+                $(
+                    ($r, 1) => {
+                        let rows: [&[u8]; $r] = std::array::from_fn(|i| &rows_u8[i * kp..][..kp]);
+                        // SAFETY: as this function's.
+                        unsafe { x86::few_vnni512::<$r, 1>(groups, &rows, panels, tile) }
+                    }
+                    ($r, 2) => {
+                        let rows: [&[u8]; $r] = std::array::from_fn(|i| &rows_u8[i * kp..][..kp]);
+                        // SAFETY: as this function's.
+                        unsafe { x86::few_vnni512::<$r, 2>(groups, &rows, panels, tile) }
+                    }
+                )*
+                _ => unreachable!("{m} rows × {count} panels"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6)
 }
 
 /// `out[j] = tile[j] − col_term[j] − b0[j] · row_sum`: one row of a tile with its zero points applied.
@@ -467,6 +577,18 @@ pub fn matmul_f32(
     c: &mut [f32],
 ) {
     let (k, n) = (b.k, b.n);
+    assert!(
+        isa.supported(),
+        "{} kernels on a CPU without them",
+        isa.name()
+    );
+    assert_eq!(
+        isa.layout(),
+        b.layout,
+        "{} kernels on another layout",
+        isa.name()
+    );
+    b.check().unwrap();
     assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
     assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
     assert!(
@@ -489,12 +611,17 @@ pub fn matmul_f32(
     } else {
         vec![scales[0]; n].into()
     };
-    // Rows at a time: the i32 sums of their limbs stay near 256 KiB, whole kernel tiles of rows.
+    // Rows at a time, split into limbs; then the weight's columns a block at a time, so that the
+    // weight streams through the cache once per block of rows (a wide weight, say 1024 × 8210,
+    // lives in memory, not in the cache) while the i32 sums of a block of columns stay near 256 KiB.
     let mr = isa.rows();
-    let chunk = ((65536 / (LIMBS * n)).max(1)).div_ceil(mr) * mr;
-    let mut rows_u8 = vec![0u8; chunk * LIMBS * kp];
-    let mut sums = vec![0i32; chunk * LIMBS * n];
-    let mut steps = vec![[0f32; LIMBS]; chunk];
+    let chunk = m.min(LIMB_ROWS).div_ceil(mr) * mr;
+    let nr = b.layout.nr;
+    let block = ((65536 / (LIMBS * chunk)) / nr).max(1) * nr;
+    let rows_max = chunk.min(m);
+    let mut rows_u8 = vec![0u8; rows_max * LIMBS * kp];
+    let mut sums = vec![0i32; rows_max * LIMBS * block.min(n)];
+    let mut steps = vec![[0f32; LIMBS]; rows_max];
     for m0 in (0..m).step_by(chunk) {
         let mw = chunk.min(m - m0);
         let mut in_float = Vec::new();
@@ -512,12 +639,18 @@ pub fn matmul_f32(
                 }
             }
         }
-        let rows = mw * LIMBS;
-        let out = &mut sums[..rows * n];
-        product(isa, &rows_u8[..rows * kp], 128, rows, b, zeros, out);
-        for (i, st) in steps[..mw].iter().enumerate() {
-            let s: [&[i32]; LIMBS] = std::array::from_fn(|l| &out[(i * LIMBS + l) * n..][..n]);
-            combine(st, s, &column_scales, &mut c[(m0 + i) * n..][..n]);
+        let rows = Rows::new(isa, &rows_u8[..mw * LIMBS * kp], mw * LIMBS, kp, b_zeros);
+        for n0 in (0..n).step_by(block) {
+            let width = block.min(n - n0);
+            let out = &mut sums[..mw * LIMBS * width];
+            let panels = n0 / nr..(n0 + width).div_ceil(nr);
+            product_panels(isa, &rows, 128, b, zeros, panels, out);
+            for (i, st) in steps[..mw].iter().enumerate() {
+                let s: [&[i32]; LIMBS] =
+                    std::array::from_fn(|l| &out[(i * LIMBS + l) * width..][..width]);
+                let dst = &mut c[(m0 + i) * n + n0..][..width];
+                combine(st, s, &column_scales[n0..][..width], dst);
+            }
         }
         for i in in_float {
             let row = &a[(m0 + i) * k..][..k];
@@ -535,6 +668,74 @@ pub fn matmul_f32(
                 *d = acc * column_scales[j];
             }
         }
+    }
+}
+
+/// Rows of A split into limbs at a time in [`matmul_f32`]: the weight streams once per this many.
+const LIMB_ROWS: usize = 240;
+
+/// An 8-bit weight `B[K, N]` (the codes are the values, times one scale or one per column), owned
+/// and packed for [`matmul_f32`]: for operators that multiply f32 activations by it in limbs.
+#[derive(Clone, Debug)]
+pub struct LimbWeight {
+    isa: IntIsa,
+    data: Vec<i8>,
+    k: usize,
+    n: usize,
+    /// The zero point that undoes the packing's shift of u8 codes (empty for i8 codes).
+    zeros: Vec<i32>,
+    sums: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+impl LimbWeight {
+    /// Packs `b` (row-major `K × N`) for `isa`'s kernels.
+    pub fn new(isa: IntIsa, b: Weight, k: usize, n: usize, scales: Vec<f32>) -> LimbWeight {
+        assert!(
+            scales.len() == 1 || scales.len() == n,
+            "{} scales",
+            scales.len()
+        );
+        let data = pack(b, k, n, isa.layout());
+        let zeros = match b.shift() {
+            0 => Vec::new(),
+            z => vec![z],
+        };
+        let mut w = LimbWeight {
+            isa,
+            data,
+            k,
+            n,
+            zeros,
+            sums: Vec::new(),
+            scales,
+        };
+        w.sums = w.packed().column_sums();
+        w
+    }
+
+    fn packed(&self) -> Packed<'_> {
+        Packed {
+            data: &self.data,
+            k: self.k,
+            n: self.n,
+            layout: self.isa.layout(),
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held: the packed codes, their column sums and scales.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 4 * (self.sums.len() + self.scales.len() + self.zeros.len())
+    }
+
+    /// `c[M, N] = a[M, K] · B`.
+    pub fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        let b = self.packed();
+        matmul_f32(self.isa, a, m, &b, &self.zeros, &self.sums, &self.scales, c);
     }
 }
 
@@ -748,6 +949,59 @@ mod x86 {
         }
     }
 
+    /// `R` rows (at most 6) × `P` panels of 32 columns, AVX-512 VNNI: for products of few rows (a
+    /// batch-1 step and its three limbs), where the 12-row tile computes rows it then drops. Two
+    /// panels at a time keep `4R` sums in flight, enough to cover `vpdpbusd`'s latency.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 VNNI; each row must hold `groups * 4` values,
+    /// `panels` `P` panels of `groups * 128` and `tile` `R * P * 32`.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn few_vnni512<const R: usize, const P: usize>(
+        groups: usize,
+        rows: &[&[u8]; R],
+        panels: &[i8],
+        tile: &mut [i32],
+    ) {
+        let panel_len = groups * 128;
+        debug_assert!(panels.len() >= P * panel_len && tile.len() >= R * P * 32);
+        debug_assert!(rows.iter().all(|r| r.len() >= groups * 4));
+        let mut acc = [[[_mm512_setzero_si512(); 2]; P]; R];
+        let p = panels.as_ptr();
+        for q in 0..groups {
+            // SAFETY: q < groups, so the 128 bytes at j * panel_len + q * 128 are in panel j < P,
+            // and the 4 at q * 4 in each row.
+            unsafe {
+                let b: [[__m512i; 2]; P] = std::array::from_fn(|j| {
+                    let at = p.add(j * panel_len + q * 128);
+                    [
+                        _mm512_loadu_si512(at.cast()),
+                        _mm512_loadu_si512(at.add(64).cast()),
+                    ]
+                });
+                for (acc, row) in acc.iter_mut().zip(rows) {
+                    let x =
+                        _mm512_set1_epi32(row.as_ptr().add(q * 4).cast::<i32>().read_unaligned());
+                    for (acc, b) in acc.iter_mut().zip(&b) {
+                        acc[0] = _mm512_dpbusd_epi32(acc[0], x, b[0]);
+                        acc[1] = _mm512_dpbusd_epi32(acc[1], x, b[1]);
+                    }
+                }
+            }
+        }
+        let t = tile.as_mut_ptr();
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                // SAFETY: (i * P + j) * 32 + 31 < R * P * 32 ≤ tile.len().
+                unsafe {
+                    let at = t.add((i * P + j) * 32);
+                    _mm512_storeu_si512(at.cast(), acc[0]);
+                    _mm512_storeu_si512(at.add(16).cast(), acc[1]);
+                }
+            }
+        }
+    }
+
     /// 6 rows × 16 columns, 12 ymm accumulators, AVX-VNNI `vpdpbusd`.
     ///
     /// # Safety
@@ -871,6 +1125,10 @@ mod tests {
             (9, 256, 64),
             (13, 33, 100),
             (48, 203, 47),
+            // Few rows over an odd number of panels: pairs, then one alone.
+            (2, 64, 96),
+            (5, 77, 64),
+            (6, 40, 130),
         ] {
             let au: Vec<u8> = (0..m * k).map(|_| rng.next_u32() as u8).collect();
             let ai: Vec<i8> = au.iter().map(|&x| x as i8).collect();
@@ -930,6 +1188,10 @@ mod tests {
             (7, 301, 31),
             (50, 256, 97),
             (2, 1027, 1100),
+            // Column blocks, a ragged last one; rows past one block of limb rows.
+            (20, 64, 4000),
+            (1, 70, 2000),
+            (250, 16, 40),
         ] {
             let mut a: Vec<f32> = (0..m * k)
                 .map(|i| unit() * [1.0, 1e-3, 3e4][i % 3] * if i % 7 == 0 { 40.0 } else { 1.0 })

@@ -142,6 +142,22 @@ pub fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
+/// Zeroes the upper halves of the vector registers (`vzeroupper`) where the CPU has AVX.
+///
+/// Some of tract's hand-written AVX-512 kernels return with those halves in use, and plain Rust
+/// code (built for baseline x86-64, so SSE instructions without the VEX prefix) then runs far
+/// slower on Intel CPUs: on a Xeon with AVX-512, libm's `expf` took 20 times as long right after
+/// tract's matrix products as on its own. quench's operators call this when they start, and the
+/// LSTM after each of tract's activation kernels.
+#[inline]
+pub fn zero_upper() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX; the upper halves hold nothing live between operators.
+        unsafe { std::arch::x86_64::_mm256_zeroupper() }
+    }
+}
+
 /// The kernel family `QUENCH_KERNELS` asks for, if set.
 fn capped_to() -> Option<String> {
     std::env::var("QUENCH_KERNELS")

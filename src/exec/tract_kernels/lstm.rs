@@ -13,6 +13,7 @@
 //! peepholes; any direction; optional `B`, `initial_h` and `initial_c`. Other LSTMs stay with tract.
 
 use super::*;
+use crate::kernels::integer::LimbWeight;
 
 pub(super) const OP: &str = "QuenchLstm";
 
@@ -245,7 +246,7 @@ fn per_direction(
     scale: &Tensor,
     dirs: usize,
     rows: usize,
-) -> TractResult<Vec<Int8Blocked>> {
+) -> TractResult<Vec<LstmWeight>> {
     let scale = scale.try_as_plain_ram()?;
     let scale = scale.as_slice::<f32>()?;
     let q_ram = q.try_as_plain_ram()?;
@@ -280,20 +281,70 @@ fn per_direction(
             t
         }
         let span = d * rows * k..(d + 1) * rows * k;
-        let blocked = match q.datum_type() {
+        let isa = IntIsa::detect();
+        let weight = match q.datum_type() {
             DatumType::I8 => {
                 let t = transposed(&q_ram.as_slice::<i8>()?[span], rows, k);
-                Int8Blocked::from_cols(&Int8Cols::new(&t, k, rows, &scales, None))
+                if isa.limbs_pay() {
+                    LstmWeight::Limbs(LimbWeight::new(isa, Weight::I8(&t), k, rows, scales))
+                } else {
+                    LstmWeight::Blocked(Int8Blocked::from_cols(&Int8Cols::new(
+                        &t, k, rows, &scales, None,
+                    )))
+                }
             }
             DatumType::U8 => {
                 let t = transposed(&q_ram.as_slice::<u8>()?[span], rows, k);
-                Int8Blocked::from_cols(&Int8Cols::with_codes(Codes::U8(&t), k, rows, &scales, None))
+                if isa.limbs_pay() {
+                    LstmWeight::Limbs(LimbWeight::new(isa, Weight::U8(&t), k, rows, scales))
+                } else {
+                    LstmWeight::Blocked(Int8Blocked::from_cols(&Int8Cols::with_codes(
+                        Codes::U8(&t),
+                        k,
+                        rows,
+                        &scales,
+                        None,
+                    )))
+                }
             }
             dt => bail!("8-bit codes expected, found {dt:?}"),
         };
-        out.push(blocked);
+        out.push(weight);
     }
     Ok(out)
+}
+
+/// `Wᵀ` or `Rᵀ` of one direction: 8-bit codes in blocks of columns, which the f32 kernels decode,
+/// or, where the integer kernels outrun those on f32 activations split in three 8-bit limbs (VNNI),
+/// packed for them. Either way one byte per weight.
+#[derive(Debug)]
+pub enum LstmWeight {
+    Blocked(Int8Blocked),
+    Limbs(LimbWeight),
+}
+
+impl LstmWeight {
+    fn k(&self) -> usize {
+        match self {
+            LstmWeight::Blocked(w) => w.k(),
+            LstmWeight::Limbs(w) => w.k(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            LstmWeight::Blocked(w) => w.bytes(),
+            LstmWeight::Limbs(w) => w.bytes(),
+        }
+    }
+
+    /// `c[M, 4H] = a[M, K] · self`.
+    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        match self {
+            LstmWeight::Blocked(w) => kernels::matmul(a, m, w, c),
+            LstmWeight::Limbs(w) => w.matmul(a, m, c),
+        }
+    }
 }
 
 /// The typed operator: `[X, B?, initial_h?, initial_c?]` → `Y[, Y_h[, Y_c]]`.
@@ -305,8 +356,8 @@ pub struct QLstm {
     optional: [bool; 3],
     produce: [bool; 3],
     /// `Wᵀ` and `Rᵀ` of each direction: `[input_size, 4H]` and `[H, 4H]`.
-    w: Vec<Arc<Int8Blocked>>,
-    r: Vec<Arc<Int8Blocked>>,
+    w: Vec<Arc<LstmWeight>>,
+    r: Vec<Arc<LstmWeight>>,
 }
 
 impl PartialEq for QLstm {
@@ -355,6 +406,7 @@ impl EvalOp for QLstm {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        kernels::zero_upper();
         use tract_linalg::routines::Func;
         let (h, dirs) = (self.hidden, self.dirs());
         let x = &inputs[0];
@@ -397,7 +449,7 @@ impl EvalOp for QLstm {
         let mut pre = vec![0f32; batch * 4 * h];
         for d in 0..dirs {
             // Every step's input products at once.
-            kernels::matmul(x, steps * batch, &*self.w[d], &mut gates_x);
+            self.w[d].matmul(x, steps * batch, &mut gates_x);
             // Wb + Rb.
             let bias: Option<Vec<f32>> = b.as_ref().map(|b| {
                 let b = &b[d * 8 * h..(d + 1) * 8 * h];
@@ -413,7 +465,7 @@ impl EvalOp for QLstm {
             let backwards = self.reverse || d == 1;
             for s in 0..steps {
                 let t = if backwards { steps - 1 - s } else { s };
-                kernels::matmul(&hid, batch, &*self.r[d], &mut pre);
+                self.r[d].matmul(&hid, batch, &mut pre);
                 let gx = &gates_x[t * batch * 4 * h..(t + 1) * batch * 4 * h];
                 for (p, g) in pre.iter_mut().zip(gx) {
                     *p += g;
@@ -429,12 +481,14 @@ impl EvalOp for QLstm {
                     // Gates i, o, f through the sigmoid, the cell candidate through tanh.
                     sigmoid.run(&mut row[..3 * h])?;
                     tanh.run(&mut row[3 * h..])?;
+                    kernels::zero_upper();
                     let (c, hn) = (&mut cell[n * h..(n + 1) * h], &mut hid[n * h..(n + 1) * h]);
                     for j in 0..h {
                         c[j] = row[2 * h + j] * c[j] + row[j] * row[3 * h + j];
                     }
                     hn.copy_from_slice(c);
                     tanh.run(hn)?;
+                    kernels::zero_upper();
                     for j in 0..h {
                         hn[j] *= row[h + j];
                     }
