@@ -178,10 +178,19 @@ impl TractSession {
         let outputs = guarded(
             || format!("tract failed to run {}", self.label),
             || match ops {
-                None => plan.run(values),
+                // Each node starts with the vector registers' upper halves clear: tract's
+                // hand-written kernels can leave them in use, which slows the SSE code of the
+                // operators after them (see `kernels::zero_upper`).
+                None => plan
+                    .spawn()?
+                    .run_plan_with_eval(values, |ctx, state, node, input| {
+                        crate::kernels::zero_upper();
+                        eval(ctx, state, node, input)
+                    }),
                 Some(ops) => plan
                     .spawn()?
                     .run_plan_with_eval(values, |ctx, state, node, input| {
+                        crate::kernels::zero_upper();
                         let start = Instant::now();
                         let out = eval(ctx, state, node, input);
                         ops.add(&node.op().name(), start.elapsed().as_secs_f64());

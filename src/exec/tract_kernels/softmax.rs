@@ -138,11 +138,16 @@ fn softmax_row(row: &mut [f32], kind: SoftmaxKind) {
         .iter()
         .max_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Less))
         .expect("a row of at least one value");
-    row.iter_mut().for_each(|x| *x -= max);
-    let exp_sum: f32 = row.iter().map(|&x| exp(x)).sum();
     match kind {
-        SoftmaxKind::Softmax => row.iter_mut().for_each(|x| *x = exp(*x) / exp_sum),
+        // tract takes `exp(x − max)` twice, for the sum and for the value; the same value once.
+        SoftmaxKind::Softmax => {
+            row.iter_mut().for_each(|x| *x = exp(*x - max));
+            let exp_sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|x| *x /= exp_sum);
+        }
         SoftmaxKind::LogSoftmax => {
+            row.iter_mut().for_each(|x| *x -= max);
+            let exp_sum: f32 = row.iter().map(|&x| exp(x)).sum();
             let log_sum = exp_sum.ln();
             row.iter_mut().for_each(|x| *x -= log_sum);
         }
