@@ -3,11 +3,13 @@
 //! tract's optimiser moves axes to suit the products around a softmax: in an attention block it may
 //! keep the heads innermost, and the softmax then runs over a middle axis (rxnmap: `[1, T, T, 16]`,
 //! axis 2). tract's `Softmax` evaluates such an axis through an ndarray view per row, collapsed
-//! axis by axis: on rxnmap at 48 tokens its 16 softmaxes took 38 % of the fp32 run (8 ms each for
-//! 37 k values), mostly in that iteration. `QuenchSoftmax` takes those nodes in the optimised plan
-//! and does the same arithmetic in the same order (the max, `x − max`, the sum of `exp` in axis
-//! order, then `exp(x − max) / sum`, or `x − max − ln sum` for LogSoftmax) over each row gathered
-//! into a buffer: the values are tract's, bit for bit.
+//! axis by axis, with scalar `exp`: on rxnmap at 48 tokens its 16 softmaxes took 38 % of the fp32
+//! run (8 ms each for 37 k values; that iteration, and libm's SSE code slowed by the AVX-512 state
+//! tract's kernels leave, see `kernels::zero_upper`). `QuenchSoftmax` takes those nodes in the
+//! optimised plan and does the same arithmetic in the same order (the max, `x − max`, the sum of
+//! `exp` in axis order, then `exp(x − max) / sum`, or `x − max − ln sum` for LogSoftmax), for all
+//! the rows of a block side by side, so every step but `exp` runs along contiguous values: the
+//! values are tract's, bit for bit.
 
 use super::*;
 
@@ -98,21 +100,14 @@ impl EvalOp for QSoftmax {
         {
             let x_ram = x.try_as_plain_ram()?;
             let mut y_ram = y.try_as_plain_ram_mut()?;
-            let mut row = vec![0f32; len];
+            let mut max = vec![0f32; inner];
+            let mut sum = vec![0f32; inner];
             let blocks = x_ram
                 .as_slice::<f32>()?
                 .chunks_exact(len * inner)
                 .zip(y_ram.as_slice_mut::<f32>()?.chunks_exact_mut(len * inner));
             for (src, dst) in blocks {
-                for lane in 0..inner {
-                    for (r, v) in row.iter_mut().enumerate() {
-                        *v = src[r * inner + lane];
-                    }
-                    softmax_row(&mut row, self.kind);
-                    for (r, v) in row.iter().enumerate() {
-                        dst[r * inner + lane] = *v;
-                    }
-                }
+                softmax_lanes(src, dst, inner, &mut max, &mut sum, self.kind);
             }
         }
         Ok(tvec![y.into_tvalue()])
@@ -130,26 +125,57 @@ fn exp(x: f32) -> f32 {
     if x < EXP_ZERO_BELOW { 0.0 } else { x.exp() }
 }
 
-/// tract's softmax of one row off its fast path (`softmax_inner` in tract-core 0.23.9), operation
-/// for operation: the max as `Iterator::max_by` over `partial_cmp` (unordered counting as less),
-/// `x − max`, the `exp` sum as `Iterator::sum`, then `exp(x) / sum` or `x − ln sum`.
-fn softmax_row(row: &mut [f32], kind: SoftmaxKind) {
-    let max = *row
-        .iter()
-        .max_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Less))
-        .expect("a row of at least one value");
+/// tract's softmax off its fast path (`softmax_inner` in tract-core 0.23.9), for the `inner` rows
+/// of a `[len, inner]` block side by side (row `l` is column `l`), operation for operation: the max
+/// as `Iterator::max_by` over `partial_cmp` (unordered counting as less: a value replaces the max
+/// unless the max is greater), `x − max`, the `exp` sum in axis order, then `exp(x − max) / sum` or
+/// `x − max − ln sum`.
+fn softmax_lanes(
+    src: &[f32],
+    dst: &mut [f32],
+    inner: usize,
+    max: &mut [f32],
+    sum: &mut [f32],
+    kind: SoftmaxKind,
+) {
+    max.copy_from_slice(&src[..inner]);
+    for row in src.chunks_exact(inner).skip(1) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            if !(*m > x) {
+                *m = x;
+            }
+        }
+    }
+    // Iterator::sum starts at −0.0; every term here is +0 or more (or NaN), so the first sum is the
+    // first term either way.
+    sum.fill(-0.0);
     match kind {
-        // tract takes `exp(x − max)` twice, for the sum and for the value; the same value once.
         SoftmaxKind::Softmax => {
-            row.iter_mut().for_each(|x| *x = exp(*x - max));
-            let exp_sum: f32 = row.iter().sum();
-            row.iter_mut().for_each(|x| *x /= exp_sum);
+            for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
+                for (((d, &x), m), acc) in d.iter_mut().zip(s).zip(&*max).zip(&mut *sum) {
+                    *d = exp(x - m);
+                    *acc += *d;
+                }
+            }
+            for d in dst.chunks_exact_mut(inner) {
+                for (d, s) in d.iter_mut().zip(&*sum) {
+                    *d /= s;
+                }
+            }
         }
         SoftmaxKind::LogSoftmax => {
-            row.iter_mut().for_each(|x| *x -= max);
-            let exp_sum: f32 = row.iter().map(|&x| exp(x)).sum();
-            let log_sum = exp_sum.ln();
-            row.iter_mut().for_each(|x| *x -= log_sum);
+            for (d, s) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(inner)) {
+                for (((d, &x), m), acc) in d.iter_mut().zip(s).zip(&*max).zip(&mut *sum) {
+                    *d = x - m;
+                    *acc += exp(*d);
+                }
+            }
+            sum.iter_mut().for_each(|s| *s = s.ln());
+            for d in dst.chunks_exact_mut(inner) {
+                for (d, s) in d.iter_mut().zip(&*sum) {
+                    *d -= s;
+                }
+            }
         }
     }
 }
