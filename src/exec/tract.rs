@@ -177,25 +177,21 @@ impl TractSession {
         // is the input's fault and becomes an error, not an abort.
         let outputs = guarded(
             || format!("tract failed to run {}", self.label),
-            || match ops {
+            || {
+                let mut ops = ops;
                 // Each node starts with the vector registers' upper halves clear: tract's
                 // hand-written kernels can leave them in use, which slows the SSE code of the
                 // operators after them (see `kernels::zero_upper`).
-                None => plan
-                    .spawn()?
+                plan.spawn()?
                     .run_plan_with_eval(values, |ctx, state, node, input| {
                         crate::kernels::zero_upper();
-                        eval(ctx, state, node, input)
-                    }),
-                Some(ops) => plan
-                    .spawn()?
-                    .run_plan_with_eval(values, |ctx, state, node, input| {
-                        crate::kernels::zero_upper();
-                        let start = Instant::now();
+                        let start = ops.is_some().then(Instant::now);
                         let out = eval(ctx, state, node, input);
-                        ops.add(&node.op().name(), start.elapsed().as_secs_f64());
+                        if let (Some(ops), Some(start)) = (ops.as_deref_mut(), start) {
+                            ops.add(&node.op().name(), start.elapsed().as_secs_f64());
+                        }
                         out
-                    }),
+                    })
             },
         )?;
         if outputs.len() != self.output_names.len() {

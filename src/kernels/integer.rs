@@ -269,9 +269,9 @@ pub struct Zeros<'a> {
     pub column_sums: &'a [i32],
 }
 
-/// `c[M, N] = (a − a₀) · (B − b₀)` with the kernels of `isa`, which must be among
-/// [`IntIsa::available`] and read `b`'s layout.
-pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut [i32]) {
+/// Panics unless `isa` runs here and reads `b`'s layout, `b` fits its shape, and A and C hold `m`
+/// rows of `K` and of `N` values.
+fn check_operands(isa: IntIsa, b: &Packed, a_len: usize, m: usize, c_len: usize) {
     let (k, n) = (b.k, b.n);
     assert!(
         isa.supported(),
@@ -285,8 +285,15 @@ pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut 
         isa.name()
     );
     b.check().unwrap();
-    assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
-    assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
+    assert_eq!(a_len, m * k, "A holds {a_len} values, not {m}×{k}");
+    assert_eq!(c_len, m * n, "C holds {c_len} values, not {m}×{n}");
+}
+
+/// `c[M, N] = (a − a₀) · (B − b₀)` with the kernels of `isa`, which must be among
+/// [`IntIsa::available`] and read `b`'s layout.
+pub fn matmul(isa: IntIsa, a: Acts, m: usize, b: &Packed, zeros: Zeros, c: &mut [i32]) {
+    let (k, n) = (b.k, b.n);
+    check_operands(isa, b, a.len(), m, c.len());
     assert!(matches!(zeros.b.len(), 0 | 1) || zeros.b.len() == n);
     assert_eq!(zeros.column_sums.len(), n, "column sums");
     if m == 0 || n == 0 {
@@ -577,20 +584,7 @@ pub fn matmul_f32(
     c: &mut [f32],
 ) {
     let (k, n) = (b.k, b.n);
-    assert!(
-        isa.supported(),
-        "{} kernels on a CPU without them",
-        isa.name()
-    );
-    assert_eq!(
-        isa.layout(),
-        b.layout,
-        "{} kernels on another layout",
-        isa.name()
-    );
-    b.check().unwrap();
-    assert_eq!(a.len(), m * k, "A holds {} values, not {m}×{k}", a.len());
-    assert_eq!(c.len(), m * n, "C holds {} values, not {m}×{n}", c.len());
+    check_operands(isa, b, a.len(), m, c.len());
     assert!(
         scales.len() == 1 || scales.len() == n,
         "{} scales",

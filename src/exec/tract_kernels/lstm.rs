@@ -281,33 +281,24 @@ fn per_direction(
             t
         }
         let span = d * rows * k..(d + 1) * rows * k;
-        let isa = IntIsa::detect();
-        let weight = match q.datum_type() {
+        let (t_i8, t_u8);
+        let (codes, packed) = match q.datum_type() {
             DatumType::I8 => {
-                let t = transposed(&q_ram.as_slice::<i8>()?[span], rows, k);
-                if isa.limbs_pay() {
-                    LstmWeight::Limbs(LimbWeight::new(isa, Weight::I8(&t), k, rows, scales))
-                } else {
-                    LstmWeight::Blocked(Int8Blocked::from_cols(&Int8Cols::new(
-                        &t, k, rows, &scales, None,
-                    )))
-                }
+                t_i8 = transposed(&q_ram.as_slice::<i8>()?[span], rows, k);
+                (Codes::I8(&t_i8), Weight::I8(&t_i8))
             }
             DatumType::U8 => {
-                let t = transposed(&q_ram.as_slice::<u8>()?[span], rows, k);
-                if isa.limbs_pay() {
-                    LstmWeight::Limbs(LimbWeight::new(isa, Weight::U8(&t), k, rows, scales))
-                } else {
-                    LstmWeight::Blocked(Int8Blocked::from_cols(&Int8Cols::with_codes(
-                        Codes::U8(&t),
-                        k,
-                        rows,
-                        &scales,
-                        None,
-                    )))
-                }
+                t_u8 = transposed(&q_ram.as_slice::<u8>()?[span], rows, k);
+                (Codes::U8(&t_u8), Weight::U8(&t_u8))
             }
             dt => bail!("8-bit codes expected, found {dt:?}"),
+        };
+        let isa = IntIsa::detect();
+        let weight = if isa.limbs_pay() {
+            LstmWeight::Limbs(LimbWeight::new(isa, packed, k, rows, scales))
+        } else {
+            let cols = Int8Cols::with_codes(codes, k, rows, &scales, None);
+            LstmWeight::Blocked(Int8Blocked::from_cols(&cols))
         };
         out.push(weight);
     }
