@@ -141,7 +141,7 @@ fn softmax_lanes(
     max.copy_from_slice(&src[..inner]);
     for row in src.chunks_exact(inner).skip(1) {
         for (m, &x) in max.iter_mut().zip(row) {
-            if !(*m > x) {
+            if (*m).partial_cmp(&x) != Some(std::cmp::Ordering::Greater) {
                 *m = x;
             }
         }
