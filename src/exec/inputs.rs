@@ -587,6 +587,37 @@ fn generated_shape(
         .collect()
 }
 
+/// The options for generating batches of `batch_size` rows: the symbolic dim on the first axis of
+/// each input takes the batch size wherever it appears (unless `--dim` gives it). An error when no
+/// input's first axis is free, as when a model fixes its batch at 1: the batch size would otherwise be
+/// dropped without a word.
+fn batch_dims(inputs: &[InputInfo], opts: &InputOptions) -> Result<InputOptions> {
+    let mut out = opts.clone();
+    let Some(b) = opts.batch_size else {
+        return Ok(out);
+    };
+    let mut free = false;
+    for info in inputs {
+        match info.dims.as_ref().and_then(|d| d.first()) {
+            Some(Dim::Symbol(s)) => {
+                out.dims.entry(s.clone()).or_insert(b);
+                free = true;
+            }
+            Some(Dim::Unknown) => free = true,
+            _ => {}
+        }
+    }
+    if !free && !inputs.is_empty() {
+        let fixed: Vec<String> = inputs.iter().map(|i| i.describe()).collect();
+        bail!(
+            "--batch-size {b}: no input has a free first axis to batch along ({}); generated \
+             batches would keep the model's fixed shape",
+            fixed.join("; ")
+        );
+    }
+    Ok(out)
+}
+
 fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
     struct Plan {
         name: String,
@@ -597,6 +628,7 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
     }
     let mut plans = Vec::new();
     let mut implied = Vec::new();
+    let opts = &batch_dims(inputs, opts)?;
     for info in inputs {
         let spec = opts.spec.iter().find(|s| s.name == info.name);
         let dtype = info
@@ -606,7 +638,7 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
         if let (Some(b), Some(first)) = (opts.batch_size, shape.first_mut())
             && matches!(
                 info.dims.as_ref().and_then(|d| d.first()),
-                Some(Dim::Symbol(_)) | Some(Dim::Unknown)
+                Some(Dim::Unknown)
             )
         {
             *first = b;

@@ -244,7 +244,7 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} with the float epilogue, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
@@ -256,6 +256,7 @@ impl Session for TractSession {
                         r.limbs,
                         r.nbits_limbs,
                         r.conv,
+                        r.epilogues,
                         r.quantize,
                         r.qlinear_conv,
                         r.lstm

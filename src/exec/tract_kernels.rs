@@ -64,6 +64,10 @@ pub struct Rewrites {
     pub qlinear_conv: usize,
     /// LSTMs over 8-bit `W` and `R`, run by quench's operator with the weights kept 8-bit.
     pub lstm: usize,
+    /// MatMulInteger and ConvInteger whose float epilogue of the dynamic-quantization form
+    /// (`Cast` to float, `Mul` by the scales, then an `Add` of a bias) runs inside quench's operator,
+    /// in the same order of f32 operations; each also counts in `integer` or `conv`.
+    pub epilogues: usize,
 }
 
 impl Rewrites {
@@ -140,6 +144,8 @@ impl Konst<'_> {
 struct Index<'a> {
     producer: HashMap<&'a str, usize>,
     readers: HashMap<&'a str, usize>,
+    /// A node of this graph reading the value (the last one).
+    reader: HashMap<&'a str, usize>,
     consts: HashMap<&'a str, Konst<'a>>,
 }
 
@@ -147,6 +153,7 @@ impl<'a> Index<'a> {
     fn new(g: &'a pb::GraphProto) -> Index<'a> {
         let mut producer = HashMap::new();
         let mut readers: HashMap<&str, usize> = HashMap::new();
+        let mut reader = HashMap::new();
         let mut consts = HashMap::new();
         for t in &g.initializer {
             consts.insert(t.name.as_str(), Konst { t });
@@ -157,6 +164,7 @@ impl<'a> Index<'a> {
             }
             for x in &n.input {
                 *readers.entry(x.as_str()).or_default() += 1;
+                reader.insert(x.as_str(), i);
             }
             if n.op_type == "Constant"
                 && n.output.len() == 1
@@ -187,8 +195,16 @@ impl<'a> Index<'a> {
         Index {
             producer,
             readers,
+            reader,
             consts,
         }
+    }
+
+    /// The node that alone reads `value` (not a graph output, nor read by a subgraph or twice).
+    fn sole_reader(&self, value: &str) -> Option<usize> {
+        (self.readers.get(value) == Some(&1))
+            .then(|| self.reader.get(value).copied())
+            .flatten()
     }
 
     fn konst(&self, name: &str) -> Option<&Konst<'a>> {
@@ -255,6 +271,9 @@ struct Plan {
     inputs: Vec<String>,
     attrs: Vec<AttributeProto>,
     kind: Kind,
+    /// Nodes after `node` that the operator takes over (an integer product's float epilogue): they
+    /// go, and the operator writes the last one's output.
+    absorbed: Vec<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -308,6 +327,7 @@ fn plan_int8(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
             int_attr("N", w.dims[1]),
         ],
         kind: Kind::Int8,
+        absorbed: Vec::new(),
     })
 }
 
@@ -474,6 +494,7 @@ fn plan_nbits(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
         inputs: n.input.iter().take(4).cloned().collect(),
         attrs,
         kind: Kind::NBits,
+        absorbed: Vec::new(),
     })
 }
 
@@ -607,6 +628,7 @@ fn plan_codebook(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) ->
             int_attr("size", size),
         ],
         kind: Kind::Codebook,
+        absorbed: Vec::new(),
     })
 }
 
@@ -1016,7 +1038,14 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             })
             .collect()
     };
+    let mut gone = std::collections::HashSet::new();
     for p in plans {
+        if let Some(&last) = p.absorbed.last() {
+            let out = g.node[last].output.clone();
+            g.node[p.node].output = out;
+            gone.extend(p.absorbed.iter().copied());
+            done.epilogues += 1;
+        }
         let node = &mut g.node[p.node];
         node.op_type = match p.kind {
             Kind::Integer | Kind::Qdq | Kind::Limbs | Kind::Conv => OP_INT,
@@ -1043,6 +1072,8 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         return done;
     }
     g.initializer.extend(packs.made);
+    let mut at = 0..;
+    g.node.retain(|_| !gone.contains(&at.next().unwrap()));
     remove_dead_nodes(g);
     // The 8-bit weights now packed: their original layout goes (unless something else reads it).
     if !packs.replaced.is_empty() {
@@ -1584,11 +1615,120 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
     let b = weight_value(g, ix, mm.input.get(1)?);
     let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
     let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
+    let n = *ix.konst(b)?.t.dims.get(1)?;
+    let tail = epilogue(g, ix, i, a, n, None);
     let site = Site {
         a_zero,
-        ..Site::new(a, b, b_zero)
+        ..Site::new(a, b, b_zero).with_epilogue(tail.as_ref())
     };
-    integer_plan(g, ix, i, packs, site)
+    let mut plan = integer_plan(g, ix, i, packs, site)?;
+    if let Some(t) = tail {
+        plan.kind = Kind::Integer;
+        plan.absorbed = t.absorbed;
+    }
+    Some(plan)
+}
+
+/// The float epilogue of an integer product in the dynamic-quantization form: the i32 result is
+/// `Cast` to float, multiplied by `s`, then maybe added a bias. `s` is a constant of one value per
+/// output channel (or one in all), or `a_scale · c`, with `a_scale` the scale the
+/// DynamicQuantizeLinear that made the product's A gave it and `c` such a constant. The operator
+/// then computes `(y as f32) · (a_scale · c)` and `+ bias` in f32, the graph's operations in its
+/// order, so its result is the graph's bit for bit.
+struct Epilogue<'a> {
+    scales: Vec<f32>,
+    a_scale: Option<&'a String>,
+    bias: Option<&'a String>,
+    /// The Cast, the Mul and the Add taken over.
+    absorbed: Vec<usize>,
+}
+
+/// Whether a float constant of `dims` holds one value per output channel, or one in all, as it
+/// broadcasts against a product's result: for a product over the last axis, `[N]` (rank ≤ 1, so it
+/// adds no axis); for a convolution of `spatial` axes, `[.., M, 1, 1]` of rank at most the output's.
+fn per_channel(dims: &[i64], n: i64, spatial: Option<usize>) -> bool {
+    let len: i64 = dims.iter().product();
+    match spatial {
+        None => dims.len() <= 1 && (len == 1 || len == n),
+        Some(sp) if dims.len() > sp + 2 => false,
+        Some(_) if len == 1 => true,
+        Some(sp) => {
+            len == n
+                && dims.len() > sp
+                && dims[dims.len() - sp - 1] == n
+                && dims[dims.len() - sp..].iter().all(|&d| d == 1)
+        }
+    }
+}
+
+/// The input of a two-input node that is not `v` (`None` if both or neither are).
+fn other_input<'g>(node: &'g NodeProto, v: &str) -> Option<&'g String> {
+    match &node.input[..] {
+        [x, y] if x == v && y != v => Some(y),
+        [x, y] if y == v && x != v => Some(x),
+        _ => None,
+    }
+}
+
+/// The [`Epilogue`] after node `i`, an integer product over `a` with `n` output channels
+/// (`spatial` axes for a convolution), if its result goes through one and nowhere else.
+fn epilogue<'g>(
+    g: &'g pb::GraphProto,
+    ix: &Index<'g>,
+    i: usize,
+    a: &str,
+    n: i64,
+    spatial: Option<usize>,
+) -> Option<Epilogue<'g>> {
+    let plain = |j: usize, op: &str| g.node[j].op_type == op && g.node[j].domain.is_empty();
+    let cast_i = ix.sole_reader(g.node[i].output.first()?)?;
+    let cast = &g.node[cast_i];
+    if !plain(cast_i, "Cast") || attr_i(cast, "to") != Some(FLOAT as i64) {
+        return None;
+    }
+    let mul_i = ix.sole_reader(cast.output.first()?)?;
+    if !plain(mul_i, "Mul") {
+        return None;
+    }
+    let mul = &g.node[mul_i];
+    let s = other_input(mul, &cast.output[0])?;
+    let channel_floats = |v: &str| -> Option<Vec<f32>> {
+        let k = ix.konst(v)?;
+        per_channel(&k.t.dims, n, spatial).then_some(())?;
+        floats_of(k.t)
+    };
+    let (scales, a_scale) = match channel_floats(s) {
+        Some(c) => (c, None),
+        None => {
+            let m = &g.node[ix.made_by(g, s, "Mul")?];
+            let of_a = |v: &str| {
+                ix.made_by(g, v, "DynamicQuantizeLinear").is_some_and(|d| {
+                    let out = &g.node[d].output;
+                    out.first().is_some_and(|x| x == a) && out.get(1).is_some_and(|x| x == v)
+                })
+            };
+            let x = m.input.iter().find(|v| of_a(v))?;
+            (channel_floats(other_input(m, x)?)?, Some(x))
+        }
+    };
+    let mut absorbed = vec![cast_i, mul_i];
+    let mut bias = None;
+    if let Some(add_i) = ix.sole_reader(&mul.output[0]).filter(|&j| plain(j, "Add"))
+        && let Some(b) = other_input(&g.node[add_i], &mul.output[0])
+        && ix
+            .konst(b)
+            .is_some_and(|k| k.len() == n && per_channel(&k.t.dims, n, spatial))
+        && floats_of(ix.konst(b)?.t).is_some()
+    {
+        bias = Some(b);
+        absorbed.push(add_i);
+    }
+    Some(Epilogue {
+        scales,
+        a_scale,
+        bias,
+        absorbed,
+    })
 }
 
 /// `MatMul(DequantizeLinear(x_q, s_x, z_x), DequantizeLinear(w_q, s_w, z_w))` with `s_x`, `z_x` one
@@ -1705,13 +1845,19 @@ fn plan_conv_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs
     let node = &g.node[i];
     let a = node.input.first().filter(|a| !a.is_empty())?;
     let w = weight_value(g, ix, node.input.get(1)?);
-    let conv = Some(conv_geometry(node, &ix.konst(w)?.t.dims)?);
+    let geo = conv_geometry(node, &ix.konst(w)?.t.dims)?;
+    let m = *ix.konst(w)?.t.dims.first()?;
+    let tail = epilogue(g, ix, i, a, m, Some(geo.rank));
     let site = Site {
         a_zero: node.input.get(2).filter(|z| !z.is_empty()),
-        conv,
-        ..Site::new(a, w, node.input.get(3).filter(|z| !z.is_empty()))
+        conv: Some(geo),
+        ..Site::new(a, w, node.input.get(3).filter(|z| !z.is_empty())).with_epilogue(tail.as_ref())
     };
-    integer_plan(g, ix, i, packs, site)
+    let mut plan = integer_plan(g, ix, i, packs, site)?;
+    if let Some(t) = tail {
+        plan.absorbed = t.absorbed;
+    }
+    Some(plan)
 }
 
 /// The values of a float constant.
@@ -1740,6 +1886,8 @@ struct Site<'a> {
     b: &'a str,
     b_zero: Option<&'a String>,
     scales: Option<Vec<f32>>,
+    /// A runtime scalar the column scales are multiplied by first (A's dynamic scale).
+    a_scale: Option<&'a String>,
     conv: Option<Geometry>,
     bias: Option<&'a String>,
 }
@@ -1752,8 +1900,22 @@ impl<'a> Site<'a> {
             b,
             b_zero,
             scales: None,
+            a_scale: None,
             conv: None,
             bias: None,
+        }
+    }
+
+    /// The site with an [`Epilogue`]'s scales and bias taken into the product.
+    fn with_epilogue(self, tail: Option<&Epilogue<'a>>) -> Site<'a> {
+        match tail {
+            None => self,
+            Some(t) => Site {
+                scales: Some(t.scales.clone()),
+                a_scale: t.a_scale,
+                bias: t.bias,
+                ..self
+            },
         }
     }
 }
@@ -1772,6 +1934,7 @@ fn integer_plan(
         b,
         b_zero,
         scales,
+        a_scale,
         conv,
         bias,
     } = site;
@@ -1891,8 +2054,8 @@ fn integer_plan(
             v.push(*x as i64);
         }
         attrs.push(ints_attr("conv", v));
-        attrs.push(int_attr("bias", bias.is_some() as i64));
     }
+    attrs.push(int_attr("bias", bias.is_some() as i64));
     if let Some(scales) = scales {
         let name = format!("{b}::quench_scale::{i}");
         packs.made.push(pb::TensorProto {
@@ -1904,6 +2067,7 @@ fn integer_plan(
         });
         inputs.push(name);
     }
+    inputs.extend(a_scale.cloned());
     inputs.extend(bias.cloned());
     let kind = match (&conv, scaled) {
         (Some(_), _) => Kind::Conv,
@@ -1918,12 +2082,14 @@ fn integer_plan(
         int_attr("a_zero", a_zero.is_some() as i64),
         int_attr("b_zero", zero.is_some() as i64),
         int_attr("scaled", scaled as i64),
+        int_attr("a_scale", a_scale.is_some() as i64),
     ]);
     Some(Plan {
         node: i,
         inputs,
         attrs,
         kind,
+        absorbed: Vec::new(),
     })
 }
 
@@ -1943,10 +2109,12 @@ fn build_integer(
         Some(v) => Some(geometry_of(&v).with_context(|| format!("{}: conv {v:?}", node.name))?),
     };
     let bias: i64 = node.get_attr_opt("bias")?.unwrap_or(0);
+    let a_scale: i64 = node.get_attr_opt("a_scale")?.unwrap_or(0);
     Ok((
         expand(IntegerExpansion {
             conv,
             bias: bias != 0,
+            a_scale: a_scale != 0,
             k: node.get_attr("K")?,
             n: node.get_attr("N")?,
             layout,
@@ -2023,11 +2191,13 @@ fn conv_output_shape(
 }
 
 /// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32],
-/// [column scales: the result is then f32, not i32], [bias, for a convolution with a float result].
+/// [column scales: the result is then f32, not i32], [A's scale, a runtime scalar the column scales
+/// are multiplied by], [bias, added to a float result].
 #[derive(Clone, Debug)]
 struct IntegerExpansion {
     conv: Option<Geometry>,
     bias: bool,
+    a_scale: bool,
     k: usize,
     n: usize,
     layout: Layout,
@@ -2052,6 +2222,7 @@ impl Expansion for IntegerExpansion {
             2 + self.a_zero as usize
                 + self.b_zero as usize
                 + self.scaled as usize
+                + self.a_scale as usize
                 + self.bias as usize,
         )?;
         check_output_arity(outputs, 1)?;
@@ -2127,8 +2298,8 @@ impl Expansion for IntegerExpansion {
             Arc::new(b.column_sums())
         };
         ensure!(
-            !self.bias || self.scaled,
-            "{prefix}: a bias needs a float result"
+            !(self.bias || self.a_scale) || self.scaled,
+            "{prefix}: a bias or A's scale needs column scales"
         );
         if let Some(geo) = &self.conv {
             ensure!(
@@ -2149,8 +2320,12 @@ impl Expansion for IntegerExpansion {
             a_zero: self.a_zero,
             conv: self.conv.clone(),
             bias: self.bias,
+            a_scale: self.a_scale,
         };
         let mut wired: TVec<OutletId> = inputs[..pi].iter().copied().collect();
+        if self.a_scale {
+            wired.push(inputs[inputs.len() - 1 - self.bias as usize]);
+        }
         if self.bias {
             wired.push(*inputs.last().unwrap());
         }
@@ -2176,6 +2351,9 @@ pub struct QMatMulInteger {
     conv: Option<Geometry>,
     /// Whether the last input is a bias (one value per output channel) added to a float result.
     bias: bool,
+    /// Whether the input after A (and its zero point) is a scalar the column scales are multiplied
+    /// by at each run: A's scale from a DynamicQuantizeLinear.
+    a_scale: bool,
 }
 
 impl PartialEq for QMatMulInteger {
@@ -2189,6 +2367,7 @@ impl PartialEq for QMatMulInteger {
             && self.a_zero == other.a_zero
             && self.conv == other.conv
             && self.bias == other.bias
+            && self.a_scale == other.a_scale
     }
 }
 impl Eq for QMatMulInteger {}
@@ -2240,8 +2419,41 @@ impl EvalOp for QMatMulInteger {
         } else {
             0
         };
+        let factor = if self.a_scale {
+            let t = &inputs[1 + self.a_zero as usize];
+            ensure!(
+                t.len() == 1 && t.datum_type() == DatumType::F32,
+                "{OP_INT}: A's scale: {} values of {:?}",
+                t.len(),
+                t.datum_type()
+            );
+            Some(t.try_as_plain_ram()?.as_slice::<f32>()?[0])
+        } else {
+            None
+        };
+        let bias = match self.bias {
+            true => {
+                let b = inputs.last().unwrap();
+                ensure!(
+                    b.len() == self.n,
+                    "{OP_INT}: bias of {} values for {} channels",
+                    b.len(),
+                    self.n
+                );
+                let b = b.cast_to::<f32>()?;
+                Some(b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+            }
+            false => None,
+        };
         let Some(geo) = &self.conv else {
-            return Ok(tvec![self.product(&inputs[0], a0)?.into_tvalue()]);
+            let mut y = self.product(&inputs[0], a0, factor)?;
+            if let Some(bias) = &bias {
+                let mut ram = y.try_as_plain_ram_mut()?;
+                for row in ram.as_slice_mut::<f32>()?.chunks_exact_mut(self.n) {
+                    row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+                }
+            }
+            return Ok(tvec![y.into_tvalue()]);
         };
         let x = &inputs[0];
         let shape = x.shape();
@@ -2277,7 +2489,7 @@ impl EvalOp for QMatMulInteger {
             }
             dt => bail!("{OP_INT} takes f32, u8 or i8 input, not {dt:?}"),
         };
-        let y = self.product(&cols, a0)?;
+        let y = self.product(&cols, a0, factor)?;
         let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
         if geo.rank == 2 {
             out_shape.push(ow);
@@ -2286,20 +2498,7 @@ impl EvalOp for QMatMulInteger {
         // [N·OH·OW, M] → [N, M, OH(, OW)], plus the bias of each channel.
         let out = match y.datum_type() {
             DatumType::F32 => {
-                let bias = match self.bias {
-                    true => {
-                        let b = inputs.last().unwrap();
-                        ensure!(
-                            b.len() == self.n,
-                            "{OP_INT}: bias of {} values for {} channels",
-                            b.len(),
-                            self.n
-                        );
-                        let b = b.cast_to::<f32>()?;
-                        b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
-                    }
-                    false => vec![0.0; self.n],
-                };
+                let bias = bias.unwrap_or_else(|| vec![0.0; self.n]);
                 let y_ram = y.try_as_plain_ram()?;
                 let y = y_ram.as_slice::<f32>()?;
                 let mut v = vec![0f32; y.len()];
@@ -2358,8 +2557,9 @@ impl QMatMulInteger {
         f(&b, zeros)
     }
 
-    /// The product over the last axis of `a` (u8 or i8 with zero point `a0`, or f32 in limbs).
-    fn product(&self, a: &Tensor, a0: i32) -> TractResult<Tensor> {
+    /// The product over the last axis of `a` (u8 or i8 with zero point `a0`, or f32 in limbs); with
+    /// column scales, times each column's scale (first multiplied by `factor`, if given).
+    fn product(&self, a: &Tensor, a0: i32, factor: Option<f32>) -> TractResult<Tensor> {
         let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
         let m = a.len() / self.k;
         if a.datum_type() == DatumType::F32 {
@@ -2392,7 +2592,10 @@ impl QMatMulInteger {
         let mut f = Tensor::zero::<f32>(&shape)?;
         {
             let s_ram = scales.try_as_plain_ram()?;
-            let s = s_ram.as_slice::<f32>()?;
+            let mut s = std::borrow::Cow::Borrowed(s_ram.as_slice::<f32>()?);
+            if let Some(f) = factor {
+                s = s.iter().map(|&c| f * c).collect();
+            }
             let y_ram = y.try_as_plain_ram()?;
             let mut f_ram = f.try_as_plain_ram_mut()?;
             let out = f_ram.as_slice_mut::<f32>()?;
@@ -2405,7 +2608,7 @@ impl QMatMulInteger {
                 } else {
                     o.iter_mut()
                         .zip(v)
-                        .zip(s)
+                        .zip(s.iter())
                         .for_each(|((o, &v), &s)| *o = v as f32 * s);
                 }
             }

@@ -121,6 +121,7 @@ pub(super) fn plan(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
             ),
         ],
         kind: Kind::Lstm,
+        absorbed: Vec::new(),
     })
 }
 
