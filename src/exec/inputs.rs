@@ -1048,4 +1048,37 @@ mod tests {
             }
         }
     }
+
+    /// `batch_size` gives the symbolic first axis its value in every input that names it (a state
+    /// `[2, batch, 128]` too), and is refused, by name, when every first axis is fixed.
+    #[test]
+    fn batch_size_sets_the_leading_symbolic_dim_everywhere() {
+        use crate::exec::Dim::{Fixed, Symbol};
+        let input = |name: &str, dims: Vec<Dim>| InputInfo {
+            name: name.into(),
+            dtype: Some(DataType::Float),
+            dims: Some(dims),
+        };
+        let info = vec![
+            input("x", vec![Symbol("batch".into()), Symbol("len".into())]),
+            input("state", vec![Fixed(2), Symbol("batch".into()), Fixed(3)]),
+        ];
+        let mut opts = InputOptions {
+            batch_size: Some(8),
+            ..Default::default()
+        };
+        opts.dims.insert("len".into(), 5);
+        let mut set = open(&Source::Random { count: 1 }, &info, &opts).unwrap();
+        let batch = set.next().unwrap().unwrap();
+        assert_eq!(batch[0].1.shape(), &[8, 5]);
+        assert_eq!(batch[1].1.shape(), &[2, 8, 3]);
+
+        let fixed = vec![input("image", vec![Fixed(1), Fixed(3), Symbol("w".into())])];
+        opts.dims.insert("w".into(), 4);
+        let err = open(&Source::Random { count: 1 }, &fixed, &opts)
+            .err()
+            .expect("a fixed batch of 1 cannot take 8 rows");
+        let msg = err.to_string();
+        assert!(msg.contains("--batch-size 8") && msg.contains("image"), "{msg}");
+    }
 }
