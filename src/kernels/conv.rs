@@ -1,6 +1,6 @@
 //! Convolutions as matrix products: ONNX `Conv` / `ConvInteger` geometry (one group, one or two spatial
-//! axes) and the im2col that turns an NCHW input into the rows `A[N·OH·OW, C·KH·KW]` of a product with
-//! the weight `W[M, C, KH, KW]` read as `B[C·KH·KW, M]`.
+//! axes) and the im2col that turns an NCHW input into the rows `A[N·OH·OW, KH·KW·C]` of a product with
+//! the weight `W[M, C, KH, KW]` read as `B[KH·KW·C, M]` (taps outermost: see `Geometry::weight_index`).
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -145,8 +145,28 @@ impl Geometry {
         (padded >= self.span(ax)).then(|| (padded - self.span(ax)) / self.strides[ax] + 1)
     }
 
-    /// `cols[N·OH·OW, K]` from `x[N, C, H, W]`: row `(b, oh, ow)`, column `(c, i, j)` holds
-    /// `x[b, c, oh·sh − pad_top + i·dh, ow·sw − pad_left + j·dw]`, or `pad` outside the input.
+    /// Where column `r` of [`Geometry::im2col`]'s rows sits in the ONNX weight's reduction axis
+    /// (`W[m]` flattened as `(c, i, j)`): im2col lays its columns tap by tap, `(i, j, c)`, so that each
+    /// tap is a run of channels.
+    pub fn weight_index(&self, r: usize) -> usize {
+        let [kh, kw] = self.kernel;
+        let (tap, c) = (r / self.channels, r % self.channels);
+        (c * kh + tap / kw) * kw + tap % kw
+    }
+
+    /// Whether each output position reads exactly its own input position (a 1×1 kernel, stride 1,
+    /// no padding): the rows are then the input with its channels last.
+    fn pointwise(&self, hw: [usize; 2]) -> bool {
+        self.kernel == [1, 1]
+            && self.strides == [1, 1]
+            && self.pads_of(0, hw[0]) == (0, 0)
+            && self.pads_of(1, hw[1]) == (0, 0)
+    }
+
+    /// `cols[N·OH·OW, K]` from `x[N, C, H, W]`: row `(b, oh, ow)`, column `(i, j, c)` (see
+    /// [`Geometry::weight_index`]) holds `x[b, c, oh·sh − pad_top + i·dh, ow·sw − pad_left + j·dw]`,
+    /// or `pad` outside the input. Each image is first laid channels-last, so a tap copies `C`
+    /// consecutive values (and a run of taps along a row, `C` per tap, when the dilation is 1).
     pub fn im2col<T: Copy>(&self, x: &[T], n: usize, hw: [usize; 2], pad: T) -> Option<Vec<T>> {
         let [h, w] = hw;
         let (oh, ow) = (self.out_len(0, h)?, self.out_len(1, w)?);
@@ -155,9 +175,18 @@ impl Geometry {
         let [sh, sw] = self.strides;
         let [dh, dw] = self.dilations;
         let c = self.channels;
-        assert_eq!(x.len(), n * c * h * w, "input of {} values", x.len());
+        let plane = h * w;
+        assert_eq!(x.len(), n * c * plane, "input of {} values", x.len());
         let k = self.k();
+        if self.pointwise(hw) {
+            let mut cols = vec![pad; n * plane * c];
+            for (image, out) in x.chunks_exact(c * plane).zip(cols.chunks_exact_mut(c * plane)) {
+                transpose(image, c, plane, out);
+            }
+            return Some(cols);
+        }
         let mut cols = vec![pad; n * oh * ow * k];
+        let mut last = vec![pad; plane * c];
         // Per output column z: the kernel taps j that land inside the row, and where the first lands.
         let taps: Vec<(usize, usize, usize)> = (0..ow)
             .map(|z| {
@@ -168,8 +197,8 @@ impl Geometry {
             })
             .collect();
         let mut rows = cols.chunks_exact_mut(k);
-        for b in 0..n {
-            let image = &x[b * c * h * w..][..c * h * w];
+        for image in x.chunks_exact(c * plane) {
+            transpose(image, c, plane, &mut last);
             for y in 0..oh {
                 // The kernel rows i that land inside the image, and the first one's input row.
                 let inside = |i: usize| (y * sh + i * dh).checked_sub(pt).filter(|&v| v < h);
@@ -178,12 +207,16 @@ impl Geometry {
                 let iy0 = inside(i0).unwrap_or(0);
                 for &(j0, j1, ix0) in &taps {
                     let row = rows.next().unwrap();
-                    for (ci, plane) in image.chunks_exact(h * w).enumerate() {
-                        for i in i0..i1 {
-                            let src = (iy0 + (i - i0) * dh) * w + ix0;
-                            let dst = (ci * kh + i) * kw;
-                            for j in 0..j1 - j0 {
-                                row[dst + j0 + j] = plane[src + j * dw];
+                    for i in i0..i1 {
+                        let at = ((iy0 + (i - i0) * dh) * w + ix0) * c;
+                        let dst = (i * kw + j0) * c;
+                        if dw == 1 {
+                            let len = (j1 - j0) * c;
+                            row[dst..][..len].copy_from_slice(&last[at..][..len]);
+                        } else {
+                            for t in 0..j1 - j0 {
+                                row[dst + t * c..][..c]
+                                    .copy_from_slice(&last[at + t * dw * c..][..c]);
                             }
                         }
                     }
@@ -191,6 +224,25 @@ impl Geometry {
             }
         }
         Some(cols)
+    }
+}
+
+/// `out[p · rows + r] = x[r · cols + p]`: the `[rows, cols]` matrix `x` transposed, a tile of 16×16 at
+/// a time so that both sides stay in cache.
+pub fn transpose<T: Copy>(x: &[T], rows: usize, cols: usize, out: &mut [T]) {
+    const TILE: usize = 16;
+    assert!(x.len() >= rows * cols && out.len() >= rows * cols);
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for p0 in (0..cols).step_by(TILE) {
+            let p1 = (p0 + TILE).min(cols);
+            for p in p0..p1 {
+                let dst = &mut out[p * rows + r0..p * rows + r1];
+                for (d, src) in dst.iter_mut().zip(x[r0 * cols + p..].iter().step_by(cols)) {
+                    *d = *src;
+                }
+            }
+        }
     }
 }
 
@@ -233,6 +285,9 @@ mod tests {
             (&[4, 4], &[3, 2], &[1, 1], &[], AutoPad::SameLower, &[10, 5]),
             (&[2, 2], &[1, 1], &[2, 2], &[], AutoPad::Valid, &[6, 6]),
             (&[3], &[2], &[1], &[1, 1], AutoPad::NotSet, &[13]),
+            (&[1, 1], &[1, 1], &[1, 1], &[], AutoPad::NotSet, &[5, 7]),
+            (&[1, 1], &[2, 1], &[1, 1], &[], AutoPad::NotSet, &[5, 7]),
+            (&[1, 3], &[1, 1], &[1, 3], &[0, 3, 0, 3], AutoPad::NotSet, &[4, 9]),
         ];
         let (n, c, m) = (2, 3, 4);
         for &(kernel, strides, dilations, pads, auto_pad, spatial) in cases {
@@ -280,7 +335,7 @@ mod tests {
                                         let xv = x[((b * c + ci) * hw[0] + iy as usize) * hw[1]
                                             + ix as usize];
                                         let wv =
-                                            w[((o * c + ci) * g.kernel[0] + i) * g.kernel[1] + j];
+                                            w[o * k + ((ci * g.kernel[0] + i) * g.kernel[1] + j)];
                                         want += xv as f64 * wv as f64;
                                     }
                                 }
@@ -288,8 +343,8 @@ mod tests {
                             let row = &cols[((b * oh + y) * ow + z) * k..][..k];
                             let got: f64 = row
                                 .iter()
-                                .zip(&w[o * k..][..k])
-                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .enumerate()
+                                .map(|(r, &a)| a as f64 * w[o * k + g.weight_index(r)] as f64)
                                 .sum();
                             assert_eq!(
                                 got, want,
@@ -297,6 +352,20 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_crosses_tiles_and_ragged_edges() {
+        for (rows, cols) in [(1, 1), (3, 40), (37, 19), (16, 16), (33, 1)] {
+            let x: Vec<u32> = (0..rows * cols).map(|v| v as u32).collect();
+            let mut out = vec![u32::MAX; rows * cols];
+            transpose(&x, rows, cols, &mut out);
+            for r in 0..rows {
+                for p in 0..cols {
+                    assert_eq!(out[p * rows + r], x[r * cols + p], "{rows}×{cols} at {r},{p}");
                 }
             }
         }
