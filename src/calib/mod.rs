@@ -178,22 +178,12 @@ fn for_each_batch(
             }
         }
         if lean {
-            release_freed_memory();
+            crate::util::release_freed_memory();
         }
         progress.inc(1);
     }
     progress.finish();
     Ok(total)
-}
-
-/// Hands memory the allocator keeps after frees back to the system (glibc; elsewhere a no-op), so the
-/// resident size of a long calibration does not keep the small blocks of past batches.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Per-channel statistics of one tensor along one axis, over every value seen.

@@ -1079,6 +1079,9 @@ mod tests {
             .err()
             .expect("a fixed batch of 1 cannot take 8 rows");
         let msg = err.to_string();
-        assert!(msg.contains("--batch-size 8") && msg.contains("image"), "{msg}");
+        assert!(
+            msg.contains("--batch-size 8") && msg.contains("image"),
+            "{msg}"
+        );
     }
 }

@@ -82,6 +82,7 @@ impl TractSession {
             || onnx.model_for_proto_model(&proto),
         )?;
         drop(proto);
+        crate::util::release_freed_memory();
         let input_names = model
             .inputs
             .iter()
@@ -141,6 +142,7 @@ impl TractSession {
             self.softmaxes = super::tract_kernels::replace_strided_softmax(&mut typed)
                 .map_err(|e| anyhow!("{}: {e:#}", self.label))?;
         }
+        crate::util::release_freed_memory();
         let options = RunOptions {
             executor: self.executor.clone(),
             ..Default::default()
@@ -244,7 +246,7 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} with the float epilogue, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} with the float epilogue, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights; {} convolution weights decoded once at load",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
@@ -259,7 +261,8 @@ impl Session for TractSession {
                         r.epilogues,
                         r.quantize,
                         r.qlinear_conv,
-                        r.lstm
+                        r.lstm,
+                        r.decoded
                     ),
                 },
             ),

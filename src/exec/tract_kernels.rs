@@ -22,6 +22,7 @@ use crate::kernels::integer::{Acts, IntIsa, Layout, Packed, Weight, Zeros};
 use crate::kernels::nibbles::{self, BlockNibbles};
 use crate::kernels::{self, Panels};
 
+mod fold;
 mod lstm;
 mod softmax;
 
@@ -68,6 +69,9 @@ pub struct Rewrites {
     /// (`Cast` to float, `Mul` by the scales, then an `Add` of a bias) runs inside quench's operator,
     /// in the same order of f32 operations; each also counts in `integer` or `conv`.
     pub epilogues: usize,
+    /// Weights of Conv and ConvTranspose left to tract, decoded from their compressed constants
+    /// once, before tract reads the graph (see `fold`).
+    pub decoded: usize,
 }
 
 impl Rewrites {
@@ -1008,6 +1012,7 @@ fn gemms_as_matmuls(g: &mut pb::GraphProto) -> (usize, Vec<String>) {
 /// over the same constants, then removes the nodes nothing reads any more (the decodes).
 pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     let mut done = Rewrites::default();
+    let opsets = model.opset_import.clone();
     let Some(g) = model.graph.as_mut() else {
         return done;
     };
@@ -1068,7 +1073,10 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Lstm => done.lstm += 1,
         }
     }
-    if done.total() == 0 && gemms == 0 {
+    let (decoded, read) = fold::decode_conv_weights(g, &opsets);
+    done.decoded = decoded;
+    packs.replaced.extend(read);
+    if done.total() == 0 && gemms == 0 && decoded == 0 {
         return done;
     }
     g.initializer.extend(packs.made);

@@ -180,7 +180,10 @@ impl Geometry {
         let k = self.k();
         if self.pointwise(hw) {
             let mut cols = vec![pad; n * plane * c];
-            for (image, out) in x.chunks_exact(c * plane).zip(cols.chunks_exact_mut(c * plane)) {
+            for (image, out) in x
+                .chunks_exact(c * plane)
+                .zip(cols.chunks_exact_mut(c * plane))
+            {
                 transpose(image, c, plane, out);
             }
             return Some(cols);
@@ -287,7 +290,14 @@ mod tests {
             (&[3], &[2], &[1], &[1, 1], AutoPad::NotSet, &[13]),
             (&[1, 1], &[1, 1], &[1, 1], &[], AutoPad::NotSet, &[5, 7]),
             (&[1, 1], &[2, 1], &[1, 1], &[], AutoPad::NotSet, &[5, 7]),
-            (&[1, 3], &[1, 1], &[1, 3], &[0, 3, 0, 3], AutoPad::NotSet, &[4, 9]),
+            (
+                &[1, 3],
+                &[1, 1],
+                &[1, 3],
+                &[0, 3, 0, 3],
+                AutoPad::NotSet,
+                &[4, 9],
+            ),
         ];
         let (n, c, m) = (2, 3, 4);
         for &(kernel, strides, dilations, pads, auto_pad, spatial) in cases {
@@ -365,7 +375,11 @@ mod tests {
             transpose(&x, rows, cols, &mut out);
             for r in 0..rows {
                 for p in 0..cols {
-                    assert_eq!(out[p * rows + r], x[r * cols + p], "{rows}×{cols} at {r},{p}");
+                    assert_eq!(
+                        out[p * rows + r],
+                        x[r * cols + p],
+                        "{rows}×{cols} at {r},{p}"
+                    );
                 }
             }
         }
