@@ -860,7 +860,7 @@ mod tests {
             let m = model(c);
             let (fast, said) = run(&m, true);
             assert!(
-                said.ends_with("; 1 LSTM over int8 weights"),
+                said.contains("; 1 LSTM over int8 weights;"),
                 "{}: {said}",
                 c.direction
             );
