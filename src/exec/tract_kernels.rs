@@ -2768,3 +2768,29 @@ impl TypedOp for QDynamicQuantize {
 
     as_op!();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::per_channel;
+
+    /// A constant is per channel when it broadcasts along the channel axis only: `[.., M, 1, 1]` for
+    /// a 2-D convolution's `[N, M, H, W]` (not `[M]`, which would run along W), `[N]` or one value
+    /// for a product over the last axis (nothing of higher rank, which could add axes).
+    #[test]
+    fn per_channel_constants_broadcast_along_the_channels_only() {
+        let conv2 = Some(2);
+        assert!(per_channel(&[1, 24, 1, 1], 24, conv2));
+        assert!(per_channel(&[24, 1, 1], 24, conv2));
+        assert!(per_channel(&[1], 24, conv2));
+        assert!(per_channel(&[], 24, conv2));
+        assert!(!per_channel(&[24], 24, conv2));
+        assert!(!per_channel(&[24, 1], 24, conv2));
+        assert!(!per_channel(&[1, 1, 24, 1, 1], 24, conv2));
+        assert!(!per_channel(&[1, 24, 1, 2], 24, conv2));
+        assert!(per_channel(&[24, 1], 24, Some(1)));
+        assert!(per_channel(&[3072], 3072, None));
+        assert!(per_channel(&[1], 3072, None));
+        assert!(!per_channel(&[1, 3072], 3072, None));
+        assert!(!per_channel(&[1024], 3072, None));
+    }
+}
