@@ -577,12 +577,17 @@ fn generated_shape(
                         info.name
                     )
                 }),
-            Dim::Unknown => from_spec(axis).ok_or_else(|| {
-                anyhow!(
-                    "input '{}' has an unnamed dim at axis {axis}: it cannot be generated",
-                    info.name
-                )
-            }),
+            // An unnamed first axis takes the batch size.
+            Dim::Unknown => opts
+                .batch_size
+                .filter(|_| axis == 0)
+                .or_else(|| from_spec(axis))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "input '{}' has an unnamed dim at axis {axis}: it cannot be generated",
+                        info.name
+                    )
+                }),
         })
         .collect()
 }
@@ -634,15 +639,7 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
         let dtype = info
             .dtype
             .ok_or_else(|| anyhow!("input '{}' declares no element type", info.name))?;
-        let mut shape = generated_shape(info, spec, opts)?;
-        if let (Some(b), Some(first)) = (opts.batch_size, shape.first_mut())
-            && matches!(
-                info.dims.as_ref().and_then(|d| d.first()),
-                Some(Dim::Unknown)
-            )
-        {
-            *first = b;
-        }
+        let shape = generated_shape(info, spec, opts)?;
         let range = match (opts.ranges.get(&info.name), spec.and_then(|s| s.range)) {
             (Some(r), _) => *r,
             (None, Some([lo, hi])) => (lo, hi),
@@ -1062,6 +1059,7 @@ mod tests {
         let info = vec![
             input("x", vec![Symbol("batch".into()), Symbol("len".into())]),
             input("state", vec![Fixed(2), Symbol("batch".into()), Fixed(3)]),
+            input("mask", vec![Dim::Unknown, Fixed(4)]),
         ];
         let mut opts = InputOptions {
             batch_size: Some(8),
@@ -1072,6 +1070,7 @@ mod tests {
         let batch = set.next().unwrap().unwrap();
         assert_eq!(batch[0].1.shape(), &[8, 5]);
         assert_eq!(batch[1].1.shape(), &[2, 8, 3]);
+        assert_eq!(batch[2].1.shape(), &[8, 4]);
 
         let fixed = vec![input("image", vec![Fixed(1), Fixed(3), Symbol("w".into())])];
         opts.dims.insert("w".into(), 4);

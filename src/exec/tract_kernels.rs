@@ -1624,17 +1624,11 @@ fn plan_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> 
     let a_zero = mm.input.get(2).filter(|z| !z.is_empty());
     let b_zero = mm.input.get(3).filter(|z| !z.is_empty());
     let n = *ix.konst(b)?.t.dims.get(1)?;
-    let tail = epilogue(g, ix, i, a, n, None);
     let site = Site {
         a_zero,
-        ..Site::new(a, b, b_zero).with_epilogue(tail.as_ref())
+        ..Site::new(a, b, b_zero).with_epilogue(epilogue(g, ix, i, a, n, None))
     };
-    let mut plan = integer_plan(g, ix, i, packs, site)?;
-    if let Some(t) = tail {
-        plan.kind = Kind::Integer;
-        plan.absorbed = t.absorbed;
-    }
-    Some(plan)
+    integer_plan(g, ix, i, packs, site)
 }
 
 /// The float epilogue of an integer product in the dynamic-quantization form: the i32 result is
@@ -1723,10 +1717,9 @@ fn epilogue<'g>(
     let mut bias = None;
     if let Some(add_i) = ix.sole_reader(&mul.output[0]).filter(|&j| plain(j, "Add"))
         && let Some(b) = other_input(&g.node[add_i], &mul.output[0])
-        && ix
-            .konst(b)
-            .is_some_and(|k| k.len() == n && per_channel(&k.t.dims, n, spatial))
-        && floats_of(ix.konst(b)?.t).is_some()
+        && ix.konst(b).is_some_and(|k| {
+            k.t.data_type == FLOAT && k.len() == n && per_channel(&k.t.dims, n, spatial)
+        })
     {
         bias = Some(b);
         absorbed.push(add_i);
@@ -1860,13 +1853,9 @@ fn plan_conv_integer(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs
     let site = Site {
         a_zero: node.input.get(2).filter(|z| !z.is_empty()),
         conv: Some(geo),
-        ..Site::new(a, w, node.input.get(3).filter(|z| !z.is_empty())).with_epilogue(tail.as_ref())
+        ..Site::new(a, w, node.input.get(3).filter(|z| !z.is_empty())).with_epilogue(tail)
     };
-    let mut plan = integer_plan(g, ix, i, packs, site)?;
-    if let Some(t) = tail {
-        plan.absorbed = t.absorbed;
-    }
-    Some(plan)
+    integer_plan(g, ix, i, packs, site)
 }
 
 /// The values of a float constant.
@@ -1899,6 +1888,8 @@ struct Site<'a> {
     a_scale: Option<&'a String>,
     conv: Option<Geometry>,
     bias: Option<&'a String>,
+    /// The epilogue's nodes the operator takes over (see [`Plan::absorbed`]).
+    absorbed: Vec<usize>,
 }
 
 impl<'a> Site<'a> {
@@ -1912,17 +1903,19 @@ impl<'a> Site<'a> {
             a_scale: None,
             conv: None,
             bias: None,
+            absorbed: Vec::new(),
         }
     }
 
-    /// The site with an [`Epilogue`]'s scales and bias taken into the product.
-    fn with_epilogue(self, tail: Option<&Epilogue<'a>>) -> Site<'a> {
+    /// The site with an [`Epilogue`]'s scales, bias and nodes taken into the product.
+    fn with_epilogue(self, tail: Option<Epilogue<'a>>) -> Site<'a> {
         match tail {
             None => self,
             Some(t) => Site {
-                scales: Some(t.scales.clone()),
+                scales: Some(t.scales),
                 a_scale: t.a_scale,
                 bias: t.bias,
+                absorbed: t.absorbed,
                 ..self
             },
         }
@@ -1946,6 +1939,7 @@ fn integer_plan(
         a_scale,
         conv,
         bias,
+        absorbed,
     } = site;
     let rank = if conv.is_some() { None } else { Some(2) };
     let bk = ix
@@ -2081,7 +2075,8 @@ fn integer_plan(
     }
     inputs.extend(a_scale.cloned());
     inputs.extend(bias.cloned());
-    let kind = match (&conv, scaled) {
+    // A MatMulInteger whose epilogue the operator took is still a MatMulInteger, not a QDQ MatMul.
+    let kind = match (&conv, scaled && absorbed.is_empty()) {
         (Some(_), _) => Kind::Conv,
         (None, true) => Kind::Qdq,
         (None, false) => Kind::Integer,
@@ -2101,7 +2096,7 @@ fn integer_plan(
         inputs,
         attrs,
         kind,
-        absorbed: Vec::new(),
+        absorbed,
     })
 }
 
@@ -2458,8 +2453,7 @@ impl EvalOp for QMatMulInteger {
             false => None,
         };
         let Some(geo) = &self.conv else {
-            let mut y = self.product(&inputs[0], a0, factor)?;
-            add_bias(&mut y, bias.as_deref(), self.n)?;
+            let y = self.product(&inputs[0], a0, factor, bias.as_deref())?;
             return Ok(tvec![y.into_tvalue()]);
         };
         let x = &inputs[0];
@@ -2496,9 +2490,8 @@ impl EvalOp for QMatMulInteger {
             }
             dt => bail!("{OP_INT} takes f32, u8 or i8 input, not {dt:?}"),
         };
-        let mut y = self.product(&cols, a0, factor)?;
+        let y = self.product(&cols, a0, factor, bias.as_deref())?;
         drop(cols);
-        add_bias(&mut y, bias.as_deref(), self.n)?;
         let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
         if geo.rank == 2 {
             out_shape.push(ow);
@@ -2528,7 +2521,7 @@ impl EvalOp for QMatMulInteger {
     }
 }
 
-/// `y[.., n] += bias` per column, for an f32 result (nothing without a bias).
+/// `y[.., n] += bias` per column, for an f32 result in limbs (nothing without a bias).
 fn add_bias(y: &mut Tensor, bias: Option<&[f32]>, n: usize) -> TractResult<()> {
     let Some(bias) = bias else {
         return Ok(());
@@ -2573,12 +2566,21 @@ impl QMatMulInteger {
     }
 
     /// The product over the last axis of `a` (u8 or i8 with zero point `a0`, or f32 in limbs); with
-    /// column scales, times each column's scale (first multiplied by `factor`, if given).
-    fn product(&self, a: &Tensor, a0: i32, factor: Option<f32>) -> TractResult<Tensor> {
+    /// column scales, times each column's scale (first multiplied by `factor`, if given), then plus
+    /// each column's `bias`.
+    fn product(
+        &self,
+        a: &Tensor,
+        a0: i32,
+        factor: Option<f32>,
+        bias: Option<&[f32]>,
+    ) -> TractResult<Tensor> {
         let shape = output_shape(a.shape(), self.k, self.n, OP_INT)?;
         let m = a.len() / self.k;
         if a.datum_type() == DatumType::F32 {
-            return self.product_f32(a, m, &shape);
+            let mut y = self.product_f32(a, m, &shape)?;
+            add_bias(&mut y, bias, self.n)?;
+            return Ok(y);
         }
         let mut y = Tensor::zero::<i32>(&shape)?;
         {
@@ -2625,6 +2627,9 @@ impl QMatMulInteger {
                         .zip(v)
                         .zip(s.iter())
                         .for_each(|((o, &v), &s)| *o = v as f32 * s);
+                }
+                if let Some(bias) = bias {
+                    o.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
                 }
             }
         }
