@@ -124,6 +124,14 @@ fn kernels_reproduce_tracts_own_operators_on_quantized_zoo_models() {
                     "{zoo_name} {recipe}: {kernels}"
                 );
             }
+            // ddddocr's 21 convolutions over int8 weights (w8, and w4, which keeps them 8-bit) run
+            // as quench's f32 products over im2col rows.
+            if zoo_name == "ddddocr" && (recipe == "w8" || recipe == "w4") {
+                assert!(
+                    kernels.contains("21 weight-only Conv"),
+                    "{zoo_name} {recipe}: {kernels}"
+                );
+            }
             // ddddocr's codebook convolutions stay with tract, their weights decoded before it
             // reads the graph; int8 ones are left to tract's own folding.
             if zoo_name == "ddddocr" {
@@ -535,5 +543,235 @@ fn qlinear_conv_runs_as_dequantize_conv_quantize() {
             .run(&feed)
             .unwrap();
         check("kernels vs onnxruntime", steps(&mine, &exact));
+    }
+}
+
+/// Weight-only convolutions over 8-bit codes (f32 activations) run as quench's f32 products over
+/// im2col rows, the weight decoded a panel at a time: both decode forms quench writes
+/// (DequantizeLinear per channel or per tensor, with or without a zero point; Cast → Sub → Mul),
+/// strides, dilations, explicit and automatic padding, a pointwise and a one-dimensional
+/// convolution, a batch of 3. The outputs equal tract's own convolution over the same graph to
+/// float rounding.
+#[test]
+fn weight_only_conv_runs_over_int8_codes() {
+    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
+    let mut seed = 0x1234_5677_u32;
+    let mut next = move |lo: i32, hi: i32| -> i32 {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        lo + (seed % (hi - lo + 1) as u32) as i32
+    };
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let node =
+        |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+            op_type: Some(op.into()),
+            name: Some(output.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: name.into(),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let auto_pad = |v: &str| AttributeProto {
+        name: "auto_pad".into(),
+        r#type: Some(3),
+        s: Some(v.as_bytes().to_vec().into()),
+        ..Default::default()
+    };
+    let cast_to_float = AttributeProto {
+        name: "to".into(),
+        r#type: Some(2),
+        i: Some(1),
+        ..Default::default()
+    };
+    let mut inits = Vec::new();
+    let mut nodes = Vec::new();
+    // Codes of `dims` (signed or not) and scales: per output channel, or one.
+    let mut codes = |inits: &mut Vec<quench::onnx::pb::TensorProto>,
+                     name: &str,
+                     dims: &[i64],
+                     signed: bool,
+                     per_channel: bool| {
+        let len: i64 = dims.iter().product();
+        let raw: Vec<u8> = (0..len)
+            .map(|_| {
+                if signed {
+                    next(-127, 127) as i8 as u8
+                } else {
+                    next(0, 255) as u8
+                }
+            })
+            .collect();
+        let dt = if signed { 3 } else { 2 };
+        inits.push(raw_tensor(&format!("{name}_q"), dt, dims, raw));
+        let m = if per_channel { dims[0] } else { 1 };
+        let scales: Vec<f32> = (0..m).map(|i| 0.004 + 0.001 * (i % 5) as f32).collect();
+        let scale_dims: Vec<i64> = if per_channel { vec![m] } else { vec![] };
+        inits.push(raw_tensor(
+            &format!("{name}_s"),
+            1,
+            &scale_dims,
+            f32s(&scales),
+        ));
+        (m, dt)
+    };
+    // 1: 3×3, pads 1, int8 per channel, bias.
+    codes(&mut inits, "w1", &[7, 5, 3, 3], true, true);
+    inits.push(raw_tensor(
+        "b1",
+        1,
+        &[7],
+        f32s(&(0..7).map(|i| 0.1 * i as f32 - 0.3).collect::<Vec<_>>()),
+    ));
+    nodes.push(node("DequantizeLinear", &["w1_q", "w1_s"], "w1", vec![]));
+    nodes.last_mut().unwrap().attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: Some(2),
+        i: Some(0),
+        ..Default::default()
+    });
+    nodes.push(node(
+        "Conv",
+        &["x", "w1", "b1"],
+        "y1",
+        vec![ints("pads", &[1, 1, 1, 1]), ints("kernel_shape", &[3, 3])],
+    ));
+    // 2: 3×2, strides 2×1, dilations 1×2, asymmetric pads; u8 codes through Cast → Sub → Mul with
+    // per-channel float zero points.
+    codes(&mut inits, "w2", &[6, 7, 3, 2], false, true);
+    let zero2: Vec<f32> = (0..6).map(|i| 120.0 + i as f32).collect();
+    inits.push(raw_tensor("w2_z", 1, &[6, 1, 1, 1], f32s(&zero2)));
+    let s2 = inits.iter().position(|t| t.name == "w2_s").unwrap();
+    inits[s2].dims = vec![6, 1, 1, 1];
+    nodes.push(node("Cast", &["w2_q"], "w2_f", vec![cast_to_float.clone()]));
+    nodes.push(node("Sub", &["w2_f", "w2_z"], "w2_c", vec![]));
+    nodes.push(node("Mul", &["w2_c", "w2_s"], "w2", vec![]));
+    nodes.push(node(
+        "Conv",
+        &["y1", "w2"],
+        "y2",
+        vec![
+            ints("strides", &[2, 1]),
+            ints("dilations", &[1, 2]),
+            ints("pads", &[0, 1, 2, 0]),
+        ],
+    ));
+    // 3: pointwise, u8 codes with a zero point per channel.
+    codes(&mut inits, "w3", &[4, 6, 1, 1], false, true);
+    inits.push(raw_tensor("w3_z", 2, &[4], vec![127, 128, 130, 125]));
+    nodes.push(node(
+        "DequantizeLinear",
+        &["w3_q", "w3_s", "w3_z"],
+        "w3",
+        vec![],
+    ));
+    nodes.last_mut().unwrap().attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: Some(2),
+        i: Some(0),
+        ..Default::default()
+    });
+    nodes.push(node("Conv", &["y2", "w3"], "y3", vec![]));
+    // 4: 2×2, stride 2, SAME_LOWER, one scale for the tensor.
+    codes(&mut inits, "w4", &[3, 4, 2, 2], true, false);
+    nodes.push(node("DequantizeLinear", &["w4_q", "w4_s"], "w4", vec![]));
+    nodes.push(node(
+        "Conv",
+        &["y3", "w4"],
+        "y4",
+        vec![ints("strides", &[2, 2]), auto_pad("SAME_LOWER")],
+    ));
+    // 5: one spatial axis, dilation 2.
+    codes(&mut inits, "w5", &[5, 4, 3], true, true);
+    nodes.push(node("DequantizeLinear", &["w5_q", "w5_s"], "w5", vec![]));
+    nodes.last_mut().unwrap().attribute.push(AttributeProto {
+        name: "axis".into(),
+        r#type: Some(2),
+        i: Some(0),
+        ..Default::default()
+    });
+    nodes.push(node(
+        "Conv",
+        &["x1", "w5"],
+        "y5",
+        vec![ints("dilations", &[2]), ints("pads", &[2, 1])],
+    ));
+    let (batch, c, h, w) = (3usize, 5usize, 9usize, 11usize);
+    let graph = GraphProto {
+        name: Some("convs".into()),
+        node: nodes,
+        initializer: inits,
+        input: vec![
+            quench::onnx::tensor::tensor_value_info(
+                "x",
+                1,
+                &[batch as i64, c as i64, h as i64, w as i64],
+            ),
+            quench::onnx::tensor::tensor_value_info("x1", 1, &[batch as i64, 4, 13]),
+        ],
+        output: ["y1", "y2", "y3", "y4", "y5"]
+            .iter()
+            .map(|n| value_info(n, 1))
+            .collect(),
+        ..Default::default()
+    };
+    let mut proto = model_of(graph);
+    proto.opset_import[0].version = Some(13);
+    let dir = tempdir();
+    let path = dir.path().join("convs.onnx");
+    std::fs::write(&path, prost::Message::encode_to_vec(&proto)).unwrap();
+    let prep = Prepared::from_model(&Model::load(&path).unwrap(), "convs");
+    let mut value = 0u32;
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                value = value.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (value >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    };
+    let tensor = |shape: Vec<usize>, v: Vec<f32>| {
+        quench::exec::Tensor::from(ndarray::ArrayD::from_shape_vec(shape, v).unwrap())
+    };
+    let feed = vec![
+        (
+            "x".to_string(),
+            tensor(vec![batch, c, h, w], values(batch * c * h * w)),
+        ),
+        (
+            "x1".to_string(),
+            tensor(vec![batch, 4, 13], values(batch * 4 * 13)),
+        ),
+    ];
+    let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+    let kernels = kernels_of(fast.as_ref());
+    assert!(kernels.contains("5 weight-only Conv"), "{kernels}");
+    let mine = fast.run(&feed).unwrap();
+    let plain = SessionOptions {
+        tract_kernels: false,
+        ..Default::default()
+    };
+    let theirs = exec::open(&prep, RuntimeKind::Tract, &plain)
+        .unwrap()
+        .run(&feed)
+        .unwrap();
+    for ((name, x), (_, y)) in mine.iter().zip(&theirs) {
+        assert_eq!(x.shape(), y.shape(), "{name}");
+        let (worst, scale) = max_difference(x, y);
+        eprintln!(
+            "{name}: {:?}, {:.1e} of the output scale {scale}",
+            x.shape(),
+            worst / scale
+        );
+        assert!(
+            worst <= 1e-5 * scale,
+            "{name}: max difference {worst} (output scale {scale})"
+        );
     }
 }

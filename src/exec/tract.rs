@@ -70,12 +70,18 @@ impl TractSession {
         // pages as soon as they are encoded.
         let bytes = model.encode();
         model.release_pages();
-        let mut proto = onnx
-            .proto_model_for_read(&mut bytes.as_slice())
-            .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?;
-        drop(bytes);
+        // Decoded from the encoded bytes themselves: tract's `proto_model_for_read` would first copy
+        // them into a growing buffer, which at worst holds twice the model beside them.
+        let mut proto = {
+            use prost::Message;
+            tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes))
+                .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?
+        };
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
+            // What the rewrite let go of (the codes it re-laid, its working copies) goes back before
+            // tract copies every constant into its own model.
+            crate::util::release_freed_memory();
         }
         let parsed = guarded(
             || format!("tract cannot load {}", model.label),
@@ -246,11 +252,12 @@ impl Session for TractSession {
                 match &self.rewrites {
                     None => "tract's own".into(),
                     Some(r) => format!(
-                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} with the float epilogue, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights; {} convolution weights decoded once at load",
+                        "quench {} ({} int8, {} MatMulNBits, {} codebook products, {} weight-only Conv, {} Gemm as MatMul); {} ({} MatMulInteger, {} QDQ MatMul, {} int8 MatMul in limbs, {} 4-bit MatMulNBits in limbs, {} Conv, {} with the float epilogue, {} DynamicQuantizeLinear); {} QLinearConv as DequantizeLinear → Conv → QuantizeLinear; {} LSTM over int8 weights; {} convolution weights decoded once at load",
                         crate::kernels::Isa::detect().name(),
                         r.int8,
                         r.nbits,
                         r.codebook,
+                        r.float_conv,
                         r.gemm,
                         crate::kernels::integer::IntIsa::detect().name(),
                         r.integer,

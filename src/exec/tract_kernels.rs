@@ -54,6 +54,9 @@ pub struct Rewrites {
     /// Conv and ConvInteger over a constant 8-bit weight (one group), as products over im2col rows:
     /// integer activations, static QDQ, or, on VNNI, f32 activations in limbs.
     pub conv: usize,
+    /// Weight-only Conv over a constant 8-bit weight (one group), as f32 products over im2col rows
+    /// with the weight decoded a panel at a time.
+    pub float_conv: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
     /// Gemms over a compressed weight rewritten as MatMul (then Add) first; each also counts in the
@@ -84,6 +87,7 @@ impl Rewrites {
             + self.qdq
             + self.limbs
             + self.conv
+            + self.float_conv
             + self.lstm
     }
 }
@@ -289,6 +293,7 @@ enum Kind {
     Qdq,
     Limbs,
     Conv,
+    FloatConv,
     Lstm,
 }
 
@@ -1025,7 +1030,11 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     let (gemms, transposed) = gemms_as_matmuls(g);
     done.gemm = gemms;
     let mut packs = Packs::default();
+    // The codes now read transposed go before the plans pack them again, so that a large weight is
+    // not held three times at once (the file's layout, transposed, packed).
+    remove_dead_nodes(g);
     packs.replaced.extend(transposed);
+    drop_unread(g, &packs.replaced);
     let plans: Vec<Plan> = {
         let ix = Index::new(g);
         (0..g.node.len())
@@ -1038,7 +1047,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
                 "MatMulInteger" => plan_integer(g, &ix, i, &mut packs),
                 "Conv" => plan_conv(g, &ix, i, &mut packs),
                 "ConvInteger" => plan_conv_integer(g, &ix, i, &mut packs),
-                "LSTM" => lstm::plan(g, &ix, i),
+                "LSTM" => lstm::plan(g, &ix, i, &mut packs),
                 _ => None,
             })
             .collect()
@@ -1070,6 +1079,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Qdq => done.qdq += 1,
             Kind::Limbs => done.limbs += 1,
             Kind::Conv => done.conv += 1,
+            Kind::FloatConv => done.float_conv += 1,
             Kind::Lstm => done.lstm += 1,
         }
     }
@@ -1084,19 +1094,7 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
     g.node.retain(|_| !gone.contains(&at.next().unwrap()));
     remove_dead_nodes(g);
     // The 8-bit weights now packed: their original layout goes (unless something else reads it).
-    if !packs.replaced.is_empty() {
-        let read = Index::new(g).readers;
-        let inputs: std::collections::HashSet<&str> =
-            g.input.iter().map(|i| i.name.as_str()).collect();
-        let keep = |t: &pb::TensorProto| {
-            !packs.replaced.contains(&t.name)
-                || inputs.contains(t.name.as_str())
-                || read.get(t.name.as_str()).is_some_and(|&r| r > 0)
-        };
-        let kept: Vec<bool> = g.initializer.iter().map(keep).collect();
-        let mut it = kept.into_iter();
-        g.initializer.retain(|_| it.next().unwrap());
-    }
+    drop_unread(g, &packs.replaced);
     if done.total() > 0 && !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
         model.opset_import.push(pb::OperatorSetIdProto {
             domain: DOMAIN.into(),
@@ -1104,6 +1102,23 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
         });
     }
     done
+}
+
+/// Drops the initializers named in `replaced` that no node, subgraph or graph input reads any more.
+fn drop_unread(g: &mut pb::GraphProto, replaced: &std::collections::HashSet<String>) {
+    if replaced.is_empty() {
+        return;
+    }
+    let read = Index::new(g).readers;
+    let inputs: std::collections::HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+    let keep = |t: &pb::TensorProto| {
+        !replaced.contains(&t.name)
+            || inputs.contains(t.name.as_str())
+            || read.get(t.name.as_str()).is_some_and(|&r| r > 0)
+    };
+    let kept: Vec<bool> = g.initializer.iter().map(keep).collect();
+    let mut it = kept.into_iter();
+    g.initializer.retain(|_| it.next().unwrap());
 }
 
 /// The constant tensor behind input `i` of a node being wired (an error naming the node if it is not
@@ -1213,7 +1228,26 @@ fn build(
         },
         other => bail!("{OP}: unknown form '{other}'"),
     };
-    Ok((expand(Expansion_ { form, k, n }), vec![]))
+    let conv = match node.get_attr_opt_vec::<i64>("conv")? {
+        None => None,
+        Some(v) => Some(geometry_of(&v).with_context(|| format!("{}: conv {v:?}", node.name))?),
+    };
+    let bias = node.get_attr_opt::<i64>("bias")?.unwrap_or(0) != 0;
+    ensure!(
+        conv.is_some() || !bias,
+        "{}: a bias without a convolution",
+        node.name
+    );
+    Ok((
+        expand(Expansion_ {
+            form,
+            k,
+            n,
+            conv,
+            bias,
+        }),
+        vec![],
+    ))
 }
 
 /// The inference-time face of the operator: shapes, then wiring the typed [`QMatMul`].
@@ -1223,6 +1257,10 @@ struct Expansion_ {
     form: Form,
     k: usize,
     n: usize,
+    /// A convolution over im2col rows of an `[N, C, spatial…]` input (int8 form only).
+    conv: Option<Geometry>,
+    /// Whether the last input is the convolution's bias, one value per output channel.
+    bias: bool,
 }
 
 impl Expansion for Expansion_ {
@@ -1239,7 +1277,10 @@ impl Expansion for Expansion_ {
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        last_axis_becomes(s, inputs, outputs, self.n)
+        match self.conv.clone() {
+            None => last_axis_becomes(s, inputs, outputs, self.n),
+            Some(geo) => conv_becomes(s, inputs, outputs, geo, self.n, OP),
+        }
     }
 
     fn wire(
@@ -1248,15 +1289,44 @@ impl Expansion for Expansion_ {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let konsts = (1..inputs.len())
+        let weights = inputs.len() - self.bias as usize;
+        let konsts = (1..weights)
             .map(|i| constant_input(model, prefix, inputs, i))
             .collect::<TractResult<Vec<_>>>()?;
+        let bias = match self.bias {
+            true => {
+                let b = constant_input(model, prefix, inputs, weights)?;
+                ensure!(
+                    b.datum_type() == f32::datum_type() && b.len() == self.n,
+                    "{prefix}: bias of {} values of {:?} for {} channels",
+                    b.len(),
+                    b.datum_type(),
+                    self.n
+                );
+                Some(b)
+            }
+            false => None,
+        };
+        ensure!(
+            self.conv.is_none() || matches!(self.form, Form::Int8),
+            "{prefix}: a convolution over a weight of form {:?}",
+            self.form
+        );
+        if let Some(geo) = &self.conv {
+            ensure!(
+                geo.k() == self.k,
+                "{prefix}: conv geometry for K {}",
+                self.k
+            );
+        }
         let mut op = QMatMul {
             form: self.form.clone(),
             k: self.k,
             n: self.n,
             konsts,
             relaid: None,
+            conv: self.conv.clone(),
+            bias,
         };
         if let Form::NBits { .. } | Form::Int8 = self.form {
             op.relaid = relaid_weight(&op)?;
@@ -1280,6 +1350,10 @@ pub struct QMatMul {
     konsts: Vec<Arc<Tensor>>,
     /// 4-bit codes re-laid for quench's kernels, shared by every node reading the same constants.
     relaid: Option<Arc<Relaid>>,
+    /// A convolution over im2col rows of an `[N, C, spatial…]` input, not a product over its last axis.
+    conv: Option<Geometry>,
+    /// The convolution's bias, one value per output channel.
+    bias: Option<Arc<Tensor>>,
 }
 
 /// A weight re-laid at load: 4-bit MatMulNBits codes along K for the f32 panel kernels or in VNNI
@@ -1352,6 +1426,8 @@ impl PartialEq for QMatMul {
                 .iter()
                 .zip(&other.konsts)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
+            && self.conv == other.conv
+            && same(&self.bias, &other.bias)
     }
 }
 impl Eq for QMatMul {}
@@ -1509,6 +1585,87 @@ impl EvalOp for QMatMul {
         kernels::zero_upper();
         let a = args_1!(inputs);
         ensure!(a.datum_type() == f32::datum_type(), "{OP} takes f32 input");
+        if let Some(geo) = &self.conv {
+            return Ok(tvec![self.conv(geo, &a)?.into_tvalue()]);
+        }
+        Ok(tvec![self.product(&a)?.into_tvalue()])
+    }
+}
+
+impl QMatMul {
+    /// The convolution of `x[N, C, spatial…]`: image by image (so that its rows stay in cache), the
+    /// product over its im2col rows, back to channels first, plus the bias.
+    fn conv(&self, geo: &Geometry, x: &Tensor) -> TractResult<Tensor> {
+        let shape = x.shape();
+        ensure!(
+            shape.len() == geo.rank + 2 && shape[1] == geo.channels,
+            "{OP}: input of shape {shape:?} for a convolution over {} channels",
+            geo.channels
+        );
+        let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
+        let fits = |ax: usize| geo.out_len(ax, hw[ax]);
+        let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
+            bail!("{OP}: the kernel does not fit an input of shape {shape:?}");
+        };
+        let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
+        if geo.rank == 2 {
+            out_shape.push(ow);
+        }
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        let plane = oh * ow;
+        if plane * batch * self.n == 0 {
+            return Ok(out);
+        }
+        let x_ram = x.try_as_plain_ram()?;
+        let x = x_ram.as_slice::<f32>()?;
+        let mut o_ram = out.try_as_plain_ram_mut()?;
+        let o = o_ram.as_slice_mut::<f32>()?;
+        let b_ram = self
+            .bias
+            .as_ref()
+            .map(|b| b.try_as_plain_ram())
+            .transpose()?;
+        let bias = b_ram.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        let mut cols = Vec::new();
+        let mut y = vec![0f32; plane * self.n];
+        let image_len = x.len() / batch;
+        self.with_panels(false, |w, _| {
+            // A pointwise convolution multiplies each image `[C, H·W]` as it is, from the left, by
+            // the weight decoded to `[M, C]`: the result is channels-first, with no transpose on
+            // either side (which would cost about as much as the product).
+            let pointwise = geo
+                .pointwise(hw)
+                .then(|| kernels::formats::transposed_f32(w));
+            for (image, o) in x
+                .chunks_exact(image_len)
+                .zip(o.chunks_exact_mut(plane * self.n))
+            {
+                if let Some(wt) = &pointwise {
+                    let image = kernels::formats::F32Matrix {
+                        data: image,
+                        k: geo.channels,
+                        n: plane,
+                    };
+                    kernels::matmul(wt, self.n, &image, o);
+                } else {
+                    geo.im2col_into(image, 1, hw, 0.0, &mut cols)
+                        .context("im2col")?;
+                    kernels::matmul(&cols, plane, w, &mut y);
+                    kernels::conv::transpose(&y, plane, self.n, o);
+                }
+                if let Some(bias) = bias {
+                    for (channel, &v) in o.chunks_exact_mut(plane).zip(bias) {
+                        channel.iter_mut().for_each(|x| *x += v);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// `a[.., K] · W`.
+    fn product(&self, a: &Tensor) -> TractResult<Tensor> {
         let shape = output_shape(a.shape(), self.k, self.n, OP)?;
         let m = a.len() / self.k;
         let mut y = Tensor::zero::<f32>(&shape)?;
@@ -1533,7 +1690,7 @@ impl EvalOp for QMatMul {
                 })?;
             }
         }
-        Ok(tvec![y.into_tvalue()])
+        Ok(y)
     }
 }
 
@@ -1541,7 +1698,14 @@ impl TypedOp for QMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let a = inputs[0];
         ensure!(a.datum_type == f32::datum_type(), "{OP} takes f32 input");
-        Ok(tvec![f32::fact(output_fact_shape(a, self.n, OP)?)])
+        let shape = match &self.conv {
+            Some(geo) => {
+                let dims: TVec<TDim> = a.shape.iter().cloned().collect();
+                conv_output_shape(geo, &dims, self.n, OP)?
+            }
+            None => output_fact_shape(a, self.n, OP)?,
+        };
+        Ok(tvec![f32::fact(shape)])
     }
 
     as_op!();
@@ -1792,18 +1956,23 @@ fn conv_geometry(node: &NodeProto, w: &[i64]) -> Option<Geometry> {
     )
 }
 
-/// `Conv(X, W[, bias])` over an 8-bit constant weight, one group, with X from a DequantizeLinear of
-/// one constant scale and 8-bit zero point: the static QDQ form as an exact integer product.
+/// `Conv(X, W[, bias])` over an 8-bit constant weight, one group: with X from a DequantizeLinear of
+/// one constant scale and 8-bit zero point, the static QDQ form as an exact integer product (on VNNI);
+/// with f32 X, [`plan_float_conv`].
 fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
     let node = &g.node[i];
     let (x, w) = (node.input.first()?, node.input.get(1)?);
     let wt = int8_weight(g, ix, weight_value(g, ix, w), ScaleAxis::Channels)?;
+    let geo = conv_geometry(node, wt.dims)?;
+    if ix.made_by(g, x, "DequantizeLinear").is_none() {
+        return plan_float_conv(g, ix, i, &wt, geo, packs);
+    }
     if wt.zero.is_some() && !wt.zero_is_code {
         return None;
     }
     let (q, w_zero) = (wt.q, wt.zero);
     let w_scales = floats_of(ix.konst(wt.scale)?.t)?;
-    let conv = Some(conv_geometry(node, wt.dims)?);
+    let conv = Some(geo);
     let bias = node.input.get(2).filter(|b| !b.is_empty());
     // The float alternative computes the same to float rounding: tract's f32 convolution over the
     // weight it folds at load. Without VNNI an 8-bit product is no faster than an f32 one (two
@@ -1835,11 +2004,77 @@ fn plan_conv(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Opt
         };
         return integer_plan(g, ix, i, packs, site);
     }
-    // A weight-only Conv (f32 X) stays with tract, which folds the weight to f32 at load. In limbs
-    // the product does three times the rows of tract's: on thin convolutions it loses even with VNNI
-    // (ddddocr at batch 8, AVX-512 VNNI: 1.09× fp32 against 0.85× for tract's f32 convolution over the
-    // folded weight; PP-OCR det on AVX2: 3.8×).
     None
+}
+
+/// A weight-only `Conv(X, W[, bias])` (f32 X) over an 8-bit constant weight, one group, and a constant
+/// bias: an f32 product over quench's im2col rows, the weight decoded a panel at a time
+/// ([`QMatMul`]'s int8 form with a `conv` geometry). The codes are re-laid here as `B[K, M]`, K in
+/// im2col's order of columns, into a new initializer that replaces the file's (unless something
+/// else reads it). Not in limbs: a thin convolution (24–256 output channels) spends more on
+/// splitting each row than the integer product saves (ddddocr at batch 8 ran 1.09× fp32 so).
+fn plan_float_conv(
+    g: &pb::GraphProto,
+    ix: &Index,
+    i: usize,
+    wt: &Int8Weight,
+    geo: Geometry,
+    packs: &mut Packs,
+) -> Option<Plan> {
+    let node = &g.node[i];
+    let x = node.input.first().filter(|x| !x.is_empty())?;
+    let bias = node.input.get(2).filter(|b| !b.is_empty());
+    if let Some(b) = bias {
+        ix.konst(b).filter(|b| b.is(FLOAT, Some(1)))?;
+    }
+    let qk = ix.konst(wt.q)?;
+    let m = wt.dims[0];
+    let k = qk.len() / m.max(1);
+    if m <= 0 || k as usize != geo.k() {
+        return None;
+    }
+    let key = (wt.q.to_string(), "conv_kn".to_string());
+    let relaid = match packs.by_source.get(&key) {
+        Some((name, _)) => name.clone(),
+        None => {
+            let (ku, mu) = (k as usize, m as usize);
+            let mut raw = std::borrow::Cow::Borrowed(&qk.t.raw_data[..]);
+            if raw.len() != ku * mu || qk.t.data_location == Some(1) {
+                raw = std::borrow::Cow::Owned(bytes_of(qk.t)?);
+            }
+            // W[M, (c, i, j)] as B[(i, j, c), M].
+            let relaid: Vec<u8> = (0..ku * mu)
+                .map(|t| raw[(t % mu) * ku + geo.weight_index(t / mu)])
+                .collect();
+            let name = format!("{}::quench_conv_kn", wt.q);
+            packs.made.push(pb::TensorProto {
+                name: name.clone(),
+                data_type: qk.t.data_type,
+                dims: vec![k, m],
+                raw_data: relaid,
+                ..Default::default()
+            });
+            packs.replaced.insert(wt.q.to_string());
+            packs.by_source.insert(key, (name.clone(), None));
+            name
+        }
+    };
+    let mut inputs = vec![x.clone(), relaid, wt.scale.to_string()];
+    inputs.extend(wt.zero.cloned());
+    inputs.extend(bias.cloned());
+    Some(Plan {
+        node: i,
+        inputs,
+        attrs: vec![
+            str_attr("form", "int8"),
+            int_attr("K", k),
+            int_attr("N", m),
+            ints_attr("conv", geometry_attr(&geo)),
+            int_attr("bias", bias.is_some() as i64),
+        ],
+        kind: Kind::FloatConv,
+        absorbed: Vec::new(),
+    })
 }
 
 /// `ConvInteger(x, w[, x₀[, w₀]])` with `w` an 8-bit constant, one group.
@@ -2049,17 +2284,7 @@ fn integer_plan(
     let scaled = scales.is_some();
     let mut attrs = vec![];
     if let Some(geo) = &conv {
-        let mut v = vec![geo.rank as i64, geo.channels as i64, geo.auto_pad.code()];
-        for x in geo
-            .kernel
-            .iter()
-            .chain(&geo.strides)
-            .chain(&geo.dilations)
-            .chain(&geo.pads)
-        {
-            v.push(*x as i64);
-        }
-        attrs.push(ints_attr("conv", v));
+        attrs.push(ints_attr("conv", geometry_attr(geo)));
     }
     attrs.push(int_attr("bias", bias.is_some() as i64));
     if let Some(scales) = scales {
@@ -2133,8 +2358,23 @@ fn build_integer(
     ))
 }
 
-/// The geometry a plan wrote in the `conv` attribute: rank, channels, auto_pad, then kernel, strides,
+/// A convolution's geometry as the `conv` attribute: rank, channels, auto_pad, then kernel, strides,
 /// dilations (two each) and pads (four).
+fn geometry_attr(geo: &Geometry) -> Vec<i64> {
+    let mut v = vec![geo.rank as i64, geo.channels as i64, geo.auto_pad.code()];
+    for x in geo
+        .kernel
+        .iter()
+        .chain(&geo.strides)
+        .chain(&geo.dilations)
+        .chain(&geo.pads)
+    {
+        v.push(*x as i64);
+    }
+    v
+}
+
+/// The geometry a plan wrote in the `conv` attribute ([`geometry_attr`]).
 fn geometry_of(v: &[i64]) -> Option<Geometry> {
     if v.len() != 13 || v.iter().any(|&x| x < 0) {
         return None;
@@ -2197,6 +2437,22 @@ fn conv_output_shape(
     Ok(out)
 }
 
+/// Shape rules of a convolution of `m` output channels over an `[N, C, spatial…]` input.
+fn conv_becomes<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    geo: Geometry,
+    m: usize,
+    op: &'static str,
+) -> InferenceResult {
+    s.equals(&inputs[0].rank, geo.rank as i64 + 2)?;
+    s.equals(&outputs[0].rank, geo.rank as i64 + 2)?;
+    s.given(&inputs[0].shape, move |s, shape| {
+        s.equals(&outputs[0].shape, conv_output_shape(&geo, &shape, m, op)?)
+    })
+}
+
 /// The inference-time face of `QuenchMatMulInteger`; inputs: A, [a₀], packed B, [b₀ as i32],
 /// [column scales: the result is then f32, not i32], [A's scale, a runtime scalar the column scales
 /// are multiplied by], [bias, added to a float result].
@@ -2239,18 +2495,10 @@ impl Expansion for IntegerExpansion {
             i32::datum_type()
         };
         s.equals(&outputs[0].datum_type, dt)?;
-        let Some(geo) = self.conv.clone() else {
-            return last_axis_becomes(s, inputs, outputs, self.n);
-        };
-        let m = self.n;
-        s.equals(&inputs[0].rank, geo.rank as i64 + 2)?;
-        s.equals(&outputs[0].rank, geo.rank as i64 + 2)?;
-        s.given(&inputs[0].shape, move |s, shape| {
-            s.equals(
-                &outputs[0].shape,
-                conv_output_shape(&geo, &shape, m, OP_INT)?,
-            )
-        })
+        match self.conv.clone() {
+            None => last_axis_becomes(s, inputs, outputs, self.n),
+            Some(geo) => conv_becomes(s, inputs, outputs, geo, self.n, OP_INT),
+        }
     }
 
     fn wire(
@@ -2456,40 +2704,8 @@ impl EvalOp for QMatMulInteger {
             let y = self.product(&inputs[0], a0, factor, bias.as_deref())?;
             return Ok(tvec![y.into_tvalue()]);
         };
-        let x = &inputs[0];
-        let shape = x.shape();
-        ensure!(
-            shape.len() == geo.rank + 2 && shape[1] == geo.channels,
-            "{OP_INT}: input of shape {shape:?} for a convolution over {} channels",
-            geo.channels
-        );
-        let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
-        let fits = |ax: usize| geo.out_len(ax, hw[ax]);
-        let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
-            bail!("{OP_INT}: the kernel does not fit an input of shape {shape:?}");
-        };
+        let (cols, [batch, oh, ow]) = conv_rows(geo, &inputs[0], a0, OP_INT)?;
         let rows = batch * oh * ow;
-        let ram = x.try_as_plain_ram()?;
-        // Padding is a real 0: a zero point in the quantized domain.
-        let cols = match x.datum_type() {
-            DatumType::F32 => {
-                let c = geo.im2col(ram.as_slice::<f32>()?, batch, hw, 0.0).unwrap();
-                Tensor::from_shape(&[rows, geo.k()], &c)?
-            }
-            DatumType::U8 => {
-                let c = geo
-                    .im2col(ram.as_slice::<u8>()?, batch, hw, a0 as u8)
-                    .unwrap();
-                Tensor::from_shape(&[rows, geo.k()], &c)?
-            }
-            DatumType::I8 => {
-                let c = geo
-                    .im2col(ram.as_slice::<i8>()?, batch, hw, a0 as i8)
-                    .unwrap();
-                Tensor::from_shape(&[rows, geo.k()], &c)?
-            }
-            dt => bail!("{OP_INT} takes f32, u8 or i8 input, not {dt:?}"),
-        };
         let y = self.product(&cols, a0, factor, bias.as_deref())?;
         drop(cols);
         let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
@@ -2519,6 +2735,44 @@ impl EvalOp for QMatMulInteger {
         }
         Ok(tvec![out.into_tvalue()])
     }
+}
+
+/// The im2col rows `[N·OH·OW, K]` of a convolution's input `x[N, C, spatial…]` (f32, u8 or i8;
+/// padding is `pad`, a real 0 in the quantized domain), and `[N, OH, OW]`.
+fn conv_rows(geo: &Geometry, x: &Tensor, pad: i32, op: &str) -> TractResult<(Tensor, [usize; 3])> {
+    let shape = x.shape();
+    ensure!(
+        shape.len() == geo.rank + 2 && shape[1] == geo.channels,
+        "{op}: input of shape {shape:?} for a convolution over {} channels",
+        geo.channels
+    );
+    let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
+    let fits = |ax: usize| geo.out_len(ax, hw[ax]);
+    let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
+        bail!("{op}: the kernel does not fit an input of shape {shape:?}");
+    };
+    let rows = [batch * oh * ow, geo.k()];
+    let ram = x.try_as_plain_ram()?;
+    let cols = match x.datum_type() {
+        DatumType::F32 => {
+            let c = geo.im2col(ram.as_slice::<f32>()?, batch, hw, 0.0).unwrap();
+            Tensor::from_shape(&rows, &c)?
+        }
+        DatumType::U8 => {
+            let c = geo
+                .im2col(ram.as_slice::<u8>()?, batch, hw, pad as u8)
+                .unwrap();
+            Tensor::from_shape(&rows, &c)?
+        }
+        DatumType::I8 => {
+            let c = geo
+                .im2col(ram.as_slice::<i8>()?, batch, hw, pad as i8)
+                .unwrap();
+            Tensor::from_shape(&rows, &c)?
+        }
+        dt => bail!("{op} takes f32, u8 or i8 input, not {dt:?}"),
+    };
+    Ok((cols, [batch, oh, ow]))
 }
 
 /// `y[.., n] += bias` per column, for an f32 result in limbs (nothing without a bias).

@@ -156,7 +156,7 @@ impl Geometry {
 
     /// Whether each output position reads exactly its own input position (a 1×1 kernel, stride 1,
     /// no padding): the rows are then the input with its channels last.
-    fn pointwise(&self, hw: [usize; 2]) -> bool {
+    pub fn pointwise(&self, hw: [usize; 2]) -> bool {
         self.kernel == [1, 1]
             && self.strides == [1, 1]
             && self.pads_of(0, hw[0]) == (0, 0)
@@ -168,6 +168,21 @@ impl Geometry {
     /// or `pad` outside the input. Each image is first laid channels-last, so a tap copies `C`
     /// consecutive values (and a run of taps along a row, `C` per tap, when the dilation is 1).
     pub fn im2col<T: Copy>(&self, x: &[T], n: usize, hw: [usize; 2], pad: T) -> Option<Vec<T>> {
+        let mut cols = Vec::new();
+        self.im2col_into(x, n, hw, pad, &mut cols)?;
+        Some(cols)
+    }
+
+    /// [`Geometry::im2col`] into `cols`, which is resized to fit (so that a caller going image by
+    /// image reuses one buffer).
+    pub fn im2col_into<T: Copy>(
+        &self,
+        x: &[T],
+        n: usize,
+        hw: [usize; 2],
+        pad: T,
+        cols: &mut Vec<T>,
+    ) -> Option<()> {
         let [h, w] = hw;
         let (oh, ow) = (self.out_len(0, h)?, self.out_len(1, w)?);
         let (pt, pl) = (self.pads_of(0, h).0, self.pads_of(1, w).0);
@@ -178,17 +193,18 @@ impl Geometry {
         let plane = h * w;
         assert_eq!(x.len(), n * c * plane, "input of {} values", x.len());
         let k = self.k();
+        cols.clear();
         if self.pointwise(hw) {
-            let mut cols = vec![pad; n * plane * c];
+            cols.resize(n * plane * c, pad);
             for (image, out) in x
                 .chunks_exact(c * plane)
                 .zip(cols.chunks_exact_mut(c * plane))
             {
                 transpose(image, c, plane, out);
             }
-            return Some(cols);
+            return Some(());
         }
-        let mut cols = vec![pad; n * oh * ow * k];
+        cols.resize(n * oh * ow * k, pad);
         let mut last = vec![pad; plane * c];
         // Per output column z: the kernel taps j that land inside the row, and where the first lands.
         let taps: Vec<(usize, usize, usize)> = (0..ow)
@@ -226,7 +242,7 @@ impl Geometry {
                 }
             }
         }
-        Some(cols)
+        Some(())
     }
 }
 

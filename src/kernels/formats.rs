@@ -75,6 +75,49 @@ impl<'a> Int8Cols<'a> {
     }
 }
 
+/// A plain row-major f32 matrix `[K, N]` read as the right operand of a product: an activation, such
+/// as the `[C, H·W]` image of a pointwise convolution, which the weight then multiplies from the left.
+pub struct F32Matrix<'a> {
+    pub data: &'a [f32],
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Panels for F32Matrix<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn decode(&self, k0: usize, kc: usize, n0: usize, nr: usize, out: &mut [f32]) {
+        let nw = nr.min(self.n.saturating_sub(n0));
+        for (r, o) in out.chunks_exact_mut(nr).take(kc).enumerate() {
+            let row = &self.data[(k0 + r) * self.n + n0..][..nw];
+            o[..nw].copy_from_slice(row);
+            o[nw..].fill(0.0);
+        }
+    }
+}
+
+/// `Wᵀ` as row-major f32 `[N, K]`: every panel of `w` decoded once.
+pub fn transposed_f32(w: &dyn Panels) -> Vec<f32> {
+    const NR: usize = 32;
+    let (k, n) = (w.k(), w.n());
+    let mut panel = vec![0f32; k * NR];
+    let mut out = vec![0f32; n * k];
+    for n0 in (0..n).step_by(NR) {
+        w.decode(0, k, n0, NR, &mut panel);
+        for j in 0..NR.min(n - n0) {
+            let row = &mut out[(n0 + j) * k..][..k];
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = panel[r * NR + j];
+            }
+        }
+    }
+    out
+}
+
 impl Panels for Int8Cols<'_> {
     fn k(&self) -> usize {
         self.k

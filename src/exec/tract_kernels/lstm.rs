@@ -13,7 +13,7 @@
 //! peepholes; any direction; optional `B`, `initial_h` and `initial_c`. Other LSTMs stay with tract.
 
 use super::*;
-use crate::kernels::integer::LimbWeight;
+use crate::kernels::integer::{self as integer, Packed as PackedView};
 
 pub(super) const OP: &str = "QuenchLstm";
 
@@ -64,7 +64,7 @@ fn lstm_weight<'g>(
 /// An `LSTM` node the operator takes (see the module's list), as a `QuenchLstm` over the codes and
 /// scales of `W` and `R`, then whichever of `B`, `initial_h`, `initial_c` are given (attribute
 /// `optional` says which).
-pub(super) fn plan(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
+pub(super) fn plan(g: &pb::GraphProto, ix: &Index, i: usize, packs: &mut Packs) -> Option<Plan> {
     let n = &g.node[i];
     if !(n.domain.is_empty() || n.domain == "ai.onnx") {
         return None;
@@ -107,22 +107,88 @@ pub(super) fn plan(g: &pb::GraphProto, ix: &Index, i: usize) -> Option<Plan> {
         return None;
     }
     let optional = [input(3), input(5), input(6)];
-    let mut inputs: Vec<String> = [x, wq, ws, rq, rs].map(String::from).into();
+    let mut attrs = vec![
+        int_attr("hidden_size", hidden),
+        str_attr("direction", direction),
+        ints_attr(
+            "optional",
+            optional.iter().map(|o| o.is_some() as i64).collect(),
+        ),
+    ];
+    // Where the limbs pay, the codes are packed for the integer kernels here, into the initializers
+    // the operator then reads in place: packing them when tract wires the operator would keep a
+    // second copy beside the parsed model's.
+    let (mut w, mut r) = (wq.to_string(), rq.to_string());
+    let isa = IntIsa::detect();
+    if isa.limbs_pay() {
+        let layout = isa.layout();
+        let (wp, wk, wshift) = packed_codes(ix, wq, dirs, 4 * hidden, layout, packs)?;
+        let (rp, rk, rshift) = packed_codes(ix, rq, dirs, 4 * hidden, layout, packs)?;
+        let [nr, group] = [layout.nr, layout.group].map(|v| v as i64);
+        attrs.push(ints_attr("packed", vec![nr, group, wk, wshift, rk, rshift]));
+        (w, r) = (wp, rp);
+    }
+    let mut inputs: Vec<String> = vec![x.into(), w, ws.into(), r, rs.into()];
     inputs.extend(optional.iter().flatten().map(|s| s.to_string()));
     Some(Plan {
         node: i,
         inputs,
-        attrs: vec![
-            int_attr("hidden_size", hidden),
-            str_attr("direction", direction),
-            ints_attr(
-                "optional",
-                optional.iter().map(|o| o.is_some() as i64).collect(),
-            ),
-        ],
+        attrs,
         kind: Kind::Lstm,
         absorbed: Vec::new(),
     })
+}
+
+/// The codes `q[dirs, rows, K]` as one new initializer: each direction's `qᵀ[K, rows]` packed for
+/// the integer kernels of `layout`, one after the other. Returns its name, `K` and the shift of u8
+/// codes to i8 (see [`Weight::shift`]).
+fn packed_codes(
+    ix: &Index,
+    q: &str,
+    dirs: i64,
+    rows: i64,
+    layout: Layout,
+    packs: &mut Packs,
+) -> Option<(String, i64, i64)> {
+    let t = ix.konst(q)?.t;
+    let k = t.dims[2];
+    let shift = if t.data_type == UINT8 { -128 } else { 0 };
+    let key = (q.to_string(), "lstm".to_string());
+    if let Some((name, _)) = packs.by_source.get(&key) {
+        return Some((name.clone(), k, shift));
+    }
+    let (ku, ru) = (k as usize, rows as usize);
+    let mut raw = std::borrow::Cow::Borrowed(&t.raw_data[..]);
+    if raw.len() != dirs as usize * ru * ku || t.data_location == Some(1) {
+        raw = std::borrow::Cow::Owned(bytes_of(t)?);
+    }
+    let mut out = Vec::with_capacity(dirs as usize * layout.packed_len(ku, ru));
+    let mut transposed = vec![0u8; ru * ku];
+    for codes in raw.chunks_exact(ru * ku) {
+        kernels::conv::transpose(codes, ru, ku, &mut transposed);
+        let w = if t.data_type == INT8 {
+            // SAFETY: i8 and u8 have the same size and alignment, and every byte is a valid i8.
+            Weight::I8(unsafe { std::slice::from_raw_parts(transposed.as_ptr().cast(), ru * ku) })
+        } else {
+            Weight::U8(&transposed)
+        };
+        out.extend(
+            integer::pack(w, ku, ru, layout)
+                .into_iter()
+                .map(|v| v as u8),
+        );
+    }
+    let name = format!("{q}::quench_lstm_{}x{}", layout.nr, layout.group);
+    packs.made.push(pb::TensorProto {
+        name: name.clone(),
+        data_type: INT8,
+        dims: vec![out.len() as i64],
+        raw_data: out,
+        ..Default::default()
+    });
+    packs.replaced.insert(q.to_string());
+    packs.by_source.insert(key, (name.clone(), None));
+    Some((name, k, shift))
 }
 
 pub(super) fn build(
@@ -141,10 +207,31 @@ pub(super) fn build(
         "bidirectional" => 2,
         other => bail!("{OP}: direction '{other}'"),
     };
+    let packed = match node.get_attr_opt_vec::<i64>("packed")? {
+        None => None,
+        Some(v) => {
+            let size = |x: i64| usize::try_from(x).ok().filter(|&x| x > 0);
+            let shift = |x: i64| [0, -128].contains(&x).then_some(x as i32);
+            let parsed = (v.len() == 6).then_some(()).and_then(|()| {
+                Some(PackedAttr {
+                    layout: Layout {
+                        nr: size(v[0])?,
+                        group: size(v[1])?,
+                    },
+                    k: [size(v[2])?, size(v[4])?],
+                    shift: [shift(v[3])?, shift(v[5])?],
+                })
+            });
+            Some(parsed.with_context(|| {
+                format!("{OP}: 'packed' {v:?} is not nr, group, then K and shift of W and R")
+            })?)
+        }
+    };
     Ok((
         expand(LstmExpansion {
             hidden,
             dirs,
+            packed,
             reverse: direction == "reverse",
             optional: [0, 1, 2].map(|j| optional[j] != 0),
             // tract drops outputs with an empty name: the node has the others, in order.
@@ -154,10 +241,21 @@ pub(super) fn build(
     ))
 }
 
+/// How a plan packed `W` and `R` (attribute `packed`): the kernels' layout, then each one's `K` and
+/// the shift of its codes to i8 (0, or −128 for u8).
+#[derive(Clone, Copy, Debug)]
+struct PackedAttr {
+    layout: Layout,
+    k: [usize; 2],
+    shift: [i32; 2],
+}
+
 #[derive(Clone, Debug)]
 struct LstmExpansion {
     hidden: usize,
     dirs: usize,
+    /// `W` and `R` packed for the integer kernels by the plan (else they are the codes).
+    packed: Option<PackedAttr>,
     reverse: bool,
     /// Whether `B`, `initial_h`, `initial_c` are inputs (in that order, after the weights).
     optional: [bool; 3],
@@ -215,10 +313,16 @@ impl Expansion for LstmExpansion {
     ) -> TractResult<TVec<OutletId>> {
         let konst = |i: usize| constant_input(model, prefix, inputs, i);
         let (h, d) = (self.hidden, self.dirs);
-        let w = per_direction(&*konst(1)?, &*konst(2)?, d, 4 * h)
-            .with_context(|| format!("{prefix}: W"))?;
-        let r = per_direction(&*konst(3)?, &*konst(4)?, d, 4 * h)
-            .with_context(|| format!("{prefix}: R"))?;
+        let weights = |i: usize, which: usize| -> TractResult<Vec<LstmWeight>> {
+            let (codes, scale) = (konst(i)?, konst(i + 1)?);
+            match self.packed {
+                None => per_direction(&codes, &scale, d, 4 * h),
+                Some(p) => shared_limbs(codes, &scale, d, 4 * h, p, which),
+            }
+            .with_context(|| format!("{prefix}: {}", ["W", "R"][which]))
+        };
+        let w = weights(1, 0)?;
+        let r = weights(3, 1)?;
         ensure!(
             r.iter().all(|r| r.k() == h),
             "{prefix}: R is not [{d}, {}, {h}]",
@@ -240,70 +344,115 @@ impl Expansion for LstmExpansion {
     }
 }
 
-/// One `[K, rows]` weight per direction from the codes `q[dirs, rows, K]` and their scale (one value,
-/// one per row shared by the directions, or one per direction and row), re-laid for the kernels.
+/// The scales of direction `d`'s rows, from one value, one per row shared by the directions, or one
+/// per direction and row.
+fn scales_of(scale: &Tensor, dirs: usize, rows: usize, d: usize) -> TractResult<Vec<f32>> {
+    let ram = scale.try_as_plain_ram()?;
+    let scale = ram.as_slice::<f32>()?;
+    ensure!(
+        [1, rows, dirs * rows].contains(&scale.len()),
+        "{} scales for {dirs} × {rows} rows",
+        scale.len()
+    );
+    Ok((0..rows)
+        .map(|j| match scale.len() {
+            1 => scale[0],
+            n if n == rows => scale[j],
+            _ => scale[d * rows + j],
+        })
+        .collect())
+}
+
+/// One `[K, rows]` weight per direction from the codes `q[dirs, rows, K]` and their scale, re-laid in
+/// blocks of columns for the f32 kernels.
 fn per_direction(
     q: &Tensor,
     scale: &Tensor,
     dirs: usize,
     rows: usize,
 ) -> TractResult<Vec<LstmWeight>> {
-    let scale = scale.try_as_plain_ram()?;
-    let scale = scale.as_slice::<f32>()?;
     let q_ram = q.try_as_plain_ram()?;
     ensure!(
         q.rank() == 3 && q.shape()[0] == dirs && q.shape()[1] == rows,
         "codes of shape {:?}, not [{dirs}, {rows}, K]",
         q.shape()
     );
-    ensure!(
-        [1, rows, dirs * rows].contains(&scale.len()),
-        "{} scales for {dirs} × {rows} rows",
-        scale.len()
-    );
     let k = q.shape()[2];
     let mut out = Vec::with_capacity(dirs);
     for d in 0..dirs {
-        let scales: Vec<f32> = (0..rows)
-            .map(|j| match scale.len() {
-                1 => scale[0],
-                n if n == rows => scale[j],
-                _ => scale[d * rows + j],
-            })
-            .collect();
+        let scales = scales_of(scale, dirs, rows, d)?;
         // W[d] is [rows, K]; the product reads its transpose, [K, rows].
         fn transposed<T: Copy + Default>(q: &[T], rows: usize, k: usize) -> Vec<T> {
             let mut t = vec![T::default(); q.len()];
-            for (j, row) in q.chunks_exact(k).enumerate() {
-                for (c, &v) in row.iter().enumerate() {
-                    t[c * rows + j] = v;
-                }
-            }
+            kernels::conv::transpose(q, rows, k, &mut t);
             t
         }
         let span = d * rows * k..(d + 1) * rows * k;
         let (t_i8, t_u8);
-        let (codes, packed) = match q.datum_type() {
+        let codes = match q.datum_type() {
             DatumType::I8 => {
                 t_i8 = transposed(&q_ram.as_slice::<i8>()?[span], rows, k);
-                (Codes::I8(&t_i8), Weight::I8(&t_i8))
+                Codes::I8(&t_i8)
             }
             DatumType::U8 => {
                 t_u8 = transposed(&q_ram.as_slice::<u8>()?[span], rows, k);
-                (Codes::U8(&t_u8), Weight::U8(&t_u8))
+                Codes::U8(&t_u8)
             }
             dt => bail!("8-bit codes expected, found {dt:?}"),
         };
-        let isa = IntIsa::detect();
-        let weight = if isa.limbs_pay() {
-            LstmWeight::Limbs(LimbWeight::new(isa, packed, k, rows, scales))
-        } else {
-            let cols = Int8Cols::with_codes(codes, k, rows, &scales, None);
-            LstmWeight::Blocked(Int8Blocked::from_cols(&cols))
-        };
-        out.push(weight);
+        let cols = Int8Cols::with_codes(codes, k, rows, &scales, None);
+        out.push(LstmWeight::Blocked(Int8Blocked::from_cols(&cols)));
     }
     Ok(out)
+}
+
+/// One weight per direction over the codes the plan packed (`which`: 0 for `W`, 1 for `R`), each a
+/// view of the same constant.
+fn shared_limbs(
+    packed: Arc<Tensor>,
+    scale: &Tensor,
+    dirs: usize,
+    rows: usize,
+    p: PackedAttr,
+    which: usize,
+) -> TractResult<Vec<LstmWeight>> {
+    let isa = IntIsa::for_layout(p.layout).with_context(|| {
+        format!(
+            "no integer kernel of this CPU reads panels of {} × groups of {}",
+            p.layout.nr, p.layout.group
+        )
+    })?;
+    let k = p.k[which];
+    let len = p.layout.packed_len(k, rows);
+    ensure!(
+        packed.datum_type() == i8::datum_type() && packed.len() == dirs * len,
+        "packed codes: {} values of {:?}, not {dirs} × {len}",
+        packed.len(),
+        packed.datum_type()
+    );
+    let zeros = match p.shift[which] {
+        0 => Vec::new(),
+        z => vec![z],
+    };
+    (0..dirs)
+        .map(|d| {
+            let mut w = SharedLimbs {
+                isa,
+                packed: packed.clone(),
+                offset: d * len,
+                k,
+                n: rows,
+                zeros: zeros.clone(),
+                sums: Vec::new(),
+                scales: scales_of(scale, dirs, rows, d)?,
+            };
+            w.sums = w.with_packed(|b| {
+                b.check().map_err(|e| anyhow!("{e}"))?;
+                Ok(b.column_sums())
+            })?;
+            Ok(LstmWeight::Limbs(w))
+        })
+        .collect()
 }
 
 /// `Wᵀ` or `Rᵀ` of one direction: 8-bit codes in blocks of columns, which the f32 kernels decode,
@@ -312,30 +461,67 @@ fn per_direction(
 #[derive(Debug)]
 pub enum LstmWeight {
     Blocked(Int8Blocked),
-    Limbs(LimbWeight),
+    Limbs(SharedLimbs),
+}
+
+/// A direction's slice of the codes the plan packed, read in place from the parsed model's constant.
+#[derive(Debug)]
+pub struct SharedLimbs {
+    isa: IntIsa,
+    packed: Arc<Tensor>,
+    offset: usize,
+    k: usize,
+    n: usize,
+    /// The zero point that undoes the packing's shift of u8 codes (empty for i8 codes).
+    zeros: Vec<i32>,
+    sums: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+impl SharedLimbs {
+    fn with_packed<R>(&self, f: impl FnOnce(&PackedView) -> TractResult<R>) -> TractResult<R> {
+        let ram = self.packed.try_as_plain_ram()?;
+        let layout = self.isa.layout();
+        let data = &ram.as_slice::<i8>()?[self.offset..][..layout.packed_len(self.k, self.n)];
+        f(&PackedView {
+            data,
+            k: self.k,
+            n: self.n,
+            layout,
+        })
+    }
 }
 
 impl LstmWeight {
     fn k(&self) -> usize {
         match self {
             LstmWeight::Blocked(w) => w.k(),
-            LstmWeight::Limbs(w) => w.k(),
+            LstmWeight::Limbs(w) => w.k,
         }
     }
 
+    /// Bytes held: for shared codes, their slice of the constant (held once, by the parsed model),
+    /// plus the column sums and scales.
     fn bytes(&self) -> usize {
         match self {
             LstmWeight::Blocked(w) => w.bytes(),
-            LstmWeight::Limbs(w) => w.bytes(),
+            LstmWeight::Limbs(w) => {
+                w.isa.layout().packed_len(w.k, w.n)
+                    + 4 * (w.sums.len() + w.scales.len() + w.zeros.len())
+            }
         }
     }
 
     /// `c[M, 4H] = a[M, K] · self`.
-    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) -> TractResult<()> {
         match self {
             LstmWeight::Blocked(w) => kernels::matmul(a, m, w, c),
-            LstmWeight::Limbs(w) => w.matmul(a, m, c),
+            LstmWeight::Limbs(w) => w.with_packed(|b| {
+                integer::matmul_f32(w.isa, a, m, b, &w.zeros, &w.sums, &w.scales, c);
+                Ok(())
+            })?,
         }
+        Ok(())
     }
 }
 
@@ -441,7 +627,7 @@ impl EvalOp for QLstm {
         let mut pre = vec![0f32; batch * 4 * h];
         for d in 0..dirs {
             // Every step's input products at once.
-            self.w[d].matmul(x, steps * batch, &mut gates_x);
+            self.w[d].matmul(x, steps * batch, &mut gates_x)?;
             // Wb + Rb.
             let bias: Option<Vec<f32>> = b.as_ref().map(|b| {
                 let b = &b[d * 8 * h..(d + 1) * 8 * h];
@@ -457,7 +643,7 @@ impl EvalOp for QLstm {
             let backwards = self.reverse || d == 1;
             for s in 0..steps {
                 let t = if backwards { steps - 1 - s } else { s };
-                self.r[d].matmul(&hid, batch, &mut pre);
+                self.r[d].matmul(&hid, batch, &mut pre)?;
                 let gx = &gates_x[t * batch * 4 * h..(t + 1) * batch * 4 * h];
                 for (p, g) in pre.iter_mut().zip(gx) {
                     *p += g;
