@@ -4,7 +4,8 @@
 #   benches/callgrind.sh MODEL[+plain]... -- BENCH_OPTIONS...
 #
 # Each model runs in `quench bench --in-process --warmup 0 --runs 2`, with instructions collected only
-# inside tract's plan execution (`SimplePlan::run`, callgrind's --toggle-collect): half the count is
+# inside tract's plan execution (`SimpleState::run_plan_with_eval`, which runs every node of a session's
+# run; callgrind's --toggle-collect): half the count is
 # what one inference costs, without loading, planning (the session plans on its first run for an
 # input shape) or input generation. MODEL+plain
 # runs it with --tract-plain (tract's own operators instead of quench's kernels). The first model is the
@@ -23,7 +24,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 count() { # model flag
     valgrind --tool=callgrind --callgrind-out-file="$tmp/out" \
-        --toggle-collect='tract_core::plan::SimplePlan*::run' \
+        --toggle-collect='tract_core::plan::SimpleState*::run_plan_with_eval' \
         "$QUENCH" bench "$1" "${@:3}" --in-process --warmup 0 --runs 2 $2 >/dev/null 2>"$tmp/err" ||
         { cat "$tmp/err" >&2; exit 1; }
     grep -o 'Collected : [0-9]*' "$tmp/err" | grep -o '[0-9]*$'
