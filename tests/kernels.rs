@@ -551,7 +551,7 @@ fn qlinear_conv_runs_as_dequantize_conv_quantize() {
 /// (DequantizeLinear per channel or per tensor, with or without a zero point; Cast → Sub → Mul),
 /// strides, dilations, explicit and automatic padding, a pointwise and a one-dimensional
 /// convolution, a batch of 3. The outputs equal tract's own convolution over the same graph to
-/// float rounding.
+/// float rounding; a ConvInteger of the dynamic form over the same batch, exactly.
 #[test]
 fn weight_only_conv_runs_over_int8_codes() {
     use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
@@ -702,6 +702,18 @@ fn weight_only_conv_runs_over_int8_codes() {
         "y5",
         vec![ints("dilations", &[2]), ints("pads", &[2, 1])],
     ));
+    // 6: the dynamic form's ConvInteger over the same input, an exact integer product image by
+    // image.
+    codes(&mut inits, "w6", &[4, 5, 3, 3], true, true);
+    let mut dq = node("DynamicQuantizeLinear", &["x"], "xq", vec![]);
+    dq.output = vec!["xq".into(), "xs".into(), "xz".into()];
+    nodes.push(dq);
+    nodes.push(node(
+        "ConvInteger",
+        &["xq", "w6_q", "xz"],
+        "y6",
+        vec![ints("pads", &[1, 1, 1, 1]), ints("strides", &[2, 2])],
+    ));
     let (batch, c, h, w) = (3usize, 5usize, 9usize, 11usize);
     let graph = GraphProto {
         name: Some("convs".into()),
@@ -715,9 +727,9 @@ fn weight_only_conv_runs_over_int8_codes() {
             ),
             quench::onnx::tensor::tensor_value_info("x1", 1, &[batch as i64, 4, 13]),
         ],
-        output: ["y1", "y2", "y3", "y4", "y5"]
+        output: ["y1", "y2", "y3", "y4", "y5", "y6"]
             .iter()
-            .map(|n| value_info(n, 1))
+            .map(|n| value_info(n, if *n == "y6" { 6 } else { 1 }))
             .collect(),
         ..Default::default()
     };
@@ -751,7 +763,10 @@ fn weight_only_conv_runs_over_int8_codes() {
     ];
     let mut fast = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
     let kernels = kernels_of(fast.as_ref());
-    assert!(kernels.contains("5 weight-only Conv"), "{kernels}");
+    assert!(
+        kernels.contains("5 weight-only Conv") && kernels.contains(", 1 Conv,"),
+        "{kernels}"
+    );
     let mine = fast.run(&feed).unwrap();
     let plain = SessionOptions {
         tract_kernels: false,
@@ -769,8 +784,9 @@ fn weight_only_conv_runs_over_int8_codes() {
             x.shape(),
             worst / scale
         );
+        let tol = if name == "y6" { 0.0 } else { 1e-5 * scale };
         assert!(
-            worst <= 1e-5 * scale,
+            worst <= tol,
             "{name}: max difference {worst} (output scale {scale})"
         );
     }

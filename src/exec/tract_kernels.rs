@@ -2704,35 +2704,53 @@ impl EvalOp for QMatMulInteger {
             let y = self.product(&inputs[0], a0, factor, bias.as_deref())?;
             return Ok(tvec![y.into_tvalue()]);
         };
-        let (cols, [batch, oh, ow]) = conv_rows(geo, &inputs[0], a0, OP_INT)?;
-        let rows = batch * oh * ow;
-        let y = self.product(&cols, a0, factor, bias.as_deref())?;
-        drop(cols);
-        let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
-        if geo.rank == 2 {
-            out_shape.push(ow);
-        }
-        // [N·OH·OW, M] → [N, M, OH(, OW)].
-        let mut out = Tensor::zero_dt(y.datum_type(), &out_shape)?;
-        if rows > 0 {
-            let plane = oh * ow;
+        // Image by image, so that the rows of one stay in cache while the product reads them.
+        let x = &inputs[0];
+        let batch = x.shape().first().copied().unwrap_or(0);
+        let mut out: Option<Tensor> = None;
+        for b in 0..batch.max(1) {
+            let image = if batch > 1 {
+                std::borrow::Cow::Owned(x.slice(0, b, b + 1)?)
+            } else {
+                std::borrow::Cow::Borrowed(&**x)
+            };
+            let (cols, [n, oh, ow]) = conv_rows(geo, &image, a0, OP_INT)?;
+            let y = self.product(&cols, a0, factor, bias.as_deref())?;
+            drop(cols);
+            let out = match &mut out {
+                Some(o) => o,
+                None => {
+                    let mut shape: TVec<usize> = tvec![batch, self.n, oh];
+                    if geo.rank == 2 {
+                        shape.push(ow);
+                    }
+                    out.insert(Tensor::zero_dt(y.datum_type(), &shape)?)
+                }
+            };
+            // [OH·OW, M] → [M, OH(, OW)] for each image.
+            let (plane, len) = (oh * ow, n * oh * ow * self.n);
+            if len == 0 {
+                continue;
+            }
             let y_ram = y.try_as_plain_ram()?;
             let mut o_ram = out.try_as_plain_ram_mut()?;
+            let at = b * len..(b + 1) * len;
             match y.datum_type() {
                 DatumType::F32 => channels_first(
                     y_ram.as_slice::<f32>()?,
-                    o_ram.as_slice_mut::<f32>()?,
+                    &mut o_ram.as_slice_mut::<f32>()?[at],
                     plane,
                     self.n,
                 ),
                 _ => channels_first(
                     y_ram.as_slice::<i32>()?,
-                    o_ram.as_slice_mut::<i32>()?,
+                    &mut o_ram.as_slice_mut::<i32>()?[at],
                     plane,
                     self.n,
                 ),
             }
         }
+        let out = out.context("no output")?;
         Ok(tvec![out.into_tvalue()])
     }
 }
