@@ -54,8 +54,8 @@ pub struct Rewrites {
     /// Conv and ConvInteger over a constant 8-bit weight (one group), as products over im2col rows:
     /// integer activations, static QDQ, or, on VNNI, f32 activations in limbs.
     pub conv: usize,
-    /// Weight-only Conv over a constant 8-bit weight (one group), as f32 products over im2col rows
-    /// with the weight decoded a panel at a time.
+    /// Weight-only Conv (one group) as f32 products over im2col rows: over a constant 8-bit weight
+    /// decoded a panel at a time, or over a weight decoded once at load (`decoded`).
     pub float_conv: usize,
     /// DynamicQuantizeLinear nodes (run by quench's operator, value for value as tract's).
     pub quantize: usize,
@@ -72,8 +72,9 @@ pub struct Rewrites {
     /// (`Cast` to float, `Mul` by the scales, then an `Add` of a bias) runs inside quench's operator,
     /// in the same order of f32 operations; each also counts in `integer` or `conv`.
     pub epilogues: usize,
-    /// Weights of Conv and ConvTranspose left to tract, decoded from their compressed constants
-    /// once, before tract reads the graph (see `fold`).
+    /// Weights of Conv and ConvTranspose decoded from a codebook lookup once, before tract reads
+    /// the graph (see `fold`); a one-group Conv over one then also counts in `float_conv`, the
+    /// others run tract's convolution.
     pub decoded: usize,
 }
 
@@ -1053,6 +1054,46 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             .collect()
     };
     let mut gone = std::collections::HashSet::new();
+    apply(g, plans, &mut gone, &mut done);
+    let (decoded, read) = fold::decode_conv_weights(g, &opsets);
+    done.decoded = decoded.len();
+    packs.replaced.extend(read);
+    // The convolutions over the weights just decoded take quench's convolution too.
+    let more: Vec<Plan> = {
+        let ix = Index::new(g);
+        let decoded: std::collections::HashSet<String> = decoded.into_iter().collect();
+        (0..g.node.len())
+            .filter(|&i| g.node[i].op_type == "Conv")
+            .filter_map(|i| plan_decoded_conv(g, &ix, i, &decoded, &mut packs))
+            .collect()
+    };
+    apply(g, more, &mut gone, &mut done);
+    if done.total() == 0 && gemms == 0 && done.decoded == 0 {
+        return done;
+    }
+    g.initializer.extend(packs.made);
+    let mut at = 0..;
+    g.node.retain(|_| !gone.contains(&at.next().unwrap()));
+    remove_dead_nodes(g);
+    // The 8-bit weights now packed: their original layout goes (unless something else reads it).
+    drop_unread(g, &packs.replaced);
+    if done.total() > 0 && !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
+        model.opset_import.push(pb::OperatorSetIdProto {
+            domain: DOMAIN.into(),
+            version: 1,
+        });
+    }
+    done
+}
+
+/// Turns each planned node into quench's operator, and counts it in `done`; the nodes a plan absorbs
+/// go into `gone`.
+fn apply(
+    g: &mut pb::GraphProto,
+    plans: Vec<Plan>,
+    gone: &mut std::collections::HashSet<usize>,
+    done: &mut Rewrites,
+) {
     for p in plans {
         if let Some(&last) = p.absorbed.last() {
             let out = g.node[last].output.clone();
@@ -1083,25 +1124,6 @@ pub fn rewrite(model: &mut ModelProto) -> Rewrites {
             Kind::Lstm => done.lstm += 1,
         }
     }
-    let (decoded, read) = fold::decode_conv_weights(g, &opsets);
-    done.decoded = decoded;
-    packs.replaced.extend(read);
-    if done.total() == 0 && gemms == 0 && decoded == 0 {
-        return done;
-    }
-    g.initializer.extend(packs.made);
-    let mut at = 0..;
-    g.node.retain(|_| !gone.contains(&at.next().unwrap()));
-    remove_dead_nodes(g);
-    // The 8-bit weights now packed: their original layout goes (unless something else reads it).
-    drop_unread(g, &packs.replaced);
-    if done.total() > 0 && !model.opset_import.iter().any(|o| o.domain == DOMAIN) {
-        model.opset_import.push(pb::OperatorSetIdProto {
-            domain: DOMAIN.into(),
-            version: 1,
-        });
-    }
-    done
 }
 
 /// Drops the initializers named in `replaced` that no node, subgraph or graph input reads any more.
@@ -1195,6 +1217,8 @@ fn output_fact_shape(a: &TypedFact, n: usize, op: &str) -> TractResult<TVec<TDim
 #[derive(Clone, Debug)]
 enum Form {
     Int8,
+    /// An f32 weight `[K, N]` (a convolution's, decoded once at load from a codebook).
+    F32,
     NBits {
         bits: usize,
         block: usize,
@@ -1216,6 +1240,7 @@ fn build(
     let n: usize = node.get_attr("N")?;
     let form = match form.as_str() {
         "int8" => Form::Int8,
+        "f32" => Form::F32,
         "nbits" => Form::NBits {
             bits: node.get_attr("bits")?,
             block: node.get_attr("block_size")?,
@@ -1308,7 +1333,7 @@ impl Expansion for Expansion_ {
             false => None,
         };
         ensure!(
-            self.conv.is_none() || matches!(self.form, Form::Int8),
+            self.conv.is_none() || matches!(self.form, Form::Int8 | Form::F32),
             "{prefix}: a convolution over a weight of form {:?}",
             self.form
         );
@@ -1328,7 +1353,9 @@ impl Expansion for Expansion_ {
             conv: self.conv.clone(),
             bias,
         };
-        if let Form::NBits { .. } | Form::Int8 = self.form {
+        // A convolution's codes `[K, M]` are read in place: with at most a few hundred output
+        // channels a panel's rows lie close together, and a blocked copy would hold them twice.
+        if matches!(self.form, Form::NBits { .. } | Form::Int8) && self.conv.is_none() {
             op.relaid = relaid_weight(&op)?;
             if op.relaid.is_some() {
                 op.konsts.clear();
@@ -1460,6 +1487,18 @@ impl QMatMul {
         let (k, n) = (self.k, self.n);
         match &self.form {
             Form::Int8 => self.int8_view(|w| f(w, None)),
+            Form::F32 => {
+                let data = rams
+                    .first()
+                    .context("f32 weight expected")?
+                    .as_slice::<f32>()?;
+                ensure!(
+                    data.len() == k * n,
+                    "f32 weight of {} values for {k}×{n}",
+                    data.len()
+                );
+                f(&kernels::formats::F32Matrix { data, k, n }, None)
+            }
             Form::NBits { .. } => self.nbits_view(|w| f(w, None)),
             Form::Codebook {
                 k_padded,
@@ -2021,52 +2060,104 @@ fn plan_float_conv(
     geo: Geometry,
     packs: &mut Packs,
 ) -> Option<Plan> {
+    let mut decode = vec![wt.scale.to_string()];
+    decode.extend(wt.zero.cloned());
+    float_conv_plan(g, ix, i, wt.q, decode, geo, packs)
+}
+
+/// A `Conv` over an f32 weight that [`fold`] decoded once from a codebook lookup: the same f32
+/// product over im2col rows as [`plan_float_conv`], over the decoded weight re-laid `[K, M]` (which
+/// replaces it), instead of tract's convolution over it and its packed copy.
+fn plan_decoded_conv(
+    g: &pb::GraphProto,
+    ix: &Index,
+    i: usize,
+    decoded: &std::collections::HashSet<String>,
+    packs: &mut Packs,
+) -> Option<Plan> {
+    let node = &g.node[i];
+    let plain = node.domain.is_empty() || node.domain == "ai.onnx";
+    let w = node
+        .input
+        .get(1)
+        .filter(|w| plain && decoded.contains(*w))?;
+    let dims = &ix.konst(w).filter(|k| k.t.data_type == FLOAT)?.t.dims;
+    let geo = conv_geometry(node, dims)?;
+    float_conv_plan(g, ix, i, w, Vec::new(), geo, packs)
+}
+
+/// The plan of a weight-only convolution over the constant `w[M, C, KH(, KW)]` (8-bit codes, decoded
+/// by the constants `decode` (scale, then zero point); or f32, with none): `w` re-laid as
+/// `B[K, M]`, K in im2col's order of columns, into a new initializer that replaces it (unless
+/// something else reads it).
+fn float_conv_plan(
+    g: &pb::GraphProto,
+    ix: &Index,
+    i: usize,
+    w: &str,
+    decode: Vec<String>,
+    geo: Geometry,
+    packs: &mut Packs,
+) -> Option<Plan> {
     let node = &g.node[i];
     let x = node.input.first().filter(|x| !x.is_empty())?;
     let bias = node.input.get(2).filter(|b| !b.is_empty());
     if let Some(b) = bias {
         ix.konst(b).filter(|b| b.is(FLOAT, Some(1)))?;
     }
-    let qk = ix.konst(wt.q)?;
-    let m = wt.dims[0];
-    let k = qk.len() / m.max(1);
+    let wk = ix.konst(w)?;
+    let (form, width) = match wk.t.data_type {
+        INT8 | UINT8 => ("int8", 1),
+        FLOAT => ("f32", 4),
+        _ => return None,
+    };
+    let m = *wk.t.dims.first()?;
+    let k = wk.len() / m.max(1);
     if m <= 0 || k as usize != geo.k() {
         return None;
     }
-    let key = (wt.q.to_string(), "conv_kn".to_string());
+    let key = (w.to_string(), "conv_kn".to_string());
     let relaid = match packs.by_source.get(&key) {
         Some((name, _)) => name.clone(),
         None => {
             let (ku, mu) = (k as usize, m as usize);
-            let mut raw = std::borrow::Cow::Borrowed(&qk.t.raw_data[..]);
-            if raw.len() != ku * mu || qk.t.data_location == Some(1) {
-                raw = std::borrow::Cow::Owned(bytes_of(qk.t)?);
+            let mut raw = std::borrow::Cow::Borrowed(&wk.t.raw_data[..]);
+            if raw.len() != ku * mu * width || wk.t.data_location == Some(1) {
+                raw = match width {
+                    1 => std::borrow::Cow::Owned(bytes_of(wk.t)?),
+                    _ => floats_of(wk.t)?
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                };
             }
-            // W[M, (c, i, j)] as B[(i, j, c), M].
-            let relaid: Vec<u8> = (0..ku * mu)
-                .map(|t| raw[(t % mu) * ku + geo.weight_index(t / mu)])
-                .collect();
-            let name = format!("{}::quench_conv_kn", wt.q);
+            // W[M, (c, i, j)] as B[(i, j, c), M], `width` bytes a value.
+            let mut relaid = vec![0u8; ku * mu * width];
+            for (t, v) in relaid.chunks_exact_mut(width).enumerate() {
+                let at = ((t % mu) * ku + geo.weight_index(t / mu)) * width;
+                v.copy_from_slice(&raw[at..at + width]);
+            }
+            let name = format!("{w}::quench_conv_kn");
             packs.made.push(pb::TensorProto {
                 name: name.clone(),
-                data_type: qk.t.data_type,
+                data_type: wk.t.data_type,
                 dims: vec![k, m],
                 raw_data: relaid,
                 ..Default::default()
             });
-            packs.replaced.insert(wt.q.to_string());
+            packs.replaced.insert(w.to_string());
             packs.by_source.insert(key, (name.clone(), None));
             name
         }
     };
-    let mut inputs = vec![x.clone(), relaid, wt.scale.to_string()];
-    inputs.extend(wt.zero.cloned());
+    let mut inputs = vec![x.clone(), relaid];
+    inputs.extend(decode);
     inputs.extend(bias.cloned());
     Some(Plan {
         node: i,
         inputs,
         attrs: vec![
-            str_attr("form", "int8"),
+            str_attr("form", form),
             int_attr("K", k),
             int_attr("N", m),
             ints_attr("conv", geometry_attr(&geo)),

@@ -131,12 +131,12 @@ fn decoded(
 }
 
 /// Replaces the lookup decoding the weight of every ONNX `Conv` and `ConvTranspose` left in `g` by the
-/// decoded f32 initializer; returns how many weights, and the constants the decoding read (they go
-/// once nothing reads them).
+/// decoded f32 initializer; returns the names of those initializers, and the constants the decoding
+/// read (they go once nothing reads them).
 pub(super) fn decode_conv_weights(
     g: &mut pb::GraphProto,
     opsets: &[pb::OperatorSetIdProto],
-) -> (usize, Vec<String>) {
+) -> (Vec<String>, Vec<String>) {
     let mut folded: Vec<(usize, String)> = Vec::new();
     let mut made: Vec<pb::TensorProto> = Vec::new();
     let mut read = Vec::new();
@@ -159,10 +159,10 @@ pub(super) fn decode_conv_weights(
             folded.push((i, name));
         }
     }
-    let count = made.len();
+    let names = made.iter().map(|t| t.name.clone()).collect();
     for (i, name) in folded {
         g.node[i].input[1] = name;
     }
     g.initializer.extend(made);
-    (count, read)
+    (names, read)
 }
