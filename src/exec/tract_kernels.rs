@@ -1282,7 +1282,7 @@ struct Expansion_ {
     form: Form,
     k: usize,
     n: usize,
-    /// A convolution over im2col rows of an `[N, C, spatial…]` input (int8 form only).
+    /// A convolution over im2col rows of an `[N, C, spatial…]` input (int8 and f32 forms only).
     conv: Option<Geometry>,
     /// Whether the last input is the convolution's bias, one value per output channel.
     bias: bool,
