@@ -12,6 +12,53 @@ use quench::Model;
 use quench::exec::inputs::{self, InputOptions, Source};
 use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
 
+/// Values from a xorshift generator seeded with `seed`: each call gives one in `lo..=hi`.
+fn ints_from(mut seed: u32) -> impl FnMut(i32, i32) -> i32 {
+    move |lo, hi| {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        lo + (seed % (hi - lo + 1) as u32) as i32
+    }
+}
+
+/// A node of one output, named after it.
+fn node(
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+    attribute: Vec<quench::onnx::pb::AttributeProto>,
+) -> quench::onnx::pb::NodeProto {
+    quench::onnx::pb::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(output.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// An INTS attribute.
+fn ints(name: &str, v: &[i64]) -> quench::onnx::pb::AttributeProto {
+    quench::onnx::pb::AttributeProto {
+        name: name.into(),
+        r#type: Some(7),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// An INT attribute.
+fn int_attr(name: &str, v: i64) -> quench::onnx::pb::AttributeProto {
+    quench::onnx::pb::AttributeProto {
+        name: name.into(),
+        r#type: Some(2),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
 /// What a tract session says about the kernels it took.
 fn kernels_of(session: &dyn exec::Session) -> String {
     session
@@ -395,14 +442,8 @@ fn gemm_over_compressed_weights_is_taken() {
 /// float rounding at a half step, and so do tract's own QLinearConv's.
 #[test]
 fn qlinear_conv_runs_as_dequantize_conv_quantize() {
-    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
-    let mut seed = 0x2545_f491_u32;
-    let mut next = move |lo: i32, hi: i32| -> i32 {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        lo + (seed % (hi - lo + 1) as u32) as i32
-    };
+    use quench::onnx::pb::GraphProto;
+    let mut next = ints_from(0x2545_f491);
     let (c, hw) = (8usize, 10usize);
     let i8s = |v: Vec<i32>| v.iter().map(|&q| q as i8 as u8).collect::<Vec<u8>>();
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -414,27 +455,7 @@ fn qlinear_conv_runs_as_dequantize_conv_quantize() {
         .collect();
     let ws1: Vec<f32> = (0..c).map(|i| 0.0015 + 0.0002 * i as f32).collect();
     let ws2: Vec<f32> = (0..c).map(|i| 0.002 + 0.0002 * i as f32).collect();
-    let node =
-        |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
-            op_type: Some(op.into()),
-            name: Some(output.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            attribute,
-            ..Default::default()
-        };
-    let ints = |name: &str, v: Vec<i64>| AttributeProto {
-        name: name.into(),
-        r#type: Some(7),
-        ints: v,
-        ..Default::default()
-    };
-    let group = AttributeProto {
-        name: "group".into(),
-        r#type: Some(2),
-        i: Some(c as i64),
-        ..Default::default()
-    };
+    let group = int_attr("group", c as i64);
     let graph = GraphProto {
         name: Some("qlinear".into()),
         node: vec![
@@ -443,13 +464,13 @@ fn qlinear_conv_runs_as_dequantize_conv_quantize() {
                 "QLinearConv",
                 &["xq", "sx", "zx", "w1", "ws1", "wz1", "sy1", "zy1", "b1"],
                 "y1q",
-                vec![ints("pads", vec![1, 1, 1, 1])],
+                vec![ints("pads", &[1, 1, 1, 1])],
             ),
             node(
                 "QLinearConv",
                 &["y1q", "sy1", "zy1", "w2", "ws2", "wz2", "sy2", "zy2"],
                 "y2q",
-                vec![ints("pads", vec![1, 1, 1, 1]), group],
+                vec![ints("pads", &[1, 1, 1, 1]), group],
             ),
             node("DequantizeLinear", &["y1q", "sy1", "zy1"], "y1", vec![]),
             node("DequantizeLinear", &["y2q", "sy2", "zy2"], "y2", vec![]),
@@ -555,42 +576,16 @@ fn qlinear_conv_runs_as_dequantize_conv_quantize() {
 /// float rounding; a ConvInteger of the dynamic form over the same batch, exactly.
 #[test]
 fn weight_only_conv_runs_over_int8_codes() {
-    use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto};
-    let mut seed = 0x1234_5677_u32;
-    let mut next = move |lo: i32, hi: i32| -> i32 {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        lo + (seed % (hi - lo + 1) as u32) as i32
-    };
+    use quench::onnx::pb::{AttributeProto, GraphProto};
+    let mut next = ints_from(0x1234_5677);
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let node =
-        |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
-            op_type: Some(op.into()),
-            name: Some(output.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            attribute,
-            ..Default::default()
-        };
-    let ints = |name: &str, v: &[i64]| AttributeProto {
-        name: name.into(),
-        r#type: Some(7),
-        ints: v.to_vec(),
-        ..Default::default()
-    };
     let auto_pad = |v: &str| AttributeProto {
         name: "auto_pad".into(),
         r#type: Some(3),
         s: Some(v.as_bytes().to_vec().into()),
         ..Default::default()
     };
-    let cast_to_float = AttributeProto {
-        name: "to".into(),
-        r#type: Some(2),
-        i: Some(1),
-        ..Default::default()
-    };
+    let cast_to_float = int_attr("to", 1);
     let mut inits = Vec::new();
     let mut nodes = Vec::new();
     // Codes of `dims` (signed or not) and scales: per output channel, or one.
@@ -631,12 +626,11 @@ fn weight_only_conv_runs_over_int8_codes() {
         f32s(&(0..7).map(|i| 0.1 * i as f32 - 0.3).collect::<Vec<_>>()),
     ));
     nodes.push(node("DequantizeLinear", &["w1_q", "w1_s"], "w1", vec![]));
-    nodes.last_mut().unwrap().attribute.push(AttributeProto {
-        name: "axis".into(),
-        r#type: Some(2),
-        i: Some(0),
-        ..Default::default()
-    });
+    nodes
+        .last_mut()
+        .unwrap()
+        .attribute
+        .push(int_attr("axis", 0));
     nodes.push(node(
         "Conv",
         &["x", "w1", "b1"],
@@ -672,12 +666,11 @@ fn weight_only_conv_runs_over_int8_codes() {
         "w3",
         vec![],
     ));
-    nodes.last_mut().unwrap().attribute.push(AttributeProto {
-        name: "axis".into(),
-        r#type: Some(2),
-        i: Some(0),
-        ..Default::default()
-    });
+    nodes
+        .last_mut()
+        .unwrap()
+        .attribute
+        .push(int_attr("axis", 0));
     nodes.push(node("Conv", &["y2", "w3"], "y3", vec![]));
     // 4: 2×2, stride 2, SAME_LOWER, one scale for the tensor.
     codes(&mut inits, "w4", &[3, 4, 2, 2], true, false);
@@ -691,12 +684,11 @@ fn weight_only_conv_runs_over_int8_codes() {
     // 5: one spatial axis, dilation 2.
     codes(&mut inits, "w5", &[5, 4, 3], true, true);
     nodes.push(node("DequantizeLinear", &["w5_q", "w5_s"], "w5", vec![]));
-    nodes.last_mut().unwrap().attribute.push(AttributeProto {
-        name: "axis".into(),
-        r#type: Some(2),
-        i: Some(0),
-        ..Default::default()
-    });
+    nodes
+        .last_mut()
+        .unwrap()
+        .attribute
+        .push(int_attr("axis", 0));
     nodes.push(node(
         "Conv",
         &["x1", "w5"],

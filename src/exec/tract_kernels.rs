@@ -1635,22 +1635,8 @@ impl QMatMul {
     /// The convolution of `x[N, C, spatial…]`: image by image (so that its rows stay in cache), the
     /// product over its im2col rows, back to channels first, plus the bias.
     fn conv(&self, geo: &Geometry, x: &Tensor) -> TractResult<Tensor> {
-        let shape = x.shape();
-        ensure!(
-            shape.len() == geo.rank + 2 && shape[1] == geo.channels,
-            "{OP}: input of shape {shape:?} for a convolution over {} channels",
-            geo.channels
-        );
-        let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
-        let fits = |ax: usize| geo.out_len(ax, hw[ax]);
-        let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
-            bail!("{OP}: the kernel does not fit an input of shape {shape:?}");
-        };
-        let mut out_shape: TVec<usize> = tvec![batch, self.n, oh];
-        if geo.rank == 2 {
-            out_shape.push(ow);
-        }
-        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        let ConvExtent { batch, hw, oh, ow } = ConvExtent::of(geo, x.shape(), OP)?;
+        let mut out = Tensor::zero::<f32>(&geo_output_shape(geo, batch, self.n, oh, ow))?;
         let plane = oh * ow;
         if plane * batch * self.n == 0 {
             return Ok(out);
@@ -2811,10 +2797,7 @@ impl EvalOp for QMatMulInteger {
             let out = match &mut out {
                 Some(o) => o,
                 None => {
-                    let mut shape: TVec<usize> = tvec![batch, self.n, oh];
-                    if geo.rank == 2 {
-                        shape.push(ow);
-                    }
+                    let shape = geo_output_shape(geo, batch, self.n, oh, ow);
                     out.insert(Tensor::zero_dt(y.datum_type(), &shape)?)
                 }
             };
@@ -2846,20 +2829,44 @@ impl EvalOp for QMatMulInteger {
     }
 }
 
+/// The extents of a convolution over an input `[N, C, H(, W)]`: its batch, spatial extents (`W` is 1
+/// for one spatial axis) and output extents.
+struct ConvExtent {
+    batch: usize,
+    hw: [usize; 2],
+    oh: usize,
+    ow: usize,
+}
+
+impl ConvExtent {
+    fn of(geo: &Geometry, shape: &[usize], op: &str) -> TractResult<ConvExtent> {
+        ensure!(
+            shape.len() == geo.rank + 2 && shape[1] == geo.channels,
+            "{op}: input of shape {shape:?} for a convolution over {} channels",
+            geo.channels
+        );
+        let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
+        let fits = |ax: usize| geo.out_len(ax, hw[ax]);
+        let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
+            bail!("{op}: the kernel does not fit an input of shape {shape:?}");
+        };
+        Ok(ConvExtent { batch, hw, oh, ow })
+    }
+}
+
+/// `[N, M, OH(, OW)]`: a convolution's output shape, with the input's number of spatial axes.
+fn geo_output_shape(geo: &Geometry, batch: usize, m: usize, oh: usize, ow: usize) -> TVec<usize> {
+    let mut shape: TVec<usize> = tvec![batch, m, oh];
+    if geo.rank == 2 {
+        shape.push(ow);
+    }
+    shape
+}
+
 /// The im2col rows `[N·OH·OW, K]` of a convolution's input `x[N, C, spatial…]` (f32, u8 or i8;
 /// padding is `pad`, a real 0 in the quantized domain), and `[N, OH, OW]`.
 fn conv_rows(geo: &Geometry, x: &Tensor, pad: i32, op: &str) -> TractResult<(Tensor, [usize; 3])> {
-    let shape = x.shape();
-    ensure!(
-        shape.len() == geo.rank + 2 && shape[1] == geo.channels,
-        "{op}: input of shape {shape:?} for a convolution over {} channels",
-        geo.channels
-    );
-    let (batch, hw) = (shape[0], [shape[2], shape.get(3).copied().unwrap_or(1)]);
-    let fits = |ax: usize| geo.out_len(ax, hw[ax]);
-    let (Some(oh), Some(ow)) = (fits(0), fits(1)) else {
-        bail!("{op}: the kernel does not fit an input of shape {shape:?}");
-    };
+    let ConvExtent { batch, hw, oh, ow } = ConvExtent::of(geo, x.shape(), op)?;
     let rows = [batch * oh * ow, geo.k()];
     let ram = x.try_as_plain_ram()?;
     let cols = match x.datum_type() {
