@@ -7,4 +7,4 @@ bash scripts/setup.sh
 export QUENCH_PYTHON="$PWD/.venv/bin/python"
 cargo test --locked --no-run
 target/debug/quench zoo fetch --python "$QUENCH_PYTHON"
-cargo test --locked
+cargo test --locked --no-fail-fast

@@ -57,7 +57,17 @@ pub struct InputArgs {
     /// Batches generated when neither --inputs nor --random is given (0: one of them is required).
     #[arg(skip)]
     default_random: usize,
+    /// The dims inferred for the model's open dims the first time inputs were opened, for the
+    /// model's inputs as declared: every later set (calibration, verification) takes the same without
+    /// checking them in tract again.
+    #[arg(skip)]
+    implied_dims: std::rc::Rc<std::cell::RefCell<Option<ImpliedDims>>>,
 }
+
+type ImpliedDims = (
+    Vec<exec::InputInfo>,
+    std::collections::BTreeMap<inputs::DimKey, (usize, String)>,
+);
 
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
@@ -143,6 +153,10 @@ pub struct QuantizeArgs {
     report: Option<PathBuf>,
     #[command(flatten)]
     cal: CalibArgs,
+    /// Fail instead of writing an unverified model when the result cannot be run on any input (no
+    /// valid input could be made, or no runtime runs the original).
+    #[arg(long)]
+    require_verify: bool,
     #[command(flatten)]
     goal: adapt::GoalArgs,
     #[command(flatten)]
@@ -220,7 +234,7 @@ fn resolve_model(arg: &str) -> Result<(PathBuf, Vec<InputSpec>)> {
         .ok()
         .and_then(|zoo| {
             let canon = path.canonicalize().ok()?;
-            zoo.file.models.iter().find_map(|m| {
+            zoo.all_models().find_map(|m| {
                 (zoo.model_path(&m.name).canonicalize().ok()? == canon).then(|| m.inputs.clone())
             })
         })
@@ -236,6 +250,14 @@ fn parse_triple(s: &str, what: &str) -> Result<[f32; 3]> {
         .map_err(|e| anyhow!("--{what} {s}: {e}"))?;
     v.try_into()
         .map_err(|_| anyhow!("--{what} takes three comma-separated values, got '{s}'"))
+}
+
+/// Whether two input lists declare the same names, types and dims.
+fn same_inputs(a: &[exec::InputInfo], b: &[exec::InputInfo]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.name == y.name && x.dtype == y.dtype && x.dims == y.dims)
 }
 
 impl InputArgs {
@@ -306,11 +328,26 @@ impl InputArgs {
     fn open(&self, model: &Model, spec: Vec<InputSpec>) -> Result<InputSet> {
         let info = Prepared::from_model(model, "").inputs;
         let mut opts = self.options(spec)?;
-        opts.implied = inputs::implied_ranges(model);
-        // Generated shapes come from the zoo spec only where it names the input; a symbolic dim the
-        // spec does not cover must be given with --dim.
+        // Generated shapes come from the zoo spec only where it names the input; the graph implies
+        // the rest (open dims checked in tract, ranges of integer inputs).
         opts.spec.retain(|s| info.iter().any(|i| i.name == s.name));
-        inputs::open(&self.source()?, &info, &opts)
+        let source = self.source()?;
+        let cached = self
+            .implied_dims
+            .borrow()
+            .as_ref()
+            .filter(|(i, _)| same_inputs(i, &info))
+            .map(|(_, d)| d.clone());
+        let check = matches!(source, Source::Random { .. }) && cached.is_none();
+        inputs::infer(model, &info, &mut opts, check);
+        match cached {
+            Some(d) => opts.implied_dims = d,
+            None if check => {
+                *self.implied_dims.borrow_mut() = Some((info.clone(), opts.implied_dims.clone()))
+            }
+            None => {}
+        }
+        inputs::open(&source, &info, &opts)
     }
 
     fn paths(&self) -> Vec<&Path> {
@@ -652,12 +689,24 @@ fn run_child(index: usize, rt: RuntimeKind) -> Result<BenchResult> {
         .args(&args)
         .arg("--child")
         .arg(format!("{index}:{rt}"))
-        .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot start a benchmark process")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("benchmark of model {index} in {rt} failed");
+        // The child's own error line, else what ended it (a signal, an exit code).
+        let reason = stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| match stderr.trim() {
+                "" => format!("the process ended with {}", out.status),
+                text => format!("the process ended with {}: {text}", out.status),
+            });
+        bail!("benchmark of model {index} in {rt} failed: {reason}");
     }
+    // Notes and progress the child printed go on to the user.
+    eprint!("{stderr}");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
     serde_json::from_str(line).with_context(|| format!("benchmark process printed: {text}"))
@@ -1113,6 +1162,71 @@ fn render_activations(a: &quench::passes::quantize_activations::ActivationReport
     out
 }
 
+/// Opens the input set `input` makes for `model` and checks its first batch against the model's
+/// declared inputs (names, types, ranks, fixed dims), before any work that would need it.
+fn first_batch_checked(input: &InputArgs, model: &Model, spec: Vec<InputSpec>) -> Result<()> {
+    let mut set = input.open(model, spec)?;
+    if set.is_empty() {
+        bail!("{} holds no batches", set.description);
+    }
+    let batch = set.batch(0).context("input batch 0")?;
+    let declared = Prepared::from_model(model, "").inputs;
+    exec::check_batch(&declared, &batch)
+        .with_context(|| format!("{}: batch 0", set.description))?;
+    Ok(())
+}
+
+/// Runs the reference and the candidate on the verification inputs in `rts` and compares them. A
+/// runtime that cannot run the reference itself says nothing about the quantization: it is dropped
+/// with a note and the others verify. `Err(why)` when no runtime runs the reference; an error when
+/// the candidate fails where the reference runs.
+fn verify(
+    args: &QuantizeArgs,
+    reference: &Model,
+    candidate: &Model,
+    label: &str,
+    spec: Vec<InputSpec>,
+    mut rts: Vec<RuntimeKind>,
+    notes: &mut Vec<String>,
+) -> Result<std::result::Result<compare::CompareReport, String>> {
+    let mut refused = Vec::new();
+    loop {
+        if rts.is_empty() {
+            return Ok(Err(refused.join("; ")));
+        }
+        let opts = CompareOptions {
+            runtimes: rts.clone(),
+            session: args.rt.session(),
+            layers: None,
+        };
+        let mut set = args.input.open(reference, spec.clone())?;
+        let err =
+            match compare::compare(reference, candidate, (label, "quantized"), &mut set, &opts) {
+                Ok(r) => return Ok(Ok(r)),
+                Err(e) => e,
+            };
+        // Which runtimes run the reference alone, on the first batch?
+        let before = rts.len();
+        let batch = args.input.open(reference, spec.clone())?.batch(0)?;
+        let prepared = Prepared::from_model(reference, label);
+        rts.retain(|&rt| {
+            let ran = exec::open(&prepared, rt, &opts.session).and_then(|mut s| s.run(&batch));
+            match ran {
+                Ok(_) => true,
+                Err(e) => {
+                    let why = format!("{rt} cannot run the original model: {e:#}");
+                    notes.push(why.clone());
+                    refused.push(why);
+                    false
+                }
+            }
+        });
+        if rts.len() == before {
+            return Err(err.context("the quantized model failed verification; nothing was written"));
+        }
+    }
+}
+
 pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     use quench::recipes::Recipe;
 
@@ -1132,8 +1246,23 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     });
     let recipe = Recipe::load(&recipe_name).map_err(|e| anyhow!(e))?;
     let reference = Model::load(&path)?;
-    let start = std::time::Instant::now();
     let mut notes = Vec::new();
+    // Every input the command will read is checked before any model runs: the verification batches
+    // (given, or generated from the graph) and the calibration data.
+    args.input.default_random = 2;
+    let verify_inputs = first_batch_checked(&args.input, &reference, spec.clone());
+    let verify_inputs = match verify_inputs {
+        Ok(()) => Ok(()),
+        Err(e) if args.input.inputs.is_some() || args.require_verify => {
+            return Err(e.context("the verification inputs"));
+        }
+        Err(e) => Err(e),
+    };
+    let ca = calib_input_args(&args.input, &args.cal);
+    if ca.inputs.is_some() || ca.random.is_some() {
+        first_batch_checked(&ca, &reference, spec.clone()).context("the calibration data")?;
+    }
+    let start = std::time::Instant::now();
     let mut weights = Default::default();
     let mut allocation = None;
     let mut recipe = recipe;
@@ -1198,8 +1327,6 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     let quantize_secs = start.elapsed().as_secs_f64();
 
     // Verify before writing: both models run on the same inputs, in every runtime asked for.
-    args.input.default_random = 2;
-    let mut set = args.input.open(&reference, spec)?;
     let mut rts = runtimes(&args.runtime)?;
     #[cfg(feature = "onnxruntime")]
     if args.runtime == "both"
@@ -1208,20 +1335,23 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         rts.retain(|r| *r != RuntimeKind::Ort);
         notes.push(format!("onnxruntime not verified: {e:#}"));
     }
-    let opts = CompareOptions {
-        runtimes: rts,
-        session: args.rt.session(),
-        layers: None,
-    };
     let label = path.display().to_string();
-    let retention = compare::compare(
-        &reference,
-        &candidate,
-        (&label, "quantized"),
-        &mut set,
-        &opts,
-    )
-    .context("the quantized model failed verification; nothing was written")?;
+    let retention = match verify_inputs {
+        Ok(()) => verify(&args, &reference, &candidate, &label, spec, rts, &mut notes)?,
+        Err(e) => Err(format!("no valid input could be made: {e:#}")),
+    };
+    let retention = match retention {
+        Ok(r) => Some(r),
+        Err(why) if args.require_verify => {
+            bail!("the quantized model was not verified ({why}); nothing was written")
+        }
+        Err(why) => {
+            notes.push(format!(
+                "not verified: {why}; the model is written unchecked (--require-verify refuses it)"
+            ));
+            None
+        }
+    };
     drop(reference);
 
     candidate.save(&args.output, &quench::onnx::SaveOptions::default())?;
@@ -1256,7 +1386,10 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         after as f64 / 1e6,
         after as f64 / before as f64
     );
-    print!("{}", compare::render(&retention, 0));
+    match &retention {
+        Some(r) => print!("{}", compare::render(r, 0)),
+        None => println!("retention: not verified (see the note below)"),
+    }
     for n in &notes {
         println!("note: {n}");
     }

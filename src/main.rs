@@ -145,7 +145,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             ZooCommand::List { manifest } => {
                 let zoo = Zoo::load(&manifest.unwrap_or_else(Zoo::default_manifest))?;
-                for m in &zoo.file.models {
+                for m in zoo.all_models() {
                     let path = zoo.model_path(&m.name);
                     let state = if path.is_file() { "fetched" } else { "missing" };
                     println!(

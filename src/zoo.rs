@@ -16,6 +16,10 @@ use sha2::{Digest, Sha256};
 #[serde(deny_unknown_fields)]
 pub struct ZooFile {
     pub models: Vec<ZooModel>,
+    /// Public models quench was never tuned on, listed without input specs: every command has to find
+    /// their dims and ranges in the graph, as it does for a user's model.
+    #[serde(default)]
+    pub corpus: Vec<ZooModel>,
     #[serde(default)]
     pub suites: Vec<ZooSuite>,
 }
@@ -30,6 +34,8 @@ pub struct ZooModel {
     pub sha256: String,
     #[serde(default)]
     pub about: String,
+    /// Input shapes and ranges; models added to test what quench finds by itself leave them out.
+    #[serde(default)]
     pub inputs: Vec<InputSpec>,
 }
 
@@ -103,18 +109,19 @@ impl Zoo {
         })
     }
 
+    /// The zoo's models, then the corpus.
+    pub fn all_models(&self) -> impl Iterator<Item = &ZooModel> {
+        self.file.models.iter().chain(&self.file.corpus)
+    }
+
     pub fn model(&self, name: &str) -> Result<&ZooModel> {
-        self.file
-            .models
-            .iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.file.models.iter().map(|m| m.name.as_str()).collect();
-                anyhow!(
-                    "no zoo model named '{name}' (the zoo has: {})",
-                    names.join(", ")
-                )
-            })
+        self.all_models().find(|m| m.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.all_models().map(|m| m.name.as_str()).collect();
+            anyhow!(
+                "no zoo model named '{name}' (the zoo has: {})",
+                names.join(", ")
+            )
+        })
     }
 
     pub fn model_path(&self, name: &str) -> PathBuf {
@@ -127,9 +134,7 @@ impl Zoo {
 
     /// Paths of zoo models already fetched and verified (by name).
     pub fn fetched(&self) -> Vec<(String, PathBuf)> {
-        self.file
-            .models
-            .iter()
+        self.all_models()
             .map(|m| (m.name.clone(), self.model_path(&m.name)))
             .filter(|(_, p)| p.is_file())
             .collect()
@@ -140,14 +145,14 @@ impl Zoo {
         let wanted = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
         for o in only {
             ensure!(
-                self.file.models.iter().any(|m| &m.name == o)
+                self.all_models().any(|m| &m.name == o)
                     || self.file.suites.iter().any(|s| &s.name == o),
                 "no zoo model or suite named '{o}'"
             );
         }
         let mut lines = Vec::new();
         let mut wheels: BTreeMap<(String, String), PathBuf> = BTreeMap::new();
-        for m in self.file.models.iter().filter(|m| wanted(&m.name)) {
+        for m in self.all_models().filter(|m| wanted(&m.name)) {
             let target = self.model_path(&m.name);
             if target.is_file() && sha256_file(&target)? == m.sha256 {
                 lines.push(format!("{:<16} ok      {}", m.name, target.display()));

@@ -53,7 +53,10 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
                 100.0 * top1,
                 r["activations"]["quantized"]
             );
-            assert!(top1 >= floor, "{recipe} in {rt}: top-1 {top1} < {floor}");
+            assert!(
+                agreement_meets(top1, 512, floor),
+                "{recipe} in {rt}: top-1 {top1} on 512 files is below {floor} beyond chance"
+            );
         }
     }
 }

@@ -405,7 +405,7 @@ fn w4_for_ort_and_tract_targets() {
     }
 }
 
-/// magika on real files of this machine (its documented feature extraction, in tests/tools): the
+/// magika on real files (the pinned packages' files; its documented feature extraction, in tests/tools): the
 /// built-in w8 and w4 recipes keep its top-1 label on nearly every file, in both runtimes.
 #[test]
 fn magika_keeps_its_labels_on_real_files() {
@@ -445,7 +445,10 @@ fn magika_keeps_its_labels_on_real_files() {
                 100.0 * top1,
                 f(&m["cosine"])
             );
-            assert!(top1 >= floor, "{recipe} in {rt}: top-1 {top1} < {floor}");
+            assert!(
+                agreement_meets(top1, 512, floor),
+                "{recipe} in {rt}: top-1 {top1} on 512 files is below {floor} beyond chance"
+            );
         }
     }
 }

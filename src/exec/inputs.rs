@@ -57,7 +57,10 @@ pub struct InputOptions {
     pub image: ImageOptions,
     /// Ranges the model itself implies for integer inputs ([`implied_ranges`]), used where neither
     /// `ranges` nor `spec` gives one; each with what implies it.
-    pub implied: HashMap<String, ((f64, f64), String)>,
+    pub implied: HashMap<String, Reasoned<(f64, f64)>>,
+    /// Values the model implies for its open dims ([`infer`]), used where neither `dims`, the batch
+    /// size nor `spec` gives one; each with why it was taken.
+    pub implied_dims: std::collections::BTreeMap<DimKey, Reasoned<usize>>,
 }
 
 impl Default for InputOptions {
@@ -71,6 +74,7 @@ impl Default for InputOptions {
             max_tokens: 128,
             image: ImageOptions::default(),
             implied: HashMap::new(),
+            implied_dims: Default::default(),
         }
     }
 }
@@ -135,109 +139,50 @@ impl Iterator for InputSet {
     }
 }
 
-/// Value ranges the model implies for its integer inputs, for generating valid ones without
-/// `--range`:
-/// - an input that is (through `Cast` to an integer type, `Identity`, `Reshape`, `Squeeze`,
-///   `Unsqueeze`, `Flatten`, `Expand`, `Transpose`) the indices of a `Gather` over a constant
-///   table takes `0..rows − 1` of that table (of the smallest, when several tables read it): token,
-///   position and segment ids;
-/// - otherwise an integer input whose name says it is a mask (`attention_mask`, …) takes 0..1.
-///
-/// Inputs none of this covers are left out; they still need `--range`.
-pub fn implied_ranges(model: &crate::ir::Model) -> HashMap<String, ((f64, f64), String)> {
-    use crate::ir::{Def, Slot};
-    let g = &model.graph;
-    let const_dims = |v: crate::ir::ValueId| -> Option<(Vec<i64>, String)> {
-        let val = g.value(v);
-        if let Some(t) = val.initializer() {
-            return Some((t.dims.clone(), val.name().to_string()));
+pub use super::synth::{DimKey, Reasoned, implied_ranges};
+
+/// Fills `opts` with what the model implies about its inputs (see [`super::synth`]): ranges of its
+/// integer inputs and values of its open dims, the latter checked by tract's analysis when `check`.
+/// What the options already give (`--dim`, `--range`, a manifest's spec) is left as it is.
+pub fn infer(model: &crate::ir::Model, inputs: &[InputInfo], opts: &mut InputOptions, check: bool) {
+    opts.implied = implied_ranges(model);
+    let spec_of = |name: &str| opts.spec.iter().find(|s| s.name == name);
+    let given = |key: &DimKey, info: &InputInfo, axis: usize| -> bool {
+        let ranked = |s: &&InputSpec| info.dims.as_ref().is_some_and(|d| d.len() == s.dims.len());
+        if spec_of(&info.name)
+            .filter(ranked)
+            .is_some_and(|s| axis < s.dims.len())
+        {
+            return true;
         }
-        let Def::Node(n, _) = val.def() else {
-            return None;
-        };
-        let node = g.node(n);
-        if node.op_type != "Constant" {
-            return None;
+        match key {
+            DimKey::Symbol(s) => opts.dims.contains_key(s),
+            DimKey::Axis(..) => axis == 0 && opts.batch_size.is_some(),
         }
-        let t = node.attribute("value")?.t.as_ref()?;
-        Some((t.dims.clone(), val.name().to_string()))
     };
-    let mut out = HashMap::new();
-    for port in g.inputs() {
-        let name = g.value_name(port.value).to_string();
-        let elem = port
-            .info
-            .r#type
-            .as_ref()
-            .and_then(|t| match &t.value {
-                Some(crate::onnx::pb::type_proto::Value::TensorType(tt)) => Some(tt.elem_type),
-                _ => None,
-            })
-            .and_then(|e| DataType::try_from(e).ok());
-        if !elem.is_some_and(|d| !d.is_float() && d != DataType::Bool && d != DataType::String) {
-            continue;
+    let mut checker = None;
+    let mut accepts = |values: &std::collections::BTreeMap<DimKey, usize>| {
+        if !check {
+            return None;
         }
-        // Follow the input through ops that keep its values, to the Gathers that index with it.
-        let mut rows: Option<(i64, String)> = None;
-        let mut stack = vec![port.value];
-        let mut seen = std::collections::HashSet::new();
-        while let Some(v) = stack.pop() {
-            if !seen.insert(v) {
-                continue;
-            }
-            for u in g.value(v).uses() {
-                let node = g.node(u.node);
-                let slot = match u.slot {
-                    Slot::Input(i) => i,
-                    Slot::Implicit => continue,
-                };
-                let passes = match node.op_type.as_str() {
-                    "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Expand" | "Transpose" => {
-                        slot == 0
-                    }
-                    "Reshape" => slot == 0,
-                    "Cast" => node
-                        .int_attribute("to")
-                        .and_then(|t| DataType::try_from(t as i32).ok())
-                        .is_some_and(|d| !d.is_float() && d != DataType::Bool),
-                    _ => false,
-                };
-                if passes {
-                    stack.extend(node.outputs().iter().flatten().copied());
-                    continue;
-                }
-                if node.op_type == "Gather" && slot == 1 {
-                    let axis = node.int_attribute("axis").unwrap_or(0);
-                    let Some((dims, table)) = node.input(0).and_then(const_dims) else {
-                        continue;
-                    };
-                    let a = if axis < 0 {
-                        axis + dims.len() as i64
-                    } else {
-                        axis
-                    };
-                    if let Some(&n) = usize::try_from(a).ok().and_then(|a| dims.get(a))
-                        && n > 0
-                        && rows.as_ref().is_none_or(|(r, _)| n < *r)
-                    {
-                        rows = Some((n, table));
-                    }
-                }
-            }
-        }
-        if let Some((n, table)) = rows {
-            out.insert(
-                name,
-                (
-                    (0.0, (n - 1) as f64),
-                    format!("rows of the Gather table {table}"),
-                ),
-            );
-        } else if name.to_ascii_lowercase().contains("mask") {
-            out.insert(name, ((0.0, 1.0), "a mask, by its name".to_string()));
-        }
-    }
-    out
+        let mut o = opts.clone();
+        o.implied_dims = values
+            .iter()
+            .map(|(k, v)| (k.clone(), (*v, String::new())))
+            .collect();
+        let o = batch_dims(inputs, &o).ok()?;
+        let shapes = inputs
+            .iter()
+            .map(|i| Some((i.dtype?, generated_shape(i, spec_of(&i.name), &o).ok()?)))
+            .collect::<Option<Vec<_>>>()?;
+        let c = checker
+            .get_or_insert_with(|| super::synth::tract_shape_check(model))
+            .as_mut()?;
+        Some(c(&shapes))
+    };
+    let batch = opts.batch_size.unwrap_or(1);
+    let dims = super::synth::implied_dims(inputs, batch, &given, &mut accepts);
+    opts.implied_dims = dims;
 }
 
 /// Opens an input set for a model with the given inputs.
@@ -553,6 +498,7 @@ fn generated_shape(
             .and_then(|s| s.dims.get(axis))
             .map(|&d| d as usize)
     };
+    let implied = |k: DimKey| opts.implied_dims.get(&k).map(|(v, _)| *v);
     let Some(dims) = info.dims.as_ref() else {
         return match spec {
             Some(s) => Ok(s.dims.iter().map(|&d| d as usize).collect()),
@@ -571,6 +517,7 @@ fn generated_shape(
                 .get(s)
                 .copied()
                 .or_else(|| from_spec(axis))
+                .or_else(|| implied(DimKey::Symbol(s.clone())))
                 .ok_or_else(|| {
                     anyhow!(
                         "input '{}' has symbolic dim '{s}' at axis {axis}: pass --dim {s}=N",
@@ -582,6 +529,7 @@ fn generated_shape(
                 .batch_size
                 .filter(|_| axis == 0)
                 .or_else(|| from_spec(axis))
+                .or_else(|| implied(DimKey::Axis(info.name.clone(), axis)))
                 .ok_or_else(|| {
                     anyhow!(
                         "input '{}' has an unnamed dim at axis {axis}: it cannot be generated",
@@ -623,6 +571,9 @@ fn batch_dims(inputs: &[InputInfo], opts: &InputOptions) -> Result<InputOptions>
     Ok(out)
 }
 
+/// The most one generated input may take, whatever dims a model declares.
+const MAX_GENERATED_BYTES: usize = 1 << 30;
+
 fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
     struct Plan {
         name: String,
@@ -652,7 +603,9 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
                 *r
             }
             (None, None) => bail!(
-                "integer input '{}' needs a valid range: pass --range {}=LO..HI",
+                "integer input '{}' needs a valid range: nothing in the graph bounds it (no Gather, \
+                 OneHot or comparison with a constant reads it); pass --range {}=LO..HI or give \
+                 data with --inputs",
                 info.name,
                 info.name
             ),
@@ -663,6 +616,21 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
                 info.name,
                 range.0,
                 range.1
+            );
+        }
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.bits().unwrap_or(8).div_ceil(8), |a, &d| {
+                a.checked_mul(d)
+            })
+            .filter(|&b| b <= MAX_GENERATED_BYTES);
+        if bytes.is_none() {
+            bail!(
+                "input '{}' would take {shape:?} × {} bytes per generated batch, more than the {} GiB \
+                 quench generates for one input: give smaller dims with --dim or data with --inputs",
+                info.name,
+                dtype.bits().unwrap_or(8).div_ceil(8),
+                MAX_GENERATED_BYTES >> 30
             );
         }
         let values = if opts.ranges.contains_key(&info.name) {
@@ -680,6 +648,14 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
     }
     let seed = opts.seed;
     let mut description = format!("{count} random batches (seed {seed})");
+    if !opts.implied_dims.is_empty() {
+        let dims: Vec<String> = opts
+            .implied_dims
+            .iter()
+            .map(|(k, (v, why))| format!("{k}={v} ({why})"))
+            .collect();
+        description += &format!("; dims {}", dims.join(", "));
+    }
     if !implied.is_empty() {
         description += &format!("; values {}", implied.join(", "));
     }

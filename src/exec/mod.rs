@@ -8,6 +8,7 @@
 pub mod inputs;
 #[cfg(feature = "onnxruntime")]
 pub mod ort;
+pub mod synth;
 pub mod tensor;
 pub mod tract;
 pub mod tract_kernels;

@@ -38,11 +38,12 @@ pub struct TractSession {
 /// Runs a tract step, turning a panic inside tract (some of its analysis and kernels index without
 /// checking, e.g. a Conv with an unexpected input count, a Gather with an out-of-range id) into an
 /// error that says what was being done.
-fn guarded<T>(
+pub(crate) fn guarded<T>(
     what: impl FnOnce() -> String,
     f: impl FnOnce() -> tract_onnx::prelude::TractResult<T>,
 ) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    let caught = quiet_panics(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    match caught {
         Ok(r) => r.map_err(|e| anyhow!("{}: {e:#}", what())),
         Err(p) => {
             let msg = p
@@ -53,6 +54,30 @@ fn guarded<T>(
             bail!("{} (tract panicked: {msg})", what())
         }
     }
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with panics on this thread kept off the terminal: a panic inside tract becomes an error
+/// that says what it was, and the hook's message and backtrace would only repeat it. Panics elsewhere
+/// (and with RUST_BACKTRACE set) go to the hook that was there before.
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let quiet = QUIET.with(|q| q.get()) && std::env::var_os("RUST_BACKTRACE").is_none();
+            if !quiet {
+                previous(info);
+            }
+        }));
+    });
+    let before = QUIET.with(|q| q.replace(true));
+    let out = f();
+    QUIET.with(|q| q.set(before));
+    out
 }
 
 fn onnx() -> tract_onnx::Onnx {
@@ -286,6 +311,26 @@ impl Session for TractSession {
 
 /// The tract version quench is built against (pinned in Cargo.toml).
 pub const TRACT_VERSION: &str = "0.23.9";
+
+/// tract's type for an ONNX element type that quench feeds.
+pub(crate) fn datum_of(d: crate::onnx::dtype::DataType) -> Result<DatumType> {
+    use crate::onnx::dtype::DataType as D;
+    Ok(match d {
+        D::Float => DatumType::F32,
+        D::Double => DatumType::F64,
+        D::Float16 => DatumType::F16,
+        D::Int64 => DatumType::I64,
+        D::Int32 => DatumType::I32,
+        D::Int16 => DatumType::I16,
+        D::Int8 => DatumType::I8,
+        D::Uint64 => DatumType::U64,
+        D::Uint32 => DatumType::U32,
+        D::Uint16 => DatumType::U16,
+        D::Uint8 => DatumType::U8,
+        D::Bool => DatumType::Bool,
+        other => bail!("quench cannot feed inputs of type {other:?}"),
+    })
+}
 
 fn datum_type(t: &Tensor) -> DatumType {
     match t {

@@ -184,8 +184,14 @@ pub fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// Writes magika's input features of `count` real files of this machine to `out` (an .npz with
-/// `bytes`), with tests/tools/magika_features.py.
+/// The sha256 of the features of the first 768 files tests/tools/magika_features.py picks from the
+/// pinned packages of tests/requirements.txt: every machine tests the same data.
+const MAGIKA_FEATURES_768: &str =
+    "1f8f1e8fa32a4a4680c1258da40c1e714d0215b89f1b2076a1213018ce7a9be7";
+
+/// Writes magika's input features of `count` real files to `out` (an .npz with `bytes`), with
+/// tests/tools/magika_features.py: files of the pinned Python packages, the same on every machine
+/// (checked by their digest for the 768 the retention tests use).
 pub fn magika_features(py: &Path, out: &Path, count: usize) {
     let o = Command::new(py)
         .arg(repo().join("tests/tools/magika_features.py"))
@@ -198,9 +204,27 @@ pub fn magika_features(py: &Path, out: &Path, count: usize) {
         "magika inputs: {}",
         String::from_utf8_lossy(&o.stdout).trim()
     );
+    if count == 768 {
+        let o = Command::new(py)
+            .args([
+                "-c",
+                "import sys, hashlib, numpy as np; \
+                 print(hashlib.sha256(np.load(sys.argv[1])['bytes'].tobytes()).hexdigest())",
+            ])
+            .arg(out)
+            .output()
+            .unwrap();
+        let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(
+            digest, MAGIKA_FEATURES_768,
+            "magika's test files differ from the project's (are the packages of \
+             tests/requirements.txt installed at their pinned versions?)"
+        );
+    }
 }
 
-/// magika's features of 768 real files split into 256 for calibration and 512 others for scoring:
+/// magika's features of 768 real files (the same on every machine) split into 256 for calibration
+/// and 512 others for scoring:
 /// (calibration .npz, evaluation .npz) in `dir`.
 pub fn magika_split(py: &Path, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let all = dir.join("all.npz");
@@ -250,4 +274,26 @@ pub fn quantize_calibrated(
     ];
     args.extend_from_slice(extra);
     quench(&args)
+}
+
+/// Whether a top-1 agreement `rate` measured on `n` rows is consistent with a true agreement of at
+/// least `floor`: it fails only when as many flips as were seen would come with probability under 1%
+/// from rows flipping at the rate the floor allows (the binomial upper tail). A floor read literally
+/// on a sample sits one flipped row away from the measurement.
+pub fn agreement_meets(rate: f64, n: usize, floor: f64) -> bool {
+    let flips = ((1.0 - rate) * n as f64).round() as u64;
+    let p = 1.0 - floor;
+    if rate >= floor || flips == 0 {
+        return true;
+    }
+    // P(K >= flips) for K ~ Binomial(n, p), from the terms below it, in logs.
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let (mut log_c, mut below) = (0.0f64, 0.0f64);
+    for i in 0..flips.min(n as u64 + 1) {
+        if i > 0 {
+            log_c += ((n as u64 - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        below += (log_c + i as f64 * lp + (n as u64 - i) as f64 * lq).exp();
+    }
+    1.0 - below >= 0.01
 }

@@ -1,11 +1,13 @@
-"""Magika input features of real files found on this machine, for retention tests.
+"""Magika input features of real files, the same on every machine, for retention tests.
 
 Usage: magika_features.py OUT.npz COUNT [ROOT ...]
 
-Walks the roots (default: this Python's standard library and /usr/share), keeps regular files of at
-least 64 bytes, orders them by the sha256 of their path (a deterministic shuffle), takes at most 6 per
-file extension so that many content types are represented, and writes `bytes` (int32 [COUNT, 2048]) and
-nothing else to OUT.npz (the model's only input).
+Walks the roots (default: the installed folders of the packages pinned in tests/requirements.txt --
+numpy, onnx, onnxruntime -- so every machine reads the same files), keeps regular files of at least 64
+bytes outside __pycache__ (bytecode written at install), orders them by the sha256 of their path
+relative to their root's parent (a deterministic shuffle that does not depend on where the packages
+are installed), takes at most 6 per file extension so that many content types are represented, and
+writes `bytes` (int32 [COUNT, 2048]) and nothing else to OUT.npz (the model's only input).
 
 The features follow Magika's documented extraction for its standard_v3_3 model (config: beg_size 1024,
 end_size 1024, block_size 4096, padding_token 256): read at most block_size bytes at each end of the
@@ -44,19 +46,22 @@ def features(path):
 
 def main():
     out, count = sys.argv[1], int(sys.argv[2])
-    roots = sys.argv[3:] or [sysconfig.get_paths()["stdlib"], "/usr/share"]
+    purelib = sysconfig.get_paths()["purelib"]
+    roots = sys.argv[3:] or [os.path.join(purelib, p) for p in ("numpy", "onnx", "onnxruntime")]
     found = []
     for root in roots:
+        base = os.path.dirname(os.path.abspath(root))
         for d, dirs, files in os.walk(root, followlinks=False):
-            dirs.sort()
+            dirs[:] = sorted(x for x in dirs if x != "__pycache__")
             for name in files:
                 p = os.path.join(d, name)
                 try:
                     if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) >= 64:
-                        found.append(p)
+                        found.append((os.path.relpath(p, base), p))
                 except OSError:
                     pass
-    found.sort(key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    found.sort(key=lambda rp: hashlib.sha256(rp[0].encode()).hexdigest())
+    found = [p for _, p in found]
     per_ext, picked = {}, []
     for p in found:
         ext = os.path.splitext(p)[1].lower()

@@ -1,0 +1,461 @@
+//! What a model implies about its own inputs, so that valid inputs can be generated without flags.
+//!
+//! - **Ranges of integer inputs**, from how the graph reads them: the indices of a `Gather` over a
+//!   constant table (`GatherElements`, `GatherND` too) take that table's rows; `OneHot` indices its
+//!   depth; a comparison (`Equal`, `Less`, `Greater`, …) against a constant of several values takes
+//!   their span; a `Cast` to bool, or a name that says "mask", takes 0..1. Several readers intersect.
+//!   An input only tested against single values (`sr == 16000`) takes the values tested for.
+//! - **Values of open dims** (symbolic or unnamed): the first axis is the batch (`--batch-size`, else
+//!   1); axes after a fixed channel count of a rank-4 float input are spatial (64 first); any other
+//!   open axis is a length (16 first). A symbol that names the batch takes the batch wherever it
+//!   stands. Defaults are then checked by tract's shape analysis of the model with those dims; when
+//!   tract refuses them, each open dim tries its next candidates in turn and keeps the first
+//!   accepted, so a recognizer that needs a height of 48 gets 48.
+//!
+//! Every value carries the reason it was taken; the input set's description shows them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::Result;
+
+use super::{Dim, InputInfo};
+use crate::ir::{Def, Graph, Model, Slot, ValueId};
+use crate::onnx::dtype::{DataType, DataTypeExt};
+
+/// A value, and why it was taken.
+pub type Reasoned<T> = (T, String);
+
+/// Where an open dim stands: a named symbol (one value wherever it appears) or an unnamed axis of
+/// one input.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DimKey {
+    Symbol(String),
+    Axis(String, usize),
+}
+
+impl std::fmt::Display for DimKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DimKey::Symbol(s) => f.write_str(s),
+            DimKey::Axis(input, axis) => write!(f, "{input}[{axis}]"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DimKind {
+    Batch,
+    Spatial,
+    Length,
+}
+
+impl DimKind {
+    /// The values tried, the default first.
+    fn candidates(self, batch: usize) -> Vec<usize> {
+        match self {
+            DimKind::Batch => vec![batch],
+            DimKind::Spatial => vec![64, 32, 48, 96, 128, 160, 224, 256, 320, 16, 8],
+            DimKind::Length => vec![16, 32, 64, 128, 8, 256, 512, 1024, 4, 2, 1],
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            DimKind::Batch => "the batch axis",
+            DimKind::Spatial => "a spatial axis",
+            DimKind::Length => "a length axis",
+        }
+    }
+}
+
+/// The open dims of the inputs that neither `given` (dims set by the user or a manifest) nor the batch
+/// size fixes, each with its kind, in input order.
+fn open_dims(
+    inputs: &[InputInfo],
+    given: &dyn Fn(&DimKey, &InputInfo, usize) -> bool,
+) -> Vec<(DimKey, DimKind)> {
+    let mut out: Vec<(DimKey, DimKind)> = Vec::new();
+    // A symbol on some input's first axis is the batch everywhere it appears.
+    let batch_symbols: HashSet<&str> = inputs
+        .iter()
+        .filter_map(|i| match i.dims.as_ref()?.first()? {
+            Dim::Symbol(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    for info in inputs {
+        let Some(dims) = &info.dims else { continue };
+        let float = info.dtype.is_some_and(|d| d.is_float());
+        let channels = |a: usize| matches!(dims.get(a), Some(Dim::Fixed(1 | 3 | 4)));
+        let spatial = |axis: usize| {
+            float
+                && dims.len() == 4
+                && ((channels(1) && axis >= 2)
+                    || (channels(3) && !channels(1) && (1..3).contains(&axis)))
+        };
+        for (axis, d) in dims.iter().enumerate() {
+            let key = match d {
+                Dim::Fixed(_) => continue,
+                Dim::Symbol(s) => DimKey::Symbol(s.clone()),
+                Dim::Unknown => DimKey::Axis(info.name.clone(), axis),
+            };
+            if given(&key, info, axis) || out.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let names_batch = matches!(d, Dim::Symbol(s) if batch_symbols.contains(s.as_str())
+                || s.to_ascii_lowercase().contains("batch"));
+            let kind = if axis == 0 || names_batch {
+                DimKind::Batch
+            } else if spatial(axis) {
+                DimKind::Spatial
+            } else {
+                DimKind::Length
+            };
+            out.push((key, kind));
+        }
+    }
+    out
+}
+
+/// Values for the open dims of `inputs` (those `given` leaves open): defaults by kind, checked with
+/// `accepts` (which tries a full assignment; None when no check can be made) and replaced, one dim at a
+/// time, by the first candidate it accepts.
+pub fn implied_dims(
+    inputs: &[InputInfo],
+    batch: usize,
+    given: &dyn Fn(&DimKey, &InputInfo, usize) -> bool,
+    accepts: &mut dyn FnMut(&BTreeMap<DimKey, usize>) -> Option<Result<()>>,
+) -> BTreeMap<DimKey, Reasoned<usize>> {
+    let open = open_dims(inputs, given);
+    let mut values: BTreeMap<DimKey, usize> = open
+        .iter()
+        .map(|(k, kind)| (k.clone(), kind.candidates(batch)[0]))
+        .collect();
+    let mut why: BTreeMap<DimKey, String> = open
+        .iter()
+        .map(|(k, kind)| {
+            let w = if *kind == DimKind::Batch {
+                format!("{} (--batch-size, else 1)", kind.what())
+            } else {
+                format!("default for {}", kind.what())
+            };
+            (k.clone(), w)
+        })
+        .collect();
+    let free: Vec<&(DimKey, DimKind)> = open.iter().filter(|(_, k)| *k != DimKind::Batch).collect();
+    if !free.is_empty() {
+        match accepts(&values) {
+            None => {
+                for (k, _) in &free {
+                    why.get_mut(k).unwrap().push_str(", not checked");
+                }
+            }
+            Some(Ok(())) => {
+                for (k, _) in &free {
+                    why.get_mut(k).unwrap().push_str(", checked in tract");
+                }
+            }
+            Some(Err(first)) => {
+                let found = search(&free, &mut values, batch, accepts);
+                match found {
+                    Some((key, refused)) => {
+                        why.insert(
+                            key.clone(),
+                            format!(
+                                "the first value tract accepted for {} ({} refused)",
+                                open.iter().find(|(k, _)| *k == key).unwrap().1.what(),
+                                refused
+                                    .iter()
+                                    .map(|r| r.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        );
+                        for (k, _) in &free {
+                            if *k != key {
+                                why.get_mut(k).unwrap().push_str(", checked in tract");
+                            }
+                        }
+                    }
+                    None => {
+                        let first = format!("{first:#}");
+                        let first = crate::report::compare::truncate(&first, 160);
+                        for (k, _) in &free {
+                            why.get_mut(k).unwrap().push_str(&format!(
+                                ", refused by tract with every candidate ({first})"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    values
+        .into_iter()
+        .map(|(k, v)| {
+            let w = why.remove(&k).unwrap_or_default();
+            (k, (v, w))
+        })
+        .collect()
+}
+
+/// One open dim at a time through its candidates (the others at their defaults), then all of them
+/// together through the candidates of the first; the dim that made `accepts` pass and the values it
+/// refused before, with `values` updated.
+fn search(
+    free: &[&(DimKey, DimKind)],
+    values: &mut BTreeMap<DimKey, usize>,
+    batch: usize,
+    accepts: &mut dyn FnMut(&BTreeMap<DimKey, usize>) -> Option<Result<()>>,
+) -> Option<(DimKey, Vec<usize>)> {
+    for (key, kind) in free {
+        let start = values[key];
+        let mut refused = vec![start];
+        for &c in kind.candidates(batch).iter().skip(1) {
+            values.insert(key.clone(), c);
+            if let Some(Ok(())) = accepts(values) {
+                return Some((key.clone(), refused));
+            }
+            refused.push(c);
+        }
+        values.insert(key.clone(), start);
+    }
+    if free.len() > 1 {
+        let defaults = values.clone();
+        let (key, kind) = free[0];
+        for &c in kind.candidates(batch).iter().skip(1) {
+            for (k, _) in free {
+                values.insert(k.clone(), c);
+            }
+            if let Some(Ok(())) = accepts(values) {
+                return Some((key.clone(), vec![defaults[key]]));
+            }
+        }
+        *values = defaults;
+    }
+    None
+}
+
+/// Builds tract's shape check of `model`: given every input's dtype and shape, whether tract's
+/// analysis of the model types it without error. None when tract cannot parse the model at all (then
+/// no shape can be checked).
+pub fn tract_shape_check(
+    model: &Model,
+) -> Option<impl FnMut(&[(DataType, Vec<usize>)]) -> Result<()> + use<>> {
+    use tract_onnx::prelude::{Framework, InferenceFact, InferenceModelExt};
+    let prepared = super::Prepared::from_model(model, "");
+    let bytes = prepared.encode();
+    // Checking costs a parse of the whole model; past this it is left to the runs themselves.
+    if bytes.len() > 1 << 30 {
+        return None;
+    }
+    let proto = {
+        use prost::Message;
+        tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes)).ok()?
+    };
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let parsed =
+        super::tract::guarded(|| "parse".into(), || onnx.model_for_proto_model(&proto)).ok()?;
+    Some(move |shapes: &[(DataType, Vec<usize>)]| -> Result<()> {
+        let facts = shapes
+            .iter()
+            .map(|(dt, shape)| {
+                Ok(InferenceFact::dt_shape(
+                    super::tract::datum_of(*dt)?,
+                    shape.as_slice(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut m = parsed.clone();
+        super::tract::guarded(
+            || "tract's analysis".into(),
+            || {
+                for (i, fact) in facts.into_iter().enumerate() {
+                    m.set_input_fact(i, fact)?;
+                }
+                m.into_typed()
+            },
+        )
+        .map(|_| ())
+    })
+}
+
+/// A constant value's elements as f64: an initializer or a `Constant` node's output.
+fn constant_values(g: &Graph, v: ValueId) -> Option<(Vec<i64>, Vec<f64>)> {
+    let val = g.value(v);
+    let proto = match val.initializer() {
+        Some(t) => t.clone(),
+        None => {
+            let Def::Node(n, _) = val.def() else {
+                return None;
+            };
+            crate::ir::constants::constant_node_tensor(g, n)?.0
+        }
+    };
+    let dims = proto.dims.clone();
+    // Shapes are enough for tables; values are read only from small constants.
+    if crate::onnx::tensor::element_count(&dims).unwrap_or(u64::MAX) > 1 << 16 {
+        return Some((dims, Vec::new()));
+    }
+    let t = super::Tensor::from_proto(&proto).ok()?;
+    let values = t.to_f32().iter().map(|&x| x as f64).collect();
+    Some((dims, values))
+}
+
+fn is_integer(d: DataType) -> bool {
+    !d.is_float() && d != DataType::Bool && d != DataType::String
+}
+
+/// Value ranges the model implies for its integer inputs (see the module's doc), each with what
+/// implies it. Inputs nothing bounds are left out; they need `--range` or data.
+pub fn implied_ranges(model: &Model) -> HashMap<String, Reasoned<(f64, f64)>> {
+    let g = &model.graph;
+    let mut out = HashMap::new();
+    for port in g.inputs() {
+        let name = g.value_name(port.value).to_string();
+        let elem = port
+            .info
+            .r#type
+            .as_ref()
+            .and_then(|t| match &t.value {
+                Some(crate::onnx::pb::type_proto::Value::TensorType(tt)) => Some(tt.elem_type),
+                _ => None,
+            })
+            .and_then(|e| DataType::try_from(e).ok());
+        if !elem.is_some_and(is_integer) {
+            continue;
+        }
+        // Every bound found on the way, intersected at the end.
+        let mut bounds: Vec<((f64, f64), String)> = Vec::new();
+        let mut tested: Vec<((f64, f64), String)> = Vec::new();
+        let mut stack = vec![port.value];
+        let mut seen = HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            for u in g.value(v).uses() {
+                let node = g.node(u.node);
+                let slot = match u.slot {
+                    Slot::Input(i) => i,
+                    Slot::Implicit => continue,
+                };
+                let cast_to = || {
+                    node.int_attribute("to")
+                        .and_then(|t| DataType::try_from(t as i32).ok())
+                };
+                let passes = match node.op_type.as_str() {
+                    "Identity" | "Squeeze" | "Unsqueeze" | "Flatten" | "Expand" | "Transpose"
+                    | "Reshape" | "Gather" | "Slice" | "Split" | "Tile" => slot == 0,
+                    "Concat" => true,
+                    "Cast" => cast_to().is_some_and(is_integer),
+                    _ => false,
+                };
+                if passes {
+                    stack.extend(node.outputs().iter().flatten().copied());
+                    continue;
+                }
+                let other = |i: usize| node.input(i).and_then(|x| constant_values(g, x));
+                match (node.op_type.as_str(), slot) {
+                    ("Gather" | "GatherElements", 1) => {
+                        let Some((dims, _)) = other(0) else { continue };
+                        let axis = node.int_attribute("axis").unwrap_or(0);
+                        let a = if axis < 0 {
+                            axis + dims.len() as i64
+                        } else {
+                            axis
+                        };
+                        if let Some(&n) = usize::try_from(a).ok().and_then(|a| dims.get(a))
+                            && n > 0
+                        {
+                            let table = g.value_name(node.input(0).unwrap());
+                            bounds.push((
+                                (0.0, (n - 1) as f64),
+                                format!("rows of the {} table {table}", node.op_type),
+                            ));
+                        }
+                    }
+                    ("GatherND", 1) => {
+                        let Some((dims, _)) = other(0) else { continue };
+                        let b = node.int_attribute("batch_dims").unwrap_or(0).max(0) as usize;
+                        if let Some(&n) = dims.get(b)
+                            && n > 0
+                        {
+                            let table = g.value_name(node.input(0).unwrap());
+                            bounds.push((
+                                (0.0, (n - 1) as f64),
+                                format!("rows of the GatherND table {table}"),
+                            ));
+                        }
+                    }
+                    ("OneHot", 0) => {
+                        if let Some((_, d)) = other(1)
+                            && let Some(&depth) = d.first()
+                            && depth >= 1.0
+                        {
+                            bounds.push((
+                                (0.0, depth - 1.0),
+                                format!("the depth of OneHot {}", node.name),
+                            ));
+                        }
+                    }
+                    ("Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual", 0 | 1) => {
+                        if let Some((_, vals)) = other(1 - slot)
+                            && !vals.is_empty()
+                        {
+                            let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+                            let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                            let what = if vals.len() > 1 {
+                                "the constants it is compared with"
+                            } else {
+                                "the value it is tested for"
+                            };
+                            let bound = (
+                                (lo.ceil(), hi.floor()),
+                                format!("{what} in {} {}", node.op_type, node.name),
+                            );
+                            // Against several values (a one-hot written as Equal with 0..n) the
+                            // comparison spans the input's values; against one, it only tests for
+                            // that value, and counts when nothing else bounds the input.
+                            if vals.len() > 1 {
+                                bounds.push(bound);
+                            } else {
+                                tested.push(bound);
+                            }
+                        }
+                    }
+                    ("Cast", 0) if cast_to() == Some(DataType::Bool) => {
+                        bounds.push(((0.0, 1.0), format!("its Cast to bool {}", node.name)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if bounds.is_empty() && name.to_ascii_lowercase().contains("mask") {
+            bounds.push(((0.0, 1.0), "a mask, by its name".to_string()));
+        }
+        if bounds.is_empty() && !tested.is_empty() {
+            let lo = tested.iter().map(|b| b.0.0).fold(f64::INFINITY, f64::min);
+            let hi = tested
+                .iter()
+                .map(|b| b.0.1)
+                .fold(f64::NEG_INFINITY, f64::max);
+            bounds.push(((lo, hi), tested.swap_remove(0).1));
+        }
+        let Some(first) = bounds.first().cloned() else {
+            continue;
+        };
+        let (mut lo, mut hi, mut why) = (first.0.0, first.0.1, first.1);
+        for ((l, h), w) in bounds.into_iter().skip(1) {
+            if h < hi {
+                hi = h;
+                why = w.clone();
+            }
+            lo = lo.max(l);
+        }
+        if lo <= hi {
+            out.insert(name, ((lo, hi), why));
+        }
+    }
+    out
+}
