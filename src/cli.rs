@@ -54,20 +54,49 @@ pub struct InputArgs {
     /// Feed image channels in BGR order.
     #[arg(long)]
     bgr: bool,
+    /// The memory one run's batch may take (e.g. 512M, 2G): arrays from files are split along axis 0
+    /// into batches that fit, sized from the values the model computes per row (default: a quarter of
+    /// the available memory, at most 2G). --batch-size sets the rows instead.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    max_memory: Option<u64>,
     /// Batches generated when neither --inputs nor --random is given (0: one of them is required).
     #[arg(skip)]
     default_random: usize,
-    /// The dims inferred for the model's open dims the first time inputs were opened, for the
-    /// model's inputs as declared: every later set (calibration, verification) takes the same without
-    /// checking them in tract again.
+    /// What was inferred the first time inputs were opened, for the model's inputs as declared, so
+    /// every later set (calibration, verification) takes the same without asking tract again.
     #[arg(skip)]
-    implied_dims: std::rc::Rc<std::cell::RefCell<Option<ImpliedDims>>>,
+    inferred: std::rc::Rc<std::cell::RefCell<Inferred>>,
 }
 
-type ImpliedDims = (
-    Vec<exec::InputInfo>,
-    std::collections::BTreeMap<inputs::DimKey, (usize, String)>,
-);
+#[derive(Debug, Default)]
+struct Inferred {
+    /// The inputs it was inferred for.
+    inputs: Vec<exec::InputInfo>,
+    /// Values of open dims, for generated inputs.
+    dims: Option<std::collections::BTreeMap<inputs::DimKey, (usize, String)>>,
+    /// Rows per batch within the memory budget, for data from files whose first batch had these
+    /// shapes (None: not known).
+    rows: Option<(Vec<Vec<usize>>, Option<usize>)>,
+}
+
+/// A byte count with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    if !(v > 0.0) {
+        return Err(format!("'{s}': the size must be positive"));
+    }
+    Ok((v * mult as f64) as u64)
+}
 
 #[derive(Args, Clone, Debug)]
 pub struct RuntimeArgs {
@@ -332,22 +361,35 @@ impl InputArgs {
         // the rest (open dims checked in tract, ranges of integer inputs).
         opts.spec.retain(|s| info.iter().any(|i| i.name == s.name));
         let source = self.source()?;
-        let cached = self
-            .implied_dims
-            .borrow()
-            .as_ref()
-            .filter(|(i, _)| same_inputs(i, &info))
-            .map(|(_, d)| d.clone());
-        let check = matches!(source, Source::Random { .. }) && cached.is_none();
+        let mut inferred = self.inferred.borrow_mut();
+        if !same_inputs(&inferred.inputs, &info) {
+            *inferred = Inferred {
+                inputs: info.clone(),
+                ..Default::default()
+            };
+        }
+        let check = matches!(source, Source::Random { .. }) && inferred.dims.is_none();
         inputs::infer(model, &info, &mut opts, check);
-        match cached {
-            Some(d) => opts.implied_dims = d,
-            None if check => {
-                *self.implied_dims.borrow_mut() = Some((info.clone(), opts.implied_dims.clone()))
-            }
+        match &inferred.dims {
+            Some(d) => opts.implied_dims = d.clone(),
+            None if check => inferred.dims = Some(opts.implied_dims.clone()),
             None => {}
         }
-        inputs::open(&source, &info, &opts)
+        let mut set = inputs::open(&source, &info, &opts)?;
+        // Data from files is run in batches that fit the memory budget, whatever its rows.
+        if matches!(source, Source::Path(_)) && self.batch_size.is_none() && !set.is_empty() {
+            let first = set.batch(0)?;
+            let shapes: Vec<Vec<usize>> = first.iter().map(|(_, t)| t.shape().to_vec()).collect();
+            if inferred.rows.as_ref().is_none_or(|(s, _)| *s != shapes) {
+                let budget = self.max_memory.unwrap_or_else(inputs::default_budget);
+                let rows = inputs::rows_within(model, &info, &first, budget);
+                inferred.rows = Some((shapes, rows));
+            }
+            if let Some((_, Some(rows))) = inferred.rows {
+                set = inputs::rebatch(set, rows)?;
+            }
+        }
+        Ok(set)
     }
 
     fn paths(&self) -> Vec<&Path> {

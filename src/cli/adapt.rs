@@ -167,6 +167,7 @@ fn run_sensitivity<'m>(
         .as_ref()
         .ok_or_else(|| anyhow!("recipe {} has no allocate menu", recipe.name))?;
     let (runtime, lean) = calib_runtime(s.cal, s.rt);
+    super::first_batch_checked(&ca, model, spec.clone()).context("the calibration data")?;
     let mut set = ca.open(model, spec)?;
     let wanted = adapt::energy_requests(model);
     let energy = if wanted.is_empty() {

@@ -175,10 +175,10 @@ pub fn infer(model: &crate::ir::Model, inputs: &[InputInfo], opts: &mut InputOpt
             .iter()
             .map(|i| Some((i.dtype?, generated_shape(i, spec_of(&i.name), &o).ok()?)))
             .collect::<Option<Vec<_>>>()?;
-        let c = checker
-            .get_or_insert_with(|| super::synth::tract_shape_check(model))
-            .as_mut()?;
-        Some(c(&shapes))
+        let probe = checker
+            .get_or_insert_with(|| super::synth::TractProbe::new(model))
+            .as_ref()?;
+        Some(probe.check(&shapes))
     };
     let batch = opts.batch_size.unwrap_or(1);
     let dims = super::synth::implied_dims(inputs, batch, &given, &mut accepts);
@@ -316,6 +316,76 @@ fn single_input(inputs: &[InputInfo], path: &Path) -> Result<String> {
 
 fn preferred(inputs: &[InputInfo], name: &str) -> Option<DataType> {
     inputs.iter().find(|i| i.name == name).and_then(|i| i.dtype)
+}
+
+/// Splits the batches of `set` that have more than `rows` rows into pieces of at most `rows` along
+/// axis 0. Batches whose arrays disagree on their rows (a state laid out `[2, batch, n]`) are left
+/// whole, as are sets of one-row batches.
+pub fn rebatch(set: InputSet, rows: usize) -> Result<InputSet> {
+    let description = set.description.clone();
+    let mut out = Vec::new();
+    for batch in set {
+        let batch = batch?;
+        let n = batch.first().and_then(|(_, t)| t.shape().first().copied());
+        let shared = n.filter(|&n| batch.iter().all(|(_, t)| t.shape().first() == Some(&n)));
+        match shared {
+            Some(n) if n > rows => {
+                let mut pieces: Vec<Vec<Named>> = Vec::new();
+                for (name, t) in &batch {
+                    for (i, part) in t.split_rows(rows)?.into_iter().enumerate() {
+                        if pieces.len() <= i {
+                            pieces.push(Vec::new());
+                        }
+                        pieces[i].push((name.clone(), part));
+                    }
+                }
+                out.extend(pieces);
+            }
+            _ => out.push(batch),
+        }
+    }
+    Ok(fixed_set(description, out))
+}
+
+/// How many rows of `batch` fit a run within `budget` bytes: the bytes of every value `model`
+/// computes for one row (tract's analysis), four times over — the reference and the candidate, each
+/// with its values exposed and copied out, as per-layer attribution runs them. None when it cannot
+/// be told (tract cannot type the model, a shape stays unknown, the arrays disagree on their rows).
+pub fn rows_within(
+    model: &crate::ir::Model,
+    inputs: &[InputInfo],
+    batch: &[Named],
+    budget: u64,
+) -> Option<usize> {
+    let shapes = inputs
+        .iter()
+        .map(|i| {
+            let t = batch.iter().find(|(n, _)| *n == i.name)?.1.clone();
+            let mut shape = t.shape().to_vec();
+            *shape.first_mut()? = 1;
+            Some((i.dtype?, shape))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let per_row = super::synth::TractProbe::new(model)?
+        .value_bytes(&shapes)
+        .ok()??
+        .max(1);
+    Some((budget / (4 * per_row)).max(1) as usize)
+}
+
+/// The default memory budget of one run's batch: a quarter of the memory available now, at most
+/// 2 GiB (1 GiB when it cannot be read).
+pub fn default_budget() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match available {
+        Some(a) => (a / 4).min(2 << 30),
+        None => 1 << 30,
+    }
 }
 
 /// Splits every batch along axis 0 when a batch size is set.

@@ -4,7 +4,8 @@
 //!   constant table (`GatherElements`, `GatherND` too) take that table's rows; `OneHot` indices its
 //!   depth; a comparison (`Equal`, `Less`, `Greater`, …) against a constant of several values takes
 //!   their span; a `Cast` to bool, or a name that says "mask", takes 0..1. Several readers intersect.
-//!   An input only tested against single values (`sr == 16000`) takes the values tested for.
+//!   An input only tested against single values (`sr == 16000`) takes the values tested for; the
+//!   shape of an `Expand` takes ones, the repeats of a `Tile` 1..2.
 //! - **Values of open dims** (symbolic or unnamed): the first axis is the batch (`--batch-size`, else
 //!   1); axes after a fixed channel count of a rank-4 float input are spatial (64 first); any other
 //!   open axis is a length (16 first). A symbol that names the batch takes the batch wherever it
@@ -117,6 +118,9 @@ fn open_dims(
     out
 }
 
+/// A check of one full assignment of the open dims: None when no check can be made.
+pub type Accepts<'a> = dyn FnMut(&BTreeMap<DimKey, usize>) -> Option<Result<()>> + 'a;
+
 /// Values for the open dims of `inputs` (those `given` leaves open): defaults by kind, checked with
 /// `accepts` (which tries a full assignment; None when no check can be made) and replaced, one dim at a
 /// time, by the first candidate it accepts.
@@ -124,7 +128,7 @@ pub fn implied_dims(
     inputs: &[InputInfo],
     batch: usize,
     given: &dyn Fn(&DimKey, &InputInfo, usize) -> bool,
-    accepts: &mut dyn FnMut(&BTreeMap<DimKey, usize>) -> Option<Result<()>>,
+    accepts: &mut Accepts,
 ) -> BTreeMap<DimKey, Reasoned<usize>> {
     let open = open_dims(inputs, given);
     let mut values: BTreeMap<DimKey, usize> = open
@@ -206,7 +210,7 @@ fn search(
     free: &[&(DimKey, DimKind)],
     values: &mut BTreeMap<DimKey, usize>,
     batch: usize,
-    accepts: &mut dyn FnMut(&BTreeMap<DimKey, usize>) -> Option<Result<()>>,
+    accepts: &mut Accepts,
 ) -> Option<(DimKey, Vec<usize>)> {
     for (key, kind) in free {
         let start = values[key];
@@ -236,27 +240,33 @@ fn search(
     None
 }
 
-/// Builds tract's shape check of `model`: given every input's dtype and shape, whether tract's
-/// analysis of the model types it without error. None when tract cannot parse the model at all (then
-/// no shape can be checked).
-pub fn tract_shape_check(
-    model: &Model,
-) -> Option<impl FnMut(&[(DataType, Vec<usize>)]) -> Result<()> + use<>> {
-    use tract_onnx::prelude::{Framework, InferenceFact, InferenceModelExt};
-    let prepared = super::Prepared::from_model(model, "");
-    let bytes = prepared.encode();
-    // Checking costs a parse of the whole model; past this it is left to the runs themselves.
-    if bytes.len() > 1 << 30 {
-        return None;
+/// tract's analysis of one model, for asking what it makes of given input shapes.
+pub struct TractProbe {
+    parsed: tract_onnx::prelude::InferenceModel,
+}
+
+impl TractProbe {
+    /// None when tract cannot parse the model (then nothing can be asked of it), or when the model is
+    /// too large for a second parse to be worth it.
+    pub fn new(model: &Model) -> Option<TractProbe> {
+        use tract_onnx::prelude::Framework;
+        let bytes = super::Prepared::from_model(model, "").encode();
+        if bytes.len() > 1 << 30 {
+            return None;
+        }
+        let proto = {
+            use prost::Message;
+            tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes)).ok()?
+        };
+        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let parsed =
+            super::tract::guarded(|| "parse".into(), || onnx.model_for_proto_model(&proto)).ok()?;
+        Some(TractProbe { parsed })
     }
-    let proto = {
-        use prost::Message;
-        tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes)).ok()?
-    };
-    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
-    let parsed =
-        super::tract::guarded(|| "parse".into(), || onnx.model_for_proto_model(&proto)).ok()?;
-    Some(move |shapes: &[(DataType, Vec<usize>)]| -> Result<()> {
+
+    /// The model typed by tract's analysis for inputs of these types and shapes (in input order).
+    fn typed(&self, shapes: &[(DataType, Vec<usize>)]) -> Result<tract_onnx::prelude::TypedModel> {
+        use tract_onnx::prelude::{InferenceFact, InferenceModelExt};
         let facts = shapes
             .iter()
             .map(|(dt, shape)| {
@@ -266,7 +276,7 @@ pub fn tract_shape_check(
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut m = parsed.clone();
+        let mut m = self.parsed.clone();
         super::tract::guarded(
             || "tract's analysis".into(),
             || {
@@ -276,8 +286,33 @@ pub fn tract_shape_check(
                 m.into_typed()
             },
         )
-        .map(|_| ())
-    })
+    }
+
+    /// Whether tract's analysis types the model for these inputs without error.
+    pub fn check(&self, shapes: &[(DataType, Vec<usize>)]) -> Result<()> {
+        self.typed(shapes).map(|_| ())
+    }
+
+    /// The bytes of every value the model computes for these inputs (what a run that keeps them all,
+    /// as per-layer attribution does, holds at once); None when some shape stays unknown.
+    pub fn value_bytes(&self, shapes: &[(DataType, Vec<usize>)]) -> Result<Option<u64>> {
+        let typed = self.typed(shapes)?;
+        let mut total = 0u64;
+        for node in &typed.nodes {
+            for out in &node.outputs {
+                // Weights and other constants are the model's, not the batch's.
+                if out.fact.konst.is_some() {
+                    continue;
+                }
+                let Some(shape) = out.fact.shape.as_concrete() else {
+                    return Ok(None);
+                };
+                let n = shape.iter().product::<usize>() as u64;
+                total += n * out.fact.datum_type.size_of() as u64;
+            }
+        }
+        Ok(Some(total))
+    }
 }
 
 /// A constant value's elements as f64: an initializer or a `Constant` node's output.
@@ -424,6 +459,13 @@ pub fn implied_ranges(model: &Model) -> HashMap<String, Reasoned<(f64, f64)>> {
                             }
                         }
                     }
+                    // A shape argument that broadcasts: ones keep the data's own shape.
+                    ("Expand", 1) => {
+                        bounds.push(((1.0, 1.0), format!("the shape of Expand {}", node.name)));
+                    }
+                    ("Tile", 1) => {
+                        bounds.push(((1.0, 2.0), format!("the repeats of Tile {}", node.name)));
+                    }
                     ("Cast", 0) if cast_to() == Some(DataType::Bool) => {
                         bounds.push(((0.0, 1.0), format!("its Cast to bool {}", node.name)));
                     }
@@ -458,4 +500,135 @@ pub fn implied_ranges(model: &Model) -> HashMap<String, Reasoned<(f64, f64)>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::pb::GraphProto;
+    use crate::onnx::tensor::{from_f32, tensor_value_info};
+    use crate::testing::{int_attr, model_of, node};
+
+    fn ints(name: &str, dims: &[i64], values: &[i64]) -> crate::onnx::pb::TensorProto {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut t = crate::passes::quantize_weights::emit::tensor(DataType::Int64, dims, bytes);
+        t.name = name.into();
+        t
+    }
+
+    /// Each kind of reader bounds its input: a one-hot written as Equal against 0..256, OneHot's
+    /// depth, a Cast to bool, a value tested for, a Gather table (a test for a single value beside it
+    /// does not narrow it), an Expand shape; an input only added to gets nothing.
+    #[test]
+    fn readers_bound_integer_inputs() {
+        let i64t = DataType::Int64 as i32;
+        let levels: Vec<i64> = (0..=256).collect();
+        let g = GraphProto {
+            name: Some("g".into()),
+            node: vec![
+                node("Unsqueeze", &["bytes", "ax"], "b1"),
+                node("Equal", &["b1", "levels"], "onehot"),
+                node("OneHot", &["cls", "depth", "onoff"], "oh"),
+                node("Cast", &["flag"], "flagb"),
+                node("Equal", &["sr", "rate"], "is16k"),
+                node("Gather", &["E", "ids"], "emb"),
+                node("Greater", &["ids", "zero"], "nz"),
+                node("Expand", &["x", "shape"], "xe"),
+                node("Add", &["free", "free"], "twice"),
+            ],
+            initializer: vec![
+                ints("ax", &[1], &[-1]),
+                ints("levels", &[257], &levels),
+                ints("depth", &[], &[10]),
+                from_f32("onoff", &[2], &[0.0, 1.0]),
+                ints("rate", &[], &[16000]),
+                from_f32("E", &[100, 4], &[0.5; 400]),
+                ints("zero", &[], &[0]),
+            ],
+            input: vec![
+                tensor_value_info("bytes", DataType::Int32 as i32, &[1, 8]),
+                tensor_value_info("cls", i64t, &[3]),
+                tensor_value_info("flag", i64t, &[3]),
+                tensor_value_info("sr", i64t, &[]),
+                tensor_value_info("ids", i64t, &[2, 5]),
+                tensor_value_info("x", 1, &[1, 4]),
+                tensor_value_info("shape", i64t, &[2]),
+                tensor_value_info("free", i64t, &[2]),
+            ],
+            output: ["onehot", "oh", "flagb", "is16k", "emb", "nz", "xe", "twice"]
+                .iter()
+                .map(|n| crate::onnx::pb::ValueInfoProto {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut g = g;
+        g.node[3]
+            .attribute
+            .push(int_attr("to", DataType::Bool as i64));
+        let model = model_of(g, 17);
+        let r = implied_ranges(&model);
+        let range = |n: &str| r.get(n).map(|(r, _)| *r);
+        assert_eq!(range("bytes"), Some((0.0, 256.0)));
+        assert!(r["bytes"].1.contains("compared with"), "{}", r["bytes"].1);
+        assert_eq!(range("cls"), Some((0.0, 9.0)));
+        assert_eq!(range("flag"), Some((0.0, 1.0)));
+        assert_eq!(range("sr"), Some((16000.0, 16000.0)));
+        assert_eq!(range("ids"), Some((0.0, 99.0)));
+        assert_eq!(range("shape"), Some((1.0, 1.0)));
+        assert_eq!(range("free"), None);
+    }
+
+    /// Open dims take their kind's default; when the check refuses, the dim that needs another value
+    /// walks its candidates (a height that must be 48), the others keep theirs, and the reasons say
+    /// so. Dims the options give are left alone.
+    #[test]
+    fn open_dims_walk_their_candidates_until_the_check_accepts() {
+        let input = |name: &str, dtype: DataType, dims: Vec<Dim>| InputInfo {
+            name: name.into(),
+            dtype: Some(dtype),
+            dims: Some(dims),
+        };
+        let sym = |s: &str| Dim::Symbol(s.into());
+        let inputs = vec![
+            input(
+                "x",
+                DataType::Float,
+                vec![sym("N"), Dim::Fixed(3), Dim::Unknown, sym("W")],
+            ),
+            input(
+                "ids",
+                DataType::Int64,
+                vec![sym("N"), sym("seq"), sym("given")],
+            ),
+        ];
+        let given = |k: &DimKey, _: &InputInfo, _: usize| *k == DimKey::Symbol("given".into());
+        let h = DimKey::Axis("x".into(), 2);
+        let mut tried = 0;
+        let mut accepts = |v: &BTreeMap<DimKey, usize>| {
+            tried += 1;
+            assert!(!v.contains_key(&DimKey::Symbol("given".into())));
+            Some(if v[&h] == 48 {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("height {} refused", v[&h]))
+            })
+        };
+        let dims = implied_dims(&inputs, 2, &given, &mut accepts);
+        let value = |k: DimKey| dims[&k].0;
+        assert_eq!(value(DimKey::Symbol("N".into())), 2);
+        assert_eq!(value(h.clone()), 48);
+        assert_eq!(value(DimKey::Symbol("W".into())), 64);
+        assert_eq!(value(DimKey::Symbol("seq".into())), 16);
+        assert!(dims[&h].1.contains("64, 32 refused"), "{}", dims[&h].1);
+        assert!(dims[&DimKey::Symbol("W".into())].1.contains("checked"));
+        assert_eq!(tried, 3);
+
+        // Without a check, defaults are said to be unchecked.
+        let dims = implied_dims(&inputs, 1, &given, &mut |_| None);
+        assert_eq!(dims[&h].0, 64);
+        assert!(dims[&h].1.contains("not checked"));
+    }
 }
