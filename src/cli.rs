@@ -92,7 +92,7 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         return Err(format!("'{s}': the size must be positive"));
     }
     Ok((v * mult as f64) as u64)

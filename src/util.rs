@@ -40,15 +40,47 @@ impl Progress {
 /// A temporary file in `dir` that is renamed over an output once complete. Its mode is the one a
 /// plain create gives (0666 less the process umask), not the 0600 of a private temporary file, so
 /// the renamed output can be read by whoever could read a file written directly.
+///
+/// The name carries the writing process's id (`.quench-PID-XXXXXX.tmp`): a process killed before its
+/// rename leaves its temporary file behind, and the next write into the folder removes the files of
+/// processes that no longer run.
 pub fn output_temp(dir: &std::path::Path) -> std::io::Result<tempfile::NamedTempFile> {
+    remove_stale_temps(dir);
+    let prefix = format!(".quench-{}-", std::process::id());
     let mut b = tempfile::Builder::new();
-    b.prefix(".quench-").suffix(".tmp");
+    b.prefix(&prefix).suffix(".tmp");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         b.permissions(std::fs::Permissions::from_mode(0o666));
     }
     b.tempfile_in(dir)
+}
+
+/// Removes the temporary output files in `dir` left by quench processes that have ended (Linux,
+/// where `/proc` tells which run; elsewhere nothing is removed).
+fn remove_stale_temps(dir: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".quench-"))
+            .filter(|n| n.ends_with(".tmp"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Writes a file atomically: a temporary file in the same folder, synced, then renamed over `path`.

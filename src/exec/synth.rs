@@ -315,6 +315,147 @@ impl TractProbe {
     }
 }
 
+/// The shape of a value computed from constants alone, followed through the ops that decode a
+/// compressed weight (`DequantizeLinear`, `Cast`, `Mul`/`Sub`/`Add`/`Div` by scales, a `Gather` from a
+/// table of levels, `Reshape`, `Transpose`, `Slice`, `Squeeze`/`Unsqueeze`, `Flatten`), so that a
+/// quantized embedding table bounds its indices as the float one did.
+fn const_shape(g: &Graph, v: ValueId, depth: usize) -> Option<Vec<i64>> {
+    if let Some((dims, _)) = constant_values(g, v) {
+        return Some(dims);
+    }
+    let Def::Node(n, _) = g.value(v).def() else {
+        return None;
+    };
+    if depth > 16 {
+        return None;
+    }
+    let node = g.node(n);
+    let input = |i: usize| node.input(i).and_then(|x| const_shape(g, x, depth + 1));
+    let ints = |i: usize| -> Option<Vec<i64>> {
+        let (_, vals) = constant_values(g, node.input(i)?)?;
+        Some(vals.iter().map(|&x| x as i64).collect())
+    };
+    let axis = |a: i64, rank: usize| -> Option<usize> {
+        let a = if a < 0 { a + rank as i64 } else { a };
+        usize::try_from(a).ok().filter(|&a| a < rank)
+    };
+    match node.op_type.as_str() {
+        "DequantizeLinear" | "Cast" | "Identity" | "Neg" | "Abs" => input(0),
+        "Mul" | "Sub" | "Add" | "Div" => {
+            let (a, b) = (input(0)?, input(1)?);
+            let rank = a.len().max(b.len());
+            let pad = |s: &[i64]| {
+                let mut p = vec![1; rank - s.len()];
+                p.extend_from_slice(s);
+                p
+            };
+            let (a, b) = (pad(&a), pad(&b));
+            a.iter()
+                .zip(&b)
+                .map(|(&x, &y)| match (x, y) {
+                    (x, y) if x == y => Some(x),
+                    (1, y) => Some(y),
+                    (x, 1) => Some(x),
+                    _ => None,
+                })
+                .collect()
+        }
+        "Gather" => {
+            let (data, idx) = (input(0)?, input(1)?);
+            let a = axis(node.int_attribute("axis").unwrap_or(0), data.len())?;
+            let mut out = data[..a].to_vec();
+            out.extend(idx);
+            out.extend_from_slice(&data[a + 1..]);
+            Some(out)
+        }
+        "Reshape" => {
+            let data = input(0)?;
+            let mut shape = ints(1)?;
+            let total: i64 = data.iter().product();
+            for (i, d) in shape.iter_mut().enumerate() {
+                if *d == 0 {
+                    *d = *data.get(i)?;
+                }
+            }
+            if let Some(p) = shape.iter().position(|&d| d == -1) {
+                let known: i64 = shape.iter().filter(|&&d| d != -1).product();
+                shape[p] = total.checked_div(known)?;
+            }
+            (shape.iter().product::<i64>() == total).then_some(shape)
+        }
+        "Transpose" => {
+            let data = input(0)?;
+            let perm = node
+                .attribute("perm")
+                .map(|a| a.ints.clone())
+                .unwrap_or_else(|| (0..data.len() as i64).rev().collect());
+            perm.iter()
+                .map(|&p| data.get(p as usize).copied())
+                .collect()
+        }
+        "Slice" => {
+            let mut data = input(0)?;
+            let (starts, ends) = (ints(1)?, ints(2)?);
+            let axes = match node.input(3) {
+                Some(_) => ints(3)?,
+                None => (0..starts.len() as i64).collect(),
+            };
+            let steps = match node.input(4) {
+                Some(_) => ints(4)?,
+                None => vec![1; starts.len()],
+            };
+            for (((&s, &e), &a), &st) in starts.iter().zip(&ends).zip(&axes).zip(&steps) {
+                let a = axis(a, data.len())?;
+                let dim = data[a];
+                if st != 1 {
+                    return None;
+                }
+                let clamp = |x: i64| if x < 0 { (x + dim).max(0) } else { x.min(dim) };
+                data[a] = (clamp(e) - clamp(s)).max(0);
+            }
+            Some(data)
+        }
+        "Squeeze" | "Unsqueeze" => {
+            let data = input(0)?;
+            let axes = match node.input(1) {
+                Some(_) => ints(1)?,
+                None => node.attribute("axes").map(|a| a.ints.clone())?,
+            };
+            if node.op_type == "Squeeze" {
+                let drop: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| axis(a, data.len()))
+                    .collect::<Option<_>>()?;
+                Some(
+                    data.iter()
+                        .enumerate()
+                        .filter(|(i, _)| !drop.contains(i))
+                        .map(|(_, &d)| d)
+                        .collect(),
+                )
+            } else {
+                let rank = data.len() + axes.len();
+                let mut add: Vec<usize> =
+                    axes.iter().map(|&a| axis(a, rank)).collect::<Option<_>>()?;
+                add.sort();
+                let mut out = data;
+                for a in add {
+                    out.insert(a, 1);
+                }
+                Some(out)
+            }
+        }
+        "Flatten" => {
+            let data = input(0)?;
+            let a = node.int_attribute("axis").unwrap_or(1);
+            let a = if a < 0 { a + data.len() as i64 } else { a } as usize;
+            let (l, r) = data.split_at(a.min(data.len()));
+            Some(vec![l.iter().product(), r.iter().product()])
+        }
+        _ => None,
+    }
+}
+
 /// A constant value's elements as f64: an initializer or a `Constant` node's output.
 fn constant_values(g: &Graph, v: ValueId) -> Option<(Vec<i64>, Vec<f64>)> {
     let val = g.value(v);
@@ -393,7 +534,9 @@ pub fn implied_ranges(model: &Model) -> HashMap<String, Reasoned<(f64, f64)>> {
                 let other = |i: usize| node.input(i).and_then(|x| constant_values(g, x));
                 match (node.op_type.as_str(), slot) {
                     ("Gather" | "GatherElements", 1) => {
-                        let Some((dims, _)) = other(0) else { continue };
+                        let Some(dims) = node.input(0).and_then(|t| const_shape(g, t, 0)) else {
+                            continue;
+                        };
                         let axis = node.int_attribute("axis").unwrap_or(0);
                         let a = if axis < 0 {
                             axis + dims.len() as i64
@@ -411,7 +554,9 @@ pub fn implied_ranges(model: &Model) -> HashMap<String, Reasoned<(f64, f64)>> {
                         }
                     }
                     ("GatherND", 1) => {
-                        let Some((dims, _)) = other(0) else { continue };
+                        let Some(dims) = node.input(0).and_then(|t| const_shape(g, t, 0)) else {
+                            continue;
+                        };
                         let b = node.int_attribute("batch_dims").unwrap_or(0).max(0) as usize;
                         if let Some(&n) = dims.get(b)
                             && n > 0
@@ -518,7 +663,8 @@ mod tests {
 
     /// Each kind of reader bounds its input: a one-hot written as Equal against 0..256, OneHot's
     /// depth, a Cast to bool, a value tested for, a Gather table (a test for a single value beside it
-    /// does not narrow it), an Expand shape; an input only added to gets nothing.
+    /// does not narrow it), an Expand shape, a table decoded from codes (its shape followed through
+    /// the decode); an input only added to gets nothing.
     #[test]
     fn readers_bound_integer_inputs() {
         let i64t = DataType::Int64 as i32;
@@ -535,6 +681,13 @@ mod tests {
                 node("Greater", &["ids", "zero"], "nz"),
                 node("Expand", &["x", "shape"], "xe"),
                 node("Add", &["free", "free"], "twice"),
+                // A table quantized to levels: codes [50, 2] → levels [.., 2] → [50, 4] → scaled.
+                node("Cast", &["codes"], "codes32"),
+                node("Gather", &["levels_f", "codes32"], "unpacked"),
+                node("Reshape", &["unpacked", "table_shape"], "table"),
+                node("DequantizeLinear", &["table_q", "tscale"], "tq"),
+                node("Mul", &["table", "tq"], "decoded"),
+                node("Gather", &["decoded", "qids"], "qemb"),
             ],
             initializer: vec![
                 ints("ax", &[1], &[-1]),
@@ -544,6 +697,11 @@ mod tests {
                 ints("rate", &[], &[16000]),
                 from_f32("E", &[100, 4], &[0.5; 400]),
                 ints("zero", &[], &[0]),
+                ints("codes", &[50, 2], &[1; 100]),
+                from_f32("levels_f", &[256, 2], &[0.25; 512]),
+                ints("table_shape", &[2], &[-1, 4]),
+                ints("table_q", &[1, 4], &[1; 4]),
+                from_f32("tscale", &[], &[0.5]),
             ],
             input: vec![
                 tensor_value_info("bytes", DataType::Int32 as i32, &[1, 8]),
@@ -554,14 +712,17 @@ mod tests {
                 tensor_value_info("x", 1, &[1, 4]),
                 tensor_value_info("shape", i64t, &[2]),
                 tensor_value_info("free", i64t, &[2]),
+                tensor_value_info("qids", i64t, &[3]),
             ],
-            output: ["onehot", "oh", "flagb", "is16k", "emb", "nz", "xe", "twice"]
-                .iter()
-                .map(|n| crate::onnx::pb::ValueInfoProto {
-                    name: n.to_string(),
-                    ..Default::default()
-                })
-                .collect(),
+            output: [
+                "onehot", "oh", "flagb", "is16k", "emb", "nz", "xe", "twice", "qemb",
+            ]
+            .iter()
+            .map(|n| crate::onnx::pb::ValueInfoProto {
+                name: n.to_string(),
+                ..Default::default()
+            })
+            .collect(),
             ..Default::default()
         };
         let mut g = g;
@@ -579,6 +740,7 @@ mod tests {
         assert_eq!(range("ids"), Some((0.0, 99.0)));
         assert_eq!(range("shape"), Some((1.0, 1.0)));
         assert_eq!(range("free"), None);
+        assert_eq!(range("qids"), Some((0.0, 49.0)));
     }
 
     /// Open dims take their kind's default; when the check refuses, the dim that needs another value

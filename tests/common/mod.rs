@@ -171,11 +171,13 @@ pub fn zoo_spec(name: &str) -> Vec<quench::zoo::InputSpec> {
     zoo().model(name).expect("zoo model").inputs.clone()
 }
 
-/// Runs the quench binary (as in CI: no progress bars).
+/// Runs the quench binary (as in CI: no progress bars; as a user would, without RUST_BACKTRACE,
+/// which lets caught panics of the runtimes print their backtraces).
 pub fn quench(args: &[&str]) -> std::process::Output {
     Command::new(quench_bin())
         .args(args)
         .env("CI", "true")
+        .env_remove("RUST_BACKTRACE")
         .output()
         .unwrap()
 }
