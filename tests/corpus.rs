@@ -18,9 +18,11 @@ fn outcome(o: &std::process::Output, what: &str) -> Result<(), String> {
     if o.status.success() {
         return Ok(());
     }
+    // One error line; a hint on how to get past it may follow.
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(
-        lines.len() == 1 && lines[0].starts_with("error: "),
+        lines.first().is_some_and(|l| l.starts_with("error: "))
+            && lines[1..].iter().all(|l| l.starts_with("hint: ")),
         "{what}: a failure must be one error line, got:\n{err}"
     );
     Err(lines[0].to_string())
@@ -59,32 +61,27 @@ fn every_fetched_model_quantizes_and_runs_with_no_flags() {
         let (model_s, out_s) = (model.display().to_string(), out.display().to_string());
         let o = quench(&["quantize", &model_s, "-o", &out_s, "--recipe", "w8"]);
         // A weight-only recipe needs no data: it writes the model, verified or said not to be.
-        let mut result = outcome(&o, &format!("quantize {name}"));
-        assert!(result.is_ok(), "quantize {name}: {result:?}");
-        if result.is_ok() {
-            assert!(out.is_file(), "{name}: quantize succeeded without output");
-            for rt in ["tract", "ort"] {
-                let o = quench(&["run", &out_s, "--random", "2", "--runtime", rt]);
-                if let Err(e) = outcome(&o, &format!("run {name} in {rt}")) {
-                    result = Err(format!("run in {rt}: {e}"));
-                    break;
-                }
+        let quantized = outcome(&o, &format!("quantize {name}"));
+        assert!(quantized.is_ok(), "quantize {name}: {quantized:?}");
+        assert!(out.is_file(), "{name}: quantize succeeded without output");
+        let mut ran = 0;
+        for rt in ["tract", "ort"] {
+            let o = quench(&["run", &out_s, "--random", "2", "--runtime", rt]);
+            match outcome(&o, &format!("run {name} in {rt}")) {
+                Ok(()) => ran += 1,
+                Err(e) => refused.push(format!("{name} in {rt}: {e}")),
             }
-        } else {
-            assert!(!out.exists(), "{name}: output written after an error");
         }
-        match result {
-            Ok(()) => ok += 1,
-            Err(e) => {
-                assert!(!must_pass, "{name} (zoo or corpus) failed: {e}");
-                refused.push(format!("{name}: {e}"));
-            }
+        // A zoo or corpus model runs in at least one runtime; the other may refuse it, in one line.
+        assert!(!must_pass || ran > 0, "{name} runs in neither runtime");
+        if ran == 2 {
+            ok += 1;
         }
         let _ = std::fs::remove_file(&model);
         let _ = std::fs::remove_file(&out);
     }
     eprintln!(
-        "first contact: {} models, {ok} quantized and ran in both runtimes with no flags, {} \
+        "first contact: {} models quantized with no flags; {ok} ran in both runtimes; {} runs \
          stopped with a one-line error:",
         models.len(),
         refused.len()
@@ -92,9 +89,9 @@ fn every_fetched_model_quantizes_and_runs_with_no_flags() {
     for r in &refused {
         eprintln!("  {r}");
     }
-    // Every model quantized and every zoo and corpus model ran (asserted above); the backend models
-    // that do not run are refused by a runtime (old opsets onnxruntime no longer implements,
-    // operators tract lacks) or have inputs nothing bounds.
+    // Every model quantized and every zoo and corpus model ran somewhere (asserted above); the
+    // runs refused are a runtime's (old opsets onnxruntime no longer implements, operators tract
+    // lacks) or inputs nothing bounds.
     assert!(ok * 10 >= models.len() * 6, "{ok} of {}", models.len());
 }
 

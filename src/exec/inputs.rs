@@ -660,6 +660,12 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
         let dtype = info
             .dtype
             .ok_or_else(|| anyhow!("input '{}' declares no element type", info.name))?;
+        if dtype == DataType::String {
+            bail!(
+                "input '{}' takes strings, which quench cannot generate: give data with --inputs",
+                info.name
+            );
+        }
         let shape = generated_shape(info, spec, opts)?;
         let range = match (opts.ranges.get(&info.name), spec.and_then(|s| s.range)) {
             (Some(r), _) => *r,
