@@ -231,6 +231,38 @@ fn random_inputs_are_deterministic_and_respect_ranges() {
     assert_ne!(c.batch(0).unwrap(), walked[0]);
 }
 
+/// With nothing given, the graph makes rxnmap's inputs: its four id inputs take exactly the ranges
+/// its manifest gives (found from its embedding tables), its sequence a length tract accepts, and
+/// both runtimes run them.
+#[test]
+fn rxnmap_inputs_come_from_its_graph() {
+    let Some(path) = zoo_model("rxnmap") else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let prep = Prepared::from_model(&model, "rxnmap");
+    let mut opts = InputOptions::default();
+    inputs::infer(&model, &prep.inputs, &mut opts, true);
+    for s in zoo_spec("rxnmap") {
+        let [lo, hi] = s.range.unwrap();
+        assert_eq!(opts.implied[&s.name].0, (lo, hi), "{}", s.name);
+    }
+    let dims: Vec<String> = opts
+        .implied_dims
+        .iter()
+        .map(|(k, (v, why))| format!("{k}={v} {why}"))
+        .collect();
+    assert!(
+        dims.iter().any(|d| d.contains("checked in tract")),
+        "{dims:?}"
+    );
+    let mut set = inputs::open(&Source::Random { count: 1 }, &prep.inputs, &opts).unwrap();
+    let batch = set.batch(0).unwrap();
+    exec::check_batch(&prep.inputs, &batch).unwrap();
+    let mut tract = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+    tract.run(&batch).unwrap();
+}
+
 #[test]
 fn symbolic_dims_and_integer_ranges_must_be_given() {
     let Some(path) = zoo_model("rxnmap") else {
