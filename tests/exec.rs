@@ -231,36 +231,40 @@ fn random_inputs_are_deterministic_and_respect_ranges() {
     assert_ne!(c.batch(0).unwrap(), walked[0]);
 }
 
-/// With nothing given, the graph makes rxnmap's inputs: its four id inputs take exactly the ranges
-/// its manifest gives (found from its embedding tables), its sequence a length tract accepts, and
-/// both runtimes run them.
+/// With nothing given, the graph makes the inputs of rxnmap and magika: their integer inputs take
+/// exactly the ranges their manifests give (rxnmap's four ids from its embedding tables, magika's
+/// bytes from the `Equal` against 0..256 its one-hot is written as), their open dims values tract
+/// accepts, and tract runs them.
 #[test]
-fn rxnmap_inputs_come_from_its_graph() {
-    let Some(path) = zoo_model("rxnmap") else {
-        return;
-    };
-    let model = Model::load(&path).unwrap();
-    let prep = Prepared::from_model(&model, "rxnmap");
-    let mut opts = InputOptions::default();
-    inputs::infer(&model, &prep.inputs, &mut opts, true);
-    for s in zoo_spec("rxnmap") {
-        let [lo, hi] = s.range.unwrap();
-        assert_eq!(opts.implied[&s.name].0, (lo, hi), "{}", s.name);
+fn integer_inputs_and_dims_come_from_the_graph() {
+    for (name, why) in [("rxnmap", "Gather table"), ("magika", "compared with")] {
+        let Some(path) = zoo_model(name) else {
+            return;
+        };
+        let model = Model::load(&path).unwrap();
+        let prep = Prepared::from_model(&model, name);
+        let mut opts = InputOptions::default();
+        inputs::infer(&model, &prep.inputs, &mut opts, true);
+        for s in zoo_spec(name) {
+            let [lo, hi] = s.range.unwrap();
+            let (range, said) = &opts.implied[&s.name];
+            assert_eq!(*range, (lo, hi), "{name}: {}", s.name);
+            assert!(said.contains(why), "{name}: {}: {said}", s.name);
+        }
+        let dims: Vec<String> = opts
+            .implied_dims
+            .iter()
+            .map(|(k, (v, why))| format!("{k}={v} {why}"))
+            .collect();
+        assert!(!dims.is_empty(), "{name}");
+        let mut set = inputs::open(&Source::Random { count: 1 }, &prep.inputs, &opts).unwrap();
+        let batch = set.batch(0).unwrap();
+        exec::check_batch(&prep.inputs, &batch).unwrap();
+        let mut tract = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
+        tract
+            .run(&batch)
+            .unwrap_or_else(|e| panic!("{name} with {dims:?}: {e:#}"));
     }
-    let dims: Vec<String> = opts
-        .implied_dims
-        .iter()
-        .map(|(k, (v, why))| format!("{k}={v} {why}"))
-        .collect();
-    assert!(
-        dims.iter().any(|d| d.contains("checked in tract")),
-        "{dims:?}"
-    );
-    let mut set = inputs::open(&Source::Random { count: 1 }, &prep.inputs, &opts).unwrap();
-    let batch = set.batch(0).unwrap();
-    exec::check_batch(&prep.inputs, &batch).unwrap();
-    let mut tract = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default()).unwrap();
-    tract.run(&batch).unwrap();
 }
 
 #[test]
