@@ -45,8 +45,24 @@ fn below(rng: &mut ChaCha8Rng, n: usize) -> usize {
 }
 
 const OPS: &[&str] = &[
-    "Conv", "MatMul", "Gemm", "Gather", "Reshape", "Add", "Relu", "Softmax", "LSTM", "If", "Loop",
-    "Concat", "Slice", "Transpose", "DequantizeLinear", "MatMulNBits", "NoSuchOp", "",
+    "Conv",
+    "MatMul",
+    "Gemm",
+    "Gather",
+    "Reshape",
+    "Add",
+    "Relu",
+    "Softmax",
+    "LSTM",
+    "If",
+    "Loop",
+    "Concat",
+    "Slice",
+    "Transpose",
+    "DequantizeLinear",
+    "MatMulNBits",
+    "NoSuchOp",
+    "",
 ];
 const DIMS: &[i64] = &[0, 1, 3, 7, 64, 1 << 20, 1 << 40, -1, -7, i64::MAX];
 
@@ -178,7 +194,9 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
             let Some(out) = g.node.first().and_then(|n| n.output.first()).cloned() else {
                 return "no node".into();
             };
-            let dims: Vec<i64> = (0..below(rng, 4)).map(|_| *pick(rng, DIMS).unwrap()).collect();
+            let dims: Vec<i64> = (0..below(rng, 4))
+                .map(|_| *pick(rng, DIMS).unwrap())
+                .collect();
             let mut vi = quench::onnx::tensor::tensor_value_info(&out, below(rng, 17) as i32, &[]);
             if let Some(type_proto::Value::TensorType(t)) =
                 vi.r#type.as_mut().and_then(|t| t.value.as_mut())
@@ -200,7 +218,11 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
             else {
                 return "no initializer".into();
             };
-            let loc = *pick(rng, &["../../etc/passwd", "missing.bin", "/dev/zero", "w.bin"]).unwrap();
+            let loc = *pick(
+                rng,
+                &["../../etc/passwd", "missing.bin", "/dev/zero", "w.bin"],
+            )
+            .unwrap();
             let off = pick(rng, &[0i64, 7, 1 << 40, -5]).unwrap().to_string();
             let t = &mut g.initializer[i];
             t.data_location = tensor_proto::DataLocation::External as i32;
@@ -221,8 +243,9 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
     }
 }
 
-/// Drives one mutated model through the entry points; Err(step) when a step panicked.
-fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &str) -> Result<(), String> {
+/// Drives one mutated model through the entry points: how far it got (0 refused at load, 1 loaded,
+/// 2 inputs made, 3 ran in tract), or Err(step) when a step panicked.
+fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &str) -> Result<usize, String> {
     let step = |what: &str, f: &mut dyn FnMut()| -> Result<(), String> {
         catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
             let msg = p
@@ -234,9 +257,11 @@ fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &str) -> Result<(), Stri
         })
     };
     let mut model = None;
-    step("load", &mut || model = Model::load_bytes(bytes.clone(), Some(dir)).ok())?;
+    step("load", &mut || {
+        model = Model::load_bytes(bytes.clone(), Some(dir)).ok()
+    })?;
     let Some(mut model) = model else {
-        return Ok(());
+        return Ok(0);
     };
     step("inspect", &mut || {
         quench::inspect::render(&quench::inspect::inspect(&model));
@@ -264,21 +289,22 @@ fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &str) -> Result<(), Stri
             None,
         );
     })?;
-    let Some(batch) = batch else { return Ok(()) };
+    let Some(batch) = batch else { return Ok(1) };
     let prep = Prepared::from_model(&model, "fuzz");
     let runtimes: &[RuntimeKind] = if ort {
         &[RuntimeKind::Tract, RuntimeKind::Ort]
     } else {
         &[RuntimeKind::Tract]
     };
+    let mut ran = false;
     for &rt in runtimes {
         step(&format!("run in {rt}"), &mut || {
             if let Ok(mut s) = exec::open(&prep, rt, &SessionOptions::default()) {
-                let _ = s.run(&batch);
+                ran |= s.run(&batch).is_ok() && rt == RuntimeKind::Tract;
             }
         })?;
     }
-    Ok(())
+    Ok(if ran { 3 } else { 2 })
 }
 
 #[test]
@@ -304,6 +330,7 @@ fn mutated_models_never_panic() {
     let start = Instant::now();
     let mut failures = Vec::new();
     let mut done = 0u64;
+    let mut stages = [0usize; 4];
     for case in from..from + cases {
         if start.elapsed() > Duration::from_secs(seconds) {
             break;
@@ -323,16 +350,25 @@ fn mutated_models_never_panic() {
             }
         }
         let recipe = *pick(&mut rng, &recipes).unwrap();
-        if let Err(e) = drive(bytes, dir.path(), ort && case % 4 == 0, recipe) {
-            failures.push(format!("seed {seed} case {case} ({}; {recipe}): {e}", what.join(", ")));
+        match drive(bytes, dir.path(), ort && case % 4 == 0, recipe) {
+            Ok(reached) => stages[reached] += 1,
+            Err(e) => failures.push(format!(
+                "seed {seed} case {case} ({}; {recipe}): {e}",
+                what.join(", ")
+            )),
         }
         done += 1;
     }
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "fuzz: {done} cases in {secs:.1} s ({:.1} per second), {} failures",
+        "fuzz: {done} cases in {secs:.1} s ({:.1} per second), {} failures; refused at load {}, \
+         loaded without valid inputs {}, inputs made but tract refused {}, ran in tract {}",
         done as f64 / secs,
-        failures.len()
+        failures.len(),
+        stages[0],
+        stages[1],
+        stages[2],
+        stages[3]
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
