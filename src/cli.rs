@@ -22,7 +22,7 @@ pub struct InputArgs {
     #[arg(long, value_name = "DATA")]
     inputs: Option<PathBuf>,
     /// Generate N batches of random values from the model's declared inputs instead.
-    #[arg(long, value_name = "N", conflicts_with = "inputs")]
+    #[arg(long, value_name = "N", conflicts_with = "inputs", value_parser = at_least_one)]
     random: Option<usize>,
     /// A HuggingFace tokenizer.json that turns the lines of a text file into token inputs.
     #[arg(long, value_name = "FILE", requires = "inputs")]
@@ -34,7 +34,7 @@ pub struct InputArgs {
     #[arg(long = "range", value_name = "INPUT=LO..HI")]
     ranges: Vec<String>,
     /// Rows per batch: arrays from files are split along axis 0; text and images are batched.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     batch_size: Option<usize>,
     /// Seed of generated inputs.
     #[arg(long, default_value_t = 0)]
@@ -77,6 +77,15 @@ struct Inferred {
     /// Rows per batch within the memory budget, for data from files whose first batch had these
     /// shapes (None: not known).
     rows: Option<(Vec<Vec<usize>>, Option<usize>)>,
+}
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("'{s}': {e}")),
+    }
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024).
@@ -201,7 +210,7 @@ pub struct CalibArgs {
     calib: Option<PathBuf>,
     /// Calibrate on N generated batches instead (seed: --seed + 1, so they differ from the
     /// verification batches).
-    #[arg(long, value_name = "N", conflicts_with = "calib")]
+    #[arg(long, value_name = "N", conflicts_with = "calib", value_parser = at_least_one)]
     calib_random: Option<usize>,
     /// The runtime that runs calibration, the fallback check and sensitivity (default: ort when it
     /// loads, else tract).
