@@ -303,3 +303,39 @@ fn weight_only_work_needs_no_data_and_errors_travel() {
         "{e}"
     );
 }
+
+/// The byte classifier whose input is read only through `Equal` (magika) and the OCR recognizer whose
+/// input has an unnamed dim (PP-OCRv4's, `[?, 3, ?, ?]`), copied out of the zoo so no manifest
+/// applies, bench with no flags in both runtimes.
+#[test]
+fn untuned_models_bench_with_no_flags() {
+    let (Some(magika), Some(rec)) = (zoo_model("magika"), zoo_model("ppocr-rec")) else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    for (name, path) in [("magika", magika), ("rec", rec)] {
+        let copy = dir.path().join(format!("{name}.onnx"));
+        std::fs::copy(path, &copy).unwrap();
+        let o = quench(&[
+            "bench",
+            &copy.display().to_string(),
+            "--runtime",
+            "both",
+            "--random",
+            "1",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr_of(&o));
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            table.contains("tract") && table.contains("ort"),
+            "{name}: {table}"
+        );
+    }
+}
