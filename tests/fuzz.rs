@@ -6,8 +6,9 @@
 //! names, cycles, odd opset and IR versions, missing inputs, lying value_info, external data pointing
 //! anywhere, raw byte damage — and drives load, inspect, save, input synthesis, weight quantization
 //! with a built-in recipe and a run in tract (and in onnxruntime for every fourth case) in this
-//! process. An error is fine; a panic in any step is a failure, reported with the case's seed and
-//! mutations so it can be replayed. (An abort ends the whole run, which fails it as loudly.)
+//! process. An error is fine; a panic in any step, or a case that runs past a minute (a hang), is a
+//! failure, reported with the case's seed and mutations so it can be replayed. (An abort ends the
+//! whole run, which fails it as loudly.)
 //!
 //! `QUENCH_FUZZ_CASES` (default 1500) and `QUENCH_FUZZ_SECONDS` (default 120) bound the run, the
 //! first reached stopping it; `QUENCH_FUZZ_SEED` (default 1) picks the sequence, and case `i` of a
@@ -28,6 +29,9 @@ use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
 use quench::onnx::pb::*;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
+
+/// How long one case may take before it counts as a hang.
+const CASE_SECONDS: u64 = 60;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -245,7 +249,7 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
 
 /// Drives one mutated model through the entry points: how far it got (0 refused at load, 1 loaded,
 /// 2 inputs made, 3 ran in tract), or Err(step) when a step panicked.
-fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &str) -> Result<usize, String> {
+fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &'static str) -> Result<usize, String> {
     let step = |what: &str, f: &mut dyn FnMut()| -> Result<(), String> {
         catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
             let msg = p
@@ -350,12 +354,27 @@ fn mutated_models_never_panic() {
             }
         }
         let recipe = *pick(&mut rng, &recipes).unwrap();
-        match drive(bytes, dir.path(), ort && case % 4 == 0, recipe) {
-            Ok(reached) => stages[reached] += 1,
-            Err(e) => failures.push(format!(
+        // Each case on a thread of its own, watched: a case that does not finish within the
+        // budget is a hang, reported like a panic (its thread is left behind and the run stops).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let case_dir = dir.path().to_path_buf();
+        let with_ort = ort && case % 4 == 0;
+        std::thread::spawn(move || {
+            let _ = tx.send(drive(bytes, &case_dir, with_ort, recipe));
+        });
+        let failed = |e: String| {
+            format!(
                 "seed {seed} case {case} ({}; {recipe}): {e}",
                 what.join(", ")
-            )),
+            )
+        };
+        match rx.recv_timeout(Duration::from_secs(CASE_SECONDS)) {
+            Ok(Ok(reached)) => stages[reached] += 1,
+            Ok(Err(e)) => failures.push(failed(e)),
+            Err(_) => {
+                failures.push(failed(format!("did not finish within {CASE_SECONDS} s")));
+                break;
+            }
         }
         done += 1;
     }

@@ -694,6 +694,14 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
                 range.1
             );
         }
+        if let Some((axis, d)) = shape.iter().enumerate().find(|(_, d)| **d > super::MAX_DIM) {
+            bail!(
+                "input '{}' would have {d} at axis {axis}, more than the {} quench runs on one \
+                 axis: give smaller dims with --dim or data with --inputs",
+                info.name,
+                super::MAX_DIM
+            );
+        }
         let bytes = shape
             .iter()
             .try_fold(dtype.bits().unwrap_or(8).div_ceil(8), |a, &d| {

@@ -336,6 +336,9 @@ pub struct BatchNotes {
 
 /// Checks a batch against the model's declared inputs: every input present and no other, element type,
 /// rank, fixed dims, and one value per symbolic dim across all inputs.
+/// The longest axis an input fed to a runtime may have (2^31).
+pub const MAX_DIM: usize = 1 << 31;
+
 pub fn check_batch(inputs: &[InputInfo], batch: &[Named]) -> Result<BatchNotes> {
     let expected: Vec<String> = inputs.iter().map(|i| i.describe()).collect();
     for (name, _) in batch {
@@ -356,6 +359,14 @@ pub fn check_batch(inputs: &[InputInfo], batch: &[Named]) -> Result<BatchNotes> 
                 expected.join("; ")
             );
         };
+        // Even an empty tensor may not claim an axis no real data has: runtimes size their plans from
+        // the dims, and one such dim beside a 0 kept tract's analysis busy without end.
+        if let Some((axis, d)) = t.shape().iter().enumerate().find(|(_, d)| **d > MAX_DIM) {
+            bail!(
+                "input '{}' has {d} at axis {axis}, more than the {MAX_DIM} quench runs on one axis",
+                info.name
+            );
+        }
         if let Some(dt) = info.dtype
             && dt != t.data_type()
         {
