@@ -75,7 +75,7 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
     let kind = below(rng, 13);
     if kind == 8 {
         let v = *pick(rng, &[0i64, 1, 6, 99, 10_000, -1]).unwrap();
-        if rng.next_u32() % 2 == 0 {
+        if rng.next_u32().is_multiple_of(2) {
             m.ir_version = Some(v);
         } else if let Some(o) = m.opset_import.first_mut() {
             o.version = Some(v);
@@ -149,7 +149,7 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
                 }
                 5 => {
                     let n = &mut g.node[i];
-                    if n.attribute.is_empty() || rng.next_u32() % 3 == 0 {
+                    if n.attribute.is_empty() || rng.next_u32().is_multiple_of(3) {
                         n.attribute.push(AttributeProto {
                             name: (*pick(rng, &["axis", "perm", "kernel_shape", "to", "alpha"])
                                 .unwrap())
@@ -184,7 +184,7 @@ fn mutate(rng: &mut ChaCha8Rng, m: &mut ModelProto) -> String {
                 }
                 _ => {
                     let n = &mut g.node[i];
-                    if !n.input.is_empty() && rng.next_u32() % 2 == 0 {
+                    if !n.input.is_empty() && rng.next_u32().is_multiple_of(2) {
                         n.input.pop();
                         format!("node {i} input dropped")
                     } else {
@@ -358,7 +358,7 @@ fn mutated_models_never_panic() {
         // budget is a hang, reported like a panic (its thread is left behind and the run stops).
         let (tx, rx) = std::sync::mpsc::channel();
         let case_dir = dir.path().to_path_buf();
-        let with_ort = ort && case % 4 == 0;
+        let with_ort = ort && case.is_multiple_of(4);
         std::thread::spawn(move || {
             let _ = tx.send(drive(bytes, &case_dir, with_ort, recipe));
         });
