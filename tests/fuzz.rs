@@ -277,7 +277,11 @@ fn drive(bytes: Vec<u8>, dir: &Path, ort: bool, recipe: &'static str) -> Result<
     let prep = Prepared::from_model(&model, "fuzz");
     let mut batch = None;
     step("inputs", &mut || {
-        let mut opts = InputOptions::default();
+        // A case's memory budget: declared dims may ask for up to 16 MiB of inputs.
+        let mut opts = InputOptions {
+            max_generated_bytes: 16 << 20,
+            ..Default::default()
+        };
         inputs::infer(&model, &prep.inputs, &mut opts, true);
         batch = inputs::open(&Source::Random { count: 1 }, &prep.inputs, &opts)
             .and_then(|mut s| s.batch(0))

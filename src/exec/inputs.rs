@@ -61,6 +61,8 @@ pub struct InputOptions {
     /// Values the model implies for its open dims ([`infer`]), used where neither `dims`, the batch
     /// size nor `spec` gives one; each with why it was taken.
     pub implied_dims: std::collections::BTreeMap<DimKey, Reasoned<usize>>,
+    /// The most bytes one generated input may take, whatever dims the model declares.
+    pub max_generated_bytes: usize,
 }
 
 impl Default for InputOptions {
@@ -75,6 +77,7 @@ impl Default for InputOptions {
             image: ImageOptions::default(),
             implied: HashMap::new(),
             implied_dims: Default::default(),
+            max_generated_bytes: MAX_GENERATED_BYTES,
         }
     }
 }
@@ -641,8 +644,8 @@ fn batch_dims(inputs: &[InputInfo], opts: &InputOptions) -> Result<InputOptions>
     Ok(out)
 }
 
-/// The most one generated input may take, whatever dims a model declares.
-const MAX_GENERATED_BYTES: usize = 1 << 30;
+/// The most one generated input may take by default, whatever dims a model declares.
+pub const MAX_GENERATED_BYTES: usize = 1 << 30;
 
 fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result<InputSet> {
     struct Plan {
@@ -707,14 +710,14 @@ fn random_set(count: usize, inputs: &[InputInfo], opts: &InputOptions) -> Result
             .try_fold(dtype.bits().unwrap_or(8).div_ceil(8), |a, &d| {
                 a.checked_mul(d)
             })
-            .filter(|&b| b <= MAX_GENERATED_BYTES);
+            .filter(|&b| b <= opts.max_generated_bytes);
         if bytes.is_none() {
             bail!(
-                "input '{}' would take {shape:?} × {} bytes per generated batch, more than the {} GiB \
+                "input '{}' would take {shape:?} × {} bytes per generated batch, more than the {} MiB \
                  quench generates for one input: give smaller dims with --dim or data with --inputs",
                 info.name,
                 dtype.bits().unwrap_or(8).div_ceil(8),
-                MAX_GENERATED_BYTES >> 30
+                opts.max_generated_bytes >> 20
             );
         }
         let values = if opts.ranges.contains_key(&info.name) {
