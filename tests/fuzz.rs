@@ -13,7 +13,8 @@
 //! `QUENCH_FUZZ_CASES` (default 1500) and `QUENCH_FUZZ_SECONDS` (default 120) bound the run, the
 //! first reached stopping it; `QUENCH_FUZZ_SEED` (default 1) picks the sequence, and case `i` of a
 //! seed is the same on every run: `QUENCH_FUZZ_SEED=S QUENCH_FUZZ_FROM=i QUENCH_FUZZ_CASES=1`
-//! replays one.
+//! replays one; `QUENCH_FUZZ_VERBOSE=1` names each case before it runs, to find the one an abort
+//! ends the run in.
 
 mod common;
 
@@ -333,6 +334,8 @@ fn mutated_models_never_panic() {
         env("QUENCH_FUZZ_SECONDS", 120),
     );
     let (seed, from) = (env("QUENCH_FUZZ_SEED", 1), env("QUENCH_FUZZ_FROM", 0));
+    // Each case named before it runs, to find the one an abort ends the run in.
+    let verbose = env("QUENCH_FUZZ_VERBOSE", 0) == 1;
     let dir = common::tempdir();
     let recipes = ["w8", "w4", "nf4", "fp4", "vq2"];
     let start = Instant::now();
@@ -358,6 +361,9 @@ fn mutated_models_never_panic() {
             }
         }
         let recipe = *pick(&mut rng, &recipes).unwrap();
+        if verbose {
+            eprintln!("case {case}: {}; {recipe}", what.join(", "));
+        }
         // Each case on a thread of its own, watched: a case that does not finish within the
         // budget is a hang, reported like a panic (its thread is left behind and the run stops).
         let (tx, rx) = std::sync::mpsc::channel();
