@@ -48,6 +48,34 @@ enum Layout {
     MatMul3,
     /// Gather(W[V, D], 0..V) = W: channel axis 0.
     Gather,
+    /// Identity(Gather(W[V, ..], PICKED)): rows picked by 2-D indices with repeats and a negative
+    /// index. The Gather's output is not the graph's, so only the picked rows are decoded.
+    Pick,
+}
+
+/// The indices of [`Layout::Pick`] into a table of `v` rows.
+fn picked(v: usize) -> Vec<i64> {
+    vec![3, -1, 0, 2, 2, v as i64 - 2]
+}
+
+/// The shape of the model's output.
+fn out_shape(layout: Layout, dims: &[usize]) -> Vec<usize> {
+    match layout {
+        Layout::Pick => [&[2, 3], &dims[1..]].concat(),
+        _ => dims.to_vec(),
+    }
+}
+
+/// The rows of a `[v, ..]` table that [`Layout::Pick`] reads, from the whole table's values.
+fn pick_rows(all: &[f32], v: usize) -> Vec<f32> {
+    let k = all.len() / v;
+    picked(v)
+        .iter()
+        .flat_map(|&i| {
+            let r = i.rem_euclid(v as i64) as usize;
+            all[r * k..(r + 1) * k].to_vec()
+        })
+        .collect()
 }
 
 /// The model and its feed.
@@ -86,15 +114,32 @@ fn model(layout: Layout, dims: &[usize], w: &[f32], opset: i64) -> (Model, Vec<(
                 ("x".to_string(), Tensor::I64(idx)),
             )
         }
+        Layout::Pick => {
+            let idx = ArrayD::from_shape_vec(IxDyn(&[2, 3]), picked(dims[0])).unwrap();
+            (
+                node("Gather", &["w", "x"]),
+                ("x".to_string(), Tensor::I64(idx)),
+            )
+        }
     };
-    let elem = if matches!(layout, Layout::Gather) {
+    let elem = if matches!(layout, Layout::Gather | Layout::Pick) {
         7
     } else {
         1
     };
+    let nodes = match layout {
+        Layout::Pick => {
+            let mut gather = n;
+            gather.output = vec!["rows".into()];
+            let mut copy = node("Identity", &["rows"]);
+            copy.name = Some("/layer/copy".into());
+            vec![gather, copy]
+        }
+        _ => vec![n],
+    };
     let graph = GraphProto {
         name: Some("form".into()),
-        node: vec![n],
+        node: nodes,
         initializer: vec![weight],
         input: vec![value_info("x", elem)],
         output: vec![value_info("y", 1)],
@@ -112,6 +157,10 @@ fn model(layout: Layout, dims: &[usize], w: &[f32], opset: i64) -> (Model, Vec<(
 /// What the graph must compute: the encoder's decode of the weight with its channel axis first, put
 /// back in the weight's layout.
 fn expected(layout: Layout, dims: &[usize], w: &[f32], s: &WeightScheme) -> Vec<f32> {
+    if let Layout::Pick = layout {
+        let k = dims[1..].iter().product();
+        return pick_rows(&expected(Layout::Gather, &[dims[0], k], w, s), dims[0]);
+    }
     if s.granularity == Granularity::PerTensor {
         return encode(w, 1, w.len(), s).unwrap().decode();
     }
@@ -129,6 +178,10 @@ fn expected_with(
 ) -> Vec<f32> {
     let (outer, k, n) = match layout {
         Layout::Gather => return decode(w, dims[0], dims[1]),
+        Layout::Pick => {
+            let k = dims[1..].iter().product();
+            return pick_rows(&decode(w, dims[0], k), dims[0]);
+        }
         Layout::MatMul2 => (1, dims[0], dims[1]),
         Layout::MatMul3 => (dims[0], dims[1], dims[2]),
     };
@@ -158,7 +211,7 @@ fn expected_with(
 fn runs_as(
     m: &Model,
     feed: &[(String, Tensor)],
-    dims: &[usize],
+    shape: &[usize],
     want: &[f32],
     what: &str,
 ) -> usize {
@@ -173,7 +226,7 @@ fn runs_as(
             .remove(0)
             .1;
         let Tensor::F32(got) = got else { panic!() };
-        assert_eq!(got.shape(), dims, "{what} in {rt}");
+        assert_eq!(got.shape(), shape, "{what} in {rt}");
         for (i, (g, e)) in got.iter().zip(want).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
@@ -213,8 +266,8 @@ fn schemes() -> Vec<WeightScheme> {
     v
 }
 
-/// A float16 embedding table: decoded in float, cast back to float16, equal to the encoder's decode of
-/// the float16 values rounded to float16.
+/// A float16 embedding table: decoded in float (whole, or only the rows read), cast back to float16,
+/// equal to the encoder's decode of the float16 values rounded to float16.
 #[test]
 fn float16_weights_are_decoded_and_cast_back() {
     if !ort_ready() {
@@ -229,8 +282,11 @@ fn float16_weights_are_decoded_and_cast_back() {
         .iter()
         .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
         .collect();
-    for s in schemes() {
-        let (mut m, feed) = model(Layout::Gather, &dims, &w, 17);
+    for (s, layout) in schemes()
+        .into_iter()
+        .flat_map(|s| [(s, Layout::Gather), (s, Layout::Pick)])
+    {
+        let (mut m, feed) = model(layout, &dims, &w, 17);
         let mut proto = m.to_proto();
         let g = proto.graph.as_mut().unwrap();
         g.initializer[0].data_type = 10;
@@ -241,7 +297,7 @@ fn float16_weights_are_decoded_and_cast_back() {
         let site = &report.sites[0];
         assert!(site.form.is_some(), "{}: {:?}", s.label(), site.note);
         assert!(site.bytes_after < site.bytes_before);
-        let want = expected(Layout::Gather, &dims, &w, &site.scheme.unwrap());
+        let want = expected(layout, &dims, &w, &site.scheme.unwrap());
         let prep = Prepared::from_model(&m, "f16");
         for rt in [RuntimeKind::Tract, RuntimeKind::Ort] {
             let got = exec::open(&prep, rt, &SessionOptions::default())
@@ -252,6 +308,7 @@ fn float16_weights_are_decoded_and_cast_back() {
             let Tensor::F16(got) = got else {
                 panic!("{}: not float16 in {rt}", s.label())
             };
+            assert_eq!(got.shape(), out_shape(layout, &dims), "{layout:?}");
             for (g, e) in got.iter().zip(&want) {
                 assert_eq!(*g, half::f16::from_f32(*e), "{} in {rt}", s.label());
             }
@@ -376,10 +433,11 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
     if !ort_ready() {
         return;
     }
-    let cases: [(Layout, &[usize]); 3] = [
+    let cases: [(Layout, &[usize]); 4] = [
         (Layout::MatMul2, &[72, 40]),
         (Layout::MatMul3, &[2, 20, 12]),
         (Layout::Gather, &[30, 50]),
+        (Layout::Pick, &[30, 5, 10]),
     ];
     let mut checked = 0;
     for (ci, (layout, dims)) in cases.iter().enumerate() {
@@ -401,6 +459,10 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
                         .clone()
                         .unwrap_or_else(|| panic!("{what}: not quantized: {:?}", site.note));
                     let used = site.scheme.unwrap();
+                    // A table read by Gather alone is gathered as codes, then decoded.
+                    if matches!(layout, Layout::Pick) && site.outliers == 0 {
+                        assert!(form.contains("rows"), "{what}: {form}");
+                    }
                     if opset < 11 && s.outliers.is_some() {
                         assert!(
                             site.note
@@ -411,7 +473,13 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
                         );
                     }
                     let want = expected(*layout, dims, &w, &used);
-                    checked += runs_as(&m, &feed, dims, &want, &format!("{what} [{form}]"));
+                    checked += runs_as(
+                        &m,
+                        &feed,
+                        &out_shape(*layout, dims),
+                        &want,
+                        &format!("{what} [{form}]"),
+                    );
                 }
             }
         }
@@ -427,10 +495,11 @@ fn every_vq_form_decodes_exactly_what_the_encoder_encoded() {
     if !ort_ready() {
         return;
     }
-    let cases: [(Layout, &[usize]); 3] = [
+    let cases: [(Layout, &[usize]); 4] = [
         (Layout::MatMul2, &[72, 40]),
         (Layout::MatMul3, &[2, 40, 24]),
         (Layout::Gather, &[30, 50]),
+        (Layout::Pick, &[30, 5, 10]),
     ];
     let base = VqScheme {
         codebook_size: 16,
@@ -479,6 +548,9 @@ fn every_vq_form_decodes_exactly_what_the_encoder_encoded() {
                     .form
                     .clone()
                     .unwrap_or_else(|| panic!("{what}: not quantized: {:?}", site.note));
+                if matches!(layout, Layout::Pick) && site.outliers == 0 {
+                    assert!(form.contains("rows"), "{what}: {form}");
+                }
                 let stats = site.vq.as_ref().expect("VQ figures in the report");
                 assert_eq!(stats.codebooks.len(), v.stages * v.subspaces, "{what}");
                 assert!(
@@ -489,7 +561,13 @@ fn every_vq_form_decodes_exactly_what_the_encoder_encoded() {
                     assert!((e.sqnr_db - site.weight_sqnr_db).abs() < 1e-9, "{what}");
                     e.decode()
                 });
-                checked += runs_as(&m, &feed, dims, &want, &format!("{what} [{form}]"));
+                checked += runs_as(
+                    &m,
+                    &feed,
+                    &out_shape(*layout, dims),
+                    &want,
+                    &format!("{what} [{form}]"),
+                );
             }
         }
     }

@@ -63,6 +63,68 @@ pub fn slot_bits(bits: u32) -> u32 {
     }
 }
 
+/// `e`'s codes packed into bytes, low bits first, each group padded to whole bytes (so each channel
+/// is a whole number of bytes too): the bytes, the padded group width in codes, and codes per byte.
+fn packed_slots(e: &Encoded) -> (Vec<u8>, usize, usize) {
+    let slot = slot_bits(e.bits);
+    let per_byte = (8 / slot) as usize;
+    let width = e.group.div_ceil(per_byte) * per_byte;
+    let mut slots = Vec::with_capacity(e.channels * e.groups_per_row() * width);
+    for r in 0..e.channels {
+        let row = &e.codes[r * e.k..(r + 1) * e.k];
+        for g in row.chunks(e.group) {
+            slots.extend_from_slice(g);
+            slots.resize(slots.len() + width - g.len(), 0);
+        }
+    }
+    let packed = slots
+        .chunks(per_byte)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u8, |b, (i, &v)| b | (v << (i as u32 * slot)))
+        })
+        .collect();
+    (packed, width, per_byte)
+}
+
+/// A lookup table kept compressed for [`Emit::gather_rows`]: its constants, and the shape of one
+/// row (`table.shape[1..]`).
+pub struct RowTable {
+    kind: RowKind,
+    rest: Vec<i64>,
+}
+
+enum RowKind {
+    /// int8 codes `[V, k]`; scales and zero points `[V, 1]` per row, or scalars.
+    Int8 {
+        q: String,
+        s: String,
+        z: Option<String>,
+        per_row: bool,
+    },
+    /// Packed codes `[V, bytes per row]`, the shared byte-to-levels table, zero points (uint8) and
+    /// scales `[V, groups per row, 1]`.
+    Levels {
+        codes: String,
+        table: String,
+        z: Option<String>,
+        scales: String,
+        gpr: i64,
+        width: i64,
+        group: i64,
+        k: i64,
+    },
+    /// Per stage codes `[V, subspaces, pieces]` and codebook; subspace offsets; scales `[V, 1]`.
+    Codebook {
+        stages: Vec<(String, String)>,
+        offsets: Option<String>,
+        scales: String,
+        k_padded: i64,
+        k: i64,
+    },
+}
+
 /// Everything one pass run shares between sites: the byte-to-levels tables already emitted.
 #[derive(Default)]
 pub struct Shared {
@@ -204,52 +266,12 @@ impl Emit<'_> {
                 self.opset
             ));
         }
-        let slot = slot_bits(e.bits);
-        let per_byte = (8 / slot) as usize;
         let gpr = e.groups_per_row();
         let rows = e.channels * gpr;
-        let width = e.group.div_ceil(per_byte) * per_byte;
-        // Codes laid out [rows, width]: each group padded to a whole number of bytes.
-        let mut slots = Vec::with_capacity(rows * width);
-        for r in 0..e.channels {
-            let row = &e.codes[r * e.k..(r + 1) * e.k];
-            for g in row.chunks(e.group) {
-                slots.extend_from_slice(g);
-                slots.resize(slots.len() + width - g.len(), 0);
-            }
-        }
-        let packed: Vec<u8> = slots
-            .chunks(per_byte)
-            .map(|c| {
-                c.iter()
-                    .enumerate()
-                    .fold(0u8, |b, (i, &v)| b | (v << (i as u32 * slot)))
-            })
-            .collect();
+        let (packed, width, _) = packed_slots(e);
         let mut bytes = packed.len() as u64;
         let nbytes = packed.len() as i64;
-        let key = (
-            self.scope.clone(),
-            e.levels.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
-            slot,
-        );
-        let table = match shared.tables.get(&key) {
-            Some(name) => name.clone(),
-            None => {
-                let mask = (1usize << slot) - 1;
-                let mut t = Vec::with_capacity(256 * per_byte);
-                for b in 0..256usize {
-                    for i in 0..per_byte {
-                        let code = (b >> (i * slot as usize)) & mask;
-                        t.push(e.levels.get(code).copied().unwrap_or(0.0));
-                    }
-                }
-                shared.bytes += 4 * t.len() as u64;
-                let name = self.constant("levels", f32_tensor(&[256, per_byte as i64], &t));
-                shared.tables.insert(key, name.clone());
-                name
-            }
-        };
+        let table = self.levels_table(shared, e);
         let codes = self.constant("codes", tensor(DataType::Uint8, &[nbytes], packed));
         let idx = self.cast(&codes, DataType::Int32);
         let looked_up = self.node(
@@ -283,6 +305,32 @@ impl Emit<'_> {
             x = self.node("transpose", "Transpose", &[&x], vec![attr_ints("perm", p)]);
         }
         Ok((x, bytes))
+    }
+
+    /// The shared byte-to-levels table of `e`'s levels and slot width (emitted once per graph).
+    fn levels_table(&mut self, shared: &mut Shared, e: &Encoded) -> String {
+        let slot = slot_bits(e.bits);
+        let per_byte = (8 / slot) as usize;
+        let key = (
+            self.scope.clone(),
+            e.levels.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
+            slot,
+        );
+        if let Some(name) = shared.tables.get(&key) {
+            return name.clone();
+        }
+        let mask = (1usize << slot) - 1;
+        let mut t = Vec::with_capacity(256 * per_byte);
+        for b in 0..256usize {
+            for i in 0..per_byte {
+                let code = (b >> (i * slot as usize)) & mask;
+                t.push(e.levels.get(code).copied().unwrap_or(0.0));
+            }
+        }
+        shared.bytes += 4 * t.len() as u64;
+        let name = self.constant("levels", f32_tensor(&[256, per_byte as i64], &t));
+        shared.tables.insert(key, name.clone());
+        name
     }
 
     /// The codebook form of a [`VqEncoded`]: per stage, codes (u8, or u16 beyond 256 entries)
@@ -359,6 +407,258 @@ impl Emit<'_> {
             x = self.node("transpose", "Transpose", &[&x], vec![attr_ints("perm", p)]);
         }
         Ok((x, bytes))
+    }
+
+    /// The constants of a table read only by `Gather` along its channel axis (axis 0), for
+    /// [`Emit::gather_rows`]: int8 codes `[V, k]` with scales (and zero points) per row or per tensor.
+    /// The codes are `enc`'s row-major `[channels, k]` matrix; `channels` is `V` or 1 (per tensor).
+    pub fn int8_rows(&mut self, enc: &Encoded, codes: Vec<u8>, dims: &[usize]) -> (RowTable, u64) {
+        let v = dims[0] as i64;
+        let k = (dims.iter().product::<usize>() / dims[0].max(1)) as i64;
+        let symmetric = enc.zero_points.is_none();
+        let dt = if symmetric {
+            DataType::Int8
+        } else {
+            DataType::Uint8
+        };
+        let sdims: Vec<i64> = if enc.channels == 1 {
+            vec![]
+        } else {
+            vec![v, 1]
+        };
+        let mut bytes = codes.len() as u64 + 4 * enc.scales.len() as u64;
+        let q = self.constant("q", tensor(dt, &[v, k], codes));
+        let s = self.constant("scale", f32_tensor(&sdims, &enc.scales));
+        let z = enc.zero_points.as_ref().map(|z| {
+            bytes += z.len() as u64;
+            let zf: Vec<f32> = z.iter().map(|&z| z as f32).collect();
+            self.constant("zero_point", f32_tensor(&sdims, &zf))
+        });
+        let per_row = enc.channels > 1;
+        let rest = dims[1..].iter().map(|&d| d as i64).collect();
+        (
+            RowTable {
+                kind: RowKind::Int8 { q, s, z, per_row },
+                rest,
+            },
+            bytes,
+        )
+    }
+
+    /// The level-table form's constants laid out per row (`enc` per channel along axis 0, or in
+    /// blocks within each row), for [`Emit::gather_rows`]. Needs opset ≥ 7.
+    pub fn level_rows(
+        &mut self,
+        shared: &mut Shared,
+        e: &Encoded,
+        dims: &[usize],
+    ) -> Result<(RowTable, u64), String> {
+        if self.opset < 7 {
+            return Err(format!(
+                "the level-table form needs opset 7, the model has {}",
+                self.opset
+            ));
+        }
+        let v = e.channels as i64;
+        let gpr = e.groups_per_row() as i64;
+        let (packed, width, _) = packed_slots(e);
+        let mut bytes = packed.len() as u64;
+        let row_bytes = packed.len() as i64 / v.max(1);
+        let table = self.levels_table(shared, e);
+        let codes = self.constant("codes", tensor(DataType::Uint8, &[v, row_bytes], packed));
+        let z = e.zero_points.as_ref().map(|z| {
+            bytes += z.len() as u64;
+            self.constant(
+                "zero_point",
+                tensor(DataType::Uint8, &[v, gpr, 1], z.clone()),
+            )
+        });
+        let (scales, scale_bytes) = self.scales(e, (v * gpr) as usize)?;
+        bytes += scale_bytes;
+        let scales = self.reshape(&scales, &[v, gpr, 1]);
+        let rest = dims[1..].iter().map(|&d| d as i64).collect();
+        Ok((
+            RowTable {
+                kind: RowKind::Levels {
+                    codes,
+                    table,
+                    z,
+                    scales,
+                    gpr,
+                    width: width as i64,
+                    group: e.group as i64,
+                    k: e.k as i64,
+                },
+                rest,
+            },
+            bytes,
+        ))
+    }
+
+    /// The codebook form's constants laid out per row (`e` per channel along axis 0), for
+    /// [`Emit::gather_rows`]. Needs opset ≥ 7.
+    pub fn vq_rows(&mut self, e: &VqEncoded, dims: &[usize]) -> Result<(RowTable, u64), String> {
+        if self.opset < 7 {
+            return Err(format!(
+                "the codebook form needs opset 7, the model has {}",
+                self.opset
+            ));
+        }
+        let (ch, m, pps) = (
+            e.channels as i64,
+            e.subspaces as i64,
+            e.pieces_per_subspace() as i64,
+        );
+        let mut bytes = 0u64;
+        let offsets = (e.subspaces > 1).then(|| {
+            let v: Vec<u8> = (0..e.subspaces)
+                .flat_map(|s| ((s * e.codebook_size) as i32).to_le_bytes())
+                .collect();
+            bytes += v.len() as u64;
+            self.constant("subspace_offsets", tensor(DataType::Int32, &[m, 1], v))
+        });
+        let mut stages = Vec::new();
+        for (stage, (codes, book)) in e.codes.iter().zip(&e.codebooks).enumerate() {
+            let (dt, raw): (DataType, Vec<u8>) = if e.code_bytes() == 1 {
+                (DataType::Uint8, codes.iter().map(|&c| c as u8).collect())
+            } else {
+                (
+                    DataType::Uint16,
+                    codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
+                )
+            };
+            bytes += raw.len() as u64 + 4 * book.len() as u64;
+            let c = self.constant(&format!("codes{stage}"), tensor(dt, &[ch, m, pps], raw));
+            let book = self.constant(
+                &format!("codebook{stage}"),
+                f32_tensor(&[m * e.codebook_size as i64, e.dim as i64], book),
+            );
+            stages.push((c, book));
+        }
+        let scales = self.constant("scales", f32_tensor(&[ch, 1], &e.scales));
+        bytes += 4 * e.scales.len() as u64;
+        let rest = dims[1..].iter().map(|&d| d as i64).collect();
+        Ok((
+            RowTable {
+                kind: RowKind::Codebook {
+                    stages,
+                    offsets,
+                    scales,
+                    k_padded: e.k_padded as i64,
+                    k: e.k as i64,
+                },
+                rest,
+            },
+            bytes,
+        ))
+    }
+
+    /// `Gather(table, ids)` (axis 0) computed from the compressed table: the rows `ids` names are
+    /// gathered while still codes, and only they are decoded. The ids are flattened, so every step
+    /// has a known rank, and the result takes the shape `ids.shape + table.shape[1..]` at the end.
+    pub fn gather_rows(&mut self, t: &RowTable, ids: &str) -> String {
+        let flat_shape = self.constant("flat", i64_tensor(&[1], &[-1]));
+        let f = self.node("ids", "Reshape", &[ids, &flat_shape], vec![]);
+        let gather = |me: &mut Self, suffix: &str, x: &str| {
+            me.node(suffix, "Gather", &[x, &f], vec![attr_int("axis", 0)])
+        };
+        let x = match &t.kind {
+            RowKind::Int8 { q, s, z, per_row } => {
+                let q = gather(self, "rows", q);
+                let mut x = self.cast(&q, DataType::Float);
+                if let Some(z) = z {
+                    let z = if *per_row {
+                        gather(self, "row_zero_point", z)
+                    } else {
+                        z.clone()
+                    };
+                    x = self.node("centre", "Sub", &[&x, &z], vec![]);
+                }
+                let s = if *per_row {
+                    gather(self, "row_scale", s)
+                } else {
+                    s.clone()
+                };
+                self.node("dequantize", "Mul", &[&x, &s], vec![])
+            }
+            RowKind::Levels {
+                codes,
+                table,
+                z,
+                scales,
+                gpr,
+                width,
+                group,
+                k,
+            } => {
+                let c = gather(self, "rows", codes);
+                let idx = self.cast(&c, DataType::Int32);
+                let looked_up = self.node(
+                    "lookup",
+                    "Gather",
+                    &[table, &idx],
+                    vec![attr_int("axis", 0)],
+                );
+                let mut x = self.reshape(&looked_up, &[-1, *gpr, *width]);
+                if let Some(z) = z {
+                    let z = gather(self, "row_zero_point", z);
+                    let zf = self.cast(&z, DataType::Float);
+                    x = self.node("centre", "Sub", &[&x, &zf], vec![]);
+                }
+                let s = gather(self, "row_scale", scales);
+                x = self.node("scale", "Mul", &[&x, &s], vec![]);
+                if width != group {
+                    x = self.slice(&x, 2, *group);
+                }
+                x = self.reshape(&x, &[-1, gpr * group]);
+                if gpr * group != *k {
+                    x = self.slice(&x, 1, *k);
+                }
+                x
+            }
+            RowKind::Codebook {
+                stages,
+                offsets,
+                scales,
+                k_padded,
+                k,
+            } => {
+                let mut sum: Option<String> = None;
+                for (c, book) in stages {
+                    let c = gather(self, "rows", c);
+                    let mut idx = self.cast(&c, DataType::Int32);
+                    if let Some(o) = offsets {
+                        idx = self.node("subspace", "Add", &[&idx, o], vec![]);
+                    }
+                    let looked_up =
+                        self.node("lookup", "Gather", &[book, &idx], vec![attr_int("axis", 0)]);
+                    sum = Some(match sum {
+                        None => looked_up,
+                        Some(prev) => self.node("stage", "Add", &[&prev, &looked_up], vec![]),
+                    });
+                }
+                let mut x = self.reshape(&sum.expect("at least one stage"), &[-1, *k_padded]);
+                let s = gather(self, "row_scale", scales);
+                x = self.node("scale", "Mul", &[&x, &s], vec![]);
+                if k_padded != k {
+                    x = self.slice(&x, 1, *k);
+                }
+                x
+            }
+        };
+        let ids_shape = self.node("ids_shape", "Shape", &[ids], vec![]);
+        let shape = if t.rest.is_empty() {
+            ids_shape
+        } else {
+            let rest = self.constant("row_shape", i64_tensor(&[t.rest.len() as i64], &t.rest));
+            self.node(
+                "shape",
+                "Concat",
+                &[&ids_shape, &rest],
+                vec![attr_int("axis", 0)],
+            )
+        };
+        self.node("rows_reshape", "Reshape", &[&x, &shape], vec![])
     }
 
     /// The `[rows, 1]` scales: a constant, or decoded from their 8-bit double quantization

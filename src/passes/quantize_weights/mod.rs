@@ -26,7 +26,7 @@ use self::emit::{Emit, Shared, attr_int, f32_tensor, tensor};
 use super::roles::{Role, classify};
 use super::{Declined, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::ir::{ConstantSource, Model, Patch, WeightSite, weight_sites};
+use crate::ir::{ConstantSource, Model, NodeId, Patch, Slot, WeightSite, weight_sites};
 use crate::onnx::dtype::DataType;
 use crate::onnx::tensor::to_f32;
 use crate::quant::int::{Granularity, quantize, sqnr_db};
@@ -424,6 +424,67 @@ fn readable(
     Ok(Ok((values, cast_back)))
 }
 
+/// A `Gather` that reads a table along axis 0: the node, its indices and its output.
+struct RowReader {
+    node: NodeId,
+    ids: String,
+    out: String,
+}
+
+/// The readers of the site's constant when every one is an ONNX `Gather` taking it as data along axis
+/// 0, with indices, and an output that is not a graph output; `None` otherwise (the whole table is
+/// then decoded, as for any other weight).
+fn row_readers(model: &Model, site: &WeightSite) -> Option<Vec<RowReader>> {
+    let c = &site.constant;
+    let home = model.graph.subgraph_at(&c.path)?;
+    let rank = c.shape().len() as i64;
+    let uses = home.value(c.value).uses();
+    if uses.is_empty() {
+        return None;
+    }
+    uses.iter()
+        .map(|u| {
+            let n = home.node(u.node);
+            let plain = n.domain.is_empty() || n.domain == "ai.onnx";
+            let axis = n.int_attribute("axis").unwrap_or(0);
+            if !plain || n.op_type != "Gather" || u.slot != Slot::Input(0) {
+                return None;
+            }
+            if axis != 0 && axis + rank != 0 {
+                return None;
+            }
+            let ids = n.input(1)?;
+            let out = n.outputs().first().copied().flatten()?;
+            if home.is_output(out) {
+                return None;
+            }
+            Some(RowReader {
+                node: u.node,
+                ids: home.value_name(ids).to_string(),
+                out: home.value_name(out).to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Every reader gathers its rows from `table` and decodes only them (cast back to the weight's type
+/// where it was not float32); the readers themselves go.
+fn emit_row_readers(
+    emit: &mut Emit,
+    table: &emit::RowTable,
+    readers: &[RowReader],
+    cast_back: Option<DataType>,
+) {
+    for r in readers {
+        let mut y = emit.gather_rows(table, &r.ids);
+        if let Some(d) = cast_back {
+            y = emit.cast(&y, d);
+        }
+        emit.patch.replace_all_uses(&r.out, &y);
+        emit.patch.remove_node(r.node);
+    }
+}
+
 /// One output-channel axis for all readers; per tensor (said in `notes`) when there is none or
 /// they disagree.
 fn channel_axis(
@@ -768,6 +829,8 @@ fn quantize_site(
     let rows = to_rows(values, &dims, axis);
     let vq = scheme.vq_scheme();
     let imp = vq_importance(model, site, rows.k, &scheme, energy, &mut notes);
+    // A table read only by Gather along its rows keeps its codes gathered, not decoded whole.
+    let readers = row_readers(model, site).filter(|_| matches!(axis, Some(0) | None));
     let mut emit = Emit {
         patch,
         names: &mut model.names,
@@ -776,7 +839,10 @@ fn quantize_site(
         scope: format!("{:?}", c.path),
     };
     if let Some(v) = vq {
-        return vq_site(&mut emit, v, &rows, &dims, axis, imp, cast_back, notes, out);
+        let readers = readers.as_deref().filter(|_| axis == Some(0));
+        return vq_site(
+            &mut emit, v, &rows, &dims, axis, imp, cast_back, readers, notes, out,
+        );
     }
     let mut attempt = scheme;
     let (decoded, bytes, form, enc) = loop {
@@ -810,10 +876,19 @@ fn quantize_site(
             && !matches!(attempt.granularity, Granularity::Block(_))
             && attempt.outliers.is_none()
             && !attempt.double_quant;
-        let result = if plain_int8 {
-            int8_form(&mut emit, &enc, &dims, axis, target)
-        } else {
-            level_table_form(&mut emit, shared, &enc, &rows, &dims, axis)
+        let by_rows = readers.as_deref().filter(|_| {
+            enc.outliers.is_empty() && (plain_int8 || enc.channels == 1 || axis == Some(0))
+        });
+        let result = match by_rows {
+            Some(readers) => rows_form(
+                &mut emit, shared, &enc, &dims, plain_int8, readers, cast_back,
+            )
+            .map(|(bytes, form)| (None, bytes, form)),
+            None if plain_int8 => {
+                int8_form(&mut emit, &enc, &dims, axis, target).map(|(x, b, f)| (Some(x), b, f))
+            }
+            None => level_table_form(&mut emit, shared, &enc, &rows, &dims, axis)
+                .map(|(x, b, f)| (Some(x), b, f)),
         };
         match result {
             Ok((x, bytes, form)) => break (x, bytes, form, enc),
@@ -824,11 +899,13 @@ fn quantize_site(
             Err(why) => return decline(out, why),
         }
     };
-    let decoded = match cast_back {
-        Some(d) => emit.cast(&decoded, d),
-        None => decoded,
-    };
-    emit.patch.replace_all_uses(&c.name, &decoded);
+    if let Some(decoded) = decoded {
+        let decoded = match cast_back {
+            Some(d) => emit.cast(&decoded, d),
+            None => decoded,
+        };
+        emit.patch.replace_all_uses(&c.name, &decoded);
+    }
     out.scheme = Some(attempt);
     out.label = Some(attempt.label());
     out.form = Some(form);
@@ -853,6 +930,7 @@ fn vq_site(
     axis: Option<usize>,
     imp: Option<Vec<f32>>,
     cast_back: Option<DataType>,
+    readers: Option<&[RowReader]>,
     notes: Vec<String>,
     mut out: SiteReport,
 ) -> Result<SiteReport> {
@@ -874,6 +952,18 @@ fn vq_site(
         ));
         return Ok(out);
     }
+    let by_rows = readers.filter(|_| enc.outliers.is_empty());
+    if let Some(readers) = by_rows {
+        let (table, bytes) = match emit.vq_rows(&enc, dims) {
+            Ok(done) => done,
+            Err(why) => {
+                out.note = Some(why);
+                return Ok(out);
+            }
+        };
+        emit_row_readers(emit, &table, readers, cast_back);
+        return Ok(vq_report(out, v, &enc, rows, bytes, notes, true));
+    }
     let (mut x, mut bytes) = match emit.vq_lookup(&enc, &rows.moved_dims, rows.perm.as_deref()) {
         Ok(done) => done,
         Err(why) => {
@@ -894,12 +984,28 @@ fn vq_site(
         x = emit.cast(&x, d);
     }
     emit.patch.replace_all_uses(&out.weight, &x);
+    Ok(vq_report(out, v, &enc, rows, bytes, notes, false))
+}
+
+/// The report of a vector-quantized site.
+fn vq_report(
+    mut out: SiteReport,
+    v: VqScheme,
+    enc: &vq::VqEncoded,
+    rows: &Rows,
+    bytes: u64,
+    notes: Vec<String>,
+    by_rows: bool,
+) -> SiteReport {
     let mut form = format!(
         "Gather(codebook {}×{}, {}-bit codes)·Mul",
         enc.codebook_size,
         enc.dim,
         8 * enc.code_bytes()
     );
+    if by_rows {
+        form += ", rows gathered as codes";
+    }
     if enc.stages > 1 {
         form += &format!(", {} residual stages", enc.stages);
     }
@@ -919,12 +1025,12 @@ fn vq_site(
     out.vq = Some(VqSiteReport {
         bits_per_weight: bytes as f64 * 8.0 / (rows.channels * rows.k).max(1) as f64,
         weighted_by_data: enc.weighted_by_data,
-        codebooks: enc.stats,
+        codebooks: enc.stats.clone(),
     });
     if !notes.is_empty() {
         out.note = Some(notes.join("; "));
     }
-    Ok(out)
+    out
 }
 
 /// int8 per channel or per tensor as DequantizeLinear or Cast·Mul (see the module docs).
@@ -1004,6 +1110,73 @@ fn int8_form(
         String::new()
     };
     Ok((x, bytes, format!("Cast·Mul(int8 {kind}{axis_note}{why})")))
+}
+
+/// A table read only by Gather (see [`row_readers`]): its codes stay compressed and each reader
+/// gathers its rows as codes, then decodes them (int8 as Cast·Mul in every target, anything else
+/// through the level table). Returns the bytes of the site's constants and the form.
+fn rows_form(
+    emit: &mut Emit,
+    shared: &mut Shared,
+    enc: &Encoded,
+    dims: &[usize],
+    plain_int8: bool,
+    readers: &[RowReader],
+    cast_back: Option<DataType>,
+) -> std::result::Result<(u64, String), String> {
+    let (table, bytes, form) = if plain_int8 {
+        if emit.opset < 7 {
+            return Err(format!(
+                "Cast·Mul needs opset 7 (broadcasting Mul), the model has {}",
+                emit.opset
+            ));
+        }
+        let codes: Vec<u8> = if enc.zero_points.is_none() {
+            enc.codes
+                .iter()
+                .map(|&u| (u as i32 - 128) as i8 as u8)
+                .collect()
+        } else {
+            enc.codes.clone()
+        };
+        let kind = if enc.channels > 1 {
+            "per-row"
+        } else {
+            "per-tensor"
+        };
+        let (t, b) = emit.int8_rows(enc, codes, dims);
+        (t, b, format!("Gather(int8 {kind} rows)·Cast·Mul"))
+    } else {
+        // One scale for the whole table: laid out per row all the same, each row its own group.
+        let per_row;
+        let enc = if enc.channels == 1 && dims[0] > 1 {
+            let v = dims[0];
+            per_row = Encoded {
+                channels: v,
+                k: enc.k / v,
+                group: enc.k / v,
+                scales: vec![enc.scales[0]; v],
+                zero_points: enc.zero_points.as_ref().map(|z| vec![z[0]; v]),
+                double: None,
+                codes: enc.codes.clone(),
+                levels: enc.levels.clone(),
+                outliers: Vec::new(),
+                ..*enc
+            };
+            &per_row
+        } else {
+            enc
+        };
+        let (t, b) = emit.level_rows(shared, enc, dims)?;
+        let slot = emit::slot_bits(enc.bits);
+        let mut form = format!("Gather({slot}-bit rows)·Gather(levels)·Mul");
+        if enc.double.is_some() {
+            form += " with 8-bit scales";
+        }
+        (t, b, form)
+    };
+    emit_row_readers(emit, &table, readers, cast_back);
+    Ok((bytes, form))
 }
 
 /// Any encoding as the level-table form, with the outlier path when there are outliers.
