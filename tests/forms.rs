@@ -11,7 +11,8 @@ use common::*;
 use ndarray::{ArrayD, IxDyn};
 use quench::Model;
 use quench::exec::{self, Prepared, RuntimeKind, SessionOptions, Tensor};
-use quench::onnx::pb::{GraphProto, NodeProto, OperatorSetIdProto, TensorProto};
+use quench::onnx::pb::attribute_proto::AttributeType;
+use quench::onnx::pb::{AttributeProto, GraphProto, NodeProto, OperatorSetIdProto, TensorProto};
 use quench::passes::quantize_weights::{
     Decision, SiteInfo, Target, WeightPolicy, quantize_weights,
 };
@@ -48,6 +49,8 @@ enum Layout {
     MatMul3,
     /// Gather(W[V, D], 0..V) = W: channel axis 0.
     Gather,
+    /// Identity(Gemm(I, W[N, K], 1)), transB: W transposed plus one: channel axis 0, out [K, N].
+    GemmT,
     /// Identity(Gather(W[V, ..], PICKED)): rows picked by 2-D indices with repeats and a negative
     /// index. The Gather's output is not the graph's, so only the picked rows are decoded.
     Pick,
@@ -58,9 +61,16 @@ fn picked(v: usize) -> Vec<i64> {
     vec![3, -1, 0, 2, 2, v as i64 - 2]
 }
 
+/// What [`Layout::GemmT`] computes from the decoded `[n, k]` weight: its transpose, plus one.
+fn transposed_plus_one(d: &[f32], dims: &[usize]) -> Vec<f32> {
+    let (n, k) = (dims[0], dims[1]);
+    (0..k * n).map(|i| d[(i % n) * k + i / n] + 1.0).collect()
+}
+
 /// The shape of the model's output.
 fn out_shape(layout: Layout, dims: &[usize]) -> Vec<usize> {
     match layout {
+        Layout::GemmT => vec![dims[1], dims[0]],
         Layout::Pick => [&[2, 3], &dims[1..]].concat(),
         _ => dims.to_vec(),
     }
@@ -107,6 +117,18 @@ fn model(layout: Layout, dims: &[usize], w: &[f32], opset: i64) -> (Model, Vec<(
                 ("x".to_string(), Tensor::F32(eye)),
             )
         }
+        Layout::GemmT => {
+            let k = dims[1];
+            let eye = ArrayD::from_shape_fn(IxDyn(&[k, k]), |i| f32::from(i[0] == i[1]));
+            let mut gemm = node("Gemm", &["x", "w", "one"]);
+            gemm.attribute.push(AttributeProto {
+                name: "transB".into(),
+                r#type: Some(AttributeType::Int as i32),
+                i: Some(1),
+                ..Default::default()
+            });
+            (gemm, ("x".to_string(), Tensor::F32(eye)))
+        }
         Layout::Gather => {
             let idx = ArrayD::from_shape_fn(IxDyn(&[dims[0]]), |i| i[0] as i64);
             (
@@ -128,7 +150,7 @@ fn model(layout: Layout, dims: &[usize], w: &[f32], opset: i64) -> (Model, Vec<(
         1
     };
     let nodes = match layout {
-        Layout::Pick => {
+        Layout::Pick | Layout::GemmT => {
             let mut gather = n;
             gather.output = vec!["rows".into()];
             let mut copy = node("Identity", &["rows"]);
@@ -137,10 +159,20 @@ fn model(layout: Layout, dims: &[usize], w: &[f32], opset: i64) -> (Model, Vec<(
         }
         _ => vec![n],
     };
+    let mut initializer = vec![weight];
+    if let Layout::GemmT = layout {
+        initializer.push(TensorProto {
+            name: "one".into(),
+            data_type: 1,
+            dims: vec![1],
+            raw_data: 1f32.to_le_bytes().to_vec().into(),
+            ..Default::default()
+        });
+    }
     let graph = GraphProto {
         name: Some("form".into()),
         node: nodes,
-        initializer: vec![weight],
+        initializer,
         input: vec![value_info("x", elem)],
         output: vec![value_info("y", 1)],
         ..Default::default()
@@ -160,6 +192,9 @@ fn expected(layout: Layout, dims: &[usize], w: &[f32], s: &WeightScheme) -> Vec<
     if let Layout::Pick = layout {
         let k = dims[1..].iter().product();
         return pick_rows(&expected(Layout::Gather, &[dims[0], k], w, s), dims[0]);
+    }
+    if let Layout::GemmT = layout {
+        return transposed_plus_one(&expected(Layout::Gather, dims, w, s), dims);
     }
     if s.granularity == Granularity::PerTensor {
         return encode(w, 1, w.len(), s).unwrap().decode();
@@ -182,6 +217,7 @@ fn expected_with(
             let k = dims[1..].iter().product();
             return pick_rows(&decode(w, dims[0], k), dims[0]);
         }
+        Layout::GemmT => return transposed_plus_one(&decode(w, dims[0], dims[1]), dims),
         Layout::MatMul2 => (1, dims[0], dims[1]),
         Layout::MatMul3 => (dims[0], dims[1], dims[2]),
     };
@@ -320,7 +356,6 @@ fn float16_weights_are_decoded_and_cast_back() {
 /// branch; each branch computes the encoder's decode of its own weight, and the float originals go.
 #[test]
 fn constants_inside_subgraphs_are_quantized_in_place() {
-    use quench::onnx::pb::{AttributeProto, attribute_proto::AttributeType};
     if !ort_ready() {
         return;
     }
@@ -433,12 +468,14 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
     if !ort_ready() {
         return;
     }
-    let cases: [(Layout, &[usize]); 4] = [
+    let cases: [(Layout, &[usize]); 5] = [
         (Layout::MatMul2, &[72, 40]),
         (Layout::MatMul3, &[2, 20, 12]),
         (Layout::Gather, &[30, 50]),
         (Layout::Pick, &[30, 5, 10]),
+        (Layout::GemmT, &[24, 64]),
     ];
+    let mut gemm_nbits = 0;
     let mut checked = 0;
     for (ci, (layout, dims)) in cases.iter().enumerate() {
         let n: usize = dims.iter().product();
@@ -459,6 +496,9 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
                         .clone()
                         .unwrap_or_else(|| panic!("{what}: not quantized: {:?}", site.note));
                     let used = site.scheme.unwrap();
+                    if matches!(layout, Layout::GemmT) && form.starts_with("MatMulNBits") {
+                        gemm_nbits += 1;
+                    }
                     // A table read by Gather alone is gathered as codes, then decoded.
                     if matches!(layout, Layout::Pick) && site.outliers == 0 {
                         assert!(form.contains("rows"), "{what}: {form}");
@@ -484,6 +524,8 @@ fn every_form_decodes_exactly_what_the_encoder_encoded() {
             }
         }
     }
+    // A Gemm with transB and a bias takes MatMulNBits (and an Add) like a MatMul.
+    assert!(gemm_nbits >= 4, "{gemm_nbits}");
     eprintln!("{checked} form × runtime decodes matched the encoder");
 }
 

@@ -1245,20 +1245,78 @@ fn matmul_nbits(
     if site
         .uses
         .iter()
-        .any(|u| u.op_type != "MatMul" || u.input != 1 || u.subgraph)
+        .any(|u| !matches!(u.op_type.as_str(), "MatMul" | "Gemm") || u.input != 1 || u.subgraph)
     {
-        return Err("MatMulNBits replaces MatMul B only, and this weight has other readers".into());
+        return Err(
+            "MatMulNBits replaces MatMul and Gemm B only, and this weight has other readers".into(),
+        );
     }
     if site.readers != site.uses.len() {
         return Err("the weight is also read outside a weight slot".into());
     }
-    let [k, n] = c.shape() else {
-        return Err(format!(
-            "MatMulNBits needs a 2-D B, this is {:?}",
-            c.shape()
+    let g = &model.graph;
+    let mut consumers = Vec::new();
+    let mut transposed = None;
+    for u in &site.uses {
+        let found: Vec<_> = g
+            .nodes()
+            .filter(|(_, x)| !u.node.is_empty() && x.name == u.node)
+            .map(|(id, _)| id)
+            .collect();
+        let [id] = found.as_slice() else {
+            return Err(format!("consumer '{}' is not uniquely named", u.node));
+        };
+        let node = g.node(*id);
+        let (Some(a), Some(y)) = (node.input(0), node.outputs().first().copied().flatten()) else {
+            return Err(format!(
+                "{} '{}' lacks an input or output",
+                u.op_type, u.node
+            ));
+        };
+        if g.is_output(y) {
+            return Err(format!(
+                "the output of {} '{}' is a graph output",
+                u.op_type, u.node
+            ));
+        }
+        // Gemm: Y = A·B (B [K, N]) or A·Bᵀ (transB, B [N, K]), plus C; only alpha = beta = 1 and
+        // an untransposed A map onto MatMulNBits and an Add.
+        let mut bias = None;
+        let trans_b = if u.op_type == "Gemm" {
+            let float = |n: &str| node.attribute(n).and_then(|a| a.f).unwrap_or(1.0);
+            if node.int_attribute("transA").unwrap_or(0) != 0 {
+                return Err(format!("Gemm '{}' transposes A", u.node));
+            }
+            if float("alpha") != 1.0 || (node.input(2).is_some() && float("beta") != 1.0) {
+                return Err(format!("Gemm '{}' scales by alpha or beta", u.node));
+            }
+            bias = node.input(2).map(|c| g.value_name(c).to_string());
+            node.int_attribute("transB").unwrap_or(0) != 0
+        } else {
+            false
+        };
+        if transposed.replace(trans_b).is_some_and(|t| t != trans_b) {
+            return Err("its readers disagree on whether B is transposed".into());
+        }
+        consumers.push((
+            *id,
+            g.value_name(a).to_string(),
+            g.value_name(y).to_string(),
+            node.name.clone(),
+            bias,
         ));
+    }
+    let transposed = transposed.unwrap_or(false);
+    let (k, n) = match c.shape() {
+        [k, n] if !transposed => (*k as usize, *n as usize),
+        [n, k] => (*k as usize, *n as usize),
+        _ => {
+            return Err(format!(
+                "MatMulNBits needs a 2-D B, this is {:?}",
+                c.shape()
+            ));
+        }
     };
-    let (k, n) = (*k as usize, *n as usize);
     if block < 16 || !block.is_power_of_two() {
         return Err(format!(
             "MatMulNBits needs a power-of-two block ≥ 16, got {block}"
@@ -1274,42 +1332,19 @@ fn matmul_nbits(
             ));
         }
     }
-    let g = &model.graph;
-    let mut consumers = Vec::new();
-    for u in &site.uses {
-        let found: Vec<_> = g
-            .nodes()
-            .filter(|(_, x)| !u.node.is_empty() && x.name == u.node)
-            .map(|(id, _)| id)
-            .collect();
-        let [id] = found.as_slice() else {
-            return Err(format!("consumer '{}' is not uniquely named", u.node));
-        };
-        let node = g.node(*id);
-        let (Some(a), Some(y)) = (node.input(0), node.outputs().first().copied().flatten()) else {
-            return Err(format!("MatMul '{}' lacks an input or output", u.node));
-        };
-        if g.is_output(y) {
-            return Err(format!(
-                "the output of MatMul '{}' is a graph output",
-                u.node
-            ));
-        }
-        consumers.push((
-            *id,
-            g.value_name(a).to_string(),
-            g.value_name(y).to_string(),
-            node.name.clone(),
-        ));
-    }
     let values = to_f32(&c.tensor).map_err(|e| format!("weight {e}"))?;
-    // [K, N] → rows of B^T: [N, K].
-    let mut wt = vec![0f32; values.len()];
-    for (i, row) in values.chunks(n).enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            wt[j * k + i] = v;
+    // [K, N] → rows of B^T: [N, K] (a transposed Gemm B already is).
+    let wt = if transposed {
+        values
+    } else {
+        let mut wt = vec![0f32; values.len()];
+        for (i, row) in values.chunks(n).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                wt[j * k + i] = v;
+            }
         }
-    }
+        wt
+    };
     let mut q = quantize(&wt, n, k, scheme)?;
     if target == Target::Tract {
         // tract keeps Q4_0 scales in f16: quantize against the f16 value of each scale.
@@ -1363,7 +1398,7 @@ fn matmul_nbits(
         }
         None => None,
     };
-    for (id, a, y, node_name) in &consumers {
+    for (id, a, y, node_name, bias) in &consumers {
         let attrs = vec![
             attr_int("K", k as i64),
             attr_int("N", n as i64),
@@ -1388,7 +1423,21 @@ fn matmul_nbits(
             1,
             attrs,
         );
-        patch.replace_all_uses(y, &out[0]);
+        let out = match bias {
+            Some(c) => patch
+                .node(
+                    names,
+                    &format!("{node_name}_bias"),
+                    "Add",
+                    "",
+                    &[Some(out[0].as_str()), Some(c.as_str())],
+                    1,
+                    vec![],
+                )
+                .remove(0),
+            None => out.into_iter().next().expect("one output"),
+        };
+        patch.replace_all_uses(y, &out);
         patch.remove_node(*id);
     }
     let bytes = packed.len() as u64
