@@ -571,3 +571,83 @@ fn gptq_rounding_beats_nearest_on_data_it_did_not_see() {
         }
     }
 }
+
+/// Retention in the task's terms. PP-OCR's recognizer on rendered text lines is read as CTC text:
+/// the report gives the share of lines decoded alike and of lines with a near-tie step. The Gemm-LSTM
+/// CRNN's logits are time first (`[20, batch, 37]`), read along the batch axis its name gives; `w4`
+/// puts its Gemm weights, each read at every time step, into one shared 4-bit MatMulNBits weight.
+#[test]
+fn retention_reads_ocr_output_as_decoded_text() {
+    let (Some(py), Some(_), Some(_)) =
+        (python(), zoo_model("ppocr-rec"), zoo_model("captcha-crnn"))
+    else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    let lines = dir.path().join("lines.npz");
+    let o = std::process::Command::new(&py)
+        .arg(repo().join("tests/tools/text_images.py"))
+        .arg(&lines)
+        .args(["24", "48", "320", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let run = |model: &str, recipe: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{recipe}.onnx"));
+        let json = dir.path().join(format!("{recipe}.json"));
+        let (out_s, json_s) = (out.display().to_string(), json.display().to_string());
+        let mut args = vec![
+            "quantize", model, "-o", &out_s, "--recipe", recipe, "--report", &json_s,
+        ];
+        args.extend_from_slice(extra);
+        let o = quench(&args);
+        assert!(o.status.success(), "{model}: {}", stderr_of(&o));
+        let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        (String::from_utf8_lossy(&o.stdout).to_string(), r)
+    };
+    let lines_s = lines.display().to_string();
+    let (stdout, r) = run("zoo:ppocr-rec", "w8", &["--inputs", &lines_s]);
+    assert!(stdout.contains("CTC-decoded sequences alike"), "{stdout}");
+    let mut alike_in = Vec::new();
+    for rt in ["ort", "tract"] {
+        let outputs = r["retention"]["runtimes"][rt]["outputs"]
+            .as_object()
+            .unwrap();
+        let m = outputs.values().next().unwrap();
+        assert_eq!(m["kind"]["sequence"]["batch_axis"], 0, "{m}");
+        assert_eq!(m["sequences"], 24, "{m}");
+        let alike = f(&m["sequence_agreement"]);
+        let ties = f(&m["sequence_near_tie_share"]);
+        eprintln!(
+            "ppocr-rec w8 on 24 rendered lines in {rt}: {alike:.3} decoded alike, {ties:.3} with a near-tie step"
+        );
+        assert!((0.0..=1.0).contains(&alike) && (0.0..=1.0).contains(&ties), "{m}");
+        // A line with a near-tie step has a near-tie step among all steps.
+        assert_eq!(f(&m["near_tie_share"]) > 0.0, ties > 0.0, "{m}");
+        alike_in.push(alike);
+    }
+    // Both runtimes compute the same numbers to float rounding: at most a line apart.
+    assert!((alike_in[0] - alike_in[1]).abs() <= 1.0 / 24.0 + 1e-9, "{alike_in:?}");
+    let (_, r) = run("zoo:captcha-crnn", "w4", &["--target", "tract"]);
+    let m = &r["retention"]["runtimes"]["tract"]["outputs"]["logits"];
+    assert_eq!(m["kind"]["sequence"]["batch_axis"], 1, "{m}");
+    let sites = r["weights"]["sites"].as_array().unwrap();
+    let gemm_4bit = sites
+        .iter()
+        .filter(|s| {
+            s["op_types"][0] == "Gemm"
+                && s["form"]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("MatMulNBits"))
+        })
+        .count();
+    assert_eq!(
+        gemm_4bit, 2,
+        "the input-to-hidden weights of both directions"
+    );
+    let ratio = f(&r["file_bytes"]["after"]) / f(&r["file_bytes"]["before"]);
+    assert!(ratio < 0.2, "{ratio}");
+}

@@ -37,7 +37,7 @@ use crate::passes::quantize_weights::{
 use crate::passes::roles::Role;
 use crate::quant::scheme::WeightScheme;
 use crate::recipes::{Goal, MenuEntry, Metric, Pin, Recipe, scheme_yaml};
-use crate::report::metrics::Accumulator;
+use crate::report::metrics::{Accumulator, OutputKind};
 use crate::util::Progress;
 
 /// How closely a run reproduces the reference: the worst output's noise-to-signal ratio
@@ -106,7 +106,15 @@ pub fn score(
             if rt.is_float() {
                 accs.entry(name.as_str())
                     .or_default()
-                    .add(rt, ct, classes.contains(name))
+                    .add(
+                        rt,
+                        ct,
+                        if classes.contains(name) {
+                            OutputKind::Classes
+                        } else {
+                            OutputKind::Raw
+                        },
+                    )
                     .with_context(|| format!("output '{name}'"))?;
             }
         }

@@ -187,7 +187,7 @@ fn ser_dtype<S: serde::Serializer>(
 }
 
 impl InputInfo {
-    fn from_value_info(info: &ValueInfoProto) -> InputInfo {
+    pub(crate) fn from_value_info(info: &ValueInfoProto) -> InputInfo {
         let mut out = InputInfo {
             name: info.name.clone(),
             dtype: None,

@@ -12,9 +12,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::metrics::{Accumulator, Metrics};
-use crate::exec::{self, Named, Prepared, RuntimeKind, Session, SessionOptions, inputs::InputSet};
+use super::metrics::{Accumulator, Metrics, OutputKind};
+use crate::exec::{
+    self, Dim, Named, Prepared, RuntimeKind, Session, SessionOptions, inputs::InputSet,
+};
 use crate::ir::{Def, Graph, Model};
+use crate::onnx::dtype::DataType;
 use crate::util::Progress;
 
 #[derive(Clone, Debug)]
@@ -165,6 +168,48 @@ pub fn looks_like_scores(model: &Model, output: &str) -> bool {
     false
 }
 
+/// How an output is read ([`OutputKind`]): scores of declared rank 3 are sequences (time first when
+/// the second axis is named as the batch), other scores classes; other float outputs of rank 2, or of
+/// rank 3 named as hidden states or embeddings, are embeddings; the rest raw.
+pub fn output_kind(model: &Model, output: &str) -> OutputKind {
+    let info = model
+        .graph
+        .outputs()
+        .iter()
+        .find(|p| p.info.name == output)
+        .map(|p| exec::InputInfo::from_value_info(&p.info));
+    let dims = info
+        .as_ref()
+        .and_then(|i| i.dims.clone())
+        .unwrap_or_default();
+    let float = info.and_then(|i| i.dtype).is_none_or(|d| {
+        matches!(
+            d,
+            DataType::Float | DataType::Float16 | DataType::Bfloat16 | DataType::Double
+        )
+    });
+    let named_batch =
+        |d: &Dim| matches!(d, Dim::Symbol(s) if s.to_ascii_lowercase().contains("batch"));
+    if looks_like_scores(model, output) {
+        return match dims.as_slice() {
+            [_, d1, _] => OutputKind::Sequence {
+                batch_axis: usize::from(named_batch(d1)),
+            },
+            _ => OutputKind::Classes,
+        };
+    }
+    let lower = output.to_ascii_lowercase();
+    let named = ["hidden", "embed", "pool", "sentence", "feature", "vector"]
+        .iter()
+        .any(|h| lower.contains(h));
+    let wide = |d: &Dim| !matches!(d, Dim::Fixed(n) if *n < 8);
+    match dims.as_slice() {
+        [_, d] if float && wide(d) => OutputKind::Embedding,
+        [_, _, d] if float && named && wide(d) => OutputKind::Embedding,
+        _ => OutputKind::Raw,
+    }
+}
+
 fn finish(accs: &BTreeMap<String, Accumulator>) -> BTreeMap<String, Metrics> {
     accs.iter().map(|(k, a)| (k.clone(), a.finish())).collect()
 }
@@ -173,12 +218,13 @@ fn add_outputs(
     accs: &mut BTreeMap<String, Accumulator>,
     reference: &[Named],
     candidate: &[Named],
-    scores: &HashSet<String>,
+    kinds: &HashMap<String, OutputKind>,
 ) -> Result<()> {
     for ((name, r), (_, c)) in reference.iter().zip(candidate) {
+        let kind = kinds.get(name).copied().unwrap_or_default();
         accs.entry(name.clone())
             .or_default()
-            .add(r, c, scores.contains(name))
+            .add(r, c, kind)
             .with_context(|| format!("output '{name}'"))?;
     }
     Ok(())
@@ -200,11 +246,10 @@ pub fn compare(
             cand_prep.outputs
         );
     }
-    let scores: HashSet<String> = ref_prep
+    let scores: HashMap<String, OutputKind> = ref_prep
         .outputs
         .iter()
-        .filter(|o| looks_like_scores(reference, o))
-        .cloned()
+        .map(|o| (o.clone(), output_kind(reference, o)))
         .collect();
 
     // Per runtime: (runtime, reference session, candidate session).
@@ -316,7 +361,7 @@ pub fn compare(
                 if !rt.is_float() || !ct.is_float() || rt.shape() != ct.shape() {
                     continue;
                 }
-                layer_accs[i].add(rt, ct, false)?;
+                layer_accs[i].add(rt, ct, OutputKind::Raw)?;
                 layer_seen[i] = true;
             }
             progress.inc(1);
@@ -407,6 +452,9 @@ pub fn render(r: &CompareReport, max_layers: usize) -> String {
             m.max_abs,
             top1
         );
+        if let Some(t) = task_line(m) {
+            let _ = writeln!(s, "  {t}");
+        }
     };
     for (rt, rep) in &r.runtimes {
         header(&mut s, &format!("output ({rt})"));
@@ -442,6 +490,33 @@ pub fn render(r: &CompareReport, max_layers: usize) -> String {
         let _ = writeln!(s, "note: {n}");
     }
     s
+}
+
+/// The task figures of an output, in words: decoded sequences, near ties, similarity ranking.
+pub fn task_line(m: &Metrics) -> Option<String> {
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
+    match m.kind {
+        OutputKind::Sequence { .. } => {
+            let (agree, n) = (m.sequence_agreement?, m.sequences?);
+            Some(format!(
+                "CTC-decoded sequences alike: {} of {n}; near-tie sequences {}; confident steps alike {}",
+                pct(agree),
+                pct(m.sequence_near_tie_share.unwrap_or(0.0)),
+                m.top1_confident.map_or("-".into(), pct),
+            ))
+        }
+        OutputKind::Classes => Some(format!(
+            "near-tie rows (top two within {}): {}; top-1 on the rest {}",
+            super::metrics::NEAR_TIE,
+            pct(m.near_tie_share?),
+            m.top1_confident.map_or("-".into(), pct),
+        )),
+        OutputKind::Embedding => Some(format!(
+            "similarity ranking (Spearman over pairs of {} rows): {:.4}",
+            m.embedding_rows?, m.similarity_rank?
+        )),
+        OutputKind::Raw => None,
+    }
 }
 
 /// `s` cut to `n` characters, keeping its end (`…` marks the cut).
