@@ -13,7 +13,7 @@
 //! `QUENCH_FUZZ_CASES` (default 1500) and `QUENCH_FUZZ_SECONDS` (default 120) bound the run, the
 //! first reached stopping it; `QUENCH_FUZZ_SEED` (default 1) picks the sequence, and case `i` of a
 //! seed is the same on every run: `QUENCH_FUZZ_SEED=S QUENCH_FUZZ_FROM=i QUENCH_FUZZ_CASES=1`
-//! replays one; `QUENCH_FUZZ_VERBOSE=1` names each case before it runs, to find the one an abort
+//! replays one; `QUENCH_FUZZ_DUMP=DIR` writes each case's model there; `QUENCH_FUZZ_VERBOSE=1` names each case before it runs, to find the one an abort
 //! ends the run in.
 
 mod common;
@@ -363,6 +363,13 @@ fn mutated_models_never_panic() {
         let recipe = *pick(&mut rng, &recipes).unwrap();
         if verbose {
             eprintln!("case {case}: {}; {recipe}", what.join(", "));
+        }
+        if let Ok(d) = std::env::var("QUENCH_FUZZ_DUMP") {
+            std::fs::write(
+                Path::new(&d).join(format!("case-{seed}-{case}.onnx")),
+                &bytes,
+            )
+            .unwrap();
         }
         // Each case on a thread of its own, watched: a case that does not finish within the
         // budget is a hang, reported like a panic (its thread is left behind and the run stops).

@@ -391,3 +391,48 @@ fn a_huge_dim_beside_a_zero_is_refused() {
         .expect("data with such a dim is refused");
     assert_contains(&format!("{err:#}"), &["'x'", "axis 0"]);
 }
+
+/// Found by the fuzzer (seed 7, case 20999): a BatchNormalization whose data input `0` is declared
+/// `[2, 3, 6, 6]` but has an initializer of the same name holding `[3]`. tract's shape rules crashed
+/// the process on it (SIGSEGV); quench refuses it before tract reads it, naming the input.
+#[test]
+fn an_input_whose_default_has_another_shape_is_refused() {
+    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
+    let f32s = |name: &str, v: &[f32]| {
+        common::raw_tensor(
+            name,
+            1,
+            &[v.len() as i64],
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    };
+    let g = GraphProto {
+        name: Some("g".into()),
+        node: vec![node(
+            "BatchNormalization",
+            "bn",
+            &["0", "1", "2", "3", "4"],
+            &["5"],
+        )],
+        initializer: vec![
+            f32s("0", &[1.0; 3]),
+            f32s("1", &[0.7, 0.6, 0.4]),
+            f32s("2", &[0.0; 3]),
+            f32s("3", &[0.0; 3]),
+            f32s("4", &[1.0; 3]),
+        ],
+        input: vec![quench::onnx::tensor::tensor_value_info(
+            "0",
+            1,
+            &[2, 3, 6, 6],
+        )],
+        output: vec![common::value_info("5", 1)],
+        ..Default::default()
+    };
+    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
+    let prep = Prepared::from_model(&model, "m");
+    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
+        .err()
+        .expect("refused");
+    assert_contains(&format!("{err:#}"), &["input '0'", "[2, 3, 6, 6]", "[3]"]);
+}

@@ -624,13 +624,19 @@ fn retention_reads_ocr_output_as_decoded_text() {
         eprintln!(
             "ppocr-rec w8 on 24 rendered lines in {rt}: {alike:.3} decoded alike, {ties:.3} with a near-tie step"
         );
-        assert!((0.0..=1.0).contains(&alike) && (0.0..=1.0).contains(&ties), "{m}");
+        assert!(
+            (0.0..=1.0).contains(&alike) && (0.0..=1.0).contains(&ties),
+            "{m}"
+        );
         // A line with a near-tie step has a near-tie step among all steps.
         assert_eq!(f(&m["near_tie_share"]) > 0.0, ties > 0.0, "{m}");
         alike_in.push(alike);
     }
     // Both runtimes compute the same numbers to float rounding: at most a line apart.
-    assert!((alike_in[0] - alike_in[1]).abs() <= 1.0 / 24.0 + 1e-9, "{alike_in:?}");
+    assert!(
+        (alike_in[0] - alike_in[1]).abs() <= 1.0 / 24.0 + 1e-9,
+        "{alike_in:?}"
+    );
     let (_, r) = run("zoo:captcha-crnn", "w4", &["--target", "tract"]);
     let m = &r["retention"]["runtimes"]["tract"]["outputs"]["logits"];
     assert_eq!(m["kind"]["sequence"]["batch_axis"], 1, "{m}");

@@ -80,6 +80,53 @@ fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// A graph input that an initializer of the same name gives a default value must declare a shape
+/// the initializer has (ONNX requires it; onnxruntime refuses the model otherwise). tract does not
+/// check it, and its shape rules can then crash the process (BatchNormalization's did, found by
+/// fuzzing), so the conflict is refused here, naming the input.
+fn defaults_fit(proto: &tract_onnx::pb::ModelProto) -> std::result::Result<(), String> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    use tract_onnx::pb::type_proto::Value as Type;
+    let Some(g) = proto.graph.as_ref() else {
+        return Ok(());
+    };
+    for input in &g.input {
+        let Some(init) = g.initializer.iter().find(|t| t.name == input.name) else {
+            continue;
+        };
+        let Some(Type::TensorType(t)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            continue;
+        };
+        let Some(shape) = t.shape.as_ref() else {
+            continue;
+        };
+        let fits = shape.dim.len() == init.dims.len()
+            && shape.dim.iter().zip(&init.dims).all(|(d, &n)| match &d.value {
+                Some(Value::DimValue(v)) => *v == n,
+                _ => true,
+            });
+        if !fits {
+            let declared: Vec<String> = shape
+                .dim
+                .iter()
+                .map(|d| match &d.value {
+                    Some(Value::DimValue(v)) => v.to_string(),
+                    Some(Value::DimParam(p)) if !p.is_empty() => p.clone(),
+                    _ => "?".into(),
+                })
+                .collect();
+            return Err(format!(
+                "input '{}' declares shape [{}] but the initializer of the same name (its default \
+                 value) holds {:?}",
+                input.name,
+                declared.join(", "),
+                init.dims
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn onnx() -> tract_onnx::Onnx {
     tract_onnx::onnx().with_ignore_value_info(true)
 }
@@ -102,6 +149,7 @@ impl TractSession {
             tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes))
                 .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?
         };
+        defaults_fit(&proto).map_err(|e| anyhow!("tract cannot load {}: {e}", model.label))?;
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
             // What the rewrite let go of (the codes it re-laid, its working copies) goes back before
