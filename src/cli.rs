@@ -908,7 +908,7 @@ fn weight_calibration(
         return Ok((None, None));
     }
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
-    let mut set = ca.open(reference, spec)?;
+    let mut set = ca.open(reference, spec.clone())?;
     let energy = if wanted.is_empty() {
         None
     } else {
@@ -919,8 +919,13 @@ fn weight_calibration(
     let hessians = if hessian_requests.is_empty() {
         None
     } else {
+        // Fitted on all but the batches the keep-or-drop check holds out (`calib::gptq_split`).
+        let (fit, _) = quench::calib::gptq_split(set.len());
+        let mut fit_set = ca
+            .open(reference, spec)?
+            .subset(fit, "the batches GPTQ fits on");
         Some(
-            quench::calib::hessians(reference, &hessian_requests, &mut set, rt, &session)
+            quench::calib::hessians(reference, &hessian_requests, &mut fit_set, rt, &session)
                 .context("measuring the input Hessians for gptq failed")?,
         )
     };
@@ -947,8 +952,8 @@ fn quantize_weights_checked(
 /// GPTQ rounding lowers each layer's own output error on the calibration data, yet errors that
 /// compound through a network can come out worse (measured on a MobileNetV3 with squeeze-excitation).
 /// So the model built with it is scored against the same recipe rounded to nearest on the calibration
-/// batches (up to 32), and the nearest build is returned when its worst output is closer to the
-/// float model's; the figures go into a note either way.
+/// batches GPTQ was not fitted on (`calib::gptq_split`, up to 32), and the nearest build is returned
+/// when its worst output is closer to the float model's; the figures go into a note either way.
 fn gptq_or_nearest(
     args: &QuantizeArgs,
     reference: &Model,
@@ -976,7 +981,15 @@ fn gptq_beats_nearest(
 ) -> Result<bool> {
     let ca = calib_input_args(&args.input, &args.cal);
     let (rt, session) = calib_runtime(&args.cal, &args.rt);
-    let mut set = ca.open(reference, spec)?;
+    let set = ca.open(reference, spec)?;
+    let n = set.len();
+    let (_, held) = quench::calib::gptq_split(n);
+    let judged = if n < 2 {
+        "the one calibration batch it was fitted on"
+    } else {
+        "calibration batches it was not fitted on"
+    };
+    let mut set = set.subset(held, "the batches held out from GPTQ");
     let check = quench::calib::OutputCheck::new(reference, &mut set, 32, rt, &session)
         .context("scoring gptq against nearest rounding")?;
     let (fed, near) = (
@@ -986,9 +999,11 @@ fn gptq_beats_nearest(
     let db = |nsr: f64| -10.0 * nsr.max(1e-30).log10();
     let keep = fed.nsr <= near.nsr;
     notes.push(format!(
-        "gptq {}: on the calibration data the output SQNR is {:.2} dB with it, {:.2} dB rounded \
-         to nearest",
+        "gptq {}: on {} ({} of {n}) the output SQNR is {:.2} dB with it, {:.2} dB rounded to \
+         nearest",
         if keep { "kept" } else { "dropped" },
+        judged,
+        set.len(),
         db(fed.nsr),
         db(near.nsr)
     ));

@@ -287,6 +287,22 @@ pub struct HessianSource {
 /// [`HessianRequest`]), in one pass over the data. Requests whose sources never appear, or whose
 /// channel count is not `k`, get no entry. Each request holds its `k × k` f32 sums (`4·k²` bytes)
 /// to the end.
+/// How GPTQ's calibration batches are split so that its keep-or-drop check judges it on data it was
+/// not fitted on: of `n` batches, every fourth (indices 3, 7, 11, …) is held out, or the last one when
+/// there are 2 or 3; the Hessians are measured on the rest. One batch cannot be split: it is both.
+/// Returns (fit, held).
+pub fn gptq_split(n: usize) -> (Vec<usize>, Vec<usize>) {
+    if n < 2 {
+        return ((0..n).collect(), (0..n).collect());
+    }
+    let mut held: Vec<usize> = (0..n).filter(|i| i % 4 == 3).collect();
+    if held.is_empty() {
+        held.push(n - 1);
+    }
+    let fit = (0..n).filter(|i| !held.contains(i)).collect();
+    (fit, held)
+}
+
 pub fn hessians(
     model: &Model,
     requests: &[HessianRequest],
@@ -423,5 +439,18 @@ impl OutputCheck {
             top1_rows: sc.top1_rows,
             nsr: sc.nsr,
         })
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::gptq_split;
+
+    #[test]
+    fn held_batches_are_never_fitted_on() {
+        assert_eq!(gptq_split(1), (vec![0], vec![0]));
+        assert_eq!(gptq_split(2), (vec![0], vec![1]));
+        assert_eq!(gptq_split(3), (vec![0, 1], vec![2]));
+        assert_eq!(gptq_split(8), (vec![0, 1, 2, 4, 5, 6], vec![3, 7]));
     }
 }

@@ -122,6 +122,21 @@ impl InputSet {
         self.len == 0
     }
 
+    /// The batches at `indices`, in that order (each out-of-range index is an error when read).
+    pub fn subset(self, indices: Vec<usize>, what: &str) -> InputSet {
+        let mut make = self.make;
+        let len = self.len;
+        InputSet {
+            description: format!("{} ({what})", self.description),
+            len: indices.len(),
+            next: 0,
+            make: Box::new(move |i| match indices.get(i) {
+                Some(&j) if j < len => make(j),
+                _ => bail!("batch {i} out of range"),
+            }),
+        }
+    }
+
     /// Batch `i`, made again on each call (deterministic for every source).
     pub fn batch(&mut self, i: usize) -> Result<Vec<Named>> {
         if i >= self.len {

@@ -101,10 +101,14 @@ fn defaults_fit(proto: &tract_onnx::pb::ModelProto) -> std::result::Result<(), S
             continue;
         };
         let fits = shape.dim.len() == init.dims.len()
-            && shape.dim.iter().zip(&init.dims).all(|(d, &n)| match &d.value {
-                Some(Value::DimValue(v)) => *v == n,
-                _ => true,
-            });
+            && shape
+                .dim
+                .iter()
+                .zip(&init.dims)
+                .all(|(d, &n)| match &d.value {
+                    Some(Value::DimValue(v)) => *v == n,
+                    _ => true,
+                });
         if !fits {
             let declared: Vec<String> = shape
                 .dim
