@@ -195,6 +195,10 @@ pub struct QuantizeArgs {
     /// valid input could be made, or no runtime runs the original).
     #[arg(long)]
     require_verify: bool,
+    /// Keep the model as the recipe builds it when it misses the recipe's retention floors, instead
+    /// of promoting the sites that cost the most (shielding)
+    #[arg(long)]
+    no_shield: bool,
     #[command(flatten)]
     goal: adapt::GoalArgs,
     #[command(flatten)]
@@ -1010,6 +1014,127 @@ fn gptq_beats_nearest(
     Ok(keep)
 }
 
+/// Checks the built weight-only model against the recipe's floors on the verification data and, when
+/// it misses them, shields it (`adapt::shield`): the costliest sites are promoted until they hold.
+#[allow(clippy::too_many_arguments)]
+fn shield_cli(
+    args: &QuantizeArgs,
+    reference: &Model,
+    spec: Vec<InputSpec>,
+    recipe: &quench::recipes::Recipe,
+    floors: quench::recipes::Floors,
+    built: (Model, quench::passes::quantize_weights::WeightReport),
+    energy: Option<&quench::passes::quantize_weights::importance::ChannelEnergy>,
+    hessians: Option<&std::collections::BTreeMap<String, quench::calib::Hessian>>,
+    notes: &mut Vec<String>,
+) -> Result<(
+    Model,
+    quench::passes::quantize_weights::WeightReport,
+    Option<quench::adapt::shield::ShieldReport>,
+)> {
+    use quench::adapt::shield;
+    const BATCHES: usize = 8;
+    let opened = args.input.open(reference, spec.clone());
+    let mut set = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            notes.push(format!("floors not checked: no verification data ({e:#})"));
+            return Ok((built.0, built.1, None));
+        }
+    };
+    let (rt, session) = calib_runtime(&args.cal, &args.rt);
+    let n = set.len().min(BATCHES);
+    let batches = (0..n).map(|b| set.batch(b)).collect::<Result<Vec<_>>>()?;
+    let check = match quench::calib::OutputCheck::new(reference, &mut set, BATCHES, rt, &session) {
+        Ok(c) => c,
+        Err(e) => {
+            notes.push(format!(
+                "floors not checked: {rt} cannot run the original ({e:#})"
+            ));
+            return Ok((built.0, built.1, None));
+        }
+    };
+    let score = |m: &Model| -> Result<quench::adapt::Score> {
+        let r = check.retention(m, None)?;
+        Ok(quench::adapt::Score {
+            nsr: r.nsr,
+            cosine: r.cosine,
+            top1: r.top1,
+            top1_rows: r.top1_rows,
+        })
+    };
+    let mut build = |policy: &dyn quench::passes::quantize_weights::WeightPolicy| {
+        let mut m = reference.clone();
+        let w = quantize_weights_checked(&mut m, policy, args.target, energy, hessians)?;
+        Ok((m, w))
+    };
+    // Generated inputs are not the data the model will meet: what they flag costs at most a quarter
+    // of the quantized weights' bytes. The user's data is held to the floors whatever they cost.
+    let generated = args.input.inputs.is_none();
+    let budget = generated.then_some(built.1.bytes_after / 4);
+    let (m, w, report) = shield::shield(
+        reference, recipe, floors, built, &score, &mut build, batches, rt, &session, energy, budget,
+    )
+    .context("shielding the sites that miss the recipe's floors")?;
+    let added: i64 = report.promotions.iter().map(|p| p.bytes).sum();
+    if report.promotions.is_empty() && !report.met {
+        notes.push(format!(
+            "the model misses the recipe's floors ({}) on {n} verification batch(es) in {rt}, and \
+             no promotion {} helps{}",
+            shield::misses(&floors, &report.before).join(", "),
+            if generated {
+                "within a quarter of the weights' bytes"
+            } else {
+                "the shield measured"
+            },
+            if generated {
+                "; these are generated inputs: --inputs with real data tells whether it matters"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !report.promotions.is_empty() {
+        let sites = {
+            let mut v: Vec<&str> = report
+                .promotions
+                .iter()
+                .map(|p| p.weight.as_str())
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        };
+        let misses = shield::misses(&floors, &report.before).join(", ");
+        notes.push(format!(
+            "shielded {sites} site(s) in {} promotion(s) (+{:.2} MB) because the model missed the \
+             recipe's floors ({misses}); output SQNR {:.2} → {:.2} dB, cosine {:.5} → {:.5} on {n} \
+             verification batch(es) in {rt}; {}",
+            report.promotions.len(),
+            added as f64 / 1e6,
+            report.before.sqnr_db(),
+            report.after.sqnr_db(),
+            report.before.cosine,
+            report.after.cosine,
+            if report.met {
+                "the floors now hold".to_string()
+            } else if report.over_budget {
+                format!(
+                    "still missing: {}; on generated inputs shielding stops at a quarter of the \
+                     weights' bytes: --inputs with real data tells whether the model needs more",
+                    shield::misses(&floors, &report.after).join(", ")
+                )
+            } else {
+                format!(
+                    "still missing: {}",
+                    shield::misses(&floors, &report.after).join(", ")
+                )
+            }
+        ));
+    }
+    Ok((m, w, Some(report)))
+}
+
 /// Static activation quantization calibrates on --calib (or --calib-random) and checks candidates on
 /// the same data; dynamic needs no data, and checks candidates when given some.
 fn quantize_activations_cli(
@@ -1330,6 +1455,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let mut weights = Default::default();
+    let mut shielding = None;
     let mut allocation = None;
     let mut recipe = recipe;
     let (candidate, activations) = if args.goal.requested() || recipe.allocate.is_some() {
@@ -1354,6 +1480,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
         };
         match &recipe.activations {
             None => {
+                let mut gptq_kept = true;
                 let mut m = reference.clone();
                 finish(&mut m)?;
                 if weights
@@ -1373,7 +1500,26 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
                     if let Some((pm, pw)) = plain {
                         m = pm;
                         weights = pw;
+                        gptq_kept = false;
                     }
+                }
+                if let Some(floors) = recipe.floors.filter(|_| !args.no_shield) {
+                    let hessians = hessians.as_ref().filter(|_| gptq_kept);
+                    let built = (m, std::mem::take(&mut weights));
+                    let (sm, sw, report) = shield_cli(
+                        &args,
+                        &reference,
+                        spec.clone(),
+                        &recipe,
+                        floors,
+                        built,
+                        energy.as_ref(),
+                        hessians,
+                        &mut notes,
+                    )?;
+                    m = sm;
+                    weights = sw;
+                    shielding = report;
                 }
                 (m, None)
             }
@@ -1468,6 +1614,7 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
             "file_bytes": { "before": before, "after": after },
             "weights": weights,
             "activations": activations,
+            "shield": shielding,
             "retention": retention,
             "notes": notes,
             "allocation": allocation.as_ref().map(|a| &a.json),

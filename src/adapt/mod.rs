@@ -17,6 +17,7 @@
 //!   repairs (raises the worst contributors) until the target holds ([`Allocation::raise_worst`]).
 
 pub mod html;
+pub mod shield;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};

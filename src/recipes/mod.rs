@@ -47,7 +47,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::calib::Method;
 use crate::passes::quantize_activations::smooth::Strength;
@@ -145,6 +145,21 @@ pub struct RecipeFile {
     pub rules: Vec<RuleSpec>,
     pub activations: Option<ActivationSpec>,
     pub allocate: Option<AllocateSpec>,
+    pub floors: Option<Floors>,
+}
+
+/// `floors:`: the retention a model built from the recipe must keep on the verification data (the
+/// worst output's cosine, its SQNR in dB, the lowest top-1 agreement of class-score outputs). A
+/// weight-only model that misses them is shielded: its costliest sites are promoted until they hold.
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Floors {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqnr_db: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top1: Option<f64>,
 }
 
 /// The `allocate:` section: per-site schemes chosen from a menu by measured sensitivity, to a
@@ -406,6 +421,8 @@ pub struct Recipe {
     pub activations: Option<ActivationPolicy>,
     /// Per-site schemes chosen by measurement, when the recipe asks for them.
     pub allocate: Option<Allocate>,
+    /// The retention the built model must keep (see [`Floors`]).
+    pub floors: Option<Floors>,
 }
 
 /// The built-in recipes (the YAML files of the top-level passes/ folder, compiled in).
@@ -860,6 +877,21 @@ impl Recipe {
                  `activations` yet"
             ));
         }
+        if let Some(f) = &file.floors {
+            let unit = |v: Option<f64>, what: &str| match v {
+                Some(x) if !(x > 0.0 && x <= 1.0) => Err(format!(
+                    "recipe {name}: floors: {what} {x} is not in (0, 1]"
+                )),
+                _ => Ok(()),
+            };
+            unit(f.cosine, "cosine")?;
+            unit(f.top1, "top1")?;
+            if f.sqnr_db.is_some_and(|d| !d.is_finite()) {
+                return Err(format!(
+                    "recipe {name}: floors: sqnr_db must be a number of dB"
+                ));
+            }
+        }
         Ok(Recipe {
             name: name.to_string(),
             description: file.description,
@@ -867,6 +899,7 @@ impl Recipe {
             rules,
             activations,
             allocate,
+            floors: file.floors,
         })
     }
 
