@@ -1033,7 +1033,7 @@ fn shield_cli(
     Option<quench::adapt::shield::ShieldReport>,
 )> {
     use quench::adapt::shield;
-    const BATCHES: usize = 8;
+    const BATCHES: usize = 32;
     let opened = args.input.open(reference, spec.clone());
     let mut set = match opened {
         Ok(s) => s,

@@ -658,3 +658,104 @@ fn retention_reads_ocr_output_as_decoded_text() {
     let ratio = f(&r["file_bytes"]["after"]) / f(&r["file_bytes"]["before"]);
     assert!(ratio < 0.2, "{ratio}");
 }
+
+/// Floors and shielding. silero-vad under w4 misses the recipe's cosine floor on generated inputs
+/// because of one site; the shield promotes it (and little else) and the floor holds, where
+/// `--no-shield` writes the model that misses. PP-OCR's recognizer under w8 on rendered text lines
+/// (the user's data: held to the floor whatever it costs) misses 0.99 too; shielded, it meets it and
+/// decodes more lines as the float model does.
+#[test]
+fn shielding_promotes_the_sites_that_miss_the_floors() {
+    let (Some(py), Some(_), Some(_)) = (python(), zoo_model("silero-vad"), zoo_model("ppocr-rec"))
+    else {
+        return;
+    };
+    if !ort_ready() {
+        return;
+    }
+    let dir = tempdir();
+    let run = |model: &str, recipe: &str, tag: &str, extra: &[&str]| -> Value {
+        let out = dir.path().join(format!("{tag}.onnx"));
+        let json = dir.path().join(format!("{tag}.json"));
+        let (out_s, json_s) = (out.display().to_string(), json.display().to_string());
+        let mut args = vec![
+            "quantize", model, "-o", &out_s, "--recipe", recipe, "--report", &json_s,
+        ];
+        args.extend_from_slice(extra);
+        let o = quench(&args);
+        assert!(o.status.success(), "{tag}: {}", stderr_of(&o));
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let worst_cosine = |r: &Value| {
+        r["retention"]["runtimes"]["ort"]["outputs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|m| f(&m["cosine"]))
+            .fold(1.0, f64::min)
+    };
+    let shielded = run("zoo:silero-vad", "w4", "vad", &[]);
+    let plain = run("zoo:silero-vad", "w4", "vad-plain", &["--no-shield"]);
+    let s = &shielded["shield"];
+    assert_eq!(s["floors"]["cosine"], 0.98);
+    assert!(f(&s["before"]["cosine"]) < 0.98, "{s}");
+    assert_eq!(s["met"], true, "{s}");
+    let promotions = s["promotions"].as_array().unwrap();
+    assert!(!promotions.is_empty() && promotions.len() <= 3, "{s}");
+    for p in promotions {
+        assert!(f(&p["sqnr_db_promoted"]) > f(&p["sqnr_db_before"]), "{p}");
+        assert!(p["bytes"].as_i64().unwrap() > 0, "{p}");
+    }
+    assert!(plain["shield"].is_null());
+    // The verification batches are the ones the shield measured on: the floor holds there.
+    assert!(
+        worst_cosine(&shielded) >= 0.98,
+        "{}",
+        worst_cosine(&shielded)
+    );
+    assert!(worst_cosine(&plain) < 0.98, "{}", worst_cosine(&plain));
+    let size = |r: &Value| f(&r["file_bytes"]["after"]);
+    assert!(size(&shielded) > size(&plain) && size(&shielded) < 1.2 * size(&plain));
+    eprintln!(
+        "silero-vad w4: cosine {:.4} unshielded → {:.4} with {} promotion(s), file {:.0} → {:.0} bytes",
+        worst_cosine(&plain),
+        worst_cosine(&shielded),
+        promotions.len(),
+        size(&plain),
+        size(&shielded)
+    );
+
+    let lines = dir.path().join("lines.npz");
+    let o = std::process::Command::new(&py)
+        .arg(repo().join("tests/tools/text_images.py"))
+        .arg(&lines)
+        .args(["24", "48", "320", "3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let lines = lines.display().to_string();
+    let shielded = run("zoo:ppocr-rec", "w8", "rec", &["--inputs", &lines]);
+    let plain = run(
+        "zoo:ppocr-rec",
+        "w8",
+        "rec-plain",
+        &["--inputs", &lines, "--no-shield"],
+    );
+    assert_eq!(shielded["shield"]["met"], true, "{}", shielded["shield"]);
+    let text = |r: &Value| {
+        let outputs = r["retention"]["runtimes"]["ort"]["outputs"]
+            .as_object()
+            .unwrap();
+        f(&outputs.values().next().unwrap()["sequence_agreement"])
+    };
+    eprintln!(
+        "ppocr-rec w8 on 24 rendered lines: cosine {:.4} → {:.4}, lines decoded alike {:.3} → {:.3}",
+        worst_cosine(&plain),
+        worst_cosine(&shielded),
+        text(&plain),
+        text(&shielded)
+    );
+    assert!(worst_cosine(&plain) < 0.99);
+    assert!(worst_cosine(&shielded) >= 0.99, "{}", worst_cosine(&shielded));
+    assert!(text(&shielded) > text(&plain));
+}
