@@ -756,6 +756,10 @@ fn shielding_promotes_the_sites_that_miss_the_floors() {
         text(&shielded)
     );
     assert!(worst_cosine(&plain) < 0.99);
-    assert!(worst_cosine(&shielded) >= 0.99, "{}", worst_cosine(&shielded));
+    assert!(
+        worst_cosine(&shielded) >= 0.99,
+        "{}",
+        worst_cosine(&shielded)
+    );
     assert!(text(&shielded) > text(&plain));
 }

@@ -639,40 +639,7 @@ fn proxy_front(options: &[SiteOption]) -> Vec<usize> {
         .collect()
 }
 
-/// Spearman's rank correlation (average ranks on ties).
-pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
-    if x.len() < 3 || x.len() != y.len() {
-        return None;
-    }
-    let rank = |v: &[f64]| {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-        let mut r = vec![0.0; v.len()];
-        let mut i = 0;
-        while i < idx.len() {
-            let mut j = i;
-            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-                j += 1;
-            }
-            let avg = (i + j) as f64 / 2.0;
-            for k in i..=j {
-                r[idx[k]] = avg;
-            }
-            i = j + 1;
-        }
-        r
-    };
-    let (rx, ry) = (rank(x), rank(y));
-    let n = x.len() as f64;
-    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (a, b) in rx.iter().zip(&ry) {
-        sxy += (a - mx) * (b - my);
-        sxx += (a - mx) * (a - mx);
-        syy += (b - my) * (b - my);
-    }
-    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
-}
+pub use crate::report::metrics::spearman;
 
 /// Measures every site's options on the probe batches (see the module docs). Returns the table and
 /// the workspace that measures allocations later.

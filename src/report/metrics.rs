@@ -366,43 +366,44 @@ fn similarity_rank(reference: &[Vec<f32>], candidate: &[Vec<f32>]) -> f64 {
         }
         out
     };
-    spearman(&sims(reference), &sims(candidate))
+    let (r, c) = (sims(reference), sims(candidate));
+    // Constant similarities on both sides rank alike only when they are the same.
+    spearman(&r, &c).unwrap_or(if r == c { 1.0 } else { 0.0 })
 }
 
-/// Ranks with ties given their mean rank.
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-            j += 1;
+/// Spearman's rank correlation (average ranks on ties).
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    if x.len() < 3 || x.len() != y.len() {
+        return None;
+    }
+    let rank = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            let avg = (i + j) as f64 / 2.0;
+            for k in i..=j {
+                r[idx[k]] = avg;
+            }
+            i = j + 1;
         }
-        for &k in &idx[i..=j] {
-            r[k] = (i + j) as f64 / 2.0;
-        }
-        i = j + 1;
+        r
+    };
+    let (rx, ry) = (rank(x), rank(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in rx.iter().zip(&ry) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
     }
-    r
-}
-
-/// Spearman's rank correlation (Pearson on ranks); 1 when either side is constant and both are.
-pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
-    let (ra, rb) = (ranks(a), ranks(b));
-    let n = ra.len() as f64;
-    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (x, y) in ra.iter().zip(&rb) {
-        sab += (x - ma) * (y - mb);
-        saa += (x - ma) * (x - ma);
-        sbb += (y - mb) * (y - mb);
-    }
-    if saa == 0.0 || sbb == 0.0 {
-        return if saa == sbb { 1.0 } else { 0.0 };
-    }
-    sab / (saa * sbb).sqrt()
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
 }
 
 /// Index of the largest value; the first one on ties; NaN never wins.
@@ -607,6 +608,6 @@ mod tests {
         let m = acc.finish();
         assert_eq!(m.embedding_rows, Some(4));
         assert!(m.similarity_rank.unwrap() < 0.5, "{:?}", m.similarity_rank);
-        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 30.0, 20.0]) - 0.5).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 30.0, 20.0]).unwrap() - 0.5).abs() < 1e-12);
     }
 }

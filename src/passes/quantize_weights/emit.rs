@@ -351,35 +351,12 @@ impl Emit<'_> {
                 self.opset
             ));
         }
-        let (ch, m, pps) = (
-            e.channels as i64,
-            e.subspaces as i64,
-            e.pieces_per_subspace() as i64,
-        );
-        let mut bytes = 0u64;
-        let offsets = (e.subspaces > 1).then(|| {
-            let v: Vec<u8> = (0..e.subspaces)
-                .flat_map(|s| ((s * e.codebook_size) as i32).to_le_bytes())
-                .collect();
-            bytes += v.len() as u64;
-            self.constant("subspace_offsets", tensor(DataType::Int32, &[m, 1], v))
-        });
+        let ch = e.channels as i64;
+        let (offsets, mut bytes) = self.vq_offsets(e);
         let mut sum: Option<String> = None;
-        for (stage, (codes, book)) in e.codes.iter().zip(&e.codebooks).enumerate() {
-            let (dt, raw): (DataType, Vec<u8>) = if e.code_bytes() == 1 {
-                (DataType::Uint8, codes.iter().map(|&c| c as u8).collect())
-            } else {
-                (
-                    DataType::Uint16,
-                    codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
-                )
-            };
-            bytes += raw.len() as u64 + 4 * book.len() as u64;
-            let c = self.constant(&format!("codes{stage}"), tensor(dt, &[ch, m, pps], raw));
-            let book = self.constant(
-                &format!("codebook{stage}"),
-                f32_tensor(&[m * e.codebook_size as i64, e.dim as i64], book),
-            );
+        for stage in 0..e.codes.len() {
+            let (c, book, b) = self.vq_stage(e, stage);
+            bytes += b;
             let mut idx = self.cast(&c, DataType::Int32);
             if let Some(o) = &offsets {
                 idx = self.node("subspace", "Add", &[&idx, o], vec![]);
@@ -504,35 +481,12 @@ impl Emit<'_> {
                 self.opset
             ));
         }
-        let (ch, m, pps) = (
-            e.channels as i64,
-            e.subspaces as i64,
-            e.pieces_per_subspace() as i64,
-        );
-        let mut bytes = 0u64;
-        let offsets = (e.subspaces > 1).then(|| {
-            let v: Vec<u8> = (0..e.subspaces)
-                .flat_map(|s| ((s * e.codebook_size) as i32).to_le_bytes())
-                .collect();
-            bytes += v.len() as u64;
-            self.constant("subspace_offsets", tensor(DataType::Int32, &[m, 1], v))
-        });
+        let ch = e.channels as i64;
+        let (offsets, mut bytes) = self.vq_offsets(e);
         let mut stages = Vec::new();
-        for (stage, (codes, book)) in e.codes.iter().zip(&e.codebooks).enumerate() {
-            let (dt, raw): (DataType, Vec<u8>) = if e.code_bytes() == 1 {
-                (DataType::Uint8, codes.iter().map(|&c| c as u8).collect())
-            } else {
-                (
-                    DataType::Uint16,
-                    codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
-                )
-            };
-            bytes += raw.len() as u64 + 4 * book.len() as u64;
-            let c = self.constant(&format!("codes{stage}"), tensor(dt, &[ch, m, pps], raw));
-            let book = self.constant(
-                &format!("codebook{stage}"),
-                f32_tensor(&[m * e.codebook_size as i64, e.dim as i64], book),
-            );
+        for stage in 0..e.codes.len() {
+            let (c, book, b) = self.vq_stage(e, stage);
+            bytes += b;
             stages.push((c, book));
         }
         let scales = self.constant("scales", f32_tensor(&[ch, 1], &e.scales));
@@ -659,6 +613,47 @@ impl Emit<'_> {
             )
         };
         self.node("rows_reshape", "Reshape", &[&x, &shape], vec![])
+    }
+
+    /// The offsets of the product subspaces into the stacked codebooks (none for one subspace), and
+    /// their bytes.
+    fn vq_offsets(&mut self, e: &VqEncoded) -> (Option<String>, u64) {
+        if e.subspaces < 2 {
+            return (None, 0);
+        }
+        let v: Vec<u8> = (0..e.subspaces)
+            .flat_map(|s| ((s * e.codebook_size) as i32).to_le_bytes())
+            .collect();
+        let bytes = v.len() as u64;
+        let m = e.subspaces as i64;
+        let name = self.constant("subspace_offsets", tensor(DataType::Int32, &[m, 1], v));
+        (Some(name), bytes)
+    }
+
+    /// One stage's codes `[channels, subspaces, pieces]` (u8, or u16 beyond 256 entries) and
+    /// codebook, as constants, and their bytes.
+    fn vq_stage(&mut self, e: &VqEncoded, stage: usize) -> (String, String, u64) {
+        let (codes, book) = (&e.codes[stage], &e.codebooks[stage]);
+        let (ch, m, pps) = (
+            e.channels as i64,
+            e.subspaces as i64,
+            e.pieces_per_subspace() as i64,
+        );
+        let (dt, raw): (DataType, Vec<u8>) = if e.code_bytes() == 1 {
+            (DataType::Uint8, codes.iter().map(|&c| c as u8).collect())
+        } else {
+            (
+                DataType::Uint16,
+                codes.iter().flat_map(|c| c.to_le_bytes()).collect(),
+            )
+        };
+        let bytes = raw.len() as u64 + 4 * book.len() as u64;
+        let c = self.constant(&format!("codes{stage}"), tensor(dt, &[ch, m, pps], raw));
+        let book = self.constant(
+            &format!("codebook{stage}"),
+            f32_tensor(&[m * e.codebook_size as i64, e.dim as i64], book),
+        );
+        (c, book, bytes)
     }
 
     /// The `[rows, 1]` scales: a constant, or decoded from their 8-bit double quantization

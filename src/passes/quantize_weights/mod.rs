@@ -1033,6 +1033,19 @@ fn vq_report(
     out
 }
 
+/// The stored bytes of 8-bit codes: level index → int8 for symmetric (index − 128), the index itself
+/// for uint8 (asymmetric).
+fn stored_int8(enc: &Encoded) -> Vec<u8> {
+    if enc.zero_points.is_none() {
+        enc.codes
+            .iter()
+            .map(|&u| (u as i32 - 128) as i8 as u8)
+            .collect()
+    } else {
+        enc.codes.clone()
+    }
+}
+
 /// int8 per channel or per tensor as DequantizeLinear or Cast·Mul (see the module docs).
 fn int8_form(
     emit: &mut Emit,
@@ -1042,15 +1055,7 @@ fn int8_form(
     target: Target,
 ) -> std::result::Result<(String, u64, String), String> {
     let symmetric = enc.zero_points.is_none();
-    // Level index → stored code: int8 for symmetric (index − 128), the index itself for uint8.
-    let moved: Vec<u8> = if symmetric {
-        enc.codes
-            .iter()
-            .map(|&u| (u as i32 - 128) as i8 as u8)
-            .collect()
-    } else {
-        enc.codes.clone()
-    };
+    let moved = stored_int8(enc);
     let codes = from_rows(&moved, dims, axis);
     let shape: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
     let dt = if symmetric {
@@ -1131,14 +1136,7 @@ fn rows_form(
                 emit.opset
             ));
         }
-        let codes: Vec<u8> = if enc.zero_points.is_none() {
-            enc.codes
-                .iter()
-                .map(|&u| (u as i32 - 128) as i8 as u8)
-                .collect()
-        } else {
-            enc.codes.clone()
-        };
+        let codes = stored_int8(enc);
         let kind = if enc.channels > 1 {
             "per-row"
         } else {
