@@ -13,7 +13,7 @@ use quench::Model;
 use quench::exec::inputs::{self, InputOptions, Source};
 use quench::exec::{self, Prepared, RuntimeKind, SessionOptions, Tensor};
 use quench::onnx::SaveOptions;
-use quench::report::metrics::Accumulator;
+use quench::report::metrics::{Accumulator, OutputKind};
 use serde_json::Value;
 
 /// Largest |tract − ort| allowed, relative to max(1, max |output|): float kernels differ in summation
@@ -59,7 +59,7 @@ fn every_zoo_model_runs_in_tract_and_ort_and_they_agree() {
                 assert_eq!(x.shape(), y.shape(), "{name}: output {out}");
                 assert_eq!(x.data_type(), y.data_type(), "{name}: output {out}");
                 let mut acc = Accumulator::default();
-                acc.add(x, y, false).unwrap();
+                acc.add(x, y, OutputKind::Raw).unwrap();
                 let m = acc.finish();
                 let scale = x.to_f32().iter().fold(1f64, |s, v| s.max(v.abs() as f64));
                 assert_eq!(
@@ -423,7 +423,7 @@ fn embedded_runner_matches_the_tract_session() {
     let mut two = quench::embed::Runner::load_with_threads(&path, 2).unwrap();
     let c = two.run(batch.clone()).unwrap();
     let mut acc = Accumulator::default();
-    acc.add(&a[0].1, &c[0].1, true).unwrap();
+    acc.add(&a[0].1, &c[0].1, OutputKind::Classes).unwrap();
     assert_eq!(acc.finish().top1_agreement, Some(1.0));
     // Wrong input: a clear error, not a runtime panic.
     let wrong = vec![(
@@ -1121,7 +1121,7 @@ fn ort_exact_numerics_match_onnx_semantics_and_fast_is_reported_different() {
     let fast = run(RuntimeKind::Ort, exec::Numerics::Fast);
     let diff = |a: &Tensor, b: &Tensor| {
         let mut acc = Accumulator::default();
-        acc.add(a, b, false).unwrap();
+        acc.add(a, b, OutputKind::Raw).unwrap();
         acc.finish().max_abs
     };
     assert!(
