@@ -429,7 +429,11 @@ pub fn allocate(
     if !requests.is_empty() {
         let ca = calib_input_args(&args.input, &args.cal);
         let (rt, session) = calib_runtime(&args.cal, &args.rt);
-        let mut set = ca.open(reference, calib_spec.clone())?;
+        // Fitted on the batches `calib::gptq_split` keeps for fitting, as a replay of the written
+        // recipe fits them.
+        let set = ca.open(reference, calib_spec.clone())?;
+        let (fit, _) = quench::calib::gptq_split(set.len());
+        let mut set = set.subset(fit, "the batches GPTQ fits on");
         let hessians = quench::calib::hessians(reference, &requests, &mut set, rt, &session)
             .context("measuring the input Hessians for gptq failed")?;
         let mut fed = reference.clone();
