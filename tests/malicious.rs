@@ -436,3 +436,31 @@ fn an_input_whose_default_has_another_shape_is_refused() {
         .expect("refused");
     assert_contains(&format!("{err:#}"), &["input '0'", "[2, 3, 6, 6]", "[3]"]);
 }
+
+/// Found by the fuzzer (seed 8, case 54623): byte damage turned a Transpose's `perm` into `[1, 1]`,
+/// and tract's analysis asked for 8 GiB and more (the kernel's OOM killer ended a run at 23 GB). A
+/// `perm` that is not a permutation is refused before tract reads the model, naming the node.
+#[test]
+fn a_transpose_whose_perm_repeats_an_axis_is_refused() {
+    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
+    let mut t = node("Transpose", "t", &["x"], &["y"]);
+    t.attribute.push(AttributeProto {
+        name: "perm".into(),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: vec![1, 1],
+        ..Default::default()
+    });
+    let g = GraphProto {
+        name: Some("g".into()),
+        node: vec![t],
+        input: vec![quench::onnx::tensor::tensor_value_info("x", 1, &[2, 3])],
+        output: vec![common::value_info("y", 1)],
+        ..Default::default()
+    };
+    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
+    let prep = Prepared::from_model(&model, "m");
+    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
+        .err()
+        .expect("refused");
+    assert_contains(&format!("{err:#}"), &["'t' (Transpose)", "[1, 1]"]);
+}

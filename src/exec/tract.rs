@@ -131,6 +131,40 @@ fn defaults_fit(proto: &tract_onnx::pb::ModelProto) -> std::result::Result<(), S
     Ok(())
 }
 
+/// Every `Transpose`'s `perm` (in the graph and its subgraphs) must be a permutation of `0..n`, as
+/// ONNX requires: tract's analysis allocates without bound on one that is not (a byte-damaged `perm`
+/// made it ask for 8 GiB and more, found by fuzzing), so such a node is refused, named.
+fn perms_valid(g: &tract_onnx::pb::GraphProto) -> std::result::Result<(), String> {
+    for n in &g.node {
+        if n.op_type == "Transpose"
+            && let Some(a) = n.attribute.iter().find(|a| a.name == "perm")
+        {
+            let mut seen = vec![false; a.ints.len()];
+            let ok = a.ints.iter().all(|&p| {
+                usize::try_from(p)
+                    .ok()
+                    .filter(|&p| p < seen.len() && !seen[p])
+                    .map(|p| seen[p] = true)
+                    .is_some()
+            });
+            if !ok {
+                return Err(format!(
+                    "node '{}' (Transpose): perm {:?} is not a permutation of 0..{}",
+                    n.name,
+                    a.ints,
+                    a.ints.len()
+                ));
+            }
+        }
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                perms_valid(sub)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn onnx() -> tract_onnx::Onnx {
     tract_onnx::onnx().with_ignore_value_info(true)
 }
@@ -153,7 +187,9 @@ impl TractSession {
             tract_onnx::pb::ModelProto::decode(bytes::Bytes::from(bytes))
                 .map_err(|e| anyhow!("tract cannot read {}: {e:#}", model.label))?
         };
-        defaults_fit(&proto).map_err(|e| anyhow!("tract cannot load {}: {e}", model.label))?;
+        defaults_fit(&proto)
+            .and_then(|()| proto.graph.as_ref().map_or(Ok(()), perms_valid))
+            .map_err(|e| anyhow!("tract cannot load {}: {e}", model.label))?;
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
             // What the rewrite let go of (the codes it re-laid, its working copies) goes back before
