@@ -1167,11 +1167,14 @@ fn nsr(o: &SiteOption) -> f64 {
 pub struct Assignment(pub BTreeMap<String, Decision>);
 
 /// The scheme with error-compensating rounding where it takes it: scalar formats with scales per
-/// channel or block and no dead zone (see [`crate::quant::gptq`]).
+/// channel or block and no dead zone (see [`crate::quant::gptq`]), and vq without kept outliers
+/// ([`crate::quant::vq_feedback`]).
 pub fn with_gptq(mut s: WeightScheme) -> WeightScheme {
-    s.gptq = s.format != crate::quant::scheme::Format::Vq
-        && s.dead_zone.is_none()
-        && s.granularity != crate::quant::int::Granularity::PerTensor;
+    s.gptq = if s.format == crate::quant::scheme::Format::Vq {
+        s.outliers.is_none()
+    } else {
+        s.dead_zone.is_none() && s.granularity != crate::quant::int::Granularity::PerTensor
+    };
     s
 }
 

@@ -225,19 +225,7 @@ fn finished(h: &Hessian) -> std::borrow::Cow<'_, Hessian> {
 pub fn inverse_factor(h: &Hessian, order: &[usize], damp: f64) -> Result<(Vec<f32>, f64), String> {
     let h = &*finished(h);
     let k = h.k;
-    let diag = h.diagonal();
-    let live: Vec<bool> = diag.iter().map(|&d| d > 0.0 && d.is_finite()).collect();
-    let mean = {
-        let (s, c) = diag
-            .iter()
-            .zip(&live)
-            .filter(|(_, l)| **l)
-            .fold((0.0, 0usize), |(s, c), (d, _)| (s + d, c + 1));
-        if c == 0 {
-            return Err("calibration never reached this layer's inputs".into());
-        }
-        s / c as f64
-    };
+    let (live, mean) = live_mean(h)?;
     let mut lambda = damp.max(1e-6);
     while lambda <= 100.0 {
         // With J the reversal, chol(J H J) = L Lᵀ gives U = J L⁻¹ J: upper, and Uᵀ U = H⁻¹.
@@ -267,6 +255,40 @@ pub fn inverse_factor(h: &Hessian, order: &[usize], damp: f64) -> Result<(Vec<f3
         lambda *= 10.0;
     }
     Err("the calibration Hessian is not positive definite even with damping".into())
+}
+
+/// Which input channels calibration reached (a positive, finite diagonal), and their mean diagonal.
+fn live_mean(h: &Hessian) -> Result<(Vec<bool>, f64), String> {
+    let diag = h.diagonal();
+    let live: Vec<bool> = diag.iter().map(|&d| d > 0.0 && d.is_finite()).collect();
+    let (s, c) = diag
+        .iter()
+        .zip(&live)
+        .filter(|(_, l)| **l)
+        .fold((0.0, 0usize), |(s, c), (d, _)| (s + d, c + 1));
+    if c == 0 {
+        return Err("calibration never reached this layer's inputs".into());
+    }
+    Ok((live, s / c as f64))
+}
+
+/// `XᵀX / n + lambda · mean(diag) · I` as a full symmetric `k × k` matrix, channels calibration never
+/// reached keeping only the damping: the quadratic form of a layer's output error that
+/// [`inverse_factor`]'s damping stands for.
+pub fn damped(h: &Hessian, lambda: f64) -> Result<ndarray::Array2<f32>, String> {
+    let h = &*finished(h);
+    let (live, mean) = live_mean(h)?;
+    let k = h.k;
+    let mut a = ndarray::Array2::<f32>::zeros((k, k));
+    for i in 0..k {
+        for j in i..k {
+            let v = if live[i] && live[j] { h.at(i, j) } else { 0.0 };
+            let v = if i == j { v + lambda * mean } else { v };
+            a[[i, j]] = v as f32;
+            a[[j, i]] = v as f32;
+        }
+    }
+    Ok(a)
 }
 
 /// Below this size the factorisations run column by column; above, they split in halves and the

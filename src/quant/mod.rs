@@ -11,3 +11,4 @@ pub mod scheme;
 pub mod sparse;
 pub mod table;
 pub mod vq;
+pub mod vq_feedback;

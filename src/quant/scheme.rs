@@ -48,7 +48,8 @@ pub struct WeightScheme {
     /// Quantize the group scales to 8 bits in groups of [`DOUBLE_QUANT_GROUP`].
     pub double_quant: bool,
     /// Choose codes by error-compensating rounding against the calibration Hessian of the layer's
-    /// input ([`super::gptq`]) where calibration data reaches the weight; round to nearest otherwise.
+    /// input ([`super::gptq`]; for vq, [`super::vq_feedback`], which refits codebooks and scales
+    /// too) where calibration data reaches the weight; round to nearest otherwise.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gptq: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,10 +118,11 @@ impl WeightScheme {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.format == Format::Vq {
-            if self.dead_zone.is_some() || self.double_quant || self.gptq {
-                return Err(
-                    "dead_zone, double_quant and gptq apply to scalar formats, not vq".into(),
-                );
+            if self.dead_zone.is_some() || self.double_quant {
+                return Err("dead_zone and double_quant apply to scalar formats, not vq".into());
+            }
+            if self.gptq && self.outliers.is_some() {
+                return Err("gptq on vq does not take outliers: use one".into());
             }
             return match self.vq_scheme() {
                 Some(v) => v.validate(),
@@ -166,7 +168,7 @@ impl WeightScheme {
     /// A short human label, e.g. `int4 block 32 sym clip` or `nf4 block 64 dq`.
     pub fn label(&self) -> String {
         if let Some(v) = self.vq_scheme() {
-            return v.label();
+            return v.label() + if self.gptq { " gptq" } else { "" };
         }
         let mut s = match self.format {
             Format::Int => format!("int{}", self.bits),

@@ -564,13 +564,12 @@ fn vq_scheme(
         ("symmetric", spec.symmetric.is_some()),
         ("clip_search", spec.clip_search.is_some()),
         ("double_quant", spec.double_quant.is_some()),
-        ("gptq", spec.gptq.is_some()),
         ("dead_zone", spec.dead_zone.is_some()),
     ];
     if let Some((key, _)) = scalar_keys.iter().find(|(_, given)| *given) {
         return Err(format!(
             "{place}: `{key}` does not apply to format vq (its keys: dim, codebook_size, stages, \
-             subspaces, importance, iterations, seed, outliers)"
+             subspaces, importance, iterations, seed, outliers, gptq)"
         ));
     }
     let b = base.and_then(|b| b.vq).unwrap_or_default();
@@ -594,7 +593,12 @@ fn vq_scheme(
         seed: spec.seed.unwrap_or(b.seed),
         outliers,
     };
-    let s = WeightScheme::vq(v);
+    let s = WeightScheme {
+        gptq: spec
+            .gptq
+            .unwrap_or(base.is_some_and(|b| b.gptq) && outliers.is_none()),
+        ..WeightScheme::vq(v)
+    };
     s.validate().map_err(|e| format!("{place}: {e}"))?;
     Ok(s)
 }
@@ -1180,10 +1184,16 @@ mod tests {
         assert!(!gptq(
             "defaults: { bits: 8 }\nactivations: { mode: dynamic }\n"
         ));
-        // A scalar scheme takes it; VQ does not.
+        // Scalar schemes and VQ take it; VQ with kept outliers does not.
         let r = Recipe::parse("t", "defaults: { bits: 4, block: 32, gptq: true }\n").unwrap();
         assert!(r.defaults.gptq);
-        let e = Recipe::parse("t", "defaults: { format: vq, gptq: true }\n").unwrap_err();
+        let r = Recipe::parse("t", "defaults: { format: vq, gptq: true }\n").unwrap();
+        assert!(r.defaults.gptq && r.defaults.label().ends_with("gptq"));
+        let e = Recipe::parse(
+            "t",
+            "defaults: { format: vq, gptq: true, outliers: { top_fraction: 0.01 } }\n",
+        )
+        .unwrap_err();
         assert!(e.contains("gptq"), "{e}");
     }
 

@@ -259,7 +259,7 @@ pub fn hessian_requests(
         let Decision::Quantize(s) = policy.decide(&site_info(&site, role)) else {
             continue;
         };
-        if !s.gptq || s.format == Format::Vq || site.constant.in_subgraph() {
+        if !s.gptq || site.constant.in_subgraph() {
             continue;
         }
         let Some(ms) = importance::multiplicands(model, &site) else {
@@ -298,6 +298,9 @@ pub fn hessian_requests(
 
 /// Damping of the input Hessian, × its mean diagonal (GPTQ's default).
 pub const GPTQ_DAMP: f64 = 0.01;
+
+/// Rounds of assignment with feedback and refit for vq sites with `gptq`.
+pub const VQ_ROUNDS: usize = 3;
 
 /// [`quantize_weights`] with what calibration data gives: the per-channel energy that weights the
 /// clustering of VQ sites (see [`importance`]), and the input Hessians of `gptq` sites
@@ -841,7 +844,7 @@ fn quantize_site(
     if let Some(v) = vq {
         let readers = readers.as_deref().filter(|_| axis == Some(0));
         return vq_site(
-            &mut emit, v, &rows, &dims, axis, imp, cast_back, readers, notes, out,
+            &mut emit, v, &rows, &dims, axis, imp, hessian, cast_back, readers, notes, out,
         );
     }
     let mut attempt = scheme;
@@ -929,9 +932,10 @@ fn vq_site(
     dims: &[usize],
     axis: Option<usize>,
     imp: Option<Vec<f32>>,
+    hessian: Option<&crate::calib::Hessian>,
     cast_back: Option<DataType>,
     readers: Option<&[RowReader]>,
-    notes: Vec<String>,
+    mut notes: Vec<String>,
     mut out: SiteReport,
 ) -> Result<SiteReport> {
     if v.outliers.is_some() && emit.opset < 11 {
@@ -941,8 +945,23 @@ fn vq_site(
         ));
         return Ok(out);
     }
-    let enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
+    let mut enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
         .map_err(|e| Error::Model(format!("weight '{}': {e}", out.weight)))?;
+    let mut fed = false;
+    if let Some(h) = hessian {
+        match crate::quant::vq_feedback::refine(&mut enc, &rows.values, h, GPTQ_DAMP, VQ_ROUNDS)
+        {
+            Ok(r) => {
+                fed = r.nsr < r.plain_nsr;
+                notes.push(format!(
+                    "gptq: layer output SQNR {:.2} → {:.2} dB on the fitted data",
+                    -10.0 * r.plain_nsr.log10(),
+                    -10.0 * r.nsr.log10()
+                ));
+            }
+            Err(why) => notes.push(format!("gptq: {why}; plain clustering")),
+        }
+    }
     if enc.bytes() >= out.bytes_before {
         out.note = Some(format!(
             "{} would take {} bytes, not fewer than the {} of float",
@@ -962,7 +981,7 @@ fn vq_site(
             }
         };
         emit_row_readers(emit, &table, readers, cast_back);
-        return Ok(vq_report(out, v, &enc, rows, bytes, notes, true));
+        return Ok(vq_report(out, v, fed, &enc, rows, bytes, notes, true));
     }
     let (mut x, mut bytes) = match emit.vq_lookup(&enc, &rows.moved_dims, rows.perm.as_deref()) {
         Ok(done) => done,
@@ -984,13 +1003,15 @@ fn vq_site(
         x = emit.cast(&x, d);
     }
     emit.patch.replace_all_uses(&out.weight, &x);
-    Ok(vq_report(out, v, &enc, rows, bytes, notes, false))
+    Ok(vq_report(out, v, fed, &enc, rows, bytes, notes, false))
 }
 
 /// The report of a vector-quantized site.
+#[allow(clippy::too_many_arguments)]
 fn vq_report(
     mut out: SiteReport,
     v: VqScheme,
+    fed: bool,
     enc: &vq::VqEncoded,
     rows: &Rows,
     bytes: u64,
@@ -1015,8 +1036,12 @@ fn vq_report(
     if !enc.outliers.is_empty() {
         form += &format!(" + ScatterND({} outliers)", enc.outliers.len());
     }
-    out.scheme = Some(WeightScheme::vq(v));
-    out.label = Some(v.label());
+    let scheme = WeightScheme {
+        gptq: fed,
+        ..WeightScheme::vq(v)
+    };
+    out.scheme = Some(scheme);
+    out.label = Some(scheme.label());
     out.form = Some(form);
     out.bytes_after = bytes;
     out.weight_sqnr_db = enc.sqnr_db;
