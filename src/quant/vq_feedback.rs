@@ -377,7 +377,10 @@ fn refit(e: &mut VqEncoded, wh: &Array2<f32>, h: &Array2<f32>) {
         let uhr = &uh.as_slice().expect("standard layout")[r * k..(r + 1) * k];
         let yr = &y[r * k..(r + 1) * k];
         let (num, den) = (
-            dot(yr, &wh.as_slice().expect("standard layout")[r * k..(r + 1) * k]),
+            dot(
+                yr,
+                &wh.as_slice().expect("standard layout")[r * k..(r + 1) * k],
+            ),
             dot(uhr, yr),
         );
         let s = num / den;
@@ -447,7 +450,11 @@ mod tests {
         let w: Vec<f32> = gaussian(ch * k, 13)
             .chunks(k)
             .enumerate()
-            .flat_map(|(r, row)| row.iter().map(move |v| v * (1.0 + (r % 3) as f32)).collect::<Vec<_>>())
+            .flat_map(|(r, row)| {
+                row.iter()
+                    .map(move |v| v * (1.0 + (r % 3) as f32))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         (x, h, w)
     }
@@ -512,8 +519,16 @@ mod tests {
             h
         };
         let before = e.clone();
-        assert!(refine(&mut e, &w, &few, 0.01, 2).unwrap_err().contains("too few"));
-        assert!(refine(&mut e, &w[..k], &h, 0.01, 2).unwrap_err().contains("values"));
+        assert!(
+            refine(&mut e, &w, &few, 0.01, 2)
+                .unwrap_err()
+                .contains("too few")
+        );
+        assert!(
+            refine(&mut e, &w[..k], &h, 0.01, 2)
+                .unwrap_err()
+                .contains("values")
+        );
         assert_eq!(e, before);
     }
 }

@@ -55,6 +55,16 @@ pub fn zoo_model(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// A file the zoo fetches beside its models (a tokenizer, …).
+pub fn zoo_file(name: &str) -> Option<PathBuf> {
+    let p = zoo().file_path(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        missing(&format!("zoo file '{name}' ({})", p.display()))
+    }
+}
+
 /// The folders of the onnx backend test data suite.
 pub fn backend_models() -> Option<Vec<(String, PathBuf, Vec<PathBuf>)>> {
     let dir = zoo().suite_dir("onnx-backend");
