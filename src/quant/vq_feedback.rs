@@ -82,7 +82,7 @@ pub fn refine(
     let wm = ArrayView2::from_shape((channels, k), w).map_err(|e| e.to_string())?;
     let wh = times_h(wm, &hd);
     let signal: f64 = dot(w, wh.as_slice().expect("standard layout"));
-    if !(signal > 0.0) {
+    if signal.is_nan() || signal <= 0.0 {
         return Err("the weight has no output on the calibration data".into());
     }
     let objective = |e: &VqEncoded| -> f64 {
@@ -342,13 +342,13 @@ fn refit(e: &mut VqEncoded, wh: &Array2<f32>, h: &Array2<f32>) {
     let mut rr: f64 = r.iter().map(|v| v * v).sum();
     let bb: f64 = b.iter().map(|v| v * v).sum();
     for _ in 0..CG_STEPS {
-        if !(rr > 1e-12 * bb) {
+        if rr.is_nan() || rr <= 1e-12 * bb {
             break;
         }
         let pf: Vec<f32> = p.iter().map(|&v| v as f32).collect();
         let ap = apply(&pf);
         let pap: f64 = p.iter().zip(&ap).map(|(a, b)| a * b).sum();
-        if !(pap > 0.0) {
+        if pap.is_nan() || pap <= 0.0 {
             break;
         }
         let alpha = rr / pap;
