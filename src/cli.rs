@@ -1061,6 +1061,8 @@ fn shield_cli(
             cosine: r.cosine,
             top1: r.top1,
             top1_rows: r.top1_rows,
+            similarity: r.similarity,
+            sequence: r.sequence,
         })
     };
     let mut build = |policy: &dyn quench::passes::quantize_weights::WeightPolicy| {

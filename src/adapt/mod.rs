@@ -52,6 +52,12 @@ pub struct Score {
     /// Rows the (lowest) top-1 agreement was counted over.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub top1_rows: Option<u64>,
+    /// The lowest similarity-ranking agreement of embedding outputs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub similarity: Option<f64>,
+    /// The lowest share of sequences decoded alike, of per-step score outputs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sequence: Option<f64>,
 }
 
 impl Score {
@@ -60,18 +66,23 @@ impl Score {
         cosine: 1.0,
         top1: None,
         top1_rows: None,
+        similarity: None,
+        sequence: None,
     };
 
     pub fn sqnr_db(&self) -> f64 {
         nsr_db(self.nsr)
     }
 
-    /// The figure a metric reads (top-1 is 1 where no output looks like class scores).
+    /// The figure a metric reads (top-1, similarity and sequence agreement are 1 where no output is
+    /// read that way).
     pub fn value(&self, m: Metric) -> f64 {
         match m {
             Metric::Cosine => self.cosine,
             Metric::Sqnr => self.sqnr_db(),
             Metric::Top1 => self.top1.unwrap_or(1.0),
+            Metric::Similarity => self.similarity.unwrap_or(1.0),
+            Metric::Sequence => self.sequence.unwrap_or(1.0),
         }
     }
 }
@@ -91,15 +102,24 @@ pub fn predict(m: Metric, nsr: f64) -> Option<f64> {
     match m {
         Metric::Cosine => Some(1.0 / (1.0 + nsr).sqrt()),
         Metric::Sqnr => Some(nsr_db(nsr)),
-        Metric::Top1 => None,
+        Metric::Top1 | Metric::Similarity | Metric::Sequence => None,
     }
 }
 
-/// Scores outputs against reference outputs, batch by batch.
+/// How each output of `model` is read ([`crate::report::compare::output_kind`]).
+pub fn output_kinds(model: &Model, outputs: &[String]) -> BTreeMap<String, OutputKind> {
+    outputs
+        .iter()
+        .map(|o| (o.clone(), crate::report::compare::output_kind(model, o)))
+        .collect()
+}
+
+/// Scores outputs against reference outputs, batch by batch, each read as `kinds` says (raw when
+/// not listed).
 pub fn score(
     reference: &[Vec<Named>],
     outputs: &[Vec<Named>],
-    classes: &HashSet<String>,
+    kinds: &BTreeMap<String, OutputKind>,
 ) -> Result<Score> {
     let mut accs: BTreeMap<&str, Accumulator> = BTreeMap::new();
     for (r, c) in reference.iter().zip(outputs) {
@@ -107,15 +127,7 @@ pub fn score(
             if rt.is_float() {
                 accs.entry(name.as_str())
                     .or_default()
-                    .add(
-                        rt,
-                        ct,
-                        if classes.contains(name) {
-                            OutputKind::Classes
-                        } else {
-                            OutputKind::Raw
-                        },
-                    )
+                    .add(rt, ct, kinds.get(name).copied().unwrap_or_default())
                     .with_context(|| format!("output '{name}'"))?;
             }
         }
@@ -136,6 +148,12 @@ pub fn score(
             s.top1 = Some(t);
             s.top1_rows = m.top1_rows;
         }
+        if let Some(r) = m.similarity_rank {
+            s.similarity = Some(s.similarity.map_or(r, |x| x.min(r)));
+        }
+        if let Some(q) = m.sequence_agreement {
+            s.sequence = Some(s.sequence.map_or(q, |x| x.min(q)));
+        }
     }
     Ok(s)
 }
@@ -146,7 +164,7 @@ pub struct Probe {
     session: Box<dyn Session>,
     batches: Vec<Vec<Named>>,
     reference: Vec<Vec<Named>>,
-    classes: HashSet<String>,
+    kinds: BTreeMap<String, OutputKind>,
     /// The lifted weights, with their original values (fed when not replaced).
     weights: Vec<(String, Tensor)>,
     position: HashMap<String, usize>,
@@ -177,17 +195,12 @@ impl Probe {
             .enumerate()
             .map(|(i, (n, _))| (n.clone(), i))
             .collect();
-        let classes = prepared
-            .outputs
-            .iter()
-            .filter(|o| crate::report::compare::looks_like_scores(model, o))
-            .cloned()
-            .collect();
+        let kinds = output_kinds(model, &prepared.outputs);
         let mut p = Probe {
             session,
             batches,
             reference: Vec::new(),
-            classes,
+            kinds,
             weights: tensors,
             position,
             runs: 0,
@@ -243,7 +256,7 @@ impl Probe {
             .enumerate()
             .map(|(b, batch)| s.run(batch).with_context(|| format!("batch {b}")))
             .collect::<Result<Vec<_>>>()?;
-        score(&self.reference, &outputs, &self.classes)
+        score(&self.reference, &outputs, &self.kinds)
     }
 
     /// Scores the model with the given weights replaced by decoded values (weight layout).
@@ -254,7 +267,7 @@ impl Probe {
             }
         }
         let outputs = self.run(replace)?;
-        score(&self.reference, &outputs, &self.classes)
+        score(&self.reference, &outputs, &self.kinds)
     }
 }
 
@@ -652,7 +665,7 @@ pub fn sensitivity<'m>(
     let start = std::time::Instant::now();
     let (sites, mut tables, decisions) = site_options(model, opts.recipe, opts.menu);
     let mut key = Sha256::new();
-    key.update(b"quench sensitivity 1\0");
+    key.update(b"quench sensitivity 2\0");
     key.update(env!("CARGO_PKG_VERSION").as_bytes());
     key.update(&opts.model_key);
     key.update(opts.runtime.name().as_bytes());
@@ -1220,6 +1233,8 @@ pub fn metric_name(m: Metric) -> &'static str {
         Metric::Cosine => "cosine",
         Metric::Sqnr => "SQNR (dB)",
         Metric::Top1 => "top-1",
+        Metric::Similarity => "similarity ranking",
+        Metric::Sequence => "sequences alike",
     }
 }
 
@@ -1251,9 +1266,7 @@ mod tests {
             weighted: false,
             measured: Some(Score {
                 nsr,
-                cosine: 1.0,
-                top1: None,
-                top1_rows: None,
+                ..Score::EXACT
             }),
             note: None,
         }

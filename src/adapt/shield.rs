@@ -97,6 +97,16 @@ pub fn misses(f: &Floors, s: &Score) -> Vec<String> {
     {
         out.push(format!("top-1 {v:.4} < {t}"));
     }
+    if let (Some(t), Some(v)) = (f.similarity, s.similarity)
+        && v < t
+    {
+        out.push(format!("similarity ranking {v:.4} < {t}"));
+    }
+    if let (Some(t), Some(v)) = (f.sequence, s.sequence)
+        && v < t
+    {
+        out.push(format!("sequences alike {v:.4} < {t}"));
+    }
     out
 }
 
@@ -105,6 +115,9 @@ fn no_worse(f: &Floors, before: &Score, after: &Score) -> bool {
     (f.cosine.is_none() || after.cosine >= before.cosine)
         && (f.sqnr_db.is_none() || after.nsr <= before.nsr)
         && (f.top1.is_none() || after.top1.unwrap_or(1.0) >= before.top1.unwrap_or(1.0))
+        && (f.similarity.is_none()
+            || after.similarity.unwrap_or(1.0) >= before.similarity.unwrap_or(1.0))
+        && (f.sequence.is_none() || after.sequence.unwrap_or(1.0) >= before.sequence.unwrap_or(1.0))
 }
 
 /// Builds the model a policy gives, with its report.

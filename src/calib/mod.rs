@@ -372,11 +372,15 @@ pub struct Retention {
     pub top1_rows: Option<u64>,
     /// The worst output's noise-to-signal ratio Σ(r−c)²/Σr².
     pub nsr: f64,
+    /// The lowest similarity-ranking agreement of embedding outputs.
+    pub similarity: Option<f64>,
+    /// The lowest share of sequences decoded alike.
+    pub sequence: Option<f64>,
 }
 
 /// The float model's outputs on a few calibration batches, kept to score candidates against.
 pub struct OutputCheck {
-    scores: std::collections::HashSet<String>,
+    kinds: BTreeMap<String, crate::report::metrics::OutputKind>,
     batches: Vec<Vec<exec::Named>>,
     reference: Vec<Vec<exec::Named>>,
     runtime: RuntimeKind,
@@ -406,13 +410,12 @@ impl OutputCheck {
             .map(|b| s.run(b))
             .collect::<Result<Vec<_>>>()
             .context("reference outputs on the calibration data")?;
-        let scores = exec::Prepared::from_model(reference, "")
-            .outputs
-            .into_iter()
-            .filter(|o| crate::report::compare::looks_like_scores(reference, o))
-            .collect();
+        let kinds = crate::adapt::output_kinds(
+            reference,
+            &exec::Prepared::from_model(reference, "").outputs,
+        );
         Ok(OutputCheck {
-            scores,
+            kinds,
             batches,
             reference: outputs,
             runtime,
@@ -432,12 +435,14 @@ impl OutputCheck {
             .iter()
             .map(|b| s.run(b))
             .collect::<Result<Vec<_>>>()?;
-        let sc = crate::adapt::score(&self.reference[..n], &outputs, &self.scores)?;
+        let sc = crate::adapt::score(&self.reference[..n], &outputs, &self.kinds)?;
         Ok(Retention {
             cosine: sc.cosine,
             top1: sc.top1,
             top1_rows: sc.top1_rows,
             nsr: sc.nsr,
+            similarity: sc.similarity,
+            sequence: sc.sequence,
         })
     }
 }

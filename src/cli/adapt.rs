@@ -26,7 +26,8 @@ pub struct GoalArgs {
     /// (over all weight sites; float counts 32).
     #[arg(long, value_name = "B")]
     bits_per_weight: Option<f64>,
-    /// The retention figure: cosine, sqnr (dB) or top1 (the lowest over the outputs).
+    /// The retention figure: cosine, sqnr (dB), top1, similarity (ranking of embedding rows) or
+    /// sequence (sequences decoded alike); the lowest over the outputs.
     #[arg(long)]
     metric: Option<Metric>,
     /// Data the allocation is measured on (default: the calibration data, said in a note).

@@ -211,6 +211,20 @@ impl VqEncoded {
     }
 }
 
+/// Codes used at least once, and the entropy of their distribution in bits, from per-code counts.
+pub(crate) fn usage_figures(usage: &[u64]) -> (usize, f64) {
+    let n: u64 = usage.iter().sum();
+    let entropy = usage
+        .iter()
+        .filter(|&&u| u > 0)
+        .map(|&u| {
+            let q = u as f64 / n as f64;
+            -q * q.log2()
+        })
+        .sum();
+    (usage.iter().filter(|&&u| u > 0).count(), entropy)
+}
+
 /// Encodes a row-major `[channels, k]` matrix. `importance`, when given, has one non-negative
 /// value per column (the energy of the input channel each column multiplies).
 pub fn encode(
@@ -340,20 +354,11 @@ pub fn encode(
                     pts[i * d + j] -= c[j];
                 }
             }
-            let usage = km.usage();
-            let n: u64 = usage.iter().sum();
-            let entropy_bits = usage
-                .iter()
-                .filter(|&&u| u > 0)
-                .map(|&u| {
-                    let q = u as f64 / n as f64;
-                    -q * q.log2()
-                })
-                .sum();
+            let (active, entropy_bits) = usage_figures(&km.usage());
             stats.push(CodebookStats {
                 stage,
                 subspace: s,
-                active: usage.iter().filter(|&&u| u > 0).count(),
+                active,
                 entropy_bits,
                 revived: km.revived,
                 iterations: km.iterations,

@@ -400,16 +400,7 @@ fn recount(e: &mut VqEncoded) {
                 usage[c as usize] += 1;
             }
         }
-        let n: u64 = usage.iter().sum();
-        st.active = usage.iter().filter(|&&u| u > 0).count();
-        st.entropy_bits = usage
-            .iter()
-            .filter(|&&u| u > 0)
-            .map(|&u| {
-                let q = u as f64 / n as f64;
-                -q * q.log2()
-            })
-            .sum();
+        (st.active, st.entropy_bits) = super::vq::usage_figures(&usage);
     }
 }
 

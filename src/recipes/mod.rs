@@ -160,6 +160,12 @@ pub struct Floors {
     pub sqnr_db: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1: Option<f64>,
+    /// The lowest similarity-ranking agreement of embedding outputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub similarity: Option<f64>,
+    /// The lowest share of sequences decoded alike.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<f64>,
 }
 
 /// The `allocate:` section: per-site schemes chosen from a menu by measured sensitivity, to a
@@ -167,7 +173,7 @@ pub struct Floors {
 #[derive(Debug, Deserialize, Clone, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AllocateSpec {
-    /// cosine, sqnr (dB) or top1.
+    /// cosine, sqnr (dB), top1, similarity or sequence.
     pub metric: Option<String>,
     pub target_retention: Option<f64>,
     pub bits_per_weight: Option<f64>,
@@ -265,6 +271,10 @@ pub enum Metric {
     Sqnr,
     /// The lowest top-1 agreement of outputs that look like class scores.
     Top1,
+    /// The lowest similarity-ranking agreement of embedding outputs (Spearman over row pairs).
+    Similarity,
+    /// The lowest share of sequences decoded alike (CTC greedy) of per-step score outputs.
+    Sequence,
 }
 
 impl std::str::FromStr for Metric {
@@ -274,7 +284,11 @@ impl std::str::FromStr for Metric {
             "cosine" => Ok(Metric::Cosine),
             "sqnr" => Ok(Metric::Sqnr),
             "top1" => Ok(Metric::Top1),
-            o => Err(format!("metric '{o}' is not one of cosine, sqnr, top1")),
+            "similarity" => Ok(Metric::Similarity),
+            "sequence" => Ok(Metric::Sequence),
+            o => Err(format!(
+                "metric '{o}' is not one of cosine, sqnr, top1, similarity, sequence"
+            )),
         }
     }
 }
@@ -889,6 +903,8 @@ impl Recipe {
                 _ => Ok(()),
             };
             unit(f.cosine, "cosine")?;
+            unit(f.similarity, "similarity")?;
+            unit(f.sequence, "sequence")?;
             unit(f.top1, "top1")?;
             if f.sqnr_db.is_some_and(|d| !d.is_finite()) {
                 return Err(format!(
@@ -1191,10 +1207,38 @@ mod tests {
         assert!(r.defaults.gptq && r.defaults.label().ends_with("gptq"));
         let e = Recipe::parse(
             "t",
-            "defaults: { format: vq, gptq: true, outliers: { top_fraction: 0.01 } }\n",
+            "defaults: { format: vq, gptq: true, outliers: { fraction: 0.01 } }\n",
         )
         .unwrap_err();
         assert!(e.contains("gptq"), "{e}");
+    }
+
+    #[test]
+    fn floors_read_every_figure_and_refuse_what_cannot_be() {
+        let r = Recipe::parse(
+            "t",
+            "defaults: { bits: 8 }\nfloors: { cosine: 0.99, sqnr_db: 20, top1: 0.98, similarity: 0.985, sequence: 0.9 }\n",
+        )
+        .unwrap();
+        let f = r.floors.unwrap();
+        assert_eq!(
+            (f.similarity, f.sequence, f.top1),
+            (Some(0.985), Some(0.9), Some(0.98))
+        );
+        for (bad, word) in [
+            ("similarity: 1.5", "similarity 1.5"),
+            ("sequence: 0", "sequence 0"),
+            ("recall: 0.9", "recall"),
+        ] {
+            let e = Recipe::parse(
+                "t",
+                &format!("defaults: {{ bits: 8 }}\nfloors: {{ {bad} }}\n"),
+            )
+            .unwrap_err();
+            assert!(e.contains(word), "{e}");
+        }
+        assert_eq!("similarity".parse::<Metric>(), Ok(Metric::Similarity));
+        assert!("recall".parse::<Metric>().unwrap_err().contains("sequence"));
     }
 
     #[test]

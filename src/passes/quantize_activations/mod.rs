@@ -2140,6 +2140,8 @@ mod tests {
             top1: Some(top1),
             top1_rows: rows,
             nsr: 0.0,
+            similarity: None,
+            sequence: None,
         };
         // One flip in 256 (P = 0.40) passes, two (P = 0.09) do not; without a count, the figure
         // is held to the floor as it is.
@@ -2162,6 +2164,8 @@ mod tests {
             top1,
             top1_rows: None,
             nsr: 0.0,
+            similarity: None,
+            sequence: None,
         };
         // Both missed: each allowance is counted from the all-float figures.
         let f = floors.on_top_of(&r(0.99, Some(0.98)));
