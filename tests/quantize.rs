@@ -770,25 +770,11 @@ fn shielding_promotes_the_sites_that_miss_the_floors() {
 /// on those sentences, where the unshielded one does not.
 #[test]
 fn a_similarity_floor_is_held_by_shielding() {
-    let (Some(_), Some(tok)) = (
-        zoo_model("minilm-l3"),
-        zoo_file("bert-uncased-tokenizer.json"),
-    ) else {
+    let Some(tok) = minilm_tokenizer() else {
         return;
     };
-    if !ort_ready() {
-        return;
-    }
     let dir = tempdir();
-    let text = std::fs::read_to_string(repo().join("tests/data/sentences.txt")).unwrap();
-    let sentences = dir.path().join("sentences.txt");
-    let second: String = text
-        .lines()
-        .skip(1)
-        .step_by(2)
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&sentences, second).unwrap();
+    let (_, sentences) = sentence_halves(dir.path());
     let builtin = quench::recipes::BUILTIN
         .iter()
         .find(|(n, _)| *n == "w4")

@@ -390,6 +390,29 @@ pub struct Rounded {
     pub damping: f64,
 }
 
+/// Whether error feedback can run on a `[channels, k]` matrix of `len` values with `h`: the
+/// Hessian's size is `k`, and calibration gave at least `k` input rows (fewer leave `XᵀX` singular:
+/// the rounding would fit the calibration rows' span and push the error into directions other data
+/// has).
+pub(crate) fn fits(len: usize, channels: usize, k: usize, h: &Hessian) -> Result<(), String> {
+    if h.k != k {
+        return Err(format!(
+            "the calibration Hessian is {}×{}, the weight's rows have {k} columns",
+            h.k, h.k
+        ));
+    }
+    if len != channels * k {
+        return Err(format!("{len} values for a [{channels}, {k}] matrix"));
+    }
+    if h.rows < k as u64 {
+        return Err(format!(
+            "calibration gave {} input rows for {k} input channels, too few for error feedback",
+            h.rows
+        ));
+    }
+    Ok(())
+}
+
 /// Rounds a `[channels, k]` matrix column by column with error feedback (see the module docs).
 /// `round(flat index, value)` gives the code the caller's scheme assigns to `value` at that place and
 /// the value the code decodes to.
@@ -401,23 +424,7 @@ pub fn round_with_feedback(
     damp: f64,
     round: impl Fn(usize, f32) -> (i32, f32) + Sync,
 ) -> Result<Rounded, String> {
-    if h.k != k {
-        return Err(format!(
-            "the calibration Hessian is {}×{}, the weight's rows have {k} columns",
-            h.k, h.k
-        ));
-    }
-    if w.len() != channels * k {
-        return Err(format!("{} values for a [{channels}, {k}] matrix", w.len()));
-    }
-    // Fewer rows than channels leave XᵀX singular: the rounding would fit the calibration rows'
-    // span and push the error into directions other data has.
-    if h.rows < k as u64 {
-        return Err(format!(
-            "calibration gave {} input rows for {k} input channels, too few for error feedback",
-            h.rows
-        ));
-    }
+    fits(w.len(), channels, k, h)?;
     let h = &*finished(h);
     // Largest diagonal first; ties by index, so the order is deterministic.
     let diag = h.diagonal();

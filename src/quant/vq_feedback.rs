@@ -58,23 +58,9 @@ pub fn refine(
     rounds: usize,
 ) -> Result<Refined, String> {
     let (channels, k) = (e.channels, e.k);
-    if h.k != k {
-        return Err(format!(
-            "the calibration Hessian is {}×{}, the weight's rows have {k} columns",
-            h.k, h.k
-        ));
-    }
-    if w.len() != channels * k {
-        return Err(format!("{} values for a [{channels}, {k}] matrix", w.len()));
-    }
+    gptq::fits(w.len(), channels, k, h)?;
     if !e.outliers.is_empty() {
         return Err("error feedback does not take kept outliers".into());
-    }
-    if h.rows < k as u64 {
-        return Err(format!(
-            "calibration gave {} input rows for {k} input channels, too few for error feedback",
-            h.rows
-        ));
     }
     let natural: Vec<usize> = (0..k).collect();
     let (u, damping) = gptq::inverse_factor(h, &natural, damp)?;

@@ -65,6 +65,36 @@ pub fn zoo_file(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// The sentence encoder's tokenizer, when the encoder, its tokenizer and onnxruntime are all there
+/// (None, after reporting what is missing, otherwise).
+pub fn minilm_tokenizer() -> Option<PathBuf> {
+    let (Some(_), Some(tok)) = (
+        zoo_model("minilm-l3"),
+        zoo_file("bert-uncased-tokenizer.json"),
+    ) else {
+        return None;
+    };
+    ort_ready().then_some(tok)
+}
+
+/// The project's sentences (tests/data) as two text files under `dir`: the first sentence of each
+/// paraphrase pair, and the second.
+pub fn sentence_halves(dir: &Path) -> (PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(repo().join("tests/data/sentences.txt")).unwrap();
+    let half = |odd: usize, name: &str| {
+        let p = dir.join(name);
+        let lines: String = text
+            .lines()
+            .skip(odd)
+            .step_by(2)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&p, lines).unwrap();
+        p
+    };
+    (half(0, "first.txt"), half(1, "second.txt"))
+}
+
 /// The folders of the onnx backend test data suite.
 pub fn backend_models() -> Option<Vec<(String, PathBuf, Vec<PathBuf>)>> {
     let dir = zoo().suite_dir("onnx-backend");
