@@ -391,10 +391,17 @@ pub struct Rounded {
 }
 
 /// Whether error feedback can run on a `[channels, k]` matrix of `len` values with `h`: the
-/// Hessian's size is `k`, and calibration gave at least `k` input rows (fewer leave `XᵀX` singular:
-/// the rounding would fit the calibration rows' span and push the error into directions other data
-/// has).
-pub(crate) fn fits(len: usize, channels: usize, k: usize, h: &Hessian) -> Result<(), String> {
+/// Hessian's size is `k`, and calibration gave at least `min_rows` input rows. Scalar GPTQ asks for
+/// `k`: fewer leave `XᵀX` singular, and the rounding would fit the calibration rows' span and push
+/// the error into directions other data has. Vector feedback takes fewer with more damping
+/// ([`super::vq_feedback`]).
+pub(crate) fn fits(
+    len: usize,
+    channels: usize,
+    k: usize,
+    h: &Hessian,
+    min_rows: u64,
+) -> Result<(), String> {
     if h.k != k {
         return Err(format!(
             "the calibration Hessian is {}×{}, the weight's rows have {k} columns",
@@ -404,9 +411,10 @@ pub(crate) fn fits(len: usize, channels: usize, k: usize, h: &Hessian) -> Result
     if len != channels * k {
         return Err(format!("{len} values for a [{channels}, {k}] matrix"));
     }
-    if h.rows < k as u64 {
+    if h.rows < min_rows {
         return Err(format!(
-            "calibration gave {} input rows for {k} input channels, too few for error feedback",
+            "calibration gave {} input rows for {k} input channels, too few for error feedback \
+             (it needs {min_rows})",
             h.rows
         ));
     }
@@ -424,7 +432,7 @@ pub fn round_with_feedback(
     damp: f64,
     round: impl Fn(usize, f32) -> (i32, f32) + Sync,
 ) -> Result<Rounded, String> {
-    fits(w.len(), channels, k, h)?;
+    fits(w.len(), channels, k, h, k as u64)?;
     let h = &*finished(h);
     // Largest diagonal first; ties by index, so the order is deterministic.
     let diag = h.diagonal();
