@@ -464,3 +464,51 @@ fn a_transpose_whose_perm_repeats_an_axis_is_refused() {
         .expect("refused");
     assert_contains(&format!("{err:#}"), &["'t' (Transpose)", "[1, 1]"]);
 }
+
+/// Found by the fuzzer (seed 7, case 523672): an input with a zero-length axis crashed the process
+/// (SIGSEGV) inside onnxruntime's InstanceNormalization, which reads behind the data pointer of an
+/// empty tensor; the pointer of an empty Rust buffer dangles. Empty tensors are legitimate (an empty
+/// cache, an empty batch): the run must succeed, with an empty output, in both runtimes.
+#[test]
+fn an_empty_input_runs_in_both_runtimes() {
+    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions, Tensor};
+    if !common::ort_ready() {
+        return;
+    }
+    let f32s = |name: &str, v: &[f32]| {
+        common::raw_tensor(
+            name,
+            1,
+            &[v.len() as i64],
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    };
+    let g = GraphProto {
+        name: Some("g".into()),
+        node: vec![node(
+            "InstanceNormalization",
+            "in",
+            &["x", "s", "b"],
+            &["y"],
+        )],
+        initializer: vec![f32s("s", &[1.0; 10]), f32s("b", &[0.5; 10])],
+        input: vec![quench::onnx::tensor::tensor_value_info(
+            "x",
+            1,
+            &[2, 10, 32, 0],
+        )],
+        output: vec![common::value_info("y", 1)],
+        ..Default::default()
+    };
+    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
+    let prep = Prepared::from_model(&model, "m");
+    let x = Tensor::F32(ndarray::ArrayD::zeros(vec![2, 10, 32, 0]));
+    for rt in [RuntimeKind::Ort, RuntimeKind::Tract] {
+        let mut s = exec::open(&prep, rt, &SessionOptions::default()).unwrap();
+        for _ in 0..3 {
+            let out = s.run(&[("x".to_string(), x.clone())]).unwrap();
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].1.shape(), &[2, 10, 32, 0], "{rt:?}");
+        }
+    }
+}

@@ -273,12 +273,25 @@ impl Session for OrtSession {
     }
 }
 
+/// Spare elements behind the data pointer of a tensor with no elements (see [`to_ort`]).
+const EMPTY_SPARE: usize = 64;
+
 fn to_ort(t: &Tensor) -> Result<DynValue> {
+    // A tensor with no elements still hands onnxruntime a pointer, and some of its kernels read
+    // behind it (InstanceNormalization over a zero-length axis, 1.31.1): the dangling pointer of an
+    // empty Rust buffer crashes the process there. Such a tensor gets a real allocation instead.
     macro_rules! val {
         ($a:expr) => {
-            ort::value::Tensor::from_array($a.clone())
-                .map(|v| v.into_dyn())
-                .map_err(|e| anyhow!("{e}"))
+            if $a.is_empty() {
+                let shape: Vec<i64> = $a.shape().iter().map(|&d| d as i64).collect();
+                let mut spare = vec![Default::default(); EMPTY_SPARE];
+                spare.clear();
+                ort::value::Tensor::from_array((shape, spare))
+            } else {
+                ort::value::Tensor::from_array($a.clone())
+            }
+            .map(|v| v.into_dyn())
+            .map_err(|e| anyhow!("{e}"))
         };
     }
     crate::exec::tensor::each_tensor!(t, a => val!(a))
