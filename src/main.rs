@@ -40,7 +40,7 @@ enum Command {
     Convert {
         input: PathBuf,
         output: PathBuf,
-        /// Move initializers to `<output>.data`.
+        /// Move initializers to `<output>.<tag>.data` (the tag: 8 hex digits of the data's SHA-256).
         #[arg(long)]
         external_data: bool,
         /// With --external-data: only tensors of at least this many bytes move out.

@@ -153,7 +153,13 @@ fn convert_with_external_data() {
         .output()
         .unwrap();
     assert!(st.status.success());
-    assert!(dir.path().join("magika.onnx.data").is_file());
+    let data: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("magika.onnx.") && n.ends_with(".data"))
+        .collect();
+    assert_eq!(data.len(), 1, "{data:?}");
     assert!(std::fs::metadata(&out).unwrap().len() < 100_000);
     let a = quench::onnx::read_model_file(&rxn).unwrap().proto;
     let b = quench::onnx::read_model_file(&out).unwrap().proto;

@@ -146,3 +146,76 @@ fn recipes_write_the_same_bytes_whatever_the_thread_count() {
         }
     }
 }
+
+/// The data files beside `out` (`<file>.<tag>.data`).
+fn data_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".data"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A model written with its weights in a data file, killed at points over its run while a previous
+/// pair of another model is in place: what the model file holds, read with its data, is the
+/// previous model or the new one, never a model whose data file has been replaced under it; the
+/// next complete run leaves one data file, the one its model names.
+#[test]
+fn killed_runs_with_external_data_leave_a_whole_pair() {
+    let (Some(rxnmap), Some(magika)) = (zoo_model("rxnmap"), zoo_model("magika")) else {
+        return;
+    };
+    let dir = tempdir();
+    let out = dir.path().join("out.onnx");
+    let out_s = out.display().to_string();
+    let (big, small) = (rxnmap.display().to_string(), magika.display().to_string());
+    let run = ["convert", &big, &out_s, "--external-data"];
+    let before = ["convert", &small, &out_s, "--external-data"];
+    let read = || quench::onnx::read_model_file(&out).map(|m| m.proto);
+    let whole = |args: &[&str]| -> Duration {
+        let start = Instant::now();
+        let o = quench(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr_of(&o));
+        start.elapsed()
+    };
+    let took = whole(&run);
+    let new = read().unwrap();
+    assert_eq!(data_files(dir.path()).len(), 1);
+    whole(&before);
+    let previous = read().unwrap();
+    assert_eq!(
+        data_files(dir.path()).len(),
+        1,
+        "the earlier pair's data is removed"
+    );
+    let mut outcomes = [0usize; 2];
+    for i in 0..8u32 {
+        whole(&before);
+        let delay = took.mul_f64(f64::from(i) / 7.0 * 1.6);
+        killed_after(&run, delay);
+        let got = read().unwrap_or_else(|e| panic!("killed after {delay:?}: {e}"));
+        let which = if got == previous {
+            0
+        } else {
+            assert!(got == new, "killed after {delay:?}: neither model");
+            1
+        };
+        outcomes[which] += 1;
+    }
+    eprintln!(
+        "convert --external-data: {} kills left the previous pair, {} the new one",
+        outcomes[0], outcomes[1]
+    );
+    whole(&run);
+    assert!(read().unwrap() == new);
+    assert_eq!(
+        data_files(dir.path()).len(),
+        1,
+        "{:?}",
+        data_files(dir.path())
+    );
+    assert_eq!(temps_in(dir.path()), Vec::<String>::new());
+}

@@ -2,6 +2,12 @@
 //! over a file the loaded model was read from, byte-deterministically, streaming (the encoded model is
 //! never held in memory as a whole), and with tensor data moved to an external file when asked or when
 //! the protobuf would pass the 2 GiB limit of the format.
+//!
+//! A model and its data file cannot be renamed into place together, so the data file is named after
+//! its contents, `<file>.<tag>.data` with `tag` the first 8 hex digits of its SHA-256: it is renamed
+//! in beside the previous pair without touching it, the model's rename then switches from the
+//! previous pair to the new one, and only after that are the data files of earlier writes to the
+//! same `<file>` removed. A process killed at any point leaves the previous pair or the new one.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -9,6 +15,7 @@ use std::path::{Path, PathBuf};
 use bytes::buf::UninitSlice;
 use bytes::{BufMut, Bytes};
 use prost::Message;
+use sha2::{Digest, Sha256};
 
 use super::dtype::DataType;
 use super::pb::tensor_proto::DataLocation;
@@ -23,9 +30,9 @@ pub const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExternalData {
     /// Inline, unless the model would exceed the protobuf limit; then initializers of at least 1 KiB
-    /// move to `<file>.data`.
+    /// move to `<file>.<tag>.data`.
     Auto,
-    /// Initializers of at least `threshold` bytes move to `<file>.data`.
+    /// Initializers of at least `threshold` bytes move to `<file>.<tag>.data`.
     Always { threshold: u64 },
 }
 
@@ -46,7 +53,7 @@ impl Default for SaveOptions {
 }
 
 impl SaveOptions {
-    /// Initializers of at least `threshold` bytes go to `<file>.data`.
+    /// Initializers of at least `threshold` bytes go to `<file>.<tag>.data`.
     pub fn external(threshold: u64) -> SaveOptions {
         SaveOptions {
             external: ExternalData::Always { threshold },
@@ -88,21 +95,33 @@ pub fn write_model_file(
     };
     let mut data_file = None;
     if let Some(threshold) = threshold {
-        let data_name = format!("{file_name}.data");
+        // Written under a provisional location, renamed once the contents (and so the tag) are known.
+        let provisional = format!("{file_name}.data");
+        let mut tmp = temp_in(&folder, &folder.join(&provisional))?;
+        let digest = {
+            let mut writer = Hashing {
+                out: BufWriter::with_capacity(1 << 20, tmp.as_file_mut()),
+                hash: Sha256::new(),
+            };
+            let mut offset = 0u64;
+            let wrote = |e| Error::Write {
+                path: folder.join(&provisional),
+                source: e,
+            };
+            if let Some(g) = proto.graph.as_mut() {
+                externalize_graph(g, threshold, &provisional, &mut writer, &mut offset)
+                    .map_err(wrote)?;
+            }
+            writer.out.flush().map_err(wrote)?;
+            writer.hash.finalize()
+        };
+        let tag: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let data_name = format!("{file_name}.{tag}.data");
+        if let Some(g) = proto.graph.as_mut() {
+            relocate_graph(g, &provisional, &data_name);
+        }
         let data_path = folder.join(&data_name);
         refuse_sources(&data_path, sources, "an external data file")?;
-        let mut tmp = temp_in(&folder, &data_path)?;
-        let mut writer = BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        let mut offset = 0u64;
-        let wrote = |e| Error::Write {
-            path: data_path.clone(),
-            source: e,
-        };
-        if let Some(g) = proto.graph.as_mut() {
-            externalize_graph(g, threshold, &data_name, &mut writer, &mut offset).map_err(wrote)?;
-        }
-        writer.flush().map_err(wrote)?;
-        drop(writer);
         if proto.encoded_len() as u64 > opts.protobuf_limit {
             return Err(Error::Model(format!(
                 "still {} bytes after moving initializers to external data (large Constant nodes?)",
@@ -135,7 +154,73 @@ pub fn write_model_file(
         path: path.to_path_buf(),
         source: e.error,
     })?;
+    remove_earlier_data(&folder, &file_name, written_data.as_deref(), sources);
     Ok(written_data)
+}
+
+/// A writer that hashes what it passes on.
+struct Hashing<W: Write> {
+    out: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Whether `name` is a data file this module writes for the model file `file_name`.
+fn is_data_of(name: &str, file_name: &str) -> bool {
+    name.strip_prefix(file_name)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_suffix(".data"))
+        .is_some_and(|tag| tag.len() == 8 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Removes the data files earlier writes of `file_name` left in `folder` (the model file now names
+/// `kept`, or none), except files the model was read from.
+fn remove_earlier_data(folder: &Path, file_name: &str, kept: Option<&Path>, sources: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let p = folder.join(name);
+        if !is_data_of(name, file_name) || kept.is_some_and(|k| k == p) {
+            continue;
+        }
+        if refuse_sources(&p, sources, "an external data file").is_ok() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Points the external data entries at `from` to `to`, in `g` and its subgraphs.
+fn relocate_graph(g: &mut GraphProto, from: &str, to: &str) {
+    for t in &mut g.initializer {
+        for e in &mut t.external_data {
+            if e.key == "location" && e.value == from {
+                e.value = to.to_string();
+            }
+        }
+    }
+    for node in &mut g.node {
+        for attr in &mut node.attribute {
+            if let Some(sub) = attr.g.as_mut() {
+                relocate_graph(sub, from, to);
+            }
+            for sub in &mut attr.graphs {
+                relocate_graph(sub, from, to);
+            }
+        }
+    }
 }
 
 fn temp_in(folder: &Path, target: &Path) -> Result<tempfile::NamedTempFile> {
