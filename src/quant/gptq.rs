@@ -390,18 +390,12 @@ pub struct Rounded {
     pub damping: f64,
 }
 
+/// Feedback runs on as few as `k / FEWEST_ROWS_PER` calibration rows for `k` input channels.
+pub(crate) const FEWEST_ROWS_PER: usize = 4;
+
 /// Whether error feedback can run on a `[channels, k]` matrix of `len` values with `h`: the
-/// Hessian's size is `k`, and calibration gave at least `min_rows` input rows. Scalar GPTQ asks for
-/// `k`: fewer leave `XᵀX` singular, and the rounding would fit the calibration rows' span and push
-/// the error into directions other data has. Vector feedback takes fewer with more damping
-/// ([`super::vq_feedback`]).
-pub(crate) fn fits(
-    len: usize,
-    channels: usize,
-    k: usize,
-    h: &Hessian,
-    min_rows: u64,
-) -> Result<(), String> {
+/// Hessian's size is `k`, and calibration gave at least `k / FEWEST_ROWS_PER` input rows.
+pub(crate) fn fits(len: usize, channels: usize, k: usize, h: &Hessian) -> Result<(), String> {
     if h.k != k {
         return Err(format!(
             "the calibration Hessian is {}×{}, the weight's rows have {k} columns",
@@ -411,6 +405,7 @@ pub(crate) fn fits(
     if len != channels * k {
         return Err(format!("{len} values for a [{channels}, {k}] matrix"));
     }
+    let min_rows = k.div_ceil(FEWEST_ROWS_PER) as u64;
     if h.rows < min_rows {
         return Err(format!(
             "calibration gave {} input rows for {k} input channels, too few for error feedback \
@@ -419,6 +414,16 @@ pub(crate) fn fits(
         ));
     }
     Ok(())
+}
+
+/// The damping for a Hessian of `rows` calibration rows over `k` channels: `damp` from `k` rows on,
+/// grown by `k / rows` below. With fewer rows than channels `XᵀX` is singular and the sample
+/// covariance noisy; unshrunk, the rounding would fit the calibration rows' span and push the error
+/// into directions other data has. Shrinking toward the diagonal the more, the fewer rows back it
+/// keeps the gain on data the fit never saw (MiniLM-L3's FFN down-projections, 736 rows for 1536
+/// channels: see docs/features.md).
+pub(crate) fn damp_for_rows(damp: f64, k: usize, rows: u64) -> f64 {
+    damp * (k as f64 / rows.max(1) as f64).max(1.0)
 }
 
 /// Rounds a `[channels, k]` matrix column by column with error feedback (see the module docs).
@@ -432,7 +437,8 @@ pub fn round_with_feedback(
     damp: f64,
     round: impl Fn(usize, f32) -> (i32, f32) + Sync,
 ) -> Result<Rounded, String> {
-    fits(w.len(), channels, k, h, k as u64)?;
+    fits(w.len(), channels, k, h)?;
+    let damp = damp_for_rows(damp, k, h.rows);
     let h = &*finished(h);
     // Largest diagonal first; ties by index, so the order is deterministic.
     let diag = h.diagonal();

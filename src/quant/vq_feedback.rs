@@ -42,12 +42,6 @@ pub struct Refined {
     pub kept_round: usize,
 }
 
-/// Feedback runs on as few as `k / FEWEST_ROWS_PER` calibration rows for `k` input channels. Below
-/// `k` rows `XᵀX` is singular and the sample covariance noisy, so the damping grows by `k / rows`:
-/// the Hessian is shrunk toward its diagonal, the more the fewer rows back it (on MiniLM-L3 with 736
-/// rows, the FFN down-projections with 1536 channels gain on sentences the fit never saw).
-const FEWEST_ROWS_PER: usize = 4;
-
 /// Conjugate-gradient steps per codebook refit (warm-started from the current codebook).
 const CG_STEPS: usize = 12;
 
@@ -64,12 +58,12 @@ pub fn refine(
     rounds: usize,
 ) -> Result<Refined, String> {
     let (channels, k) = (e.channels, e.k);
-    gptq::fits(w.len(), channels, k, h, k.div_ceil(FEWEST_ROWS_PER) as u64)?;
+    gptq::fits(w.len(), channels, k, h)?;
     if !e.outliers.is_empty() {
         return Err("error feedback does not take kept outliers".into());
     }
     let natural: Vec<usize> = (0..k).collect();
-    let damp = damp * (k as f64 / h.rows as f64).max(1.0);
+    let damp = gptq::damp_for_rows(damp, k, h.rows);
     let (u, damping) = gptq::inverse_factor(h, &natural, damp)?;
     let hd = gptq::damped(h, damping)?;
     let wm = ArrayView2::from_shape((channels, k), w).map_err(|e| e.to_string())?;
