@@ -67,6 +67,16 @@ fn with_weight(w: TensorProto) -> ModelProto {
     )
 }
 
+/// A float initializer holding `v`.
+fn f32s(name: &str, v: &[f32]) -> TensorProto {
+    common::raw_tensor(
+        name,
+        1,
+        &[v.len() as i64],
+        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    )
+}
+
 fn load_error(dir: &Path, m: &ModelProto) -> String {
     let path = dir.join("model.onnx");
     std::fs::write(&path, m.encode_to_vec()).unwrap();
@@ -398,14 +408,6 @@ fn a_huge_dim_beside_a_zero_is_refused() {
 #[test]
 fn an_input_whose_default_has_another_shape_is_refused() {
     use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
-    let f32s = |name: &str, v: &[f32]| {
-        common::raw_tensor(
-            name,
-            1,
-            &[v.len() as i64],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
-    };
     let g = GraphProto {
         name: Some("g".into()),
         node: vec![node(
@@ -475,14 +477,6 @@ fn an_empty_input_runs_in_both_runtimes() {
     if !common::ort_ready() {
         return;
     }
-    let f32s = |name: &str, v: &[f32]| {
-        common::raw_tensor(
-            name,
-            1,
-            &[v.len() as i64],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
-    };
     let g = GraphProto {
         name: Some("g".into()),
         node: vec![node(
