@@ -637,6 +637,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         layers: (!args.no_layers).then_some(rts[0]),
         runtimes: rts,
         session: args.rt.session(),
+        one_session_above: compare::ONE_SESSION_ABOVE,
     };
     let report = compare::compare(
         &reference,
@@ -1391,6 +1392,7 @@ fn verify(
             runtimes: rts.clone(),
             session: args.rt.session(),
             layers: None,
+            one_session_above: compare::ONE_SESSION_ABOVE,
         };
         let mut set = args.input.open(reference, spec.clone())?;
         let err =

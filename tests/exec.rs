@@ -569,6 +569,7 @@ fn layer_attribution_finds_where_the_error_enters() {
         runtimes: vec![RuntimeKind::Tract, RuntimeKind::Ort],
         session: SessionOptions::default(),
         layers: Some(RuntimeKind::Tract),
+        one_session_above: quench::report::compare::ONE_SESSION_ABOVE,
     };
     let report =
         quench::report::compare::compare(&model, &candidate, ("ref", "cand"), &mut set, &copts)
@@ -606,6 +607,31 @@ fn layer_attribution_finds_where_the_error_enters() {
             .all(|w| w[0].metrics.sqnr_db <= w[1].metrics.sqnr_db)
     );
     assert!(report.layers.len() > 100);
+    // With the sessions opened one at a time (as for a model over 1 GiB): the same report.
+    let mut set = inputs::open(
+        &Source::Random { count: 2 },
+        &Prepared::from_model(&model, "").inputs,
+        &opts,
+    )
+    .unwrap();
+    let one_at_a_time = quench::report::compare::CompareOptions {
+        runtimes: vec![RuntimeKind::Tract, RuntimeKind::Ort],
+        session: SessionOptions::default(),
+        layers: Some(RuntimeKind::Tract),
+        one_session_above: 0,
+    };
+    let again = quench::report::compare::compare(
+        &model,
+        &candidate,
+        ("ref", "cand"),
+        &mut set,
+        &one_at_a_time,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(&report).unwrap(),
+        serde_json::to_value(&again).unwrap()
+    );
 }
 
 fn write_npz(path: &Path, arrays: &[(&str, Tensor)]) {
@@ -1171,6 +1197,7 @@ fn renamed_tensors_are_paired_by_their_producing_node() {
         runtimes: vec![RuntimeKind::Tract],
         session: SessionOptions::default(),
         layers: Some(RuntimeKind::Tract),
+        one_session_above: quench::report::compare::ONE_SESSION_ABOVE,
     };
     let report =
         quench::report::compare::compare(&reference, &candidate, ("ref", "cand"), &mut set, &copts)

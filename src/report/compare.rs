@@ -26,6 +26,9 @@ pub struct CompareOptions {
     pub session: SessionOptions,
     /// Per-layer attribution on this runtime (None: no attribution).
     pub layers: Option<RuntimeKind>,
+    /// Weight bytes from which the sessions open one at a time ([`ONE_SESSION_ABOVE`] unless a
+    /// test says otherwise).
+    pub one_session_above: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -230,6 +233,10 @@ fn add_outputs(
     Ok(())
 }
 
+/// Weights from which `compare` opens its sessions one at a time (1 GiB): above it, four sessions of
+/// the model at once (two runtimes, reference and candidate) would take several times its size.
+pub const ONE_SESSION_ABOVE: u64 = 1 << 30;
+
 pub fn compare(
     reference: &Model,
     candidate: &Model,
@@ -252,67 +259,125 @@ pub fn compare(
         .map(|o| (o.clone(), output_kind(reference, o)))
         .collect();
 
-    // Per runtime: (runtime, reference session, candidate session).
-    type Pair = (RuntimeKind, Box<dyn Session>, Box<dyn Session>);
-    let mut sessions: Vec<Pair> = Vec::new();
-    for &rt in &opts.runtimes {
-        let r = exec::open(&ref_prep, rt, &opts.session)?;
-        let c = exec::open(&cand_prep, rt, &opts.session)?;
-        sessions.push((rt, r, c));
-    }
-    drop((ref_prep, cand_prep));
-
     let pairs = if opts.layers.is_some() {
         layer_pairs(reference, candidate)
     } else {
         Vec::new()
     };
-    let mut per_rt: Vec<BTreeMap<String, Accumulator>> = vec![BTreeMap::new(); sessions.len()];
+    let mut per_rt: Vec<BTreeMap<String, Accumulator>> = vec![BTreeMap::new(); opts.runtimes.len()];
     let mut cross_ref: BTreeMap<String, Accumulator> = BTreeMap::new();
     let mut cross_cand: BTreeMap<String, Accumulator> = BTreeMap::new();
     let mut notes = Vec::new();
     let total = inputs.len();
-    let phases = if opts.layers.is_some() { 2 } else { 1 };
+    let weights: u64 = crate::ir::constants(reference)
+        .iter()
+        .map(|c| c.bytes())
+        .sum();
+    let one_at_a_time = weights >= opts.one_session_above;
+    let passes = if one_at_a_time {
+        opts.runtimes.len()
+    } else {
+        1
+    };
+    let phases = passes + usize::from(opts.layers.is_some());
     let progress = Progress::new((total * phases) as u64, "comparing");
     let model_inputs = reference_inputs(reference);
     let batches = total;
-
-    // Phase 1: outputs, every runtime, from plain sessions.
-    for b in 0..total {
+    let mut read = |b: usize, notes: Option<&mut Vec<String>>| -> Result<Vec<Named>> {
         let batch = inputs
             .batch(b)
             .with_context(|| format!("input batch {b}"))?;
         let found =
             exec::check_batch(&model_inputs, &batch).with_context(|| format!("input batch {b}"))?;
-        for (name, n) in found.non_finite {
-            notes.push(format!(
-                "batch {b}: input '{name}' holds {n} NaN/Inf values"
-            ));
+        if let Some(notes) = notes {
+            for (name, n) in found.non_finite {
+                notes.push(format!(
+                    "batch {b}: input '{name}' holds {n} NaN/Inf values"
+                ));
+            }
         }
-        let mut results: Vec<(Vec<Named>, Vec<Named>)> = Vec::new();
-        for (i, (rt, rs, cs)) in sessions.iter_mut().enumerate() {
-            let r = rs
-                .run(&batch)
-                .with_context(|| format!("{rt}: reference, batch {b}"))?;
-            let c = cs
-                .run(&batch)
-                .with_context(|| format!("{rt}: candidate, batch {b}"))?;
-            add_outputs(&mut per_rt[i], &r, &c, &scores)
-                .with_context(|| format!("{rt}, batch {b}"))?;
-            results.push((r, c));
+        Ok(batch)
+    };
+
+    // Phase 1: outputs, every runtime, from plain sessions.
+    let mut settings: Vec<(RuntimeKind, Vec<(String, String)>)> = Vec::new();
+    if one_at_a_time {
+        // A large model's sessions open one at a time: the reference's outputs for every batch,
+        // then the candidate's, runtime after runtime (the first runtime's kept for the
+        // cross-runtime comparison). Peak memory is then one session's, not four.
+        let mut first: Vec<(Vec<Named>, Vec<Named>)> = Vec::new();
+        for (i, &rt) in opts.runtimes.iter().enumerate() {
+            let mut refs: Vec<Vec<Named>> = Vec::with_capacity(total);
+            {
+                let mut rs = exec::open(&ref_prep, rt, &opts.session)?;
+                for b in 0..total {
+                    let batch = read(b, (i == 0).then_some(&mut notes))?;
+                    refs.push(
+                        rs.run(&batch)
+                            .with_context(|| format!("{rt}: reference, batch {b}"))?,
+                    );
+                }
+                // After the runs: some settings describe the plans the runs made.
+                settings.push((rt, rs.settings()));
+            }
+            let mut cs = exec::open(&cand_prep, rt, &opts.session)?;
+            for (b, r) in refs.into_iter().enumerate() {
+                let batch = read(b, None)?;
+                let c = cs
+                    .run(&batch)
+                    .with_context(|| format!("{rt}: candidate, batch {b}"))?;
+                add_outputs(&mut per_rt[i], &r, &c, &scores)
+                    .with_context(|| format!("{rt}, batch {b}"))?;
+                if opts.runtimes.len() == 2 {
+                    if i == 0 {
+                        first.push((r, c));
+                    } else {
+                        let (fr, fc) = &first[b];
+                        add_outputs(&mut cross_ref, fr, &r, &scores)?;
+                        add_outputs(&mut cross_cand, fc, &c, &scores)?;
+                    }
+                }
+                progress.inc(1);
+            }
         }
-        if let [(tr, tc), (or, oc)] = results.as_slice() {
-            add_outputs(&mut cross_ref, tr, or, &scores)?;
-            add_outputs(&mut cross_cand, tc, oc, &scores)?;
+        drop((ref_prep, cand_prep));
+    } else {
+        // Per runtime: (runtime, reference session, candidate session).
+        type Pair = (RuntimeKind, Box<dyn Session>, Box<dyn Session>);
+        let mut sessions: Vec<Pair> = Vec::new();
+        for &rt in &opts.runtimes {
+            let r = exec::open(&ref_prep, rt, &opts.session)?;
+            let c = exec::open(&cand_prep, rt, &opts.session)?;
+            sessions.push((rt, r, c));
         }
-        progress.inc(1);
+        drop((ref_prep, cand_prep));
+        for b in 0..total {
+            let batch = read(b, Some(&mut notes))?;
+            let mut results: Vec<(Vec<Named>, Vec<Named>)> = Vec::new();
+            for (i, (rt, rs, cs)) in sessions.iter_mut().enumerate() {
+                let r = rs
+                    .run(&batch)
+                    .with_context(|| format!("{rt}: reference, batch {b}"))?;
+                let c = cs
+                    .run(&batch)
+                    .with_context(|| format!("{rt}: candidate, batch {b}"))?;
+                add_outputs(&mut per_rt[i], &r, &c, &scores)
+                    .with_context(|| format!("{rt}, batch {b}"))?;
+                results.push((r, c));
+            }
+            if let [(tr, tc), (or, oc)] = results.as_slice() {
+                add_outputs(&mut cross_ref, tr, or, &scores)?;
+                add_outputs(&mut cross_cand, tc, oc, &scores)?;
+            }
+            progress.inc(1);
+        }
+        settings = sessions
+            .iter()
+            .map(|(rt, rs, _)| (*rt, rs.settings()))
+            .collect();
+        // The plain sessions go before the exposed ones open: peak memory is one phase's, not both.
+        drop(sessions);
     }
-    let settings: Vec<(RuntimeKind, Vec<(String, String)>)> = sessions
-        .iter()
-        .map(|(rt, rs, _)| (*rt, rs.settings()))
-        .collect();
-    // The plain sessions go before the exposed ones open: peak memory is one phase's, not both.
-    drop(sessions);
 
     // Phase 2: per-layer attribution from sessions that expose the shared intermediate tensors.
     let mut layer_accs: Vec<Accumulator> = vec![Accumulator::default(); pairs.len()];
