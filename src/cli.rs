@@ -1568,11 +1568,31 @@ pub fn quantize(mut args: QuantizeArgs) -> Result<()> {
             None
         }
     };
+    // The model's files: the .onnx and any external data it was read from or written with.
+    let files_bytes = |files: &[PathBuf]| -> Result<u64> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0;
+        for f in files {
+            if seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())) {
+                total += std::fs::metadata(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .len();
+            }
+        }
+        Ok(total)
+    };
+    let mut read_from = vec![path.clone()];
+    read_from.extend(reference.sources().iter().cloned());
+    let before = files_bytes(&read_from)?;
     drop(reference);
 
-    candidate.save(&args.output, &quench::onnx::SaveOptions::default())?;
-    let before = std::fs::metadata(&path)?.len();
-    let after = std::fs::metadata(&args.output)?.len();
+    let data = candidate.save(&args.output, &quench::onnx::SaveOptions::default())?;
+    let after = files_bytes(
+        &[args.output.clone()]
+            .into_iter()
+            .chain(data)
+            .collect::<Vec<_>>(),
+    )?;
 
     println!(
         "recipe {} ({}), target {:?}, quantized in {quantize_secs:.2} s",

@@ -164,4 +164,27 @@ fn convert_with_external_data() {
     let a = quench::onnx::read_model_file(&rxn).unwrap().proto;
     let b = quench::onnx::read_model_file(&out).unwrap().proto;
     assert!(a == b);
+    // Quantized from the copy with external data, the report's file sizes count the data file.
+    let json = dir.path().join("w8.json");
+    let o = common::quench(&[
+        "quantize",
+        &out.display().to_string(),
+        "-o",
+        &dir.path().join("w8.onnx").display().to_string(),
+        "--recipe",
+        "w8",
+        "--runtime",
+        "tract",
+        "--no-shield",
+        "--report",
+        &json.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr_of(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let before = r["file_bytes"]["before"].as_f64().unwrap();
+    let original = std::fs::metadata(&rxn).unwrap().len() as f64;
+    assert!(
+        (before / original - 1.0).abs() < 0.01,
+        "{before} bytes before, the model is {original}"
+    );
 }
