@@ -506,3 +506,39 @@ fn an_empty_input_runs_in_both_runtimes() {
         }
     }
 }
+
+/// Found by the fuzzer (seed 7, case 744929): byte damage gave a BatchNormalization a rank-1 data
+/// input (`[3]`), and tract's shape rules read its channel axis unchecked, which aborted the process.
+/// An operator laid out `[N, C, …]` whose data input has fewer than two axes is refused before tract
+/// reads the model, naming the node.
+#[test]
+fn a_channel_first_operator_over_one_axis_is_refused() {
+    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
+    let g = GraphProto {
+        name: Some("g".into()),
+        node: vec![node(
+            "BatchNormalization",
+            "bn",
+            &["x", "s", "b", "m", "v"],
+            &["y"],
+        )],
+        initializer: vec![
+            f32s("s", &[1.0; 3]),
+            f32s("b", &[0.0; 3]),
+            f32s("m", &[0.0; 3]),
+            f32s("v", &[1.0; 3]),
+        ],
+        input: vec![quench::onnx::tensor::tensor_value_info("x", 1, &[3])],
+        output: vec![common::value_info("y", 1)],
+        ..Default::default()
+    };
+    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
+    let prep = Prepared::from_model(&model, "m");
+    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
+        .err()
+        .expect("refused");
+    assert_contains(
+        &format!("{err:#}"),
+        &["'bn' (BatchNormalization)", "'x'", "1 axes"],
+    );
+}

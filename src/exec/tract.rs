@@ -131,6 +131,60 @@ fn defaults_fit(proto: &tract_onnx::pb::ModelProto) -> std::result::Result<(), S
     Ok(())
 }
 
+/// Operators whose first input is laid out `[N, C, …]`: tract reads its channel axis without a
+/// bounds check.
+const CHANNEL_FIRST: &[&str] = &[
+    "BatchNormalization",
+    "InstanceNormalization",
+    "Conv",
+    "ConvInteger",
+    "ConvTranspose",
+    "QLinearConv",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "LRN",
+];
+
+/// The data input of an operator in [`CHANNEL_FIRST`] must have a batch and a channel axis (ONNX
+/// requires it). When the graph fixes its rank (an initializer, or a graph input's declared shape)
+/// and it has fewer than two axes, the node is refused, named: tract's shape rules index the channel
+/// axis unchecked, and a BatchNormalization over a rank-1 tensor aborted the process (found by
+/// fuzzing).
+fn channel_ranks_fit(g: &tract_onnx::pb::GraphProto) -> std::result::Result<(), String> {
+    use tract_onnx::pb::type_proto::Value as Type;
+    let rank_of = |name: &str| -> Option<usize> {
+        if let Some(t) = g.initializer.iter().find(|t| t.name == name) {
+            return Some(t.dims.len());
+        }
+        let input = g.input.iter().find(|i| i.name == name)?;
+        let Type::TensorType(t) = input.r#type.as_ref()?.value.as_ref()?;
+        Some(t.shape.as_ref()?.dim.len())
+    };
+    for n in &g.node {
+        if CHANNEL_FIRST.contains(&n.op_type.as_str())
+            && let Some(x) = n.input.first()
+            && let Some(rank) = rank_of(x)
+            && rank < 2
+        {
+            return Err(format!(
+                "node '{}' ({}): its input '{x}' has {rank} axes, fewer than the batch and \
+                 channel axes the operator needs",
+                n.name, n.op_type
+            ));
+        }
+        for a in &n.attribute {
+            for sub in a.g.iter().chain(&a.graphs) {
+                channel_ranks_fit(sub)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every `Transpose`'s `perm` (in the graph and its subgraphs) must be a permutation of `0..n`, as
 /// ONNX requires: tract's analysis allocates without bound on one that is not (a byte-damaged `perm`
 /// made it ask for 8 GiB and more, found by fuzzing), so such a node is refused, named.
@@ -189,6 +243,7 @@ impl TractSession {
         };
         defaults_fit(&proto)
             .and_then(|()| proto.graph.as_ref().map_or(Ok(()), perms_valid))
+            .and_then(|()| proto.graph.as_ref().map_or(Ok(()), channel_ranks_fit))
             .map_err(|e| anyhow!("tract cannot load {}: {e}", model.label))?;
         if opts.tract_kernels {
             rewrites = Some(super::tract_kernels::rewrite(&mut proto));
