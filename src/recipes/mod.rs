@@ -1034,13 +1034,14 @@ pub fn scheme_yaml(s: &WeightScheme) -> String {
             Importance::None => "none",
         };
         return format!(
-            "{{ format: vq, dim: {}, codebook_size: {}, stages: {}, subspaces: {}, importance: {importance}, iterations: {}, seed: {}{} }}",
+            "{{ format: vq, dim: {}, codebook_size: {}, stages: {}, subspaces: {}, importance: {importance}, iterations: {}, seed: {}{}{} }}",
             v.dim,
             v.codebook_size,
             v.stages,
             v.subspaces,
             v.iterations,
             v.seed,
+            if s.gptq { ", gptq: true" } else { "" },
             outliers(v.outliers)
         );
     }
@@ -1096,6 +1097,22 @@ mod tests {
             in_subgraph: false,
             role: crate::passes::roles::classify(weight, &[]),
         }
+    }
+
+    #[test]
+    fn written_schemes_parse_back_with_their_feedback() {
+        // The recipe an allocation writes must rebuild what it built: GPTQ and VQ feedback included.
+        let parsed = |s: &WeightScheme| {
+            Recipe::parse("t", &format!("defaults: {}\n", scheme_yaml(s)))
+                .unwrap()
+                .defaults
+        };
+        let vq = crate::adapt::with_gptq(menu_entry("vq2").unwrap().scheme.unwrap());
+        let int4 = crate::adapt::with_gptq(menu_entry("int4").unwrap().scheme.unwrap());
+        for s in [vq, int4, menu_entry("vq2").unwrap().scheme.unwrap()] {
+            assert_eq!(parsed(&s), s, "{}", scheme_yaml(&s));
+        }
+        assert!(vq.gptq && scheme_yaml(&vq).contains("gptq: true"));
     }
 
     #[test]
