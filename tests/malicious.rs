@@ -77,6 +77,17 @@ fn f32s(name: &str, v: &[f32]) -> TensorProto {
     )
 }
 
+/// The error tract's session gives a model of graph `g`, which it must refuse.
+fn tract_refusal(g: GraphProto) -> String {
+    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
+    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
+    let prep = Prepared::from_model(&model, "m");
+    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
+        .err()
+        .expect("refused");
+    format!("{err:#}")
+}
+
 fn load_error(dir: &Path, m: &ModelProto) -> String {
     let path = dir.join("model.onnx");
     std::fs::write(&path, m.encode_to_vec()).unwrap();
@@ -407,7 +418,6 @@ fn a_huge_dim_beside_a_zero_is_refused() {
 /// the process on it (SIGSEGV); quench refuses it before tract reads it, naming the input.
 #[test]
 fn an_input_whose_default_has_another_shape_is_refused() {
-    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
     let g = GraphProto {
         name: Some("g".into()),
         node: vec![node(
@@ -431,12 +441,8 @@ fn an_input_whose_default_has_another_shape_is_refused() {
         output: vec![common::value_info("5", 1)],
         ..Default::default()
     };
-    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
-    let prep = Prepared::from_model(&model, "m");
-    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
-        .err()
-        .expect("refused");
-    assert_contains(&format!("{err:#}"), &["input '0'", "[2, 3, 6, 6]", "[3]"]);
+    let err = tract_refusal(g);
+    assert_contains(&err, &["input '0'", "[2, 3, 6, 6]", "[3]"]);
 }
 
 /// Found by the fuzzer (seed 8, case 54623): byte damage turned a Transpose's `perm` into `[1, 1]`,
@@ -444,7 +450,6 @@ fn an_input_whose_default_has_another_shape_is_refused() {
 /// `perm` that is not a permutation is refused before tract reads the model, naming the node.
 #[test]
 fn a_transpose_whose_perm_repeats_an_axis_is_refused() {
-    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
     let mut t = node("Transpose", "t", &["x"], &["y"]);
     t.attribute.push(AttributeProto {
         name: "perm".into(),
@@ -459,12 +464,8 @@ fn a_transpose_whose_perm_repeats_an_axis_is_refused() {
         output: vec![common::value_info("y", 1)],
         ..Default::default()
     };
-    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
-    let prep = Prepared::from_model(&model, "m");
-    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
-        .err()
-        .expect("refused");
-    assert_contains(&format!("{err:#}"), &["'t' (Transpose)", "[1, 1]"]);
+    let err = tract_refusal(g);
+    assert_contains(&err, &["'t' (Transpose)", "[1, 1]"]);
 }
 
 /// Found by the fuzzer (seed 7, case 523672): an input with a zero-length axis crashed the process
@@ -513,7 +514,6 @@ fn an_empty_input_runs_in_both_runtimes() {
 /// reads the model, naming the node.
 #[test]
 fn a_channel_first_operator_over_one_axis_is_refused() {
-    use quench::exec::{self, Prepared, RuntimeKind, SessionOptions};
     let g = GraphProto {
         name: Some("g".into()),
         node: vec![node(
@@ -532,13 +532,6 @@ fn a_channel_first_operator_over_one_axis_is_refused() {
         output: vec![common::value_info("y", 1)],
         ..Default::default()
     };
-    let model = Model::from_proto(common::model_of(g), vec![]).unwrap();
-    let prep = Prepared::from_model(&model, "m");
-    let err = exec::open(&prep, RuntimeKind::Tract, &SessionOptions::default())
-        .err()
-        .expect("refused");
-    assert_contains(
-        &format!("{err:#}"),
-        &["'bn' (BatchNormalization)", "'x'", "1 axes"],
-    );
+    let err = tract_refusal(g);
+    assert_contains(&err, &["'bn' (BatchNormalization)", "'x'", "1 axes"]);
 }
