@@ -1107,8 +1107,11 @@ mod tests {
                 .unwrap()
                 .defaults
         };
-        let vq = crate::adapt::with_gptq(menu_entry("vq2").unwrap().scheme.unwrap());
-        let int4 = crate::adapt::with_gptq(menu_entry("int4").unwrap().scheme.unwrap());
+        let fed = |name: &str| WeightScheme {
+            gptq: true,
+            ..menu_entry(name).unwrap().scheme.unwrap()
+        };
+        let (vq, int4) = (fed("vq2"), fed("int4"));
         for s in [vq, int4, menu_entry("vq2").unwrap().scheme.unwrap()] {
             assert_eq!(parsed(&s), s, "{}", scheme_yaml(&s));
         }
