@@ -101,6 +101,11 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Lower-case hexadecimal digits of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Standard normal samples (Box–Muller over a seeded ChaCha8), for unit tests.
 #[cfg(test)]
 pub(crate) fn gaussian(n: usize, seed: u64) -> Vec<f32> {

@@ -670,12 +670,7 @@ pub fn sensitivity<'m>(
     key.update(&opts.model_key);
     key.update(opts.runtime.name().as_bytes());
     hash_batches(&mut key, &batches);
-    let key: String = key
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = crate::util::hex(&key.finalize()[..16]);
     let mut cache = Cache::open(opts.cache_dir.as_deref(), &key);
     let mut ws = Workspace {
         model,

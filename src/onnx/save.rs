@@ -115,7 +115,7 @@ pub fn write_model_file(
             writer.out.flush().map_err(wrote)?;
             writer.hash.finalize()
         };
-        let tag: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let tag = crate::util::hex(&digest[..4]);
         let data_name = format!("{file_name}.{tag}.data");
         if let Some(g) = proto.graph.as_mut() {
             relocate_graph(g, &provisional, &data_name);
