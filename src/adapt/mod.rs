@@ -4,10 +4,13 @@
 //! - **Sensitivity** ([`sensitivity`]): for every weight site and every scheme of its menu, the
 //!   site is encoded as the weight pass would encode it ([`simulate`]) and the model is run with
 //!   only that site changed. The runs share one session of a *probe* model whose weights are graph
-//!   inputs, so a candidate costs a few inferences, not a model build. A cheap proxy — the weight
-//!   error weighted by the calibrated energy of the input channels — prunes each site's menu to the
-//!   schemes on its (bytes, proxy) Pareto front before anything runs; the rank correlation of proxy
-//!   and measurement is reported. Results are cached per (model, data, runtime, scheme).
+//!   inputs, so a candidate costs a few inferences, not a model build. Sites whose readers have an
+//!   input Hessian on the calibration data take every scheme with error feedback, as the built
+//!   model will. A cheap proxy — the relative output error `eᵀHe / wᵀHw` under that Hessian, else
+//!   the weight error weighted by the calibrated energy of the input channels — prunes each site's
+//!   menu to the schemes on its (bytes, proxy) Pareto front before anything runs; the rank
+//!   correlation of proxy and measurement is reported. Results are cached per (model, data,
+//!   runtime, scheme).
 //! - **Allocation** ([`allocate`]): each site's measured options form a lower convex hull in
 //!   (bytes, output noise); upgrades sorted by noise removed per byte give a path of allocations
 //!   from the smallest to the most precise (a Lagrangian sweep). Output noise adds up across sites
@@ -36,6 +39,7 @@ use crate::passes::quantize_weights::{
     Decision, SiteInfo, WeightPolicy, simulate, site_info, sites_with_roles,
 };
 use crate::passes::roles::Role;
+use crate::quant::gptq::Hessian;
 use crate::quant::scheme::WeightScheme;
 use crate::recipes::{Goal, MenuEntry, Metric, Pin, Recipe, scheme_yaml};
 use crate::report::metrics::{Accumulator, OutputKind};
@@ -453,13 +457,22 @@ pub struct Workspace<'m> {
     sites: Vec<WeightSite>,
     decisions: Vec<Vec<Option<WeightScheme>>>,
     energy: Option<ChannelEnergy>,
+    hessians: Arc<Hessians>,
     decoded: HashMap<(usize, usize), Arc<Vec<f32>>>,
 }
+
+/// Input Hessians by weight name.
+pub type Hessians = BTreeMap<String, Hessian>;
 
 impl Workspace<'_> {
     /// The calibrated input-channel energy (None without data or readers that have it).
     pub fn energy(&self) -> Option<&ChannelEnergy> {
         self.energy.as_ref()
+    }
+
+    /// The input Hessians the sites' options were fed with (empty: every option rounded plain).
+    pub fn hessians(&self) -> Arc<Hessians> {
+        self.hessians.clone()
     }
 
     /// Decoded values of option `o` of site `s` (encoded again if not kept).
@@ -470,7 +483,9 @@ impl Workspace<'_> {
         if let Some(v) = self.decoded.get(&(s, o)) {
             return Ok(Some(v.clone()));
         }
-        let sim = simulate(self.model, &self.sites[s], &scheme, self.energy.as_ref())?
+        let site = &self.sites[s];
+        let h = self.hessians.get(&site.constant.name);
+        let sim = simulate(self.model, site, &scheme, self.energy.as_ref(), h)?
             .map_err(|why| anyhow::anyhow!("weight '{}': {why}", self.sites[s].constant.name))?;
         let v = Arc::new(sim.values);
         self.decoded.insert((s, o), v.clone());
@@ -499,11 +514,35 @@ impl Workspace<'_> {
     }
 }
 
-/// The options of each site under the recipe's pins and the menu.
+/// The input Hessians that error feedback needs for the sites' options under the recipe's pins and
+/// the menu: every site with a quantized option whose reader has an input Hessian (see
+/// [`crate::passes::quantize_weights::hessian_requests`]).
+pub fn feedback_requests(
+    model: &Model,
+    recipe: &Recipe,
+    menu: &[MenuEntry],
+) -> Vec<crate::calib::HessianRequest> {
+    let (_, tables, decisions) = site_options(model, recipe, menu, &Hessians::new());
+    let fed = Assignment(
+        tables
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(t, d)| {
+                let s = d.iter().flatten().map(|s| with_gptq(*s)).find(|s| s.gptq)?;
+                Some((t.weight.clone(), Decision::Quantize(s)))
+            })
+            .collect(),
+    );
+    crate::passes::quantize_weights::hessian_requests(model, &fed)
+}
+
+/// The options of each site under the recipe's pins and the menu; sites with an input Hessian take
+/// every scheme [`with_gptq`].
 fn site_options(
     model: &Model,
     recipe: &Recipe,
     menu: &[MenuEntry],
+    hessians: &Hessians,
 ) -> (
     Vec<WeightSite>,
     Vec<SiteTable>,
@@ -526,9 +565,11 @@ fn site_options(
                     .collect(),
             ),
         };
+        let fed = hessians.contains_key(&c.name);
         let mut options = Vec::new();
         let mut ds = Vec::new();
         for (name, scheme) in schemes {
+            let scheme = scheme.map(|s| if fed { with_gptq(s) } else { s });
             match scheme {
                 None => options.push(SiteOption::float(c.bytes())),
                 Some(s) => options.push(SiteOption {
@@ -654,22 +695,32 @@ fn proxy_front(options: &[SiteOption]) -> Vec<usize> {
 
 pub use crate::report::metrics::spearman;
 
-/// Measures every site's options on the probe batches (see the module docs). Returns the table and
-/// the workspace that measures allocations later.
+/// Measures every site's options on the probe batches (see the module docs). Sites with an input
+/// Hessian in `hessians` ([`feedback_requests`]) are measured with error feedback. Returns the table
+/// and the workspace that measures allocations later.
 pub fn sensitivity<'m>(
     model: &'m Model,
     opts: &SensitivityOptions,
     energy: Option<ChannelEnergy>,
+    hessians: Hessians,
     batches: Vec<Vec<Named>>,
 ) -> Result<(Sensitivity, Workspace<'m>, Probe)> {
     let start = std::time::Instant::now();
-    let (sites, mut tables, decisions) = site_options(model, opts.recipe, opts.menu);
+    let (sites, mut tables, decisions) = site_options(model, opts.recipe, opts.menu, &hessians);
     let mut key = Sha256::new();
-    key.update(b"quench sensitivity 2\0");
+    key.update(b"quench sensitivity 3\0");
     key.update(env!("CARGO_PKG_VERSION").as_bytes());
     key.update(&opts.model_key);
     key.update(opts.runtime.name().as_bytes());
     hash_batches(&mut key, &batches);
+    // Fed options depend on the data the Hessians came from, which may be more than the probe's.
+    for (name, h) in &hessians {
+        key.update(name.as_bytes());
+        key.update(h.rows.to_le_bytes());
+        for d in h.diagonal() {
+            key.update(d.to_le_bytes());
+        }
+    }
     let key = crate::util::hex(&key.finalize()[..16]);
     let mut cache = Cache::open(opts.cache_dir.as_deref(), &key);
     let mut ws = Workspace {
@@ -677,6 +728,7 @@ pub fn sensitivity<'m>(
         sites,
         decisions,
         energy,
+        hessians: Arc::new(hessians),
         decoded: HashMap::new(),
     };
     let n_batches = batches.len();
@@ -712,7 +764,8 @@ pub fn sensitivity<'m>(
                 }
                 cached += usize::from(opt.measured.is_some());
             } else {
-                match simulate(model, &ws.sites[s], &scheme, ws.energy.as_ref())? {
+                let h = ws.hessians.get(&table.weight);
+                match simulate(model, &ws.sites[s], &scheme, ws.energy.as_ref(), h)? {
                     Ok(sim) => {
                         opt.bytes = sim.bytes;
                         opt.weight_sqnr_db = sim.weight_sqnr_db;
@@ -1045,20 +1098,40 @@ impl<'s> Allocation<'s> {
         Ok(Ok(self.at(lo)))
     }
 
-    /// The most precise allocation on the path within `bits` per weight; Err(smallest) when even
-    /// the smallest is over.
+    /// The most precise allocation within `bits` per weight; Err(smallest) when even the smallest
+    /// is over. The upgrades are taken in the path's order, most noise removed per byte first; one
+    /// that would go over the budget is passed by (with the later steps of its site), and the
+    /// smaller upgrades after it still fill what is left: a large site whose next step does not
+    /// fit must not leave the rest of the budget unspent.
     pub fn within_budget(&self, bits: f64) -> std::result::Result<Vec<usize>, Vec<usize>> {
         let first = self.at(0);
-        if self.bits_per_weight(&first) > bits + 1e-9 {
+        let params = self.sens.sites.iter().map(|t| t.params).sum::<u64>().max(1);
+        let fits = |bytes: u64| bytes as f64 * 8.0 / params as f64 <= bits + 1e-9;
+        let mut bytes = self.bytes(&first);
+        if !fits(bytes) {
             return Err(first);
         }
-        let params: u64 = self.sens.sites.iter().map(|t| t.params).sum();
-        let best = self
-            .totals()
+        let mut pos = vec![0usize; self.hulls.len()];
+        let mut passed = vec![false; self.hulls.len()];
+        for &(s, h) in &self.upgrades {
+            if passed[s] || h <= pos[s] {
+                continue;
+            }
+            let options = &self.sens.sites[s].options;
+            let (old, new) = (&options[self.hulls[s][pos[s]]], &options[self.hulls[s][h]]);
+            let after = bytes - old.bytes + new.bytes;
+            if fits(after) {
+                pos[s] = h;
+                bytes = after;
+            } else {
+                passed[s] = true;
+            }
+        }
+        Ok(pos
             .iter()
-            .rposition(|&(bytes, _)| bytes as f64 * 8.0 / params.max(1) as f64 <= bits + 1e-9)
-            .unwrap_or(0);
-        Ok(self.at(best))
+            .enumerate()
+            .map(|(s, &h)| self.hulls[s].get(h).copied().unwrap_or(0))
+            .collect())
     }
 
     /// (bytes, predicted noise) after each number of upgrades 0..=len, in one walk of the path.
@@ -1122,8 +1195,8 @@ impl<'s> Allocation<'s> {
     }
 
     /// The allocation as a recipe: one rule per site, in the model's order, then float for
-    /// anything else; with `gptq`, its schemes [`with_gptq`]. Replayed with the same calibration
-    /// data it builds the same model.
+    /// anything else; with `gptq`, its schemes [`with_gptq`], else each rounded to nearest.
+    /// Replayed with the same calibration data it builds the same model.
     pub fn recipe_yaml(&self, choice: &[usize], header: &str, gptq: bool) -> String {
         use std::fmt::Write;
         let mut out = String::new();
@@ -1154,7 +1227,11 @@ impl<'s> Allocation<'s> {
             );
             match opt.scheme {
                 Some(s) => {
-                    let s = if gptq { with_gptq(s) } else { s };
+                    let s = if gptq {
+                        with_gptq(s)
+                    } else {
+                        WeightScheme { gptq: false, ..s }
+                    };
                     let _ = writeln!(out, "    scheme: {}", scheme_yaml(&s));
                 }
                 None => {
@@ -1336,5 +1413,48 @@ mod tests {
         let y = a.recipe_yaml(&a.at(1), "test", false);
         let r = Recipe::parse("alloc", &y).unwrap();
         assert!(r.allocate.is_none());
+    }
+
+    fn sensitivity_of(sites: Vec<SiteTable>) -> Sensitivity {
+        Sensitivity {
+            sites,
+            menu: vec![],
+            runtime: RuntimeKind::Tract,
+            batches: 1,
+            data: String::new(),
+            measured: 0,
+            cached: 0,
+            pruned: 0,
+            spearman: None,
+            spearman_within_sites: None,
+            seconds: 0.0,
+            cache_file: None,
+        }
+    }
+
+    #[test]
+    fn a_budget_is_filled_past_a_large_step_that_does_not_fit() {
+        // A large table whose one upgrade removes the most noise per byte but costs 1000 bytes,
+        // and a small matrix whose upgrade comes after it on the path.
+        let big = table(vec![
+            SiteOption::float(40_000),
+            opt("int8", 10_000, 0.0, 0.001),
+            opt("int4", 9_000, 0.0, 0.5),
+        ]);
+        let small = table(vec![
+            SiteOption::float(4_000),
+            opt("int8", 1_000, 0.0, 0.001),
+            opt("int4", 500, 0.0, 0.2),
+        ]);
+        let sens = sensitivity_of(vec![big, small]);
+        let a = Allocation::new(&sens);
+        assert_eq!(a.at(0), vec![2, 2]);
+        assert_eq!(a.at(1), vec![1, 2], "the table's step is first on the path");
+        // 9 800 bytes: the table's step (+1 000) does not fit, the matrix's (+500) does.
+        let bits =
+            |bytes: f64| bytes * 8.0 / sens.sites.iter().map(|t| t.params).sum::<u64>() as f64;
+        assert_eq!(a.within_budget(bits(10_000.0)), Ok(vec![2, 1]));
+        assert_eq!(a.within_budget(bits(9_600.0)), Ok(vec![2, 2]));
+        assert_eq!(a.within_budget(bits(11_000.0)), Ok(vec![1, 1]));
     }
 }

@@ -179,7 +179,7 @@ pub fn shield(
     for site in &sites {
         let name = site.constant.name.clone();
         let s = schemes[&name];
-        let Ok(sim) = simulate(reference, site, &s, energy)? else {
+        let Ok(sim) = simulate(reference, site, &s, energy, None)? else {
             continue;
         };
         current.insert(name.clone(), Arc::new(sim.values));
@@ -189,7 +189,7 @@ pub fn shield(
         while let Some(from) = at {
             let next = promote(&from);
             match next {
-                Some(n) => match simulate(reference, site, &n, energy)? {
+                Some(n) => match simulate(reference, site, &n, energy, None)? {
                     Ok(sim) => steps.push((Some(n), Some(Arc::new(sim.values)), sim.bytes)),
                     Err(_) => steps.push((None, None, site.constant.bytes())),
                 },

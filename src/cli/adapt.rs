@@ -169,7 +169,7 @@ fn run_sensitivity<'m>(
         .ok_or_else(|| anyhow!("recipe {} has no allocate menu", recipe.name))?;
     let (runtime, lean) = calib_runtime(s.cal, s.rt);
     super::first_batch_checked(&ca, model, spec.clone()).context("the calibration data")?;
-    let mut set = ca.open(model, spec)?;
+    let mut set = ca.open(model, spec.clone())?;
     let wanted = adapt::energy_requests(model);
     let energy = if wanted.is_empty() {
         None
@@ -178,6 +178,19 @@ fn run_sensitivity<'m>(
             quench::calib::channel_stats(model, &wanted, &mut set, runtime, &lean)
                 .context("measuring the input-channel energy failed")?,
         ))
+    };
+    // Error feedback's input Hessians, fitted where a replay of the written recipe fits them
+    // (`calib::gptq_split`), so that every option is measured as the built model will have it.
+    let requests = adapt::feedback_requests(model, recipe, &alloc.menu);
+    let hessians = if requests.is_empty() {
+        adapt::Hessians::new()
+    } else {
+        let (fit, _) = quench::calib::gptq_split(set.len());
+        let mut fit_set = ca
+            .open(model, spec)?
+            .subset(fit, "the batches GPTQ fits on");
+        quench::calib::hessians(model, &requests, &mut fit_set, runtime, &lean)
+            .context("measuring the input Hessians for error feedback failed")?
     };
     let batches = read_batches(&mut set, s.sens.sensitivity_batches.max(1))?;
     let model_key =
@@ -196,7 +209,7 @@ fn run_sensitivity<'m>(
         model_key,
         data: set.description.clone(),
     };
-    adapt::sensitivity(model, &opts, energy, batches)
+    adapt::sensitivity(model, &opts, energy, hessians, batches)
 }
 
 fn pins_recipe(name: Option<&str>, sens: &SensArgs) -> Result<Recipe> {
@@ -261,7 +274,8 @@ fn render_sensitivity(s: &Sensitivity) -> String {
     );
     let _ = writeln!(
         out,
-        "proxy (energy-weighted weight error) vs measured output noise: Spearman {} over all \
+        "proxy (output error under the input Hessian, else energy-weighted weight error) vs \
+         measured output noise: Spearman {} over all \
          candidates, {} within sites",
         s.spearman.map_or("n/a".into(), |r| format!("{r:.3}")),
         s.spearman_within_sites
@@ -300,15 +314,17 @@ pub struct Allocated {
     pub json: serde_json::Value,
 }
 
-/// Builds the allocation with the real pass and measures the built model on the evaluation batches.
+/// Builds the allocation with the real pass (its `gptq` sites fed where `hessians` has theirs,
+/// rounded to nearest without).
 fn build(
     args: &QuantizeArgs,
     reference: &Model,
     policy: &adapt::Assignment,
     energy: Option<&quench::passes::quantize_weights::importance::ChannelEnergy>,
+    hessians: Option<&adapt::Hessians>,
 ) -> Result<(Model, quench::passes::quantize_weights::WeightReport)> {
     let mut m = reference.clone();
-    let w = super::quantize_weights_checked(&mut m, policy, args.target, energy, None)?;
+    let w = super::quantize_weights_checked(&mut m, policy, args.target, energy, hessians)?;
     Ok((m, w))
 }
 
@@ -394,20 +410,39 @@ pub fn allocate(
         },
         Goal::BitsPerWeight(b) => match alloc.within_budget(b) {
             Ok(c) => {
-                alloc.measure(&mut ws, &mut probe, &c, "path")?;
-                (c, true)
+                let on_path = alloc.measure(&mut ws, &mut probe, &c, "path")?;
+                // A uniform scheme within the budget that measured better is taken instead: the
+                // path's noise adds up only to first order.
+                let better = alloc
+                    .tried
+                    .iter()
+                    .filter(|p| p.bits_per_weight <= b + 1e-9)
+                    .filter_map(|p| Some((p.measured?.value(metric), p)))
+                    .filter(|(v, _)| *v > on_path.value(metric))
+                    .max_by(|x, y| x.0.total_cmp(&y.0))
+                    .map(|(_, p)| p.choice.clone());
+                (better.unwrap_or(c), true)
             }
             Err(smallest) => (smallest, false),
         },
     };
 
-    // Build with the real pass and measure what will be written; repair a missed target.
+    // Build with the real pass and measure what will be written; repair a missed target. Sites
+    // measured with error feedback are built with it.
     let energy = ws.energy().cloned();
     let energy = energy.as_ref();
+    let hessians = ws.hessians();
+    let fed_hessians = (!hessians.is_empty()).then_some(&*hessians);
     let measure_built = |m: &Model, probe: &Probe| -> Result<adapt::Score> {
         probe_score(m, probe, runtime, &args.rt)
     };
-    let (mut model, mut report) = build(args, reference, &alloc.policy(&choice), energy)?;
+    let (mut model, mut report) = build(
+        args,
+        reference,
+        &alloc.policy(&choice),
+        energy,
+        fed_hessians,
+    )?;
     let mut built = measure_built(&model, &probe)?;
     let mut repairs = 0;
     if let Goal::Retention(t) = a.goal {
@@ -417,52 +452,49 @@ pub fn allocate(
             }
             repairs += 1;
             alloc.measure(&mut ws, &mut probe, &choice, "repair")?;
-            (model, report) = build(args, reference, &alloc.policy(&choice), energy)?;
+            (model, report) = build(
+                args,
+                reference,
+                &alloc.policy(&choice),
+                energy,
+                fed_hessians,
+            )?;
             built = measure_built(&model, &probe)?;
         }
     }
-    // Error-compensating rounding for the built allocation's scalar sites: the codes change, not the
-    // size. Kept when it is closer to the float model both on the calibration data (as a replay of
-    // the written recipe decides) and on the evaluation data.
-    let mut gptq = false;
-    let fed_policy = alloc.policy(&choice).with_gptq();
-    let requests = quench::passes::quantize_weights::hessian_requests(reference, &fed_policy);
-    if !requests.is_empty() {
-        let ca = calib_input_args(&args.input, &args.cal);
-        let (rt, session) = calib_runtime(&args.cal, &args.rt);
-        // Fitted on the batches `calib::gptq_split` keeps for fitting, as a replay of the written
-        // recipe fits them.
-        let set = ca.open(reference, calib_spec.clone())?;
-        let (fit, _) = quench::calib::gptq_split(set.len());
-        let mut set = set.subset(fit, "the batches GPTQ fits on");
-        let hessians = quench::calib::hessians(reference, &requests, &mut set, rt, &session)
-            .context("measuring the input Hessians for gptq failed")?;
-        let mut fed = reference.clone();
-        let fed_report = super::quantize_weights_checked(
-            &mut fed,
-            &fed_policy,
-            args.target,
-            energy,
-            Some(&hessians),
-        )?;
-        if fed_report
-            .sites
-            .iter()
-            .any(|s| s.scheme.is_some_and(|x| x.gptq))
-            && super::gptq_beats_nearest(args, reference, calib_spec, &fed, &model, notes)?
-        {
-            let score = measure_built(&fed, &probe)?;
-            if score.value(metric) >= built.value(metric) {
-                (model, report, built, gptq) = (fed, fed_report, score, true);
-            } else {
-                notes.push(format!(
-                    "gptq dropped: on the evaluation data {} {:.5} with it, {:.5} rounded to \
+    // Error feedback lowers each layer's output error on the data it was fitted on; it is kept
+    // when the model is also closer to the float model than the same allocation rounded to nearest
+    // on the calibration batches it was not fitted on (as a replay of the written recipe decides)
+    // and on the evaluation data.
+    let mut gptq = report
+        .sites
+        .iter()
+        .any(|s| s.scheme.is_some_and(|x| x.gptq));
+    if gptq {
+        let (nearest, nearest_report) =
+            build(args, reference, &alloc.policy(&choice), energy, None)?;
+        let keep =
+            if super::gptq_beats_nearest(args, reference, calib_spec, &model, &nearest, notes)? {
+                let score = measure_built(&nearest, &probe)?;
+                if score.value(metric) > built.value(metric) {
+                    notes.push(format!(
+                        "gptq dropped: on the evaluation data {} {:.5} with it, {:.5} rounded to \
                      nearest",
-                    adapt::metric_name(metric),
-                    score.value(metric),
-                    built.value(metric)
-                ));
-            }
+                        adapt::metric_name(metric),
+                        built.value(metric),
+                        score.value(metric)
+                    ));
+                    built = score;
+                    false
+                } else {
+                    true
+                }
+            } else {
+                built = measure_built(&nearest, &probe)?;
+                false
+            };
+        if !keep {
+            (model, report, gptq) = (nearest, nearest_report, false);
         }
     }
     alloc.record(&choice, "final", Some(built));

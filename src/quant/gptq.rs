@@ -291,6 +291,52 @@ pub fn damped(h: &Hessian, lambda: f64) -> Result<ndarray::Array2<f32>, String> 
     Ok(a)
 }
 
+/// `m · H` for `H` symmetric, in bands of rows worked on in parallel.
+pub(crate) fn times_h(
+    m: ndarray::ArrayView2<f32>,
+    h: &ndarray::Array2<f32>,
+) -> ndarray::Array2<f32> {
+    let mut out = ndarray::Array2::<f32>::zeros((m.nrows(), h.ncols()));
+    const BAND: usize = 64;
+    let bands: Vec<_> = out
+        .axis_chunks_iter_mut(ndarray::Axis(0), BAND)
+        .zip(m.axis_chunks_iter(ndarray::Axis(0), BAND))
+        .collect();
+    bands
+        .into_par_iter()
+        .for_each(|(mut o, a)| ndarray::linalg::general_mat_mul(1.0, &a, h, 0.0, &mut o));
+    out
+}
+
+/// The relative output error `Σ eᵀHe / Σ wᵀHw` over the rows of a `[channels, k]` weight `w` and its
+/// stand-in `q`, with `H` the calibration Hessian undamped (channels calibration never reached count
+/// nothing): how much of the layer's output on the calibration inputs the change costs, input
+/// correlations included. Err when the Hessian does not fit or the weight has no output there.
+pub fn output_nsr(w: &[f32], q: &[f32], channels: usize, h: &Hessian) -> Result<f64, String> {
+    let k = h.k;
+    if w.len() != channels * k || q.len() != w.len() {
+        return Err(format!(
+            "the calibration Hessian is {k}×{k}, the weight has {} values over {channels} channels",
+            w.len()
+        ));
+    }
+    let hd = damped(h, 0.0)?;
+    let quad = |m: &[f32]| -> f64 {
+        let mv = ndarray::ArrayView2::from_shape((channels, k), m).expect("checked shape");
+        let mh = times_h(mv, &hd);
+        m.iter()
+            .zip(mh.iter())
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    };
+    let err: Vec<f32> = w.iter().zip(q).map(|(a, b)| a - b).collect();
+    let signal = quad(w);
+    if !(signal > 0.0) {
+        return Err("the weight has no output on the calibration data".into());
+    }
+    Ok(quad(&err).max(0.0) / signal)
+}
+
 /// Below this size the factorisations run column by column; above, they split in halves and the
 /// off-diagonal work is matrix products (matrixmultiply's kernels).
 const BLOCK: usize = 96;
@@ -548,6 +594,27 @@ mod tests {
             }
         }
         e
+    }
+
+    #[test]
+    fn output_nsr_is_the_relative_output_error_on_the_inputs() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (n, k, ch) = (200, 24, 5);
+        let x = inputs(n, k, &mut rng);
+        let mut h = Hessian::new(k);
+        h.add_rows(x.view());
+        h.finish();
+        let w: Vec<f32> = (0..ch * k).map(|_| gaussian(&mut rng)).collect();
+        let q: Vec<f32> = w.iter().map(|v| (v * 4.0).round() / 4.0).collect();
+        let zero = vec![0f32; w.len()];
+        let expected = output_error(&x, &w, &q, k) / output_error(&x, &w, &zero, k);
+        let got = output_nsr(&w, &q, ch, &h).unwrap();
+        assert!(
+            (got - expected).abs() <= 1e-4 * expected,
+            "{got} vs {expected}"
+        );
+        assert_eq!(output_nsr(&w, &w, ch, &h).unwrap(), 0.0);
+        assert!(output_nsr(&w, &q, ch + 1, &h).is_err());
     }
 
     #[test]

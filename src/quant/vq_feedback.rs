@@ -22,10 +22,10 @@
 //! the fitted data is kept. Rows are independent in step 1 and worked on in parallel tiles; results
 //! land by index, so the output does not depend on the thread count.
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-use super::gptq::{self, Hessian};
+use super::gptq::{self, Hessian, times_h};
 use super::vq::VqEncoded;
 
 /// What the refinement reached, as relative output errors `Σ eᵀHe / Σ wᵀHw` on the fitted data.
@@ -113,20 +113,6 @@ pub fn refine(
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
-}
-
-/// `m · H` for `H` symmetric, in bands of rows worked on in parallel.
-fn times_h(m: ArrayView2<f32>, h: &Array2<f32>) -> Array2<f32> {
-    let mut out = Array2::<f32>::zeros((m.nrows(), h.ncols()));
-    const BAND: usize = 64;
-    let bands: Vec<_> = out
-        .axis_chunks_iter_mut(Axis(0), BAND)
-        .zip(m.axis_chunks_iter(Axis(0), BAND))
-        .collect();
-    bands
-        .into_par_iter()
-        .for_each(|(mut o, a)| ndarray::linalg::general_mat_mul(1.0, &a, h, 0.0, &mut o));
-    out
 }
 
 /// Columns `a..b` of piece `p` (shorter than `dim` at the end of a row, empty in pure padding).

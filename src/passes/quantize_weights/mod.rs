@@ -554,17 +554,24 @@ pub struct Simulated {
     /// energy e_j of the input channel it multiplies (1 without): the expected relative error of
     /// the layer's output when input channels are uncorrelated.
     pub proxy_nsr: f64,
-    /// Whether `proxy_nsr` (and VQ clustering) used calibrated energy.
+    /// Whether `proxy_nsr` (and VQ clustering) used calibration data: the energy or the Hessian.
     pub weighted: bool,
+    /// Whether the codes were chosen with error feedback against the input Hessian (the scheme's
+    /// `gptq`, where it ran).
+    pub fed: bool,
 }
 
-/// Encodes one site as the pass would (same axis, importance and encoder) and decodes it back;
-/// `Ok(Err(reason))` where the pass would leave it float.
+/// Encodes one site as the pass would (same axis, importance, encoder and, for a `gptq` scheme
+/// given the site's input Hessian, error feedback) and decodes it back; `Ok(Err(reason))` where the
+/// pass would leave it float. With a Hessian the proxy is the relative output error on its
+/// calibration inputs ([`crate::quant::gptq::output_nsr`]), which ranks fed codes (more weight
+/// error, less output error) with plain ones.
 pub fn simulate(
     model: &Model,
     site: &WeightSite,
     scheme: &WeightScheme,
     energy: Option<&importance::ChannelEnergy>,
+    hessian: Option<&crate::calib::Hessian>,
 ) -> Result<std::result::Result<Simulated, String>> {
     let opset = model.opset("").unwrap_or(1);
     let c = &site.constant;
@@ -579,20 +586,37 @@ pub fn simulate(
     let rows = to_rows(values, &dims, axis);
     let columns = energy.and_then(|e| importance::column_importance(model, site, rows.k, e));
     let fail = |e: String| Error::Model(format!("weight '{}': {e}", c.name));
+    let hessian = hessian.filter(|h| h.k == rows.k && !c.in_subgraph());
+    let feed = hessian.filter(|_| scheme.gptq && scheme.granularity != Granularity::PerTensor);
+    let mut fed = false;
     let (decoded, bytes, sqnr) = match scheme.vq_scheme() {
         Some(v) => {
             let imp = vq_importance(model, site, rows.k, &scheme, energy, &mut notes);
-            let enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
+            let mut enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
                 .map_err(fail)?;
+            if let Some(h) = feed {
+                fed = crate::quant::vq_feedback::refine(
+                    &mut enc,
+                    &rows.values,
+                    h,
+                    VQ_DAMP,
+                    VQ_ROUNDS,
+                )
+                .is_ok_and(|r| r.nsr < r.plain_nsr);
+            }
             (enc.decode(), enc.bytes(), enc.sqnr_db)
         }
         None => {
-            let enc = encode(&rows.values, rows.channels, rows.k, &scheme).map_err(fail)?;
-            (
-                enc.decode(),
-                enc.bytes(emit::slot_bits(enc.bits)),
-                enc.sqnr_db,
-            )
+            let mut enc = encode(&rows.values, rows.channels, rows.k, &scheme).map_err(fail)?;
+            if let Some(h) = feed {
+                fed = enc.refine_with_feedback(&rows.values, h, GPTQ_DAMP).is_ok();
+            }
+            let sqnr = if fed {
+                crate::quant::int::sqnr_db(&rows.values, &enc.decode())
+            } else {
+                enc.sqnr_db
+            };
+            (enc.decode(), enc.bytes(emit::slot_bits(enc.bits)), sqnr)
         }
     };
     if bytes >= c.bytes() {
@@ -602,19 +626,29 @@ pub fn simulate(
             c.bytes()
         )));
     }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (i, (&w, &q)) in rows.values.iter().zip(&decoded).enumerate() {
-        let e = columns.as_ref().map_or(1.0, |cw| cw[i % rows.k] as f64);
-        let d = (w - q) as f64;
-        num += e * d * d;
-        den += e * (w as f64) * (w as f64);
-    }
+    let by_output = hessian.and_then(|h| {
+        crate::quant::gptq::output_nsr(&rows.values, &decoded, rows.channels, h).ok()
+    });
+    let proxy_nsr = match by_output {
+        Some(n) => n,
+        None => {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (i, (&w, &q)) in rows.values.iter().zip(&decoded).enumerate() {
+                let e = columns.as_ref().map_or(1.0, |cw| cw[i % rows.k] as f64);
+                let d = (w - q) as f64;
+                num += e * d * d;
+                den += e * (w as f64) * (w as f64);
+            }
+            if den > 0.0 { num / den } else { 0.0 }
+        }
+    };
     Ok(Ok(Simulated {
         values: from_rows(&decoded, &dims, axis),
         bytes,
         weight_sqnr_db: sqnr,
-        proxy_nsr: if den > 0.0 { num / den } else { 0.0 },
-        weighted: columns.is_some(),
+        proxy_nsr,
+        weighted: columns.is_some() || by_output.is_some(),
+        fed,
     }))
 }
 
