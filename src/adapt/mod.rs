@@ -1371,33 +1371,20 @@ mod tests {
 
     #[test]
     fn path_takes_the_best_noise_per_byte_first_and_ends_at_float() {
-        let sens = Sensitivity {
-            sites: vec![
-                table(vec![
-                    SiteOption::float(400),
-                    opt("int8", 100, 0.0, 0.001),
-                    opt("int4", 50, 0.0, 0.02),
-                    // Not on the hull: between int4 and int8 but worse than the line.
-                    opt("x", 90, 0.0, 0.019),
-                ]),
-                table(vec![
-                    SiteOption::float(400),
-                    opt("int8", 100, 0.0, 0.0001),
-                    opt("int4", 50, 0.0, 0.5),
-                ]),
-            ],
-            menu: vec![],
-            runtime: RuntimeKind::Tract,
-            batches: 1,
-            data: String::new(),
-            measured: 0,
-            cached: 0,
-            pruned: 0,
-            spearman: None,
-            spearman_within_sites: None,
-            seconds: 0.0,
-            cache_file: None,
-        };
+        let sens = sensitivity_of(vec![
+            table(vec![
+                SiteOption::float(400),
+                opt("int8", 100, 0.0, 0.001),
+                opt("int4", 50, 0.0, 0.02),
+                // Not on the hull: between int4 and int8 but worse than the line.
+                opt("x", 90, 0.0, 0.019),
+            ]),
+            table(vec![
+                SiteOption::float(400),
+                opt("int8", 100, 0.0, 0.0001),
+                opt("int4", 50, 0.0, 0.5),
+            ]),
+        ]);
         let a = Allocation::new(&sens);
         assert_eq!(a.at(0), vec![2, 2]);
         // Site 1's int4→int8 removes 0.4999 per 50 bytes: first.

@@ -436,13 +436,9 @@ pub fn allocate(
     let measure_built = |m: &Model, probe: &Probe| -> Result<adapt::Score> {
         probe_score(m, probe, runtime, &args.rt)
     };
-    let (mut model, mut report) = build(
-        args,
-        reference,
-        &alloc.policy(&choice),
-        energy,
-        fed_hessians,
-    )?;
+    let build_fed =
+        |policy: &adapt::Assignment| build(args, reference, policy, energy, fed_hessians);
+    let (mut model, mut report) = build_fed(&alloc.policy(&choice))?;
     let mut built = measure_built(&model, &probe)?;
     let mut repairs = 0;
     if let Goal::Retention(t) = a.goal {
@@ -452,13 +448,7 @@ pub fn allocate(
             }
             repairs += 1;
             alloc.measure(&mut ws, &mut probe, &choice, "repair")?;
-            (model, report) = build(
-                args,
-                reference,
-                &alloc.policy(&choice),
-                energy,
-                fed_hessians,
-            )?;
+            (model, report) = build_fed(&alloc.policy(&choice))?;
             built = measure_built(&model, &probe)?;
         }
     }

@@ -331,7 +331,7 @@ pub fn output_nsr(w: &[f32], q: &[f32], channels: usize, h: &Hessian) -> Result<
     };
     let err: Vec<f32> = w.iter().zip(q).map(|(a, b)| a - b).collect();
     let signal = quad(w);
-    if !(signal > 0.0) {
+    if signal.is_nan() || signal <= 0.0 {
         return Err("the weight has no output on the calibration data".into());
     }
     Ok(quad(&err).max(0.0) / signal)
