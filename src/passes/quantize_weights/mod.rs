@@ -556,9 +556,6 @@ pub struct Simulated {
     pub proxy_nsr: f64,
     /// Whether `proxy_nsr` (and VQ clustering) used calibration data: the energy or the Hessian.
     pub weighted: bool,
-    /// Whether the codes were chosen with error feedback against the input Hessian (the scheme's
-    /// `gptq`, where it ran).
-    pub fed: bool,
 }
 
 /// Encodes one site as the pass would (same axis, importance, encoder and, for a `gptq` scheme
@@ -588,35 +585,34 @@ pub fn simulate(
     let fail = |e: String| Error::Model(format!("weight '{}': {e}", c.name));
     let hessian = hessian.filter(|h| h.k == rows.k && !c.in_subgraph());
     let feed = hessian.filter(|_| scheme.gptq && scheme.granularity != Granularity::PerTensor);
-    let mut fed = false;
     let (decoded, bytes, sqnr) = match scheme.vq_scheme() {
         Some(v) => {
             let imp = vq_importance(model, site, rows.k, &scheme, energy, &mut notes);
             let mut enc = vq::encode(&rows.values, rows.channels, rows.k, &v, imp.as_deref())
                 .map_err(fail)?;
+            // As the pass: the refined codes where they lower the output error, else the plain
+            // ones (`refine` leaves them), and nearest rounding where feedback cannot run.
             if let Some(h) = feed {
-                fed = crate::quant::vq_feedback::refine(
+                let _ = crate::quant::vq_feedback::refine(
                     &mut enc,
                     &rows.values,
                     h,
                     VQ_DAMP,
                     VQ_ROUNDS,
-                )
-                .is_ok_and(|r| r.nsr < r.plain_nsr);
+                );
             }
             (enc.decode(), enc.bytes(), enc.sqnr_db)
         }
         None => {
             let mut enc = encode(&rows.values, rows.channels, rows.k, &scheme).map_err(fail)?;
             if let Some(h) = feed {
-                fed = enc.refine_with_feedback(&rows.values, h, GPTQ_DAMP).is_ok();
+                let _ = enc.refine_with_feedback(&rows.values, h, GPTQ_DAMP);
             }
-            let sqnr = if fed {
-                crate::quant::int::sqnr_db(&rows.values, &enc.decode())
-            } else {
-                enc.sqnr_db
-            };
-            (enc.decode(), enc.bytes(emit::slot_bits(enc.bits)), sqnr)
+            (
+                enc.decode(),
+                enc.bytes(emit::slot_bits(enc.bits)),
+                enc.sqnr_db,
+            )
         }
     };
     if bytes >= c.bytes() {
@@ -648,7 +644,6 @@ pub fn simulate(
         weight_sqnr_db: sqnr,
         proxy_nsr,
         weighted: columns.is_some() || by_output.is_some(),
-        fed,
     }))
 }
 
